@@ -1,0 +1,219 @@
+//! The command line: clap definitions, and the only place that writes to stdout. Each command turns its
+//! arguments into validated options, calls the library, and prints the result.
+
+use std::{io::IsTerminal, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    config,
+    error::{Error, Result, exit_code},
+    generate::{self, FileStyle, GenerateOptions},
+    runner::{self, RunOptions, plan},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "medallion",
+    version,
+    about = "Bronze → Silver → Gold Delta Lake pipelines from one YAML file",
+    long_about = "Batch medallion ETL: land AWS DMS change files in Bronze, apply them to Silver with \
+                  incremental merges, build Gold facts and KPIs, all as Delta tables.\n\n\
+                  Exit codes: 0 success, 1 a stage failed, 2 invalid pipeline or arguments, 3 other error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More logging (-v: debug, -vv: trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: ingest new landing files, apply them to Silver, rebuild Gold.
+    Run(RunArgs),
+    /// Check a pipeline file (YAML keys, SQL files, table references, cycles) without touching data.
+    Validate {
+        /// Pipeline YAML file.
+        file: PathBuf,
+    },
+    /// Print the stage DAG and what each stage reads and writes.
+    Plan {
+        /// Pipeline YAML file.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+        format: PlanFormat,
+    },
+    /// Generate the reference workload (financial transactions as AWS DMS lands them).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline YAML file.
+    pub file: PathBuf,
+    /// Stages that may run at the same time.
+    #[arg(long, default_value_t = 2)]
+    pub max_parallel: usize,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Mermaid,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Output folder; files go under `<out>/public/<table>/` as DMS writes them.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of transactions (inserts over the whole period).
+    #[arg(long, default_value_t = 100_000)]
+    pub transactions: u64,
+    /// Days of transactions, ending 2019-10-31.
+    #[arg(long, default_value_t = 30)]
+    pub days: u32,
+    /// How many of the last days arrive as change files (one per day) instead of in the full load.
+    #[arg(long, default_value_t = 5)]
+    pub change_days: u32,
+    /// Random seed: the same seed gives the same files.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Write no header row (DMS without AddColumnName).
+    #[arg(long)]
+    pub no_header: bool,
+    /// Write Parquet instead of CSV.
+    #[arg(long, conflicts_with = "gzip")]
+    pub parquet: bool,
+    /// Gzip the CSV files.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Put change files in `YYYY/MM/DD/` folders (DMS DatePartitionEnabled).
+    #[arg(long)]
+    pub date_folders: bool,
+    /// Add the `$AR_H_CHANGE_SEQ` column.
+    #[arg(long)]
+    pub change_seq: bool,
+    /// Rows per full-load file.
+    #[arg(long, default_value_t = 500_000)]
+    pub rows_per_load_file: u64,
+}
+
+pub fn init_tracing(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "warn,medallion={level}{}",
+            if cli.verbose > 1 { ",datafusion=debug,deltalake=debug" } else { "" }
+        ))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match cli.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Runs the command; returns the exit code for outcomes that are not errors of medallion itself.
+pub fn run(cli: Cli) -> Result<u8> {
+    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Validate { file } => {
+            let pipeline = config::load(&file)?;
+            println!(
+                "pipeline `{}` is valid: {} source(s), {} stage(s)",
+                pipeline.name,
+                pipeline.sources.len(),
+                pipeline.stages.len()
+            );
+            Ok(exit_code::SUCCESS)
+        }
+        Command::Plan { file, format } => {
+            let pipeline = config::load(&file)?;
+            let text = match format {
+                PlanFormat::Text => plan::text(&pipeline),
+                PlanFormat::Mermaid => plan::mermaid(&pipeline),
+                PlanFormat::Dot => plan::dot(&pipeline),
+            };
+            print!("{text}");
+            Ok(exit_code::SUCCESS)
+        }
+        Command::Run(args) => {
+            if args.max_parallel == 0 {
+                return Err(Error::Usage("`--max-parallel` must be at least 1".into()));
+            }
+            let pipeline = config::load(&args.file)?;
+            let options = RunOptions {
+                max_parallel: args.max_parallel,
+                progress,
+            };
+            let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
+            print!("{}", report.render());
+            Ok(if report.succeeded() {
+                exit_code::SUCCESS
+            } else {
+                exit_code::RUN_FAILED
+            })
+        }
+        Command::Generate(args) => {
+            let options = GenerateOptions {
+                out: args.out,
+                transactions: args.transactions,
+                days: args.days,
+                change_days: args.change_days,
+                seed: args.seed,
+                style: FileStyle {
+                    header: !args.no_header,
+                    parquet: args.parquet,
+                    gzip: args.gzip,
+                },
+                date_folders: args.date_folders,
+                change_seq: args.change_seq,
+                rows_per_load_file: args.rows_per_load_file.max(1),
+            };
+            let report = generate::generate(&options)?;
+            println!(
+                "wrote {} files to `{}`: {} inserts, {} updates, {} deletes; {} cards, {} users",
+                report.files,
+                options.out.display(),
+                report.inserts,
+                report.updates,
+                report.deletes,
+                report.cards,
+                report.users
+            );
+            Ok(exit_code::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))
+}

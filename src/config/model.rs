@@ -1,0 +1,219 @@
+//! The checked pipeline model that the rest of medallion runs on. Every value here has been validated:
+//! files exist, names are unique, SQL parses, the stage graph is acyclic.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use crate::dag::Graph;
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub description: Option<String>,
+    /// The YAML file this pipeline was loaded from.
+    pub file: PathBuf,
+    /// Directory that SQL paths are relative to (the parent of `pipelines/`, or the YAML's folder).
+    pub project_dir: PathBuf,
+    pub lake: PathBuf,
+    pub vars: BTreeMap<String, String>,
+    pub sources: Vec<Source>,
+    /// Stages in declaration order; `graph` node `i` is `stages[i]`.
+    pub stages: Vec<Stage>,
+    pub graph: Graph,
+}
+
+impl Pipeline {
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Delta table location of `table` under the lake root.
+    pub fn table_path(&self, table: &TableName) -> PathBuf {
+        table.path_in(&self.lake)
+    }
+}
+
+/// A table name `layer.name`, stored at `<lake>/<layer>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub table: String,
+}
+
+impl TableName {
+    pub fn parse(text: &str) -> Option<TableName> {
+        let (schema, table) = text.split_once('.')?;
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        (valid(schema) && valid(table)).then(|| TableName {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        })
+    }
+
+    pub fn path_in(&self, lake: &Path) -> PathBuf {
+        lake.join(&self.schema).join(&self.table)
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: FileFormat,
+    pub header: bool,
+    pub delimiter: u8,
+    pub columns: Vec<String>,
+    pub key: Vec<String>,
+    pub dms: Option<DmsLayout>,
+}
+
+impl Source {
+    /// Columns of the Bronze table that lands this source, before the lineage columns.
+    pub fn bronze_columns(&self) -> Vec<String> {
+        let mut columns = Vec::new();
+        if let Some(dms) = &self.dms {
+            columns.push(DmsLayout::OP_COLUMN.to_string());
+            if let Some(ts) = &dms.timestamp_column {
+                columns.push(ts.clone());
+            }
+        }
+        columns.extend(self.columns.iter().cloned());
+        if self.dms.as_ref().is_some_and(|d| d.change_seq) {
+            columns.push(DmsLayout::CHANGE_SEQ_COLUMN.to_string());
+        }
+        columns
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Csv,
+    Parquet,
+}
+
+#[derive(Debug, Clone)]
+pub struct DmsLayout {
+    pub timestamp_column: Option<String>,
+    pub include_op_for_full_load: bool,
+    pub change_seq: bool,
+}
+
+impl DmsLayout {
+    pub const OP_COLUMN: &'static str = "Op";
+    /// Bronze name of DMS's `$AR_H_CHANGE_SEQ` column.
+    pub const CHANGE_SEQ_COLUMN: &'static str = "change_seq";
+    pub const CHANGE_SEQ_HEADER: &'static str = "$AR_H_CHANGE_SEQ";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Layer {
+    Bronze,
+    Silver,
+    Gold,
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layer::Bronze => "bronze",
+            Layer::Silver => "silver",
+            Layer::Gold => "gold",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub layer: Layer,
+    pub description: Option<String>,
+    pub input: StageInput,
+    pub target: TableName,
+    pub write: WriteMode,
+    pub partition_by: Vec<String>,
+    pub expectations: Vec<Expectation>,
+}
+
+impl Stage {
+    /// Tables this stage reads (empty for an ingest stage).
+    pub fn reads(&self) -> &[TableName] {
+        match &self.input {
+            StageInput::Ingest { .. } => &[],
+            StageInput::Sql { reads, .. } => reads,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Land the named source's new files into the target (Bronze).
+    Ingest { source: String },
+    /// Run one SELECT; `text` has `{{ vars }}` already substituted.
+    Sql {
+        file: PathBuf,
+        text: String,
+        reads: Vec<TableName>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteMode {
+    Append,
+    Overwrite,
+    /// Upsert on `keys`: matched rows updated, others inserted.
+    Merge { keys: Vec<String> },
+    /// Apply a change stream: last change per key by `sequence_by` wins; `op` rows marked delete remove it.
+    Cdc {
+        keys: Vec<String>,
+        sequence_by: Vec<String>,
+        op_column: String,
+        delete_values: Vec<String>,
+    },
+}
+
+impl WriteMode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WriteMode::Append => "append",
+            WriteMode::Overwrite => "overwrite",
+            WriteMode::Merge { .. } => "merge",
+            WriteMode::Cdc { .. } => "cdc",
+        }
+    }
+
+    /// Whether the stage consumes only the rows its append-only inputs gained since its last success.
+    pub fn is_incremental(&self) -> bool {
+        !matches!(self, WriteMode::Overwrite)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    pub name: String,
+    pub expr: String,
+    pub column: Option<String>,
+    pub action: ExpectationAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectationAction {
+    Warn,
+    Fail,
+}

@@ -1,0 +1,144 @@
+//! Serde mirrors of the pipeline YAML, exactly as the user writes it. Nothing outside `config/` sees these
+//! types: `validate.rs` compiles them into the checked model of `model.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Lake root: a directory (default `./lake`, relative to the working directory).
+    #[serde(default)]
+    pub lake: Option<String>,
+    /// Free-form variables, available in SQL as `{{ name }}`.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
+    #[serde(default)]
+    pub stages: Vec<StageSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub name: String,
+    /// Folder holding the landing files (searched recursively, e.g. `YYYY/MM/DD/` date folders).
+    pub path: String,
+    #[serde(default)]
+    pub format: Option<FormatSpec>,
+    /// Whether CSV files start with a header row (DMS `AddColumnName`). Default true.
+    #[serde(default)]
+    pub header: Option<bool>,
+    #[serde(default)]
+    pub delimiter: Option<char>,
+    /// The table's own columns, in file order, without the DMS `Op` / timestamp / change-seq columns.
+    pub columns: Vec<String>,
+    /// Key columns of the source table (documentation and validation only; CDC keys live on the stage).
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// AWS DMS layout: `LOAD*` full-load files then change files with an `Op` column.
+    #[serde(default)]
+    pub dms: Option<DmsSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatSpec {
+    Csv,
+    Parquet,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmsSpec {
+    /// DMS `TimestampColumnName`, e.g. `dms_commit_ts`; follows `Op` in every file when set.
+    #[serde(default)]
+    pub timestamp_column: Option<String>,
+    /// Whether full-load files carry `Op` too (DMS `IncludeOpForFullLoad`).
+    #[serde(default)]
+    pub include_op_for_full_load: bool,
+    /// Whether change files end with the `$AR_H_CHANGE_SEQ` column (landed in Bronze as `change_seq`).
+    #[serde(default)]
+    pub change_seq: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerSpec {
+    Bronze,
+    Silver,
+    Gold,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSpec {
+    Append,
+    Overwrite,
+    Merge,
+    Cdc,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    pub layer: LayerSpec,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// SQL file (one SELECT), relative to the pipeline's project directory.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Source to land (Bronze stages), instead of `sql`.
+    #[serde(default)]
+    pub ingest: Option<String>,
+    /// Target table as `layer.name`, stored at `<lake>/<layer>/<name>`.
+    pub target: String,
+    #[serde(default)]
+    pub mode: Option<ModeSpec>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub sequence_by: Vec<String>,
+    #[serde(default)]
+    pub op: Option<OpSpec>,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub expectations: Vec<ExpectationSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpSpec {
+    pub column: String,
+    #[serde(default)]
+    pub delete: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectationSpec {
+    pub name: String,
+    /// Row-level SQL predicate over the stage's output; rows where it is not true violate it.
+    pub expr: String,
+    /// The column the expectation is about, named in error messages.
+    #[serde(default)]
+    pub column: Option<String>,
+    #[serde(default)]
+    pub action: Option<ActionSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionSpec {
+    Warn,
+    Fail,
+}

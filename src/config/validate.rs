@@ -1,0 +1,610 @@
+//! Compiles the serde spec into the checked [`Pipeline`] model, collecting every problem with its line.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use super::{
+    Issue,
+    model::*,
+    spec::{self, PipelineSpec},
+};
+use crate::{dag::Graph, engine::sql};
+
+/// At most this many unknown keys are reported from one file before giving up.
+const MAX_UNKNOWN_KEYS: usize = 50;
+
+pub(super) fn compile(path: &Path, text: &str) -> Result<Pipeline, Vec<Issue>> {
+    let mut issues = Vec::new();
+    let Some(spec) = parse_spec(text, &mut issues) else {
+        return Err(issues);
+    };
+    let lines = Lines::new(text);
+    let project_dir = project_dir(path);
+    let pipeline = Compiler {
+        lines: &lines,
+        project_dir: &project_dir,
+        issues: &mut issues,
+    }
+    .pipeline(path, spec);
+    match pipeline {
+        Some(pipeline) if issues.is_empty() => Ok(pipeline),
+        _ => Err(issues),
+    }
+}
+
+/// SQL and relative paths are resolved against the project directory: the parent of a `pipelines/`
+/// folder, otherwise the folder of the YAML file.
+fn project_dir(path: &Path) -> PathBuf {
+    let parent = path.parent().unwrap_or(Path::new(""));
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    if parent.file_name().is_some_and(|n| n == "pipelines") {
+        parent
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    } else {
+        parent.to_path_buf()
+    }
+}
+
+/// Deserializes the spec. An unknown key is reported, its block cut from the text, and parsing retried,
+/// so that every misspelled key in the file shows up in one report.
+fn parse_spec(text: &str, issues: &mut Vec<Issue>) -> Option<PipelineSpec> {
+    let mut text = text.to_string();
+    for _ in 0..MAX_UNKNOWN_KEYS {
+        let error = match serde_yaml::from_str::<PipelineSpec>(&text) {
+            Ok(spec) => return issues.is_empty().then_some(spec),
+            Err(error) => error,
+        };
+        let message = yaml_message(&error);
+        let line = error.location().map(|l| l.line());
+        issues.push(Issue {
+            line,
+            message: message.clone(),
+        });
+        let (Some(location), true) = (error.location(), message.contains("unknown field")) else {
+            return None;
+        };
+        text = cut_block(&text, location.line(), location.column());
+    }
+    None
+}
+
+/// serde_yaml's message without its trailing ` at line L column C` (the line is reported separately).
+fn yaml_message(error: &serde_yaml::Error) -> String {
+    let message = error.to_string();
+    match message.rfind(" at line ") {
+        Some(pos) => message[..pos].to_string(),
+        None => message,
+    }
+}
+
+/// Removes the mapping entry whose key starts at (`line`, `column`), 1-based, with its nested block.
+/// Removed lines stay as blank lines so later line numbers stay right. A list marker in front of the key
+/// (`- sqll: x`) moves to the item's next key.
+fn cut_block(text: &str, line: usize, column: usize) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let key_indent = column.saturating_sub(1);
+    let Some(first) = line.checked_sub(1).filter(|&i| i < lines.len()) else {
+        return text.to_string();
+    };
+    let indent_of = |l: &str| l.len() - l.trim_start().len();
+    let mut end = first + 1;
+    while end < lines.len() {
+        let next = &lines[end];
+        let trimmed = next.trim_start();
+        let nested = trimmed.is_empty()
+            || trimmed.starts_with('#')
+            || indent_of(next) > key_indent
+            || (indent_of(next) == key_indent && trimmed.starts_with("- "));
+        if !nested {
+            break;
+        }
+        end += 1;
+    }
+    let prefix: String = lines[first].chars().take(key_indent).collect();
+    for l in &mut lines[first..end] {
+        l.clear();
+    }
+    if !prefix.trim().is_empty() {
+        match lines.get_mut(end) {
+            Some(next) if indent_of(next) == key_indent => {
+                *next = format!("{prefix}{}", next.trim_start());
+            }
+            _ => lines[first] = format!("{prefix}{{}}"),
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
+
+/// Finds the lines where YAML keys and values appear, for error messages.
+struct Lines<'a> {
+    lines: Vec<&'a str>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Lines<'a> {
+        Lines {
+            lines: text.lines().collect(),
+        }
+    }
+
+    /// 1-based line of the first `key: value` at or after line `from`.
+    fn find(&self, from: usize, key: &str, value: &str) -> Option<usize> {
+        let start = from.saturating_sub(1);
+        self.lines
+            .iter()
+            .enumerate()
+            .skip(start)
+            .find(|(_, line)| {
+                let body = line.trim_start().trim_start_matches("- ").trim_start();
+                body.strip_prefix(key)
+                    .and_then(|rest| rest.trim_start().strip_prefix(':'))
+                    .map(|rest| {
+                        let v = rest.split(" #").next().unwrap_or("").trim();
+                        v.trim_matches('"').trim_matches('\'') == value
+                    })
+                    .unwrap_or(false)
+            })
+            .map(|(index, _)| index + 1)
+    }
+}
+
+struct Compiler<'a> {
+    lines: &'a Lines<'a>,
+    project_dir: &'a Path,
+    issues: &'a mut Vec<Issue>,
+}
+
+impl Compiler<'_> {
+    fn issue(&mut self, line: Option<usize>, message: impl Into<String>) {
+        self.issues.push(Issue {
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.project_dir.join(path)
+        }
+    }
+
+    fn pipeline(&mut self, path: &Path, spec: PipelineSpec) -> Option<Pipeline> {
+        if spec.name.trim().is_empty() {
+            let line = self.lines.find(1, "name", "");
+            self.issue(line, "`name` must not be empty");
+        }
+        let lake = self.resolve(spec.lake.as_deref().unwrap_or("./lake"));
+        let sources = self.sources(spec.sources);
+        let stages = self.stages(spec.stages, &sources, &spec.vars);
+        let graph = self.graph(&stages.iter().map(|(s, _, d)| (s, d)).collect::<Vec<_>>());
+        Some(Pipeline {
+            name: spec.name,
+            description: spec.description,
+            file: path.to_path_buf(),
+            project_dir: self.project_dir.to_path_buf(),
+            lake,
+            vars: spec.vars,
+            sources,
+            stages: stages.into_iter().map(|(s, _, _)| s).collect(),
+            graph: graph?,
+        })
+    }
+
+    fn sources(&mut self, specs: Vec<spec::SourceSpec>) -> Vec<Source> {
+        let mut seen = BTreeSet::new();
+        let mut sources = Vec::new();
+        for spec in specs {
+            let line = self.lines.find(1, "name", &spec.name);
+            if !seen.insert(spec.name.clone()) {
+                self.issue(line, format!("source `{}` is defined twice", spec.name));
+            }
+            if spec.columns.is_empty() {
+                self.issue(
+                    line,
+                    format!("source `{}`: `columns` must list the table's columns", spec.name),
+                );
+            }
+            let mut names = BTreeSet::new();
+            for column in &spec.columns {
+                if !names.insert(column) {
+                    self.issue(
+                        line,
+                        format!("source `{}`: column `{column}` is listed twice", spec.name),
+                    );
+                }
+            }
+            for key in &spec.key {
+                if !names.contains(key) {
+                    self.issue(
+                        line,
+                        format!(
+                            "source `{}`: key column `{key}` is not in `columns`",
+                            spec.name
+                        ),
+                    );
+                }
+            }
+            let delimiter = spec.delimiter.unwrap_or(',');
+            if !delimiter.is_ascii() {
+                self.issue(
+                    line,
+                    format!("source `{}`: delimiter must be one ASCII character", spec.name),
+                );
+            }
+            sources.push(Source {
+                path: self.resolve(&spec.path),
+                format: match spec.format {
+                    Some(spec::FormatSpec::Parquet) => FileFormat::Parquet,
+                    Some(spec::FormatSpec::Csv) | None => FileFormat::Csv,
+                },
+                header: spec.header.unwrap_or(true),
+                delimiter: delimiter as u8,
+                columns: spec.columns,
+                key: spec.key,
+                dms: spec.dms.map(|d| DmsLayout {
+                    timestamp_column: d.timestamp_column,
+                    include_op_for_full_load: d.include_op_for_full_load,
+                    change_seq: d.change_seq,
+                }),
+                name: spec.name,
+            });
+        }
+        sources
+    }
+
+    /// Compiles the stages; each comes with its line and its explicit `depends_on`.
+    fn stages(
+        &mut self,
+        specs: Vec<spec::StageSpec>,
+        sources: &[Source],
+        vars: &BTreeMap<String, String>,
+    ) -> Vec<(Stage, usize, Vec<String>)> {
+        let mut stages = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut targets: HashMap<TableName, String> = HashMap::new();
+        let mut from = 1;
+        for spec in specs {
+            let line = self.lines.find(from, "name", &spec.name).unwrap_or(from);
+            from = line + 1;
+            let at = Some(line);
+            let name = spec.name.clone();
+            if !names.insert(name.clone()) {
+                self.issue(at, format!("stage `{name}` is defined twice"));
+            }
+            let target = match TableName::parse(&spec.target) {
+                Some(target) => target,
+                None => {
+                    let line = self.lines.find(line, "target", &spec.target).or(at);
+                    self.issue(
+                        line,
+                        format!(
+                            "stage `{name}`: target `{}` must be `layer.table` in lower case (e.g. `silver.transactions`)",
+                            spec.target
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Some(other) = targets.insert(target.clone(), name.clone()) {
+                let line = self.lines.find(line, "target", &spec.target).or(at);
+                self.issue(
+                    line,
+                    format!("stage `{name}`: target `{target}` is already written by stage `{other}`"),
+                );
+            }
+            let Some(input) = self.stage_input(&spec, line, sources, vars) else {
+                continue;
+            };
+            let Some(write) = self.write_mode(&spec, &input, line) else {
+                continue;
+            };
+            let expectations = spec
+                .expectations
+                .into_iter()
+                .map(|e| Expectation {
+                    name: e.name,
+                    expr: e.expr,
+                    column: e.column,
+                    action: match e.action {
+                        Some(spec::ActionSpec::Warn) => ExpectationAction::Warn,
+                        Some(spec::ActionSpec::Fail) | None => ExpectationAction::Fail,
+                    },
+                })
+                .collect();
+            stages.push((
+                Stage {
+                    name,
+                    layer: match spec.layer {
+                        spec::LayerSpec::Bronze => Layer::Bronze,
+                        spec::LayerSpec::Silver => Layer::Silver,
+                        spec::LayerSpec::Gold => Layer::Gold,
+                    },
+                    description: spec.description,
+                    input,
+                    target,
+                    write,
+                    partition_by: spec.partition_by,
+                    expectations,
+                },
+                line,
+                spec.depends_on,
+            ));
+        }
+        // Every table a SQL stage reads must be written by some stage of this pipeline.
+        for (stage, line, _) in &stages {
+            if let StageInput::Sql { file, reads, .. } = &stage.input {
+                for table in reads {
+                    if !targets.contains_key(table) {
+                        let known: Vec<String> =
+                            targets.keys().map(ToString::to_string).collect();
+                        let mut known = known;
+                        known.sort();
+                        self.issue(
+                            Some(*line),
+                            format!(
+                                "stage `{}`: sql file `{}` reads unknown table `{table}` (tables of this pipeline: {})",
+                                stage.name,
+                                file.display(),
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        stages
+    }
+
+    fn stage_input(
+        &mut self,
+        spec: &spec::StageSpec,
+        line: usize,
+        sources: &[Source],
+        vars: &BTreeMap<String, String>,
+    ) -> Option<StageInput> {
+        let name = &spec.name;
+        match (&spec.sql, &spec.ingest) {
+            (Some(_), Some(_)) | (None, None) => {
+                self.issue(
+                    Some(line),
+                    format!("stage `{name}`: set exactly one of `sql` (a SQL file) or `ingest` (a source)"),
+                );
+                None
+            }
+            (None, Some(source)) => {
+                if !sources.iter().any(|s| &s.name == source) {
+                    let line = self.lines.find(line, "ingest", source).unwrap_or(line);
+                    let known: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+                    self.issue(
+                        Some(line),
+                        format!(
+                            "stage `{name}`: ingests unknown source `{source}` (sources: {})",
+                            known.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                Some(StageInput::Ingest {
+                    source: source.clone(),
+                })
+            }
+            (Some(sql_path), None) => {
+                let sql_line = self.lines.find(line, "sql", sql_path).unwrap_or(line);
+                let file = self.resolve(sql_path);
+                let raw = match std::fs::read_to_string(&file) {
+                    Ok(raw) => raw,
+                    Err(error) => {
+                        let what = if error.kind() == std::io::ErrorKind::NotFound {
+                            "not found".to_string()
+                        } else {
+                            format!("cannot be read: {error}")
+                        };
+                        self.issue(
+                            Some(sql_line),
+                            format!("stage `{name}`: sql file `{sql_path}` {what}"),
+                        );
+                        return None;
+                    }
+                };
+                let text = match sql::substitute_vars(&raw, vars) {
+                    Ok(text) => text,
+                    Err(missing) => {
+                        self.issue(
+                            Some(sql_line),
+                            format!(
+                                "stage `{name}`: sql file `{sql_path}` uses `{{{{ {missing} }}}}` but `vars` has no `{missing}`"
+                            ),
+                        );
+                        return None;
+                    }
+                };
+                let references = match sql::table_references(&text) {
+                    Ok(references) => references,
+                    Err(error) => {
+                        self.issue(
+                            Some(sql_line),
+                            format!("stage `{name}`: sql file `{sql_path}` is not valid SQL: {error}"),
+                        );
+                        return None;
+                    }
+                };
+                let mut reads = Vec::new();
+                for reference in references {
+                    match TableName::parse(&reference) {
+                        Some(table) => {
+                            if !reads.contains(&table) {
+                                reads.push(table);
+                            }
+                        }
+                        None => self.issue(
+                            Some(sql_line),
+                            format!(
+                                "stage `{name}`: sql file `{sql_path}` reads `{reference}`; name tables as `layer.table` (e.g. `silver.transactions`)"
+                            ),
+                        ),
+                    }
+                }
+                Some(StageInput::Sql { file, text, reads })
+            }
+        }
+    }
+
+    fn write_mode(
+        &mut self,
+        spec: &spec::StageSpec,
+        input: &StageInput,
+        line: usize,
+    ) -> Option<WriteMode> {
+        let name = &spec.name;
+        let ingest = matches!(input, StageInput::Ingest { .. });
+        let mode = spec.mode.unwrap_or(if ingest {
+            spec::ModeSpec::Append
+        } else {
+            spec::ModeSpec::Overwrite
+        });
+        let mut ok = true;
+        let mut require = |this: &mut Self, cond: bool, message: String| {
+            if !cond {
+                this.issue(Some(line), message);
+                ok = false;
+            }
+        };
+        require(
+            self,
+            !ingest || matches!(mode, spec::ModeSpec::Append),
+            format!("stage `{name}`: an ingest stage lands files append-only; remove `mode` or set `mode: append`"),
+        );
+        let needs_keys = matches!(mode, spec::ModeSpec::Merge | spec::ModeSpec::Cdc);
+        require(
+            self,
+            !needs_keys || !spec.keys.is_empty(),
+            format!("stage `{name}`: mode `merge`/`cdc` needs `keys` (e.g. `keys: [dms_id]`)"),
+        );
+        require(
+            self,
+            needs_keys || spec.keys.is_empty(),
+            format!("stage `{name}`: `keys` is only used by mode `merge` or `cdc`"),
+        );
+        let cdc = matches!(mode, spec::ModeSpec::Cdc);
+        require(
+            self,
+            !cdc || !spec.sequence_by.is_empty(),
+            format!("stage `{name}`: mode `cdc` needs `sequence_by` (e.g. `sequence_by: [_commit_ts]`)"),
+        );
+        require(
+            self,
+            cdc || (spec.sequence_by.is_empty() && spec.op.is_none()),
+            format!("stage `{name}`: `sequence_by` and `op` are only used by mode `cdc`"),
+        );
+        if !ok {
+            return None;
+        }
+        Some(match mode {
+            spec::ModeSpec::Append => WriteMode::Append,
+            spec::ModeSpec::Overwrite => WriteMode::Overwrite,
+            spec::ModeSpec::Merge => WriteMode::Merge {
+                keys: spec.keys.clone(),
+            },
+            spec::ModeSpec::Cdc => {
+                let (op_column, delete_values) = match &spec.op {
+                    Some(op) if !op.delete.is_empty() => (op.column.clone(), op.delete.clone()),
+                    Some(op) => (op.column.clone(), vec!["D".to_string()]),
+                    None => ("_op".to_string(), vec!["D".to_string()]),
+                };
+                WriteMode::Cdc {
+                    keys: spec.keys.clone(),
+                    sequence_by: spec.sequence_by.clone(),
+                    op_column,
+                    delete_values,
+                }
+            }
+        })
+    }
+
+    /// Edges from each table's writer to its readers, plus `depends_on`; a cycle is reported as a path.
+    fn graph(&mut self, stages: &[(&(Stage, usize, Vec<String>), &Vec<String>)]) -> Option<Graph> {
+        let index: HashMap<&str, usize> = stages
+            .iter()
+            .enumerate()
+            .map(|(i, ((s, _, _), _))| (s.name.as_str(), i))
+            .collect();
+        let writer: HashMap<&TableName, usize> = stages
+            .iter()
+            .enumerate()
+            .map(|(i, ((s, _, _), _))| (&s.target, i))
+            .collect();
+        let mut graph = Graph::new(stages.len());
+        for (i, ((stage, line, _), depends_on)) in stages.iter().enumerate() {
+            for table in stage.reads() {
+                if let Some(&from) = writer.get(table) {
+                    graph.add_edge(from, i);
+                }
+            }
+            for dependency in depends_on.iter() {
+                match index.get(dependency.as_str()) {
+                    Some(&from) => graph.add_edge(from, i),
+                    None => self.issue(
+                        Some(*line),
+                        format!(
+                            "stage `{}`: `depends_on` names unknown stage `{dependency}`",
+                            stage.name
+                        ),
+                    ),
+                }
+            }
+        }
+        if let Some(cycle) = graph.find_cycle() {
+            let path: Vec<&str> = cycle
+                .iter()
+                .map(|&i| stages[i].0.0.name.as_str())
+                .collect();
+            let line = stages[cycle[0]].0.1;
+            self.issue(
+                Some(line),
+                format!("stages form a cycle: {}", path.join(" -> ")),
+            );
+            return None;
+        }
+        Some(graph)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cut_block_removes_nested_lines_and_keeps_numbering() {
+        let text = "a: 1\nbogus:\n  - x\n  - y\nb: 2\n";
+        assert_eq!(cut_block(text, 2, 1), "a: 1\n\nb: 2\n");
+        let text = "stages:\n  - name: s\n    sqll: x.sql\n    layer: gold\n";
+        assert_eq!(
+            cut_block(text, 3, 5),
+            "stages:\n  - name: s\n\n    layer: gold\n"
+        );
+        let text = "stages:\n  - sqll: x.sql\n    name: s\n";
+        assert_eq!(cut_block(text, 2, 5), "stages:\n\n  - name: s\n");
+    }
+
+    #[test]
+    fn project_dir_is_parent_of_pipelines_folder() {
+        assert_eq!(project_dir(Path::new("pipelines/t.yaml")), Path::new("."));
+        assert_eq!(project_dir(Path::new("/p/pipelines/t.yaml")), Path::new("/p"));
+        assert_eq!(project_dir(Path::new("/p/other/t.yaml")), Path::new("/p/other"));
+        assert_eq!(project_dir(Path::new("t.yaml")), Path::new("."));
+    }
+}

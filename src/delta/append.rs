@@ -1,0 +1,158 @@
+//! Append writes. [`BatchAppender`] streams batches into Parquet files as they come (bounded memory)
+//! and commits them all in one Delta commit at the end; [`append_batches`] appends a few small batches.
+
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::{
+    array::{ArrayRef, RecordBatch},
+    compute::cast,
+    datatypes::SchemaRef,
+};
+use deltalake::{
+    DeltaTable,
+    protocol::SaveMode,
+    writer::{DeltaWriter, RecordBatchWriter},
+};
+
+use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
+
+/// Parquet files are cut at about this size while streaming.
+const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+
+/// A streaming append into one table, committed once by [`BatchAppender::commit`]. Dropping it without
+/// committing leaves the table unchanged (the written files are unreferenced and vacuumed later).
+pub struct BatchAppender {
+    path: PathBuf,
+    table: DeltaTable,
+    writer: RecordBatchWriter,
+    schema: SchemaRef,
+    rows: u64,
+}
+
+impl BatchAppender {
+    /// Opens (creating if needed) the table at `path` for appending batches of `schema`.
+    pub async fn open(
+        path: &Path,
+        schema: &SchemaRef,
+        options: &TableOptions,
+        meta: &CommitMeta,
+    ) -> Result<BatchAppender, DeltaError> {
+        let table = create_if_missing(path, schema, options).await?;
+        let writer = RecordBatchWriter::for_table(&table)
+            .map_err(|e| DeltaError::table(path, e))?
+            .with_target_file_size(TARGET_FILE_SIZE)
+            .with_commit_properties(meta.properties());
+        let schema = writer.arrow_schema();
+        Ok(BatchAppender {
+            path: path.to_path_buf(),
+            table,
+            writer,
+            schema,
+            rows: 0,
+        })
+    }
+
+    /// Version the table had when the appender opened it.
+    pub fn base_version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), DeltaError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let batch = conform(&self.path, batch, &self.schema)?;
+        self.rows += batch.num_rows() as u64;
+        self.writer
+            .write(batch)
+            .await
+            .map_err(|e| DeltaError::table(&self.path, e))
+    }
+
+    /// Commits everything written; with no rows, commits nothing.
+    pub async fn commit(mut self) -> Result<WriteMetrics, DeltaError> {
+        if self.rows == 0 {
+            return Ok(WriteMetrics::default());
+        }
+        let version = self
+            .writer
+            .flush_and_commit(&mut self.table)
+            .await
+            .map_err(|e| DeltaError::table(&self.path, e))?;
+        Ok(WriteMetrics {
+            version: Some(version),
+            rows_written: self.rows,
+            rows_inserted: self.rows,
+            ..WriteMetrics::default()
+        })
+    }
+}
+
+/// Casts `batch` to the table's arrow schema, matching columns by name.
+pub(super) fn conform(
+    path: &Path,
+    batch: RecordBatch,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, DeltaError> {
+    if batch.schema().fields() == schema.fields() {
+        return Ok(batch);
+    }
+    let invalid = |message: String| DeltaError::Invalid {
+        table: path.display().to_string(),
+        message,
+    };
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for field in schema.fields() {
+        let column = batch.column_by_name(field.name()).ok_or_else(|| {
+            invalid(format!(
+                "the data has no column `{}` that the table has",
+                field.name()
+            ))
+        })?;
+        let column = cast(column, field.data_type()).map_err(|e| {
+            invalid(format!(
+                "column `{}` cannot be stored as {}: {e}",
+                field.name(),
+                field.data_type()
+            ))
+        })?;
+        columns.push(column);
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(|e| invalid(e.to_string()))
+}
+
+/// Appends a few in-memory batches in one commit (state tables, small results).
+pub async fn append_batches(
+    path: &Path,
+    batches: Vec<RecordBatch>,
+    options: &TableOptions,
+    meta: &CommitMeta,
+) -> Result<WriteMetrics, DeltaError> {
+    let Some(first) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(WriteMetrics::default());
+    };
+    let table = create_if_missing(path, &first.schema(), options).await?;
+    let schema = table
+        .snapshot()
+        .map_err(|e| DeltaError::table(path, e))?
+        .snapshot()
+        .arrow_schema();
+    let mut conformed = Vec::with_capacity(batches.len());
+    let mut rows = 0;
+    for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+        rows += batch.num_rows() as u64;
+        conformed.push(conform(path, batch, &schema)?);
+    }
+    let table = table
+        .write(conformed)
+        .with_save_mode(SaveMode::Append)
+        .with_commit_properties(meta.properties())
+        .await
+        .map_err(|e| DeltaError::table(path, e))?;
+    Ok(WriteMetrics {
+        version: table.version(),
+        rows_written: rows,
+        rows_inserted: rows,
+        ..WriteMetrics::default()
+    })
+}

@@ -1,0 +1,207 @@
+//! Delta Lake tables through delta-rs: opening and creating tables, a DataFusion provider to read them, and
+//! one file per write mode (append, overwrite, merge, cdc). Every write is a single Delta commit, so a
+//! failure before it leaves the table at its previous version. Nothing here knows about YAML or stages.
+
+mod append;
+mod cdc;
+mod merge;
+mod overwrite;
+
+use std::{collections::HashMap, path::Path, sync::Arc};
+
+use datafusion::{arrow::datatypes::SchemaRef, catalog::TableProvider};
+use deltalake::{
+    DeltaTable, DeltaTableError, TableProperty, ensure_table_uri,
+    kernel::engine::arrow_conversion::TryIntoKernel, open_table,
+    operations::create::CreateBuilder, protocol::SaveMode,
+};
+
+pub use append::{BatchAppender, append_batches};
+pub use cdc::{CdcSpec, apply_changes};
+pub use merge::upsert;
+pub use overwrite::overwrite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("table `{table}`: {source}")]
+    Table {
+        table: String,
+        source: DeltaTableError,
+    },
+    #[error("table `{table}`: {message}")]
+    Invalid { table: String, message: String },
+    #[error("table `{table}`: {source}")]
+    Query {
+        table: String,
+        source: datafusion::error::DataFusionError,
+    },
+}
+
+impl DeltaError {
+    fn table(path: &Path, source: DeltaTableError) -> DeltaError {
+        DeltaError::Table {
+            table: path.display().to_string(),
+            source,
+        }
+    }
+
+    fn query(path: &Path, source: datafusion::error::DataFusionError) -> DeltaError {
+        DeltaError::Query {
+            table: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// What one write did. `version` is `None` when nothing was committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteMetrics {
+    pub version: Option<u64>,
+    pub rows_written: u64,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub files_added: u64,
+}
+
+/// Opens the table at `path` at its latest version, or `None` when there is no Delta table there yet.
+pub async fn open(path: &Path) -> Result<Option<DeltaTable>, DeltaError> {
+    if !path.join("_delta_log").is_dir() {
+        return Ok(None);
+    }
+    let url = ensure_table_uri(path.to_string_lossy()).map_err(|e| DeltaError::table(path, e))?;
+    match open_table(url).await {
+        Ok(table) => Ok(Some(table)),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
+            Ok(None)
+        }
+        Err(e) => Err(DeltaError::table(path, e)),
+    }
+}
+
+/// Latest version of the table at `path`, if it exists.
+pub async fn version(path: &Path) -> Result<Option<u64>, DeltaError> {
+    Ok(open(path).await?.and_then(|t| t.version()))
+}
+
+/// Options for a table medallion creates.
+#[derive(Debug, Clone, Default)]
+pub struct TableOptions {
+    pub partition_by: Vec<String>,
+    pub description: Option<String>,
+    /// Columns created NOT NULL (e.g. merge keys).
+    pub not_null: Vec<String>,
+}
+
+/// Creates an empty table with `schema`, unless one exists; returns it either way.
+pub async fn create_if_missing(
+    path: &Path,
+    schema: &SchemaRef,
+    options: &TableOptions,
+) -> Result<DeltaTable, DeltaError> {
+    if let Some(table) = open(path).await? {
+        return Ok(table);
+    }
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let field = f.as_ref().clone();
+            let field = field.with_data_type(normalize_type(f.data_type()));
+            if options.not_null.contains(f.name()) {
+                field.with_nullable(false)
+            } else {
+                field.with_nullable(true)
+            }
+        })
+        .collect();
+    let arrow_schema = datafusion::arrow::datatypes::Schema::new(fields);
+    let kernel: deltalake::kernel::StructType = (&arrow_schema)
+        .try_into_kernel()
+        .map_err(|e| DeltaError::Invalid {
+            table: path.display().to_string(),
+            message: format!("schema cannot be stored in Delta: {e}"),
+        })?;
+    std::fs::create_dir_all(path).map_err(|e| DeltaError::Invalid {
+        table: path.display().to_string(),
+        message: format!("cannot create the table folder: {e}"),
+    })?;
+    let mut builder = CreateBuilder::new()
+        .with_location(path.to_string_lossy())
+        .with_columns(kernel.fields().cloned())
+        .with_partition_columns(options.partition_by.clone())
+        .with_configuration_property(TableProperty::CheckpointInterval, Some("20"))
+        .with_save_mode(SaveMode::Ignore);
+    if let Some(name) = path.file_name() {
+        builder = builder.with_table_name(name.to_string_lossy());
+    }
+    if let Some(description) = &options.description {
+        builder = builder.with_comment(description);
+    }
+    builder.await.map_err(|e| DeltaError::table(path, e))
+}
+
+/// Delta stores strings as one type; view and large strings from DataFusion are stored as plain strings.
+fn normalize_type(
+    data_type: &datafusion::arrow::datatypes::DataType,
+) -> datafusion::arrow::datatypes::DataType {
+    use datafusion::arrow::datatypes::DataType;
+    match data_type {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        other => other.clone(),
+    }
+}
+
+/// A DataFusion provider reading `table` at its loaded version.
+pub async fn provider(
+    path: &Path,
+    table: &DeltaTable,
+) -> Result<Arc<dyn TableProvider>, DeltaError> {
+    table
+        .table_provider()
+        .await
+        .map_err(|e| DeltaError::query(path, e))
+}
+
+/// The session used for Delta writes: DataFusion with delta-rs's planner, SQL identifiers folded to lower
+/// case as in standard SQL.
+pub fn session() -> Result<datafusion::prelude::SessionContext, DeltaError> {
+    let overrides = HashMap::from([(
+        "datafusion.sql_parser.enable_ident_normalization".to_string(),
+        "true".to_string(),
+    )]);
+    deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
+        .map(Into::into)
+        .map_err(|e| DeltaError::Invalid {
+            table: "-".into(),
+            message: format!("cannot set up the query session: {e}"),
+        })
+}
+
+/// Lineage written into every commit's info, so `DESCRIBE HISTORY` shows which run and stage made it.
+#[derive(Debug, Clone)]
+pub struct CommitMeta {
+    pub run_id: String,
+    pub stage: String,
+}
+
+impl CommitMeta {
+    fn properties(&self) -> deltalake::kernel::transaction::CommitProperties {
+        deltalake::kernel::transaction::CommitProperties::default().with_metadata([
+            (
+                "medallion.run_id".to_string(),
+                serde_json::Value::String(self.run_id.clone()),
+            ),
+            (
+                "medallion.stage".to_string(),
+                serde_json::Value::String(self.stage.clone()),
+            ),
+        ])
+    }
+}
+
+/// `"name"` quoted for SQL expressions.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

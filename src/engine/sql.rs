@@ -1,0 +1,89 @@
+//! Stage SQL files: `{{ var }}` substitution and the table references of a statement, resolved by
+//! DataFusion's own parser without executing anything (used to infer the DAG's edges).
+
+use std::collections::BTreeMap;
+
+use datafusion::sql::{
+    parser::{DFParser, Statement},
+    resolve::resolve_table_references,
+    sqlparser::ast,
+};
+
+/// Replaces each `{{ name }}` with the pipeline variable `name`; returns the first unknown name.
+pub fn substitute_vars(sql: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            return Err(after.trim().to_string());
+        };
+        let name = after[..end].trim();
+        match vars.get(name) {
+            Some(value) => out.push_str(value),
+            None => return Err(name.to_string()),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The tables a single SELECT reads, as written (`silver.transactions`), CTE names excluded.
+pub fn table_references(sql: &str) -> Result<Vec<String>, String> {
+    let mut statements = DFParser::parse_sql(sql).map_err(|e| e.strip_backtrace())?;
+    if statements.len() != 1 {
+        return Err(format!(
+            "expected exactly one SELECT statement, found {}",
+            statements.len()
+        ));
+    }
+    let Some(statement) = statements.pop_front() else {
+        return Err("the file holds no SQL statement".into());
+    };
+    let Statement::Statement(inner) = &statement else {
+        return Err("expected a SELECT statement".into());
+    };
+    if !matches!(inner.as_ref(), ast::Statement::Query(_)) {
+        return Err(
+            "expected a SELECT statement (write modes such as MERGE or INSERT belong in the pipeline YAML)"
+                .into(),
+        );
+    }
+    let (tables, _ctes) =
+        resolve_table_references(&statement, true).map_err(|e| e.strip_backtrace())?;
+    Ok(tables.iter().map(ToString::to_string).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_tables_but_not_ctes() {
+        let sql = "WITH d AS (SELECT * FROM silver.transactions) \
+                   SELECT * FROM d JOIN silver.cards c ON d.card_id = c.id";
+        assert_eq!(
+            table_references(sql).unwrap(),
+            vec!["silver.cards".to_string(), "silver.transactions".to_string()]
+        );
+    }
+
+    #[test]
+    fn rejects_non_select_and_bad_sql() {
+        assert!(table_references("DELETE FROM silver.t").unwrap_err().contains("SELECT"));
+        assert!(table_references("SELEC 1").is_err());
+        assert!(table_references("SELECT 1; SELECT 2").unwrap_err().contains("exactly one"));
+    }
+
+    #[test]
+    fn substitutes_vars() {
+        let vars = BTreeMap::from([("limit".to_string(), "1000".to_string())]);
+        assert_eq!(
+            substitute_vars("x >= {{ limit }} AND y", &vars).unwrap(),
+            "x >= 1000 AND y"
+        );
+        assert_eq!(substitute_vars("{{nope}}", &vars).unwrap_err(), "nope");
+    }
+}

@@ -1,0 +1,382 @@
+//! `medallion generate`: a faithful, deterministic imitation of the Kaggle financial-transactions data as
+//! AWS DMS lands it (MISSION.md): full-load `LOAD*` files for transactions, cards and users, then one change
+//! file per day with inserts, updates and deletes. Rows are written as they are made; memory holds only
+//! the live transaction ids and their dates (12 bytes a row).
+
+mod model;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use chrono::{Duration, NaiveDate, NaiveDateTime};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use writer::FileStyle;
+use writer::RowSink;
+
+use model::{Catalog, TXN_COLUMNS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("cannot write `{}`: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write `{}`: {1}", .0.display())]
+    Write(PathBuf, String),
+    #[error("invalid generate options: {0}")]
+    Options(String),
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub out: PathBuf,
+    pub transactions: u64,
+    pub days: u32,
+    /// How many of the last days arrive as change files (one file per day) instead of in the full load.
+    pub change_days: u32,
+    pub seed: u64,
+    pub style: FileStyle,
+    /// Put change files under `YYYY/MM/DD/` folders (DMS DatePartitionEnabled).
+    pub date_folders: bool,
+    /// Add the `$AR_H_CHANGE_SEQ` column.
+    pub change_seq: bool,
+    /// Rows per full-load file.
+    pub rows_per_load_file: u64,
+}
+
+/// Counts of what was written, for the CLI summary.
+#[derive(Debug, Default, Clone)]
+pub struct GenerateReport {
+    pub files: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub cards: u64,
+    pub users: u64,
+}
+
+/// The last day of generated transactions; the data ends where the Kaggle set ends.
+const LAST_DAY: (i32, u32, u32) = (2019, 10, 31);
+const TIMESTAMP_COLUMN: &str = "dms_commit_ts";
+
+pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateError> {
+    if options.days == 0 || options.transactions == 0 {
+        return Err(GenerateError::Options(
+            "`--transactions` and `--days` must be at least 1".into(),
+        ));
+    }
+    if options.change_days >= options.days {
+        return Err(GenerateError::Options(format!(
+            "`--change-days` ({}) must be less than `--days` ({})",
+            options.change_days, options.days
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
+    let catalog = Catalog::new(&mut rng, options.transactions);
+    let landing = options.out.join("public");
+    let mut report = GenerateReport::default();
+
+    let (last_y, last_m, last_d) = LAST_DAY;
+    let last_day = NaiveDate::from_ymd_opt(last_y, last_m, last_d)
+        .ok_or_else(|| GenerateError::Options("bad constant date".into()))?;
+    let first_day = last_day - Duration::days(i64::from(options.days) - 1);
+    let load_days = options.days - options.change_days;
+    let load_time = (first_day + Duration::days(i64::from(load_days)))
+        .and_hms_opt(0, 5, 0)
+        .unwrap_or_default();
+    let mut seq = ChangeSeq::default();
+
+    // Cards and users: full load only.
+    report.users = catalog.write_users(&landing.join("users"), options, load_time, &mut seq)?;
+    report.cards = catalog.write_cards(&landing.join("cards"), options, load_time, &mut seq)?;
+    report.files += 2;
+    write_mcc(&options.out)?;
+    report.files += 1;
+
+    // Transactions: ids grow with time, with gaps; per day a share of N proportional to 1 (flat).
+    let per_day = options.transactions / u64::from(options.days);
+    let extra = options.transactions % u64::from(options.days);
+    let mut live = Live::default();
+    let mut next_id: i64 = 7_475_327;
+    let dir = landing.join("transactions");
+
+    let mut load = LoadWriter::new(&dir, options, load_time);
+    for day in 0..load_days {
+        let count = per_day + u64::from(u64::from(day) < extra);
+        let date = first_day + Duration::days(i64::from(day));
+        for _ in 0..count {
+            let id = next_id;
+            next_id += 1 + i64::from(rng.random_range(0..3u8));
+            let minute = day_minute(&mut rng, date);
+            let row = catalog.transaction(options.seed, id, minute, 0);
+            load.write(&row, &mut seq)?;
+            live.push(id, minute);
+            report.inserts += 1;
+        }
+    }
+    report.files += load.finish()?;
+
+    for day in load_days..options.days {
+        let count = per_day + u64::from(u64::from(day) < extra);
+        let date = first_day + Duration::days(i64::from(day));
+        // The day's changes are committed the next morning, in one file named by its first commit.
+        let commit_start = (date + Duration::days(1)).and_hms_opt(2, 0, 0).unwrap_or_default();
+        let name = commit_start.format("%Y%m%d-%H%M%S0000").to_string();
+        let path = if options.date_folders {
+            dir.join(commit_start.format("%Y/%m/%d").to_string())
+                .join(format!("{name}.{}", options.style.extension()))
+        } else {
+            dir.join(format!("{name}.{}", options.style.extension()))
+        };
+        let mut columns = vec!["Op", TIMESTAMP_COLUMN];
+        columns.extend(TXN_COLUMNS);
+        if options.change_seq {
+            columns.push("$AR_H_CHANGE_SEQ");
+        }
+        let mut sink = RowSink::create(&path, options.style, &columns)?;
+        let mut clock = Clock::new(commit_start);
+        let (mut inserts, mut updates, mut deletes) = (count, count / 10, (count / 100).max(1));
+        let mut version: u32 = 1;
+        while inserts + updates + deletes > 0 {
+            let pick = rng.random_range(0..inserts + updates + deletes);
+            let commit = clock.tick(&mut rng);
+            if pick < inserts || live.is_empty() {
+                inserts = inserts.saturating_sub(1);
+                let id = next_id;
+                next_id += 1 + i64::from(rng.random_range(0..3u8));
+                let minute = day_minute(&mut rng, date);
+                let row = catalog.transaction(options.seed, id, minute, 0);
+                write_change(&mut sink, "I", &commit, &row, options, &mut seq)?;
+                live.push(id, minute);
+                report.inserts += 1;
+            } else if pick < inserts + updates {
+                updates -= 1;
+                // An update carries the full new row; some keys change twice in one file.
+                let index = rng.random_range(0..live.len());
+                let (id, mut minute) = live.get(index);
+                let repeats = if rng.random_ratio(1, 10) { 2 } else { 1 };
+                for _ in 0..repeats {
+                    version += 1;
+                    if rng.random_ratio(1, 20) {
+                        // A correction that moves the transaction to another day.
+                        minute = minute.saturating_add(rng.random_range(1..=2) * 1440);
+                        live.set_minute(index, minute);
+                    }
+                    let row = catalog.transaction(options.seed, id, minute, version);
+                    write_change(&mut sink, "U", &commit, &row, options, &mut seq)?;
+                    report.updates += 1;
+                }
+            } else {
+                deletes -= 1;
+                // A delete from PostgreSQL carries only the key.
+                let index = rng.random_range(0..live.len());
+                let (id, _) = live.remove(index);
+                let mut row = vec![String::new(); TXN_COLUMNS.len()];
+                row[0] = id.to_string();
+                write_change(&mut sink, "D", &commit, &row, options, &mut seq)?;
+                report.deletes += 1;
+            }
+        }
+        sink.finish()?;
+        report.files += 1;
+    }
+    Ok(report)
+}
+
+fn write_change(
+    sink: &mut RowSink,
+    op: &str,
+    commit: &str,
+    row: &[String],
+    options: &GenerateOptions,
+    seq: &mut ChangeSeq,
+) -> Result<(), GenerateError> {
+    let mut fields: Vec<&str> = Vec::with_capacity(row.len() + 3);
+    fields.push(op);
+    fields.push(commit);
+    fields.extend(row.iter().map(String::as_str));
+    let next = seq.next();
+    if options.change_seq {
+        fields.push(&next);
+    }
+    sink.write(&fields)
+}
+
+fn write_mcc(out: &Path) -> Result<(), GenerateError> {
+    let path = out.join("mcc_codes").join("mcc_codes.json");
+    let io = |source| GenerateError::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(path.parent().unwrap_or(out)).map_err(io)?;
+    std::fs::write(&path, model::MCC_JSON).map_err(io)
+}
+
+/// Minutes since 1970 of a random time on `date`, busier in the day than at night.
+fn day_minute(rng: &mut ChaCha8Rng, date: NaiveDate) -> u32 {
+    let base = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp() / 60;
+    let minute = if rng.random_ratio(4, 5) {
+        rng.random_range(7 * 60..22 * 60)
+    } else {
+        rng.random_range(0..1440)
+    };
+    u32::try_from(base + minute).unwrap_or(u32::MAX)
+}
+
+/// Commit timestamps: strictly ordered within a file, with runs of changes sharing one timestamp (one
+/// source transaction).
+struct Clock {
+    now: NaiveDateTime,
+}
+
+impl Clock {
+    fn new(start: NaiveDateTime) -> Clock {
+        Clock { now: start }
+    }
+
+    fn tick(&mut self, rng: &mut ChaCha8Rng) -> String {
+        if !rng.random_ratio(1, 8) {
+            self.now += Duration::microseconds(rng.random_range(1..2_000_000));
+        }
+        self.now.format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+    }
+}
+
+/// DMS `$AR_H_CHANGE_SEQ`: 35 digits, strictly increasing.
+#[derive(Default)]
+struct ChangeSeq(u64);
+
+impl ChangeSeq {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        format!("{:035}", self.0)
+    }
+}
+
+/// Live transaction ids with their minute, for picking update and delete targets.
+#[derive(Default)]
+struct Live {
+    ids: Vec<i64>,
+    minutes: Vec<u32>,
+}
+
+impl Live {
+    fn push(&mut self, id: i64, minute: u32) {
+        self.ids.push(id);
+        self.minutes.push(minute);
+    }
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    fn get(&self, index: usize) -> (i64, u32) {
+        (self.ids[index], self.minutes[index])
+    }
+    fn set_minute(&mut self, index: usize, minute: u32) {
+        self.minutes[index] = minute;
+    }
+    fn remove(&mut self, index: usize) -> (i64, u32) {
+        (self.ids.swap_remove(index), self.minutes.swap_remove(index))
+    }
+}
+
+/// Writes full-load rows into `LOAD00000001`, `LOAD00000002`, ... (8 upper-case hex digits).
+struct LoadWriter<'a> {
+    dir: &'a Path,
+    options: &'a GenerateOptions,
+    load_time: NaiveDateTime,
+    sink: Option<RowSink>,
+    files: u64,
+    rows_in_file: u64,
+}
+
+impl<'a> LoadWriter<'a> {
+    fn new(dir: &'a Path, options: &'a GenerateOptions, load_time: NaiveDateTime) -> Self {
+        LoadWriter {
+            dir,
+            options,
+            load_time,
+            sink: None,
+            files: 0,
+            rows_in_file: 0,
+        }
+    }
+
+    fn write(&mut self, row: &[String], seq: &mut ChangeSeq) -> Result<(), GenerateError> {
+        if self.sink.is_none() || self.rows_in_file >= self.options.rows_per_load_file {
+            if let Some(sink) = self.sink.take() {
+                sink.finish()?;
+            }
+            self.files += 1;
+            let path = self.dir.join(format!(
+                "LOAD{:08X}.{}",
+                self.files,
+                self.options.style.extension()
+            ));
+            let mut columns = vec![TIMESTAMP_COLUMN];
+            columns.extend(TXN_COLUMNS);
+            if self.options.change_seq {
+                columns.push("$AR_H_CHANGE_SEQ");
+            }
+            self.sink = Some(RowSink::create(&path, self.options.style, &columns)?);
+            self.rows_in_file = 0;
+        }
+        let ts = self.load_time.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+        let mut fields: Vec<&str> = vec![&ts];
+        fields.extend(row.iter().map(String::as_str));
+        let next = seq.next();
+        if self.options.change_seq {
+            fields.push(&next);
+        }
+        self.rows_in_file += 1;
+        match &mut self.sink {
+            Some(sink) => sink.write(&fields),
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self) -> Result<u64, GenerateError> {
+        if let Some(sink) = self.sink.take() {
+            sink.finish()?;
+        }
+        Ok(self.files)
+    }
+}
+
+/// Writes a full-load-only table (cards, users) as `LOAD00000001`.
+fn write_load_table(
+    dir: &Path,
+    options: &GenerateOptions,
+    load_time: NaiveDateTime,
+    seq: &mut ChangeSeq,
+    columns: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Result<u64, GenerateError> {
+    let path = dir.join(format!("LOAD00000001.{}", options.style.extension()));
+    let mut header = vec![TIMESTAMP_COLUMN];
+    header.extend(columns);
+    if options.change_seq {
+        header.push("$AR_H_CHANGE_SEQ");
+    }
+    let mut sink = RowSink::create(&path, options.style, &header)?;
+    let ts = load_time.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+    let mut count = 0;
+    for row in rows {
+        let mut fields: Vec<&str> = vec![&ts];
+        fields.extend(row.iter().map(String::as_str));
+        let next = seq.next();
+        if options.change_seq {
+            fields.push(&next);
+        }
+        sink.write(&fields)?;
+        count += 1;
+    }
+    sink.finish()?;
+    Ok(count)
+}

@@ -1,0 +1,400 @@
+//! Streaming readers: one landing file → raw string record batches in the Bronze layout, plus lineage
+//! columns. Rows are checked as they stream: a wrong field count or invalid UTF-8 names the file and row.
+
+use std::{
+    fs::File,
+    io::{BufReader, Read},
+    sync::Arc,
+};
+
+use arrow::{
+    array::{ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray},
+    datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
+};
+use flate2::read::MultiGzDecoder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+
+use super::{Compression, FileKind, LandingError, LandingFile};
+use crate::config::{DmsLayout, FileFormat, Source};
+
+/// Lineage columns appended to every Bronze row.
+pub const SOURCE_FILE: &str = "_source_file";
+pub const FILE_ORDER: &str = "_file_order";
+pub const SOURCE_ROW: &str = "_source_row";
+pub const INGESTED_AT: &str = "_ingested_at";
+pub const RUN_ID: &str = "_run_id";
+pub const BATCH_ID: &str = "_batch_id";
+
+/// The column layout of a source's Bronze table and how each landing file maps onto it.
+#[derive(Debug, Clone)]
+pub struct BronzeLayout {
+    columns: Vec<String>,
+    header: bool,
+    delimiter: u8,
+    dms: Option<DmsLayout>,
+    own_columns: Vec<String>,
+    schema: SchemaRef,
+}
+
+impl BronzeLayout {
+    pub fn new(source: &Source) -> BronzeLayout {
+        let columns = source.bronze_columns();
+        let mut fields: Vec<Field> = columns
+            .iter()
+            .map(|c| Field::new(c, DataType::Utf8, true))
+            .collect();
+        fields.extend([
+            Field::new(SOURCE_FILE, DataType::Utf8, false),
+            Field::new(FILE_ORDER, DataType::Utf8, false),
+            Field::new(SOURCE_ROW, DataType::Int64, false),
+            Field::new(
+                INGESTED_AT,
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new(RUN_ID, DataType::Utf8, false),
+            Field::new(BATCH_ID, DataType::Int64, false),
+        ]);
+        BronzeLayout {
+            columns,
+            header: source.header,
+            delimiter: source.delimiter,
+            dms: source.dms.clone(),
+            own_columns: source.columns.clone(),
+            schema: Arc::new(Schema::new(fields)),
+        }
+    }
+
+    /// Arrow schema of the Bronze table: raw string columns, then lineage.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Columns of a headerless file of `kind`, in file order.
+    fn positional_columns(&self, kind: FileKind) -> Vec<String> {
+        let Some(dms) = &self.dms else {
+            return self.own_columns.clone();
+        };
+        let mut columns = Vec::new();
+        if kind == FileKind::Change || dms.include_op_for_full_load {
+            columns.push(DmsLayout::OP_COLUMN.to_string());
+        }
+        columns.extend(dms.timestamp_column.iter().cloned());
+        columns.extend(self.own_columns.iter().cloned());
+        if dms.change_seq {
+            columns.push(DmsLayout::CHANGE_SEQ_COLUMN.to_string());
+        }
+        columns
+    }
+
+    /// Maps file column names (from a header or a Parquet schema) to Bronze column positions. Only the
+    /// DMS columns may be missing; an unknown column is schema drift and an error.
+    fn map_named(&self, file: &str, names: &[String]) -> Result<Vec<usize>, LandingError> {
+        let mut mapping = Vec::with_capacity(names.len());
+        for name in names {
+            let name = name.trim_start_matches('\u{feff}');
+            let bronze = if name == DmsLayout::CHANGE_SEQ_HEADER {
+                DmsLayout::CHANGE_SEQ_COLUMN
+            } else {
+                name
+            };
+            match self.columns.iter().position(|c| c == bronze) {
+                Some(index) if !mapping.contains(&index) => mapping.push(index),
+                Some(_) => {
+                    return Err(LandingError::BadFile {
+                        file: file.to_string(),
+                        message: format!("column `{name}` appears twice in the header"),
+                    });
+                }
+                None => {
+                    return Err(LandingError::BadFile {
+                        file: file.to_string(),
+                        message: format!(
+                            "column `{name}` is not one of the source's columns ({}); add it to `columns:` in the pipeline if the table gained a column",
+                            self.columns.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        for column in &self.own_columns {
+            let index = self.columns.iter().position(|c| c == column);
+            if index.is_some_and(|i| !mapping.contains(&i)) {
+                return Err(LandingError::BadFile {
+                    file: file.to_string(),
+                    message: format!("column `{column}` is missing from the file"),
+                });
+            }
+        }
+        Ok(mapping)
+    }
+}
+
+/// Lineage values that are the same for every row of one ingest.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub run_id: String,
+    pub batch_id: i64,
+    pub ingested_at_micros: i64,
+}
+
+/// Iterator over the record batches of one landing file.
+pub struct FileBatches {
+    layout: BronzeLayout,
+    file: LandingFile,
+    lineage: Lineage,
+    batch_size: usize,
+    rows: u64,
+    inner: Inner,
+}
+
+enum Inner {
+    Csv {
+        reader: csv::Reader<Box<dyn Read + Send>>,
+        mapping: Vec<usize>,
+    },
+    Parquet {
+        reader: ParquetRecordBatchReader,
+        mapping: Vec<usize>,
+    },
+}
+
+impl FileBatches {
+    pub fn open(
+        layout: &BronzeLayout,
+        file: &LandingFile,
+        lineage: Lineage,
+        batch_size: usize,
+    ) -> Result<FileBatches, LandingError> {
+        let io = |source| LandingError::Io {
+            path: file.path.clone(),
+            source,
+        };
+        let handle = File::open(&file.path).map_err(io)?;
+        let inner = match file.format {
+            FileFormat::Csv => {
+                let raw: Box<dyn Read + Send> = match file.compression {
+                    Compression::None => Box::new(BufReader::with_capacity(1 << 20, handle)),
+                    Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
+                };
+                let mut reader = csv::ReaderBuilder::new()
+                    .has_headers(layout.header)
+                    .delimiter(layout.delimiter)
+                    .flexible(true)
+                    .from_reader(raw);
+                let mapping = if layout.header {
+                    let header = reader
+                        .headers()
+                        .map_err(|e| csv_error(&file.relative, e, None))?;
+                    let names: Vec<String> = header.iter().map(str::to_string).collect();
+                    if names.len() <= 1 && names.iter().all(|n| n.is_empty()) {
+                        return Err(LandingError::BadFile {
+                            file: file.relative.clone(),
+                            message: "file is empty: expected a header row (the source has `header: true`)".into(),
+                        });
+                    }
+                    layout.map_named(&file.relative, &names)?
+                } else {
+                    let names = layout.positional_columns(file.kind);
+                    names
+                        .iter()
+                        .filter_map(|n| layout.columns.iter().position(|c| c == n))
+                        .collect()
+                };
+                Inner::Csv { reader, mapping }
+            }
+            FileFormat::Parquet => {
+                let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| {
+                    LandingError::BadFile {
+                        file: file.relative.clone(),
+                        message: format!("not a readable Parquet file: {e}"),
+                    }
+                })?;
+                let names: Vec<String> = builder
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone())
+                    .collect();
+                let mapping = layout.map_named(&file.relative, &names)?;
+                let reader = builder
+                    .with_batch_size(batch_size)
+                    .build()
+                    .map_err(|e| LandingError::BadFile {
+                        file: file.relative.clone(),
+                        message: format!("not a readable Parquet file: {e}"),
+                    })?;
+                Inner::Parquet { reader, mapping }
+            }
+        };
+        Ok(FileBatches {
+            layout: layout.clone(),
+            file: file.clone(),
+            lineage,
+            batch_size,
+            rows: 0,
+            inner,
+        })
+    }
+
+    fn next_csv(&mut self) -> Result<Option<RecordBatch>, LandingError> {
+        let Inner::Csv { reader, mapping } = &mut self.inner else {
+            return Ok(None);
+        };
+        let width = self.layout.columns.len();
+        let mut builders: Vec<StringBuilder> = (0..width)
+            .map(|_| StringBuilder::with_capacity(self.batch_size, self.batch_size * 8))
+            .collect();
+        let mut record = csv::StringRecord::new();
+        let mut count = 0;
+        let expected = mapping.len();
+        while count < self.batch_size {
+            let row = self.rows + 1;
+            let more = reader
+                .read_record(&mut record)
+                .map_err(|e| csv_error(&self.file.relative, e, Some(row)))?;
+            if !more {
+                break;
+            }
+            if record.len() != expected {
+                return Err(LandingError::Malformed {
+                    file: self.file.relative.clone(),
+                    row,
+                    column: None,
+                    message: format!(
+                        "expected {expected} fields, found {} (line {})",
+                        record.len(),
+                        record.position().map(|p| p.line()).unwrap_or(0)
+                    ),
+                });
+            }
+            self.rows = row;
+            let mut filled = vec![false; width];
+            for (value, &target) in record.iter().zip(mapping.iter()) {
+                builders[target].append_value(value);
+                filled[target] = true;
+            }
+            for (builder, filled) in builders.iter_mut().zip(filled) {
+                if !filled {
+                    builder.append_null();
+                }
+            }
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        let columns: Vec<ArrayRef> = builders
+            .into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        self.with_lineage(columns, count).map(Some)
+    }
+
+    fn next_parquet(&mut self) -> Result<Option<RecordBatch>, LandingError> {
+        let Inner::Parquet { reader, mapping } = &mut self.inner else {
+            return Ok(None);
+        };
+        let Some(batch) = reader.next() else {
+            return Ok(None);
+        };
+        let file = self.file.relative.clone();
+        let batch = batch.map_err(|e| LandingError::BadFile {
+            file: file.clone(),
+            message: format!("corrupt Parquet data after row {}: {e}", self.rows),
+        })?;
+        let count = batch.num_rows();
+        let mut columns: Vec<Option<ArrayRef>> = vec![None; self.layout.columns.len()];
+        for (index, &target) in mapping.iter().enumerate() {
+            let array = arrow::compute::cast(batch.column(index), &DataType::Utf8).map_err(|e| {
+                LandingError::BadFile {
+                    file: file.clone(),
+                    message: format!(
+                        "column `{}` cannot be read as text: {e}",
+                        self.layout.columns[target]
+                    ),
+                }
+            })?;
+            columns[target] = Some(array);
+        }
+        let columns = columns
+            .into_iter()
+            .map(|c| c.unwrap_or_else(|| arrow::array::new_null_array(&DataType::Utf8, count)))
+            .collect();
+        self.rows += count as u64;
+        self.with_lineage(columns, count).map(Some)
+    }
+
+    fn with_lineage(
+        &self,
+        mut columns: Vec<ArrayRef>,
+        count: usize,
+    ) -> Result<RecordBatch, LandingError> {
+        let first_row = self.rows as i64 - count as i64 + 1;
+        columns.push(Arc::new(StringArray::from(vec![self.file.relative.as_str(); count])));
+        columns.push(Arc::new(StringArray::from(vec![
+            self.file.order_key();
+            count
+        ])));
+        columns.push(Arc::new(Int64Array::from_iter_values(
+            first_row..first_row + count as i64,
+        )));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![self.lineage.ingested_at_micros; count])
+                .with_timezone("UTC"),
+        ));
+        columns.push(Arc::new(StringArray::from(vec![
+            self.lineage.run_id.as_str();
+            count
+        ])));
+        columns.push(Arc::new(Int64Array::from(vec![self.lineage.batch_id; count])));
+        RecordBatch::try_new(self.layout.schema(), columns).map_err(|e| LandingError::BadFile {
+            file: self.file.relative.clone(),
+            message: format!("internal error building a batch: {e}"),
+        })
+    }
+
+    /// Data rows read so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+}
+
+impl Iterator for FileBatches {
+    type Item = Result<RecordBatch, LandingError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = match self.inner {
+            Inner::Csv { .. } => self.next_csv(),
+            Inner::Parquet { .. } => self.next_parquet(),
+        };
+        next.transpose()
+    }
+}
+
+fn csv_error(file: &str, error: csv::Error, row: Option<u64>) -> LandingError {
+    let position = error.position().map(|p| p.line());
+    let (column, message) = match error.kind() {
+        csv::ErrorKind::Utf8 { err, .. } => (
+            Some(format!("#{}", err.field() + 1)),
+            format!("invalid UTF-8 (the file must be UTF-8 encoded): {err}"),
+        ),
+        csv::ErrorKind::Io(e) => (None, format!("read failed (truncated or corrupt file?): {e}")),
+        _ => (None, error.to_string()),
+    };
+    match row {
+        Some(row) => LandingError::Malformed {
+            file: file.to_string(),
+            row,
+            column,
+            message: match position {
+                Some(line) => format!("{message} (line {line})"),
+                None => message,
+            },
+        },
+        None => LandingError::BadFile {
+            file: file.to_string(),
+            message: format!("cannot read the header: {message}"),
+        },
+    }
+}

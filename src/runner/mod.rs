@@ -1,0 +1,151 @@
+//! Orchestration: schedules the pipeline's stages from a ready queue (independent stages in parallel up to
+//! `max_parallel`), runs each one (`stage.rs`), skips everything downstream of a failure and nothing else,
+//! and records the run in the state tables. Returns a [`RunReport`]; printing is the CLI's job.
+
+pub mod plan;
+mod report;
+mod stage;
+
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
+
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, info_span};
+
+pub use report::{RunReport, StageOutcome, StageReport};
+
+use crate::{
+    config::Pipeline,
+    dag::ReadyQueue,
+    delta::{CommitMeta, DeltaError},
+    engine::EngineError,
+    landing::LandingError,
+    state::{self, RunRecord, StateError, StateStore},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "stage `{stage}`: table `{table}` does not exist yet; run the stage that writes it first (check the stage order)"
+    )]
+    MissingInput { stage: String, table: String },
+    #[error(
+        "source `{source_name}`: landing file `{file}` was already ingested but its content changed ({detail}); DMS never rewrites a file, so restore the original or deliver the new data under a new name"
+    )]
+    ChangedFile {
+        source_name: String,
+        file: String,
+        detail: String,
+    },
+    #[error("stage `{stage}`: {message}")]
+    Checks { stage: String, message: String },
+    #[error("stage `{stage}`: {source}")]
+    Landing { stage: String, source: LandingError },
+    #[error("stage `{stage}`: {source}")]
+    Delta { stage: String, source: DeltaError },
+    #[error("stage `{stage}`: {source}")]
+    Engine { stage: String, source: EngineError },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("stage `{stage}`: internal error: {message}")]
+    Internal { stage: String, message: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub max_parallel: usize,
+    /// Show progress on the terminal.
+    pub progress: bool,
+}
+
+/// What every stage task shares.
+struct RunContext {
+    pipeline: Pipeline,
+    state: StateStore,
+    run_id: String,
+}
+
+/// Runs the pipeline once: every stage whose inputs changed, in dependency order.
+pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport, RunError> {
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let span = info_span!("pipeline", pipeline = %pipeline.name, run_id = %run_id);
+    async {
+        let started = state::now_micros();
+        let clock = Instant::now();
+        info!(lake = %pipeline.lake.display(), stages = pipeline.stages.len(), "run started");
+        let context = Arc::new(RunContext {
+            pipeline: pipeline.clone(),
+            state: StateStore::new(&pipeline.lake),
+            run_id: run_id.clone(),
+        });
+        let mut reports: Vec<Option<StageReport>> = vec![None; pipeline.stages.len()];
+        let mut queue = ReadyQueue::new(&pipeline.graph);
+        let mut blocked: BTreeSet<usize> = BTreeSet::new();
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < options.max_parallel.max(1) {
+                let Some(index) = queue.pop() else { break };
+                if blocked.contains(&index) {
+                    let failed_upstream = pipeline
+                        .graph
+                        .all_upstream(index)
+                        .into_iter()
+                        .find(|u| {
+                            reports[*u]
+                                .as_ref()
+                                .is_some_and(|r| matches!(r.outcome, StageOutcome::Failed(_)))
+                        })
+                        .map(|u| pipeline.stages[u].name.clone())
+                        .unwrap_or_default();
+                    reports[index] = Some(StageReport::skipped(
+                        &pipeline.stages[index],
+                        failed_upstream,
+                    ));
+                    queue.complete(index);
+                    continue;
+                }
+                let context = context.clone();
+                running.spawn(async move { (index, stage::run(&context, index).await) });
+            }
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let (index, report) = joined.map_err(|e| RunError::Internal {
+                stage: "-".into(),
+                message: format!("stage task panicked or was cancelled: {e}"),
+            })?;
+            if let StageOutcome::Failed(message) = &report.outcome {
+                error!(stage = %report.stage, "{message}");
+                blocked.extend(pipeline.graph.all_downstream(index));
+            }
+            reports[index] = Some(report);
+            queue.complete(index);
+        }
+        let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
+        let report = RunReport {
+            run_id: run_id.clone(),
+            pipeline: pipeline.name.clone(),
+            stages,
+            elapsed: clock.elapsed(),
+        };
+        let meta = CommitMeta {
+            run_id: run_id.clone(),
+            stage: "_run".into(),
+        };
+        let record = RunRecord {
+            run_id: run_id.clone(),
+            pipeline: pipeline.name.clone(),
+            status: report.status().to_string(),
+            started_micros: started,
+            finished_micros: state::now_micros(),
+            stages_succeeded: report.count(|o| matches!(o, StageOutcome::Succeeded)),
+            stages_up_to_date: report.count(|o| matches!(o, StageOutcome::UpToDate(_))),
+            stages_failed: report.count(|o| matches!(o, StageOutcome::Failed(_))),
+            stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
+        };
+        context.state.record_run(&record, &meta).await?;
+        info!(status = report.status(), elapsed_ms = report.elapsed.as_millis() as u64, "run finished");
+        Ok(report)
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,145 @@
+//! The result of a run: per stage outcome, rows and timing, rendered as the end-of-run summary.
+
+use std::time::Duration;
+
+use crate::config::Stage;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// The stage ran and committed (or had rows to check but nothing to change).
+    Succeeded,
+    /// Nothing new to process; the reason says why.
+    UpToDate(String),
+    /// The stage failed; its target is unchanged.
+    Failed(String),
+    /// Not run because the named upstream stage failed.
+    Skipped(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub stage: String,
+    pub target: String,
+    pub outcome: StageOutcome,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub rows_superseded: u64,
+    pub output_version: Option<u64>,
+    pub elapsed: Duration,
+    /// Non-fatal findings (warn expectations).
+    pub warnings: Vec<String>,
+}
+
+impl StageReport {
+    pub fn new(stage: &Stage, outcome: StageOutcome) -> StageReport {
+        StageReport {
+            stage: stage.name.clone(),
+            target: stage.target.to_string(),
+            outcome,
+            rows_read: 0,
+            rows_written: 0,
+            rows_inserted: 0,
+            rows_updated: 0,
+            rows_deleted: 0,
+            rows_superseded: 0,
+            output_version: None,
+            elapsed: Duration::ZERO,
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn skipped(stage: &Stage, failed_upstream: String) -> StageReport {
+        StageReport::new(stage, StageOutcome::Skipped(failed_upstream))
+    }
+
+    pub fn status(&self) -> &'static str {
+        match self.outcome {
+            StageOutcome::Succeeded => "succeeded",
+            StageOutcome::UpToDate(_) => "up_to_date",
+            StageOutcome::Failed(_) => "failed",
+            StageOutcome::Skipped(_) => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub run_id: String,
+    pub pipeline: String,
+    pub stages: Vec<StageReport>,
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    pub fn succeeded(&self) -> bool {
+        self.stages
+            .iter()
+            .all(|s| matches!(s.outcome, StageOutcome::Succeeded | StageOutcome::UpToDate(_)))
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.succeeded() { "succeeded" } else { "failed" }
+    }
+
+    pub fn count(&self, pick: impl Fn(&StageOutcome) -> bool) -> u64 {
+        self.stages.iter().filter(|s| pick(&s.outcome)).count() as u64
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.stage == name)
+    }
+
+    /// The end-of-run summary table.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "run {} of `{}`: {} in {:.1}s\n",
+            self.run_id,
+            self.pipeline,
+            self.status(),
+            self.elapsed.as_secs_f64()
+        );
+        let width = self.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+        out.push_str(&format!(
+            "  {:<width$}  {:<10}  {:>10}  {:>10}  {:>8}  {:>7}  note\n",
+            "stage", "status", "rows read", "written", "version", "time"
+        ));
+        for stage in &self.stages {
+            let note = match &stage.outcome {
+                StageOutcome::Succeeded => {
+                    let mut parts = Vec::new();
+                    if stage.rows_updated + stage.rows_deleted + stage.rows_superseded > 0 {
+                        parts.push(format!(
+                            "+{} ~{} -{} superseded {}",
+                            stage.rows_inserted,
+                            stage.rows_updated,
+                            stage.rows_deleted,
+                            stage.rows_superseded
+                        ));
+                    }
+                    parts.extend(stage.warnings.iter().cloned());
+                    parts.join("; ")
+                }
+                StageOutcome::UpToDate(reason) => reason.clone(),
+                StageOutcome::Failed(message) => message.clone(),
+                StageOutcome::Skipped(upstream) => format!("upstream `{upstream}` failed"),
+            };
+            out.push_str(&format!(
+                "  {:<width$}  {:<10}  {:>10}  {:>10}  {:>8}  {:>6.1}s  {}\n",
+                stage.stage,
+                stage.status(),
+                stage.rows_read,
+                stage.rows_written,
+                stage
+                    .output_version
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                stage.elapsed.as_secs_f64(),
+                note
+            ));
+        }
+        out
+    }
+}

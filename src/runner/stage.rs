@@ -1,0 +1,429 @@
+//! One stage, start to finish: an ingest stage lands new files in Bronze; a SQL stage reads its inputs
+//! (only their new rows when it is incremental), checks expectations, and writes its target in its write
+//! mode. Either way the target gets at most one commit, and the stage's run is recorded with the input
+//! versions it consumed, which are the watermarks of its next run.
+
+use std::{
+    collections::BTreeMap,
+    time::{Instant, UNIX_EPOCH},
+};
+
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{RunContext, RunError, StageOutcome, StageReport};
+use crate::{
+    checks,
+    config::{ExpectationAction, Stage, StageInput, WriteMode},
+    delta::{self, BatchAppender, CdcSpec, CommitMeta, TableOptions, WriteMetrics},
+    engine,
+    landing::{self, BATCH_ID, BronzeLayout, FileBatches, LandingFile, Lineage},
+    state::{self, LedgerEntry, StageRecord},
+};
+
+/// Rows per Bronze batch while streaming landing files.
+const INGEST_BATCH_ROWS: usize = 16 * 1024;
+
+/// Runs stage `index`; never fails: errors become a failed [`StageReport`].
+pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
+    let stage = &context.pipeline.stages[index];
+    let span = info_span!("stage", stage = %stage.name, layer = %stage.layer, target = %stage.target);
+    async {
+        let clock = Instant::now();
+        let started = state::now_micros();
+        info!("stage started");
+        let result = match &stage.input {
+            StageInput::Ingest { source } => ingest(context, stage, source).await,
+            StageInput::Sql { text, reads, .. } => sql_stage(context, stage, text, reads).await,
+        };
+        let (mut report, input_versions) = match result {
+            Ok(done) => done,
+            Err(error) => (
+                StageReport::new(stage, StageOutcome::Failed(error.to_string())),
+                BTreeMap::new(),
+            ),
+        };
+        report.elapsed = clock.elapsed();
+        if !matches!(report.outcome, StageOutcome::UpToDate(_)) {
+            let record = StageRecord {
+                run_id: context.run_id.clone(),
+                pipeline: context.pipeline.name.clone(),
+                stage: stage.name.clone(),
+                target: stage.target.to_string(),
+                status: report.status().to_string(),
+                started_micros: started,
+                finished_micros: state::now_micros(),
+                rows_read: report.rows_read,
+                rows_written: report.rows_written,
+                rows_inserted: report.rows_inserted,
+                rows_updated: report.rows_updated,
+                rows_deleted: report.rows_deleted,
+                rows_superseded: report.rows_superseded,
+                input_versions,
+                output_version: report.output_version,
+                message: match &report.outcome {
+                    StageOutcome::Failed(m) => Some(m.clone()),
+                    _ => None,
+                },
+            };
+            let meta = commit_meta(context, stage);
+            if let Err(error) = context.state.record_stages(&[record], &meta).await {
+                // The data commit stands; without its watermark the next run re-applies the same
+                // input, which every write mode tolerates (see README, "Idempotency").
+                warn!("could not record the stage run: {error}");
+                report.warnings.push(format!("run history not recorded: {error}"));
+            }
+        }
+        info!(status = report.status(), rows_read = report.rows_read, rows_written = report.rows_written, "stage finished");
+        report
+    }
+    .instrument(span)
+    .await
+}
+
+fn commit_meta(context: &RunContext, stage: &Stage) -> CommitMeta {
+    CommitMeta {
+        run_id: context.run_id.clone(),
+        stage: stage.name.clone(),
+    }
+}
+
+fn table_options(stage: &Stage) -> TableOptions {
+    TableOptions {
+        partition_by: stage.partition_by.clone(),
+        description: stage.description.clone(),
+        not_null: Vec::new(),
+    }
+}
+
+type StageResult = Result<(StageReport, BTreeMap<String, u64>), RunError>;
+
+/// Lands the source's new files in the Bronze target in one commit, then records them in the ledger.
+async fn ingest(context: &RunContext, stage: &Stage, source_name: &str) -> StageResult {
+    let name = stage.name.clone();
+    let landing_err = |source| RunError::Landing {
+        stage: name.clone(),
+        source,
+    };
+    let source = context
+        .pipeline
+        .source(source_name)
+        .ok_or_else(|| RunError::Internal {
+            stage: name.clone(),
+            message: format!("unknown source `{source_name}`"),
+        })?
+        .clone();
+    let files = landing::discover(&source).map_err(landing_err)?;
+    let ledger = context.state.ingested_files(source_name).await?;
+    let mut new_files: Vec<(LandingFile, String, i64)> = Vec::new();
+    for file in files {
+        let modified = modified_micros(&file);
+        match ledger.get(&file.relative) {
+            Some(known) if known.size == file.size && known.modified_micros == modified => {}
+            Some(known) => {
+                let checksum = file.checksum().map_err(landing_err)?;
+                if known.size != file.size || known.checksum != checksum {
+                    return Err(RunError::ChangedFile {
+                        source_name: source_name.to_string(),
+                        file: file.relative.clone(),
+                        detail: format!(
+                            "size {} → {}, sha256 {} → {}",
+                            known.size,
+                            file.size,
+                            short(&known.checksum),
+                            short(&checksum)
+                        ),
+                    });
+                }
+            }
+            None => {
+                let checksum = file.checksum().map_err(landing_err)?;
+                new_files.push((file, checksum, modified));
+            }
+        }
+    }
+    if new_files.is_empty() {
+        return Ok((
+            StageReport::new(stage, StageOutcome::UpToDate("no new landing files".into())),
+            BTreeMap::new(),
+        ));
+    }
+
+    let path = context.pipeline.table_path(&stage.target);
+    let layout = BronzeLayout::new(&source);
+    let meta = commit_meta(context, stage);
+    let delta_err = |source| RunError::Delta {
+        stage: name.clone(),
+        source,
+    };
+    let mut appender = BatchAppender::open(&path, &layout.schema(), &table_options(stage), &meta)
+        .await
+        .map_err(delta_err)?;
+    // Rows carry the version their commit will get: the watermark that incremental readers use.
+    let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
+    let lineage = Lineage {
+        run_id: context.run_id.clone(),
+        batch_id,
+        ingested_at_micros: state::now_micros(),
+    };
+
+    // Files are parsed on a blocking thread and streamed through a small channel to the Delta writer.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+    let producer_files: Vec<LandingFile> = new_files.iter().map(|(f, _, _)| f.clone()).collect();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut rows = Vec::with_capacity(producer_files.len());
+        for file in &producer_files {
+            let mut batches = FileBatches::open(&layout, file, lineage.clone(), INGEST_BATCH_ROWS)?;
+            for batch in batches.by_ref() {
+                if sender.blocking_send(batch?).is_err() {
+                    return Ok(rows);
+                }
+            }
+            rows.push(batches.rows());
+        }
+        Ok::<_, landing::LandingError>(rows)
+    });
+    let mut write_error = None;
+    while let Some(batch) = receiver.recv().await {
+        if let Err(error) = appender.write(batch).await {
+            write_error = Some(error);
+            break;
+        }
+    }
+    drop(receiver);
+    let rows = producer
+        .await
+        .map_err(|e| RunError::Internal {
+            stage: name.clone(),
+            message: format!("file reader stopped: {e}"),
+        })?
+        .map_err(landing_err)?;
+    if let Some(error) = write_error {
+        return Err(delta_err(error));
+    }
+    let metrics = appender.commit().await.map_err(delta_err)?;
+    if let Some(version) = metrics.version {
+        if version as i64 != batch_id {
+            warn!(batch_id, version, "another writer committed to this Bronze table during the ingest");
+        }
+    }
+    let entries: Vec<LedgerEntry> = new_files
+        .iter()
+        .zip(&rows)
+        .map(|((file, checksum, modified), rows)| LedgerEntry {
+            source: source_name.to_string(),
+            file: file.relative.clone(),
+            size: file.size,
+            modified_micros: *modified,
+            checksum: checksum.clone(),
+            rows: *rows,
+            batch_id,
+            run_id: context.run_id.clone(),
+        })
+        .collect();
+    context.state.record_ingested(&entries, &meta).await?;
+    info!(files = entries.len(), rows = metrics.rows_written, "landed new files");
+    let mut report = StageReport::new(stage, StageOutcome::Succeeded);
+    report.rows_read = metrics.rows_written;
+    apply_write(&mut report, &metrics);
+    Ok((report, BTreeMap::new()))
+}
+
+/// Runs a SQL stage: plan, check, write.
+async fn sql_stage(
+    context: &RunContext,
+    stage: &Stage,
+    sql: &str,
+    reads: &[crate::config::TableName],
+) -> StageResult {
+    let name = stage.name.clone();
+    let delta_err = |source| RunError::Delta {
+        stage: name.clone(),
+        source,
+    };
+    let engine_err = |source| RunError::Engine {
+        stage: name.clone(),
+        source,
+    };
+
+    // Inputs at their latest versions; unchanged since the last success means nothing to do.
+    let mut inputs = Vec::new();
+    let mut versions = BTreeMap::new();
+    for table in reads {
+        let path = context.pipeline.table_path(table);
+        let delta_table = delta::open(&path).await.map_err(delta_err)?.ok_or_else(|| {
+            RunError::MissingInput {
+                stage: name.clone(),
+                table: table.to_string(),
+            }
+        })?;
+        versions.insert(table.to_string(), delta_table.version().unwrap_or(0));
+        inputs.push((table, path, delta_table));
+    }
+    let target_path = context.pipeline.table_path(&stage.target);
+    let last = context.state.last_success(&stage.name).await?;
+    let target_exists = delta::open(&target_path).await.map_err(delta_err)?.is_some();
+    if target_exists && last.as_ref() == Some(&versions) {
+        return Ok((
+            StageReport::new(stage, StageOutcome::UpToDate("inputs unchanged".into())),
+            versions,
+        ));
+    }
+
+    let ctx = delta::session().map_err(delta_err)?;
+    engine::prepare(&ctx);
+    for (table, path, delta_table) in &inputs {
+        let provider = delta::provider(path, delta_table).await.map_err(delta_err)?;
+        let has_batches = provider.schema().field_with_name(BATCH_ID).is_ok();
+        // An incremental stage reads only the Bronze rows committed after its last successful run.
+        let after = match (&last, has_batches && stage.write.is_incremental()) {
+            (Some(last), true) => last.get(&table.to_string()).map(|v| *v as i64),
+            _ => None,
+        };
+        engine::register_table(&ctx, table, provider, after.map(|v| (BATCH_ID, v)))
+            .map_err(engine_err)?;
+    }
+    let output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
+        .await
+        .map_err(engine_err)?;
+
+    let results = checks::evaluate(&ctx, &output, &stage.expectations)
+        .await
+        .map_err(engine_err)?;
+    let mut warnings = Vec::new();
+    let mut failures = Vec::new();
+    for result in &results {
+        if result.violations == 0 {
+            continue;
+        }
+        let mut text = result.describe();
+        if let Some((file, row, _)) = &result.first {
+            if let Some(value) = raw_value(&ctx, reads, result.column.as_deref(), file, *row).await {
+                text.push_str(&format!(" (raw value `{value}`)"));
+            }
+        }
+        match result.action {
+            ExpectationAction::Fail => failures.push(text),
+            ExpectationAction::Warn => {
+                warn!("{text}");
+                warnings.push(text);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(RunError::Checks {
+            stage: name.clone(),
+            message: format!("{}; nothing was written", failures.join("; ")),
+        });
+    }
+
+    let meta = commit_meta(context, stage);
+    let options = table_options(stage);
+    let mut report = StageReport::new(stage, StageOutcome::Succeeded);
+    report.warnings = warnings;
+    match &stage.write {
+        WriteMode::Overwrite => {
+            let metrics = delta::overwrite(&target_path, output, &options, &meta)
+                .await
+                .map_err(delta_err)?;
+            report.rows_read = metrics.rows_written;
+            apply_write(&mut report, &metrics);
+        }
+        WriteMode::Append => {
+            let schema = std::sync::Arc::new(output.schema().as_arrow().clone());
+            let mut appender = BatchAppender::open(&target_path, &schema, &options, &meta)
+                .await
+                .map_err(delta_err)?;
+            let mut stream = output
+                .execute_stream()
+                .await
+                .map_err(|e| engine_err(engine::EngineError::query("stage query", e)))?;
+            use futures::StreamExt;
+            while let Some(batch) = stream.next().await {
+                let batch =
+                    batch.map_err(|e| engine_err(engine::EngineError::query("stage query", e)))?;
+                appender.write(batch).await.map_err(delta_err)?;
+            }
+            let metrics = appender.commit().await.map_err(delta_err)?;
+            report.rows_read = metrics.rows_written;
+            apply_write(&mut report, &metrics);
+        }
+        WriteMode::Merge { keys } => {
+            let metrics = delta::upsert(&target_path, output, keys, &options, &meta)
+                .await
+                .map_err(delta_err)?;
+            apply_write(&mut report, &metrics);
+        }
+        WriteMode::Cdc {
+            keys,
+            sequence_by,
+            op_column,
+            delete_values,
+        } => {
+            let spec = CdcSpec {
+                keys: keys.clone(),
+                sequence_by: sequence_by.clone(),
+                op_column: op_column.clone(),
+                delete_values: delete_values.clone(),
+            };
+            let metrics = delta::apply_changes(&target_path, &ctx, output, &spec, &options, &meta)
+                .await
+                .map_err(delta_err)?;
+            report.rows_read = metrics.rows_read;
+            report.rows_superseded = metrics.rows_superseded;
+            apply_write(&mut report, &metrics.write);
+        }
+    }
+    if report.output_version.is_none() {
+        report.outcome = StageOutcome::Succeeded;
+    }
+    Ok((report, versions))
+}
+
+fn apply_write(report: &mut StageReport, metrics: &WriteMetrics) {
+    report.rows_written = metrics.rows_written;
+    report.rows_inserted = metrics.rows_inserted;
+    report.rows_updated = metrics.rows_updated;
+    report.rows_deleted = metrics.rows_deleted;
+    report.output_version = metrics.version;
+}
+
+/// The raw Bronze value of `column` at (`file`, `row`), for error messages; best effort.
+async fn raw_value(
+    ctx: &datafusion::prelude::SessionContext,
+    reads: &[crate::config::TableName],
+    column: Option<&str>,
+    file: &str,
+    row: i64,
+) -> Option<String> {
+    use datafusion::arrow::{array::StringArray, compute::cast, datatypes::DataType};
+    let column = column?;
+    for table in reads.iter().filter(|t| t.schema == "bronze") {
+        let sql = format!(
+            "SELECT \"{column}\" FROM {table} WHERE _source_file = '{}' AND _source_row = {row} LIMIT 1",
+            file.replace('\'', "''")
+        );
+        let Ok(df) = ctx.sql(&sql).await else {
+            continue;
+        };
+        let Ok(batches) = df.collect().await else {
+            continue;
+        };
+        let batch = batches.iter().find(|b| b.num_rows() > 0)?;
+        let text = cast(batch.column(0), &DataType::Utf8).ok()?;
+        let text = text.as_any().downcast_ref::<StringArray>()?;
+        return Some(text.value(0).to_string());
+    }
+    None
+}
+
+fn modified_micros(file: &LandingFile) -> i64 {
+    std::fs::metadata(&file.path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn short(checksum: &str) -> &str {
+    checksum.get(..12).unwrap_or(checksum)
+}

@@ -1,0 +1,361 @@
+//! medallion's own state, kept as Delta tables under `<lake>/_medallion/` so that it is as durable and
+//! readable as the data: the ledger of ingested landing files (`ingested_files`), one row per stage run
+//! with the input versions it consumed (`stage_runs`, which doubles as the watermark store) and one row
+//! per pipeline run (`runs`).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use datafusion::{
+    arrow::{
+        array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray},
+        compute::cast,
+        datatypes::{DataType, Field, Schema},
+    },
+    prelude::SessionContext,
+};
+
+use crate::delta::{self, CommitMeta, DeltaError, TableOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("run state under `{}`: {source}", path.display())]
+    Delta { path: PathBuf, source: DeltaError },
+    #[error("run state table `{}` cannot be read: {message}", path.display())]
+    Read { path: PathBuf, message: String },
+}
+
+/// One landing file in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub source: String,
+    pub file: String,
+    pub size: u64,
+    pub modified_micros: i64,
+    pub checksum: String,
+    pub rows: u64,
+    pub batch_id: i64,
+    pub run_id: String,
+}
+
+/// The outcome of one stage in one run, as stored in `stage_runs`.
+#[derive(Debug, Clone)]
+pub struct StageRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub target: String,
+    pub status: String,
+    pub started_micros: i64,
+    pub finished_micros: i64,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_inserted: u64,
+    pub rows_updated: u64,
+    pub rows_deleted: u64,
+    pub rows_superseded: u64,
+    /// Delta version of each input table the stage consumed up to.
+    pub input_versions: BTreeMap<String, u64>,
+    pub output_version: Option<u64>,
+    pub message: Option<String>,
+}
+
+/// One pipeline run, as stored in `runs`.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub status: String,
+    pub started_micros: i64,
+    pub finished_micros: i64,
+    pub stages_succeeded: u64,
+    pub stages_up_to_date: u64,
+    pub stages_failed: u64,
+    pub stages_skipped: u64,
+}
+
+pub struct StateStore {
+    root: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(lake: &Path) -> StateStore {
+        StateStore {
+            root: lake.join("_medallion"),
+        }
+    }
+
+    fn table(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Ledger entries of `source`, by file name.
+    pub async fn ingested_files(
+        &self,
+        source: &str,
+    ) -> Result<HashMap<String, LedgerEntry>, StateError> {
+        let rows = self
+            .query(
+                "ingested_files",
+                &format!(
+                    "SELECT source, file, size, modified_micros, checksum, rows, batch_id, run_id \
+                     FROM state WHERE source = {}",
+                    literal(source)
+                ),
+            )
+            .await?;
+        let mut entries = HashMap::new();
+        for row in rows {
+            let entry = LedgerEntry {
+                source: row.text(0),
+                file: row.text(1),
+                size: row.int(2) as u64,
+                modified_micros: row.int(3),
+                checksum: row.text(4),
+                rows: row.int(5) as u64,
+                batch_id: row.int(6),
+                run_id: row.text(7),
+            };
+            entries.insert(entry.file.clone(), entry);
+        }
+        Ok(entries)
+    }
+
+    pub async fn record_ingested(
+        &self,
+        entries: &[LedgerEntry],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("source", strings(entries.iter().map(|e| Some(e.source.as_str())))),
+            ("file", strings(entries.iter().map(|e| Some(e.file.as_str())))),
+            ("size", ints(entries.iter().map(|e| Some(e.size as i64)))),
+            ("modified_micros", ints(entries.iter().map(|e| Some(e.modified_micros)))),
+            ("checksum", strings(entries.iter().map(|e| Some(e.checksum.as_str())))),
+            ("rows", ints(entries.iter().map(|e| Some(e.rows as i64)))),
+            ("batch_id", ints(entries.iter().map(|e| Some(e.batch_id)))),
+            ("run_id", strings(entries.iter().map(|e| Some(e.run_id.as_str())))),
+        ];
+        self.append("ingested_files", columns, meta).await
+    }
+
+    /// Input versions of the stage's latest successful run that wrote or checked its target.
+    pub async fn last_success(
+        &self,
+        stage: &str,
+    ) -> Result<Option<BTreeMap<String, u64>>, StateError> {
+        let rows = self
+            .query(
+                "stage_runs",
+                &format!(
+                    "SELECT input_versions FROM state WHERE stage = {} AND status = 'succeeded' \
+                     ORDER BY finished_at DESC LIMIT 1",
+                    literal(stage)
+                ),
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let versions = serde_json::from_str(&row.text(0)).map_err(|e| StateError::Read {
+            path: self.table("stage_runs"),
+            message: format!("bad input_versions: {e}"),
+        })?;
+        Ok(Some(versions))
+    }
+
+    pub async fn record_stages(
+        &self,
+        records: &[StageRecord],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let versions: Vec<String> = records
+            .iter()
+            .map(|r| serde_json::to_string(&r.input_versions).unwrap_or_default())
+            .collect();
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("run_id", strings(records.iter().map(|r| Some(r.run_id.as_str())))),
+            ("pipeline", strings(records.iter().map(|r| Some(r.pipeline.as_str())))),
+            ("stage", strings(records.iter().map(|r| Some(r.stage.as_str())))),
+            ("target", strings(records.iter().map(|r| Some(r.target.as_str())))),
+            ("status", strings(records.iter().map(|r| Some(r.status.as_str())))),
+            ("started_at", timestamps(records.iter().map(|r| r.started_micros))),
+            ("finished_at", timestamps(records.iter().map(|r| r.finished_micros))),
+            ("rows_read", ints(records.iter().map(|r| Some(r.rows_read as i64)))),
+            ("rows_written", ints(records.iter().map(|r| Some(r.rows_written as i64)))),
+            ("rows_inserted", ints(records.iter().map(|r| Some(r.rows_inserted as i64)))),
+            ("rows_updated", ints(records.iter().map(|r| Some(r.rows_updated as i64)))),
+            ("rows_deleted", ints(records.iter().map(|r| Some(r.rows_deleted as i64)))),
+            ("rows_superseded", ints(records.iter().map(|r| Some(r.rows_superseded as i64)))),
+            ("input_versions", strings(versions.iter().map(|v| Some(v.as_str())))),
+            ("output_version", ints(records.iter().map(|r| r.output_version.map(|v| v as i64)))),
+            ("message", strings(records.iter().map(|r| r.message.as_deref()))),
+        ];
+        self.append("stage_runs", columns, meta).await
+    }
+
+    pub async fn record_run(&self, run: &RunRecord, meta: &CommitMeta) -> Result<(), StateError> {
+        let one = |v: &str| strings(std::iter::once(Some(v)));
+        let int = |v: u64| ints(std::iter::once(Some(v as i64)));
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("run_id", one(&run.run_id)),
+            ("pipeline", one(&run.pipeline)),
+            ("status", one(&run.status)),
+            ("started_at", timestamps(std::iter::once(run.started_micros))),
+            ("finished_at", timestamps(std::iter::once(run.finished_micros))),
+            ("stages_succeeded", int(run.stages_succeeded)),
+            ("stages_up_to_date", int(run.stages_up_to_date)),
+            ("stages_failed", int(run.stages_failed)),
+            ("stages_skipped", int(run.stages_skipped)),
+        ];
+        self.append("runs", columns, meta).await
+    }
+
+    async fn append(
+        &self,
+        name: &str,
+        columns: Vec<(&str, ArrayRef)>,
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        let path = self.table(name);
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+            .collect();
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(fields)),
+            columns.into_iter().map(|(_, a)| a).collect(),
+        )
+        .map_err(|e| StateError::Read {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        delta::append_batches(&path, vec![batch], &TableOptions::default(), meta)
+            .await
+            .map(|_| ())
+            .map_err(|source| StateError::Delta { path, source })
+    }
+
+    /// Runs `sql` against the state table `name` (registered as `state`); no table gives no rows.
+    async fn query(&self, name: &str, sql: &str) -> Result<Vec<Row>, StateError> {
+        let path = self.table(name);
+        let delta_err = |source| StateError::Delta {
+            path: path.clone(),
+            source,
+        };
+        let Some(table) = delta::open(&path).await.map_err(delta_err)? else {
+            return Ok(Vec::new());
+        };
+        let read = |message: String| StateError::Read {
+            path: path.clone(),
+            message,
+        };
+        let ctx = SessionContext::new();
+        let provider = delta::provider(&path, &table).await.map_err(delta_err)?;
+        ctx.register_table("state", provider)
+            .map_err(|e| read(e.to_string()))?;
+        let batches = ctx
+            .sql(sql)
+            .await
+            .map_err(|e| read(e.to_string()))?
+            .collect()
+            .await
+            .map_err(|e| read(e.to_string()))?;
+        let mut rows = Vec::new();
+        for batch in batches {
+            let columns: Vec<ArrayRef> = batch
+                .columns()
+                .iter()
+                .map(|c| {
+                    let target = if c.data_type().is_integer() {
+                        DataType::Int64
+                    } else {
+                        DataType::Utf8
+                    };
+                    cast(c, &target)
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| read(e.to_string()))?;
+            for index in 0..batch.num_rows() {
+                rows.push(Row {
+                    values: columns
+                        .iter()
+                        .map(|c| {
+                            if let Some(s) = c.as_any().downcast_ref::<StringArray>() {
+                                Value::Text(s.is_valid(index).then(|| s.value(index).to_string()))
+                            } else if let Some(i) = c.as_any().downcast_ref::<Int64Array>() {
+                                Value::Int(i.is_valid(index).then(|| i.value(index)))
+                            } else {
+                                Value::Text(None)
+                            }
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(rows)
+    }
+}
+
+enum Value {
+    Text(Option<String>),
+    Int(Option<i64>),
+}
+
+struct Row {
+    values: Vec<Value>,
+}
+
+impl Row {
+    fn text(&self, index: usize) -> String {
+        match self.values.get(index) {
+            Some(Value::Text(Some(s))) => s.clone(),
+            Some(Value::Int(Some(i))) => i.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    fn int(&self, index: usize) -> i64 {
+        match self.values.get(index) {
+            Some(Value::Int(Some(i))) => *i,
+            Some(Value::Text(Some(s))) => s.parse().unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+fn strings<'a>(values: impl Iterator<Item = Option<&'a str>>) -> ArrayRef {
+    Arc::new(values.collect::<StringArray>())
+}
+
+fn ints(values: impl Iterator<Item = Option<i64>>) -> ArrayRef {
+    Arc::new(values.collect::<Int64Array>())
+}
+
+fn timestamps(values: impl Iterator<Item = i64>) -> ArrayRef {
+    Arc::new(
+        values
+            .map(Some)
+            .collect::<TimestampMicrosecondArray>()
+            .with_timezone("UTC"),
+    )
+}
+
+/// A SQL string literal.
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
