@@ -190,7 +190,7 @@ impl Compiler<'_> {
         let lake = self.resolve(spec.lake.as_deref().unwrap_or("./lake"));
         let sources = self.sources(spec.sources);
         let stages = self.stages(spec.stages, &sources, &spec.vars);
-        let graph = self.graph(&stages.iter().map(|(s, _, d)| (s, d)).collect::<Vec<_>>());
+        let graph = self.graph(&stages);
         Some(Pipeline {
             name: spec.name,
             description: spec.description,
@@ -536,19 +536,19 @@ impl Compiler<'_> {
     }
 
     /// Edges from each table's writer to its readers, plus `depends_on`; a cycle is reported as a path.
-    fn graph(&mut self, stages: &[(&(Stage, usize, Vec<String>), &Vec<String>)]) -> Option<Graph> {
+    fn graph(&mut self, stages: &[(Stage, usize, Vec<String>)]) -> Option<Graph> {
         let index: HashMap<&str, usize> = stages
             .iter()
             .enumerate()
-            .map(|(i, ((s, _, _), _))| (s.name.as_str(), i))
+            .map(|(i, (s, _, _))| (s.name.as_str(), i))
             .collect();
         let writer: HashMap<&TableName, usize> = stages
             .iter()
             .enumerate()
-            .map(|(i, ((s, _, _), _))| (&s.target, i))
+            .map(|(i, (s, _, _))| (&s.target, i))
             .collect();
         let mut graph = Graph::new(stages.len());
-        for (i, ((stage, line, _), depends_on)) in stages.iter().enumerate() {
+        for (i, (stage, line, depends_on)) in stages.iter().enumerate() {
             for table in stage.reads() {
                 if let Some(&from) = writer.get(table) {
                     graph.add_edge(from, i);
@@ -570,9 +570,9 @@ impl Compiler<'_> {
         if let Some(cycle) = graph.find_cycle() {
             let path: Vec<&str> = cycle
                 .iter()
-                .map(|&i| stages[i].0.0.name.as_str())
+                .map(|&i| stages[i].0.name.as_str())
                 .collect();
-            let line = stages[cycle[0]].0.1;
+            let line = stages[cycle[0]].1;
             self.issue(
                 Some(line),
                 format!("stages form a cycle: {}", path.join(" -> ")),

@@ -24,7 +24,7 @@ pub enum GenerateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write `{}`: {1}", .0.display())]
+    #[error("cannot write `{}`: {}", .0.display(), .1)]
     Write(PathBuf, String),
     #[error("invalid generate options: {0}")]
     Options(String),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use arrow::{
-    array::{ArrayRef, RecordBatch, StringBuilder},
+    array::{ArrayBuilder, ArrayRef, RecordBatch, StringBuilder},
     datatypes::{DataType, Field, Schema, SchemaRef},
 };
 use flate2::{Compression, write::GzEncoder};
