@@ -106,6 +106,9 @@ impl Source {
 pub enum FileFormat {
     Csv,
     Parquet,
+    /// A small lookup file read whole: an object of `key: value` pairs (two columns) or an array of
+    /// objects keyed by column name.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +119,10 @@ pub struct DmsLayout {
 }
 
 impl DmsLayout {
-    pub const OP_COLUMN: &'static str = "Op";
+    /// Bronze name of DMS's `Op` column (lowercase, so SQL needs no quoting).
+    pub const OP_COLUMN: &'static str = "op";
+    /// DMS's own header name for the operation column.
+    pub const OP_HEADER: &'static str = "Op";
     /// Bronze name of DMS's `$AR_H_CHANGE_SEQ` column.
     pub const CHANGE_SEQ_COLUMN: &'static str = "change_seq";
     pub const CHANGE_SEQ_HEADER: &'static str = "$AR_H_CHANGE_SEQ";

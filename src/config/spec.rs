@@ -51,6 +51,7 @@ pub struct SourceSpec {
 pub enum FormatSpec {
     Csv,
     Parquet,
+    Json,
 }
 
 #[derive(Debug, Deserialize)]

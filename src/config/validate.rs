@@ -245,12 +245,23 @@ impl Compiler<'_> {
                     format!("source `{}`: delimiter must be one ASCII character", spec.name),
                 );
             }
+            let format = match spec.format {
+                Some(spec::FormatSpec::Parquet) => FileFormat::Parquet,
+                Some(spec::FormatSpec::Json) => FileFormat::Json,
+                Some(spec::FormatSpec::Csv) | None => FileFormat::Csv,
+            };
+            if format == FileFormat::Json && spec.dms.is_some() {
+                self.issue(
+                    line,
+                    format!(
+                        "source `{}`: `dms` needs CSV or Parquet files (JSON sources are lookup files)",
+                        spec.name
+                    ),
+                );
+            }
             sources.push(Source {
                 path: self.resolve(&spec.path),
-                format: match spec.format {
-                    Some(spec::FormatSpec::Parquet) => FileFormat::Parquet,
-                    Some(spec::FormatSpec::Csv) | None => FileFormat::Csv,
-                },
+                format,
                 header: spec.header.unwrap_or(true),
                 delimiter: delimiter as u8,
                 columns: spec.columns,
@@ -590,7 +601,7 @@ mod tests {
     #[test]
     fn cut_block_removes_nested_lines_and_keeps_numbering() {
         let text = "a: 1\nbogus:\n  - x\n  - y\nb: 2\n";
-        assert_eq!(cut_block(text, 2, 1), "a: 1\n\nb: 2\n");
+        assert_eq!(cut_block(text, 2, 1), "a: 1\n\n\n\nb: 2\n");
         let text = "stages:\n  - name: s\n    sqll: x.sql\n    layer: gold\n";
         assert_eq!(
             cut_block(text, 3, 5),

@@ -65,13 +65,15 @@ pub struct LandingFile {
 }
 
 impl LandingFile {
-    /// Sort key that puts files in DMS commit order: full load first, then by path.
+    /// Sort key that puts files in DMS commit order: full load first, then by file name (DMS names change
+    /// files by commit time, so flat and `YYYY/MM/DD/` layouts interleave correctly), then by path.
     pub fn order_key(&self) -> String {
         let phase = match self.kind {
             FileKind::FullLoad => '0',
             FileKind::Change | FileKind::Data => '1',
         };
-        format!("{phase}/{}", self.relative)
+        let name = self.relative.rsplit('/').next().unwrap_or(&self.relative);
+        format!("{phase}/{name}/{}", self.relative)
     }
 
     /// SHA-256 of the file's bytes, streamed.
@@ -132,6 +134,7 @@ fn walk(source: &Source, dir: &Path, files: &mut Vec<LandingFile>) -> Result<(),
         let extension = match source.format {
             FileFormat::Csv => ".csv",
             FileFormat::Parquet => ".parquet",
+            FileFormat::Json => ".json",
         };
         let Some(base) = stem.strip_suffix(extension) else {
             continue;
@@ -205,11 +208,11 @@ mod tests {
             [
                 "LOAD00000009.csv",
                 "LOAD0000000A.csv",
-                "2019/11/02/20191102-0000000000.csv",
-                "20191101-1134010000.csv.gz"
+                "20191101-1134010000.csv.gz",
+                "2019/11/02/20191102-0000000000.csv"
             ]
         );
         assert_eq!(files[0].kind, FileKind::FullLoad);
-        assert_eq!(files[3].compression, Compression::Gzip);
+        assert_eq!(files[2].compression, Compression::Gzip);
     }
 }

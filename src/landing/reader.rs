@@ -93,10 +93,10 @@ impl BronzeLayout {
         let mut mapping = Vec::with_capacity(names.len());
         for name in names {
             let name = name.trim_start_matches('\u{feff}');
-            let bronze = if name == DmsLayout::CHANGE_SEQ_HEADER {
-                DmsLayout::CHANGE_SEQ_COLUMN
-            } else {
-                name
+            let bronze = match name {
+                DmsLayout::CHANGE_SEQ_HEADER => DmsLayout::CHANGE_SEQ_COLUMN,
+                DmsLayout::OP_HEADER if self.dms.is_some() => DmsLayout::OP_COLUMN,
+                _ => name,
             };
             match self.columns.iter().position(|c| c == bronze) {
                 Some(index) if !mapping.contains(&index) => mapping.push(index),
@@ -157,7 +157,12 @@ enum Inner {
         reader: ParquetRecordBatchReader,
         mapping: Vec<usize>,
     },
+    /// Rows of a JSON lookup file, already parsed (such files are small and read whole).
+    Rows(std::vec::IntoIter<Vec<Option<String>>>),
 }
+
+/// JSON sources are lookup files read whole; anything larger belongs in CSV or Parquet.
+const MAX_JSON_BYTES: u64 = 64 << 20;
 
 impl FileBatches {
     pub fn open(
@@ -226,6 +231,22 @@ impl FileBatches {
                     })?;
                 Inner::Parquet { reader, mapping }
             }
+            FileFormat::Json => {
+                if file.size > MAX_JSON_BYTES {
+                    return Err(LandingError::BadFile {
+                        file: file.relative.clone(),
+                        message: format!(
+                            "JSON sources are lookup files read whole (at most {} MB); land larger tables as CSV or Parquet",
+                            MAX_JSON_BYTES >> 20
+                        ),
+                    });
+                }
+                let raw: Box<dyn Read> = match file.compression {
+                    Compression::None => Box::new(BufReader::new(handle)),
+                    Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
+                };
+                Inner::Rows(json_rows(layout, &file.relative, raw)?.into_iter())
+            }
         };
         Ok(FileBatches {
             layout: layout.clone(),
@@ -257,10 +278,15 @@ impl FileBatches {
                 break;
             }
             if record.len() != expected {
+                // Name the first column the row cannot fill, or the first field it has too many.
+                let column = match mapping.get(record.len()) {
+                    Some(&missing) => self.layout.columns[missing].clone(),
+                    None => format!("#{} (after the last column)", expected + 1),
+                };
                 return Err(LandingError::Malformed {
                     file: self.file.relative.clone(),
                     row,
-                    column: None,
+                    column: Some(column),
                     message: format!(
                         "expected {expected} fields, found {} (line {})",
                         record.len(),
@@ -325,6 +351,30 @@ impl FileBatches {
         self.with_lineage(columns, count).map(Some)
     }
 
+    fn next_rows(&mut self) -> Result<Option<RecordBatch>, LandingError> {
+        let Inner::Rows(rows) = &mut self.inner else {
+            return Ok(None);
+        };
+        let width = self.layout.columns.len();
+        let mut builders: Vec<StringBuilder> = (0..width).map(|_| StringBuilder::new()).collect();
+        let mut count = 0;
+        for row in rows.by_ref().take(self.batch_size) {
+            for (builder, value) in builders.iter_mut().zip(row) {
+                builder.append_option(value);
+            }
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        self.rows += count as u64;
+        let columns = builders
+            .into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        self.with_lineage(columns, count).map(Some)
+    }
+
     fn with_lineage(
         &self,
         mut columns: Vec<ArrayRef>,
@@ -367,8 +417,73 @@ impl Iterator for FileBatches {
         let next = match self.inner {
             Inner::Csv { .. } => self.next_csv(),
             Inner::Parquet { .. } => self.next_parquet(),
+            Inner::Rows(_) => self.next_rows(),
         };
         next.transpose()
+    }
+}
+
+/// Parses a JSON lookup file: an object of `key: value` pairs fills the source's two columns; an array of
+/// objects fills columns by name. Values that are not strings keep their JSON text.
+fn json_rows(
+    layout: &BronzeLayout,
+    file: &str,
+    reader: Box<dyn Read>,
+) -> Result<Vec<Vec<Option<String>>>, LandingError> {
+    let bad = |message: String| LandingError::BadFile {
+        file: file.to_string(),
+        message,
+    };
+    let text = |value: &serde_json::Value| match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
+    let value: serde_json::Value =
+        serde_json::from_reader(reader).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let columns = &layout.columns;
+    match value {
+        serde_json::Value::Object(map) => {
+            if columns.len() != 2 {
+                return Err(bad(format!(
+                    "a JSON object of `key: value` pairs fills exactly two columns, but the source lists {}",
+                    columns.len()
+                )));
+            }
+            Ok(map
+                .into_iter()
+                .map(|(key, value)| vec![Some(key), text(&value)])
+                .collect())
+        }
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let serde_json::Value::Object(object) = item else {
+                    return Err(LandingError::Malformed {
+                        file: file.to_string(),
+                        row: index as u64 + 1,
+                        column: None,
+                        message: "expected a JSON object".into(),
+                    });
+                };
+                if let Some(unknown) = object.keys().find(|k| !columns.contains(k)) {
+                    return Err(LandingError::Malformed {
+                        file: file.to_string(),
+                        row: index as u64 + 1,
+                        column: Some(unknown.clone()),
+                        message: "not one of the source's columns".into(),
+                    });
+                }
+                Ok(columns
+                    .iter()
+                    .map(|c| object.get(c).and_then(text))
+                    .collect())
+            })
+            .collect(),
+        _ => Err(bad(
+            "expected a JSON object of `key: value` pairs or an array of objects".into(),
+        )),
     }
 }
 
