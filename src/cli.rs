@@ -125,7 +125,11 @@ pub fn init_tracing(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!(
             "warn,medallion={level}{}",
-            if cli.verbose > 1 { ",datafusion=debug,deltalake=debug" } else { "" }
+            match cli.verbose {
+                0 => ",deltalake_core=error",
+                1 => "",
+                _ => ",datafusion=debug,deltalake_core=debug",
+            }
         ))
     });
     let builder = tracing_subscriber::fmt()

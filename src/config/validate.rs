@@ -30,7 +30,10 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<Pipeline, Vec<Issue>> {
     .pipeline(path, spec);
     match pipeline {
         Some(pipeline) if issues.is_empty() => Ok(pipeline),
-        _ => Err(issues),
+        _ => {
+            issues.sort_by_key(|i| i.line.unwrap_or(usize::MAX));
+            Err(issues)
+        }
     }
 }
 
@@ -60,7 +63,7 @@ fn parse_spec(text: &str, issues: &mut Vec<Issue>) -> Option<PipelineSpec> {
     let mut text = text.to_string();
     for _ in 0..MAX_UNKNOWN_KEYS {
         let error = match serde_yaml::from_str::<PipelineSpec>(&text) {
-            Ok(spec) => return issues.is_empty().then_some(spec),
+            Ok(spec) => return Some(spec),
             Err(error) => error,
         };
         let message = yaml_message(&error);
@@ -77,13 +80,47 @@ fn parse_spec(text: &str, issues: &mut Vec<Issue>) -> Option<PipelineSpec> {
     None
 }
 
-/// serde_yaml's message without its trailing ` at line L column C` (the line is reported separately).
+/// serde_yaml's message without its trailing ` at line L column C` (the line is reported separately),
+/// with a "did you mean" for a misspelled key.
 fn yaml_message(error: &serde_yaml::Error) -> String {
     let message = error.to_string();
-    match message.rfind(" at line ") {
+    let message = match message.rfind(" at line ") {
         Some(pos) => message[..pos].to_string(),
         None => message,
+    };
+    match suggest_key(&message) {
+        Some(suggestion) => format!("{message} (did you mean `{suggestion}`?)"),
+        None => message,
     }
+}
+
+/// For ``unknown field `keyz`, expected one of `a`, `keys` ``, the expected key closest to the unknown one.
+fn suggest_key(message: &str) -> Option<&str> {
+    let rest = message.split_once("unknown field `")?.1;
+    let (unknown, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|candidate| (edit_distance(unknown, candidate), candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// Removes the mapping entry whose key starts at (`line`, `column`), 1-based, with its nested block.
@@ -369,7 +406,7 @@ impl Compiler<'_> {
                             format!(
                                 "stage `{}`: sql file `{}` reads unknown table `{table}` (tables of this pipeline: {})",
                                 stage.name,
-                                file.display(),
+                                file.strip_prefix(self.project_dir).unwrap_or(file).display(),
                                 known.join(", ")
                             ),
                         );
@@ -609,6 +646,16 @@ mod tests {
         );
         let text = "stages:\n  - sqll: x.sql\n    name: s\n";
         assert_eq!(cut_block(text, 2, 5), "stages:\n\n  - name: s\n");
+    }
+
+    #[test]
+    fn misspelled_keys_get_a_suggestion() {
+        let message = "stages[1]: unknown field `keyz`, expected one of `name`, `keys`, `sequence_by`";
+        assert_eq!(suggest_key(message), Some("keys"));
+        let message = "unknown field `sequence`, expected one of `name`, `keys`, `sequence_by`";
+        assert_eq!(suggest_key(message), Some("sequence_by"));
+        let message = "unknown field `zzzzzz`, expected one of `name`, `keys`";
+        assert_eq!(suggest_key(message), None);
     }
 
     #[test]

@@ -81,6 +81,7 @@ impl BatchAppender {
             .map_err(|e| DeltaError::table(&self.path, e))?;
         Ok(WriteMetrics {
             version: Some(version),
+            rows_source: None,
             rows_written: self.rows,
             rows_inserted: self.rows,
             ..WriteMetrics::default()
@@ -151,6 +152,7 @@ pub async fn append_batches(
         .map_err(|e| DeltaError::table(path, e))?;
     Ok(WriteMetrics {
         version: table.version(),
+        rows_source: None,
         rows_written: rows,
         rows_inserted: rows,
         ..WriteMetrics::default()

@@ -146,6 +146,7 @@ pub async fn apply_changes(
     let latest_rows = metrics.num_source_rows as u64;
     Ok(CdcMetrics {
         write: WriteMetrics {
+            rows_source: None,
             version: table.version(),
             rows_written: (metrics.num_target_rows_inserted + metrics.num_target_rows_updated)
                 as u64,

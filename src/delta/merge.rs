@@ -45,6 +45,7 @@ pub async fn upsert(
         .map_err(|e| DeltaError::table(path, e))?;
     Ok(WriteMetrics {
         version: table.version(),
+        rows_source: Some(metrics.num_source_rows as u64),
         rows_written: (metrics.num_target_rows_inserted + metrics.num_target_rows_updated) as u64,
         rows_inserted: metrics.num_target_rows_inserted as u64,
         rows_updated: metrics.num_target_rows_updated as u64,

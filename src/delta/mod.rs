@@ -57,6 +57,8 @@ impl DeltaError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteMetrics {
     pub version: Option<u64>,
+    /// Rows the write consumed (its source), when the write reports it separately from rows written.
+    pub rows_source: Option<u64>,
     pub rows_written: u64,
     pub rows_inserted: u64,
     pub rows_updated: u64,

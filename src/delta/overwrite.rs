@@ -35,6 +35,7 @@ pub async fn overwrite(
     let metrics = last_write_metrics(&table).await;
     Ok(WriteMetrics {
         version: table.version(),
+        rows_source: None,
         rows_written: metrics.0,
         rows_inserted: metrics.0,
         files_added: metrics.1,

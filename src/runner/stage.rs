@@ -380,6 +380,9 @@ async fn sql_stage(
 }
 
 fn apply_write(report: &mut StageReport, metrics: &WriteMetrics) {
+    if let Some(rows) = metrics.rows_source {
+        report.rows_read = rows;
+    }
     report.rows_written = metrics.rows_written;
     report.rows_inserted = metrics.rows_inserted;
     report.rows_updated = metrics.rows_updated;

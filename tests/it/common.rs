@@ -1,0 +1,283 @@
+//! Shared helpers: a scratch project (landing folder + lake), running the binary, reading Delta tables,
+//! and an independent replay of the generated DMS files that Silver and Gold are checked against.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    str::FromStr,
+};
+
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use medallion::{
+    config::TableName,
+    generate::{FileStyle, GenerateOptions, generate},
+};
+use rust_decimal::Decimal;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_medallion");
+
+/// The repository root (where `pipelines/` and `sql/` live).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch landing folder and lake for one test, removed when dropped.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn landing(&self) -> PathBuf {
+        self.dir.path().join("landing")
+    }
+
+    pub fn lake(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+
+    /// Generates the reference workload into `landing`.
+    pub fn generate(&self, transactions: u64, days: u32, change_days: u32, seed: u64) {
+        generate(&GenerateOptions {
+            out: self.landing(),
+            transactions,
+            days,
+            change_days,
+            seed,
+            style: FileStyle {
+                header: true,
+                parquet: false,
+                gzip: false,
+            },
+            date_folders: false,
+            change_seq: false,
+            rows_per_load_file: 5_000,
+        })
+        .expect("generate");
+    }
+
+    pub fn transactions_dir(&self) -> PathBuf {
+        self.landing().join("public").join("transactions")
+    }
+
+    /// Moves the last `n` change files of transactions aside; returns (held, their original paths).
+    pub fn hold_back_changes(&self, n: usize) -> Vec<(PathBuf, PathBuf)> {
+        let held = self.dir.path().join("held");
+        std::fs::create_dir_all(&held).expect("held dir");
+        let mut changes: Vec<PathBuf> = std::fs::read_dir(self.transactions_dir())
+            .expect("read landing")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| !file_name(p).starts_with("LOAD"))
+            .collect();
+        changes.sort();
+        changes
+            .split_off(changes.len() - n)
+            .into_iter()
+            .map(|path| {
+                let aside = held.join(file_name(&path));
+                std::fs::rename(&path, &aside).expect("move aside");
+                (aside, path)
+            })
+            .collect()
+    }
+
+    /// Runs `medallion run pipelines/transactions.yaml` against this scratch landing and lake.
+    pub fn run(&self) -> Output {
+        self.command(&["run", "pipelines/transactions.yaml"])
+    }
+
+    pub fn command(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(repo())
+            .env("MEDALLION_LANDING", self.landing())
+            .env("MEDALLION_LAKE", self.lake())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run medallion")
+    }
+
+    pub fn table(&self, layer: &str, name: &str) -> PathBuf {
+        self.lake().join(layer).join(name)
+    }
+}
+
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Asserts the command succeeded, showing its output if not.
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "medallion failed with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Latest commit version of the Delta table at `path` (from its log folder, independently of medallion).
+pub fn delta_version(path: &Path) -> Option<u64> {
+    std::fs::read_dir(path.join("_delta_log"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".json")?.parse::<u64>().ok()
+        })
+        .max()
+}
+
+/// Runs `sql` over the lake's tables (`layer.name`), returning every value formatted as text.
+pub async fn query(lake: &Path, tables: &[&str], sql: &str) -> Vec<Vec<String>> {
+    let ctx = medallion::delta::session().expect("session");
+    for name in tables {
+        let table = TableName::parse(name).expect("table name");
+        let path = table.path_in(lake);
+        let delta = medallion::delta::open(&path)
+            .await
+            .expect("open")
+            .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
+        let provider = medallion::delta::provider(&path, &delta).await.expect("provider");
+        medallion::engine::register_table(&ctx, &table, provider, None).expect("register");
+    }
+    let batches = ctx
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let options = FormatOptions::default().with_null("NULL");
+    let mut rows = Vec::new();
+    for batch in batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
+            .collect();
+        for row in 0..batch.num_rows() {
+            rows.push(formatters.iter().map(|f| f.value(row).to_string()).collect());
+        }
+    }
+    rows
+}
+
+/// Arrow schema of a Delta table as `name: type` lines.
+pub async fn schema(path: &Path) -> Vec<String> {
+    let table = medallion::delta::open(path)
+        .await
+        .expect("open")
+        .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
+    let provider = medallion::delta::provider(path, &table).await.expect("provider");
+    provider
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect()
+}
+
+/// A live transaction after replaying the DMS files by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    pub date: String,
+    pub amount: Decimal,
+    pub channel_online: bool,
+    pub has_errors: bool,
+}
+
+/// Replays every transaction file under `dir` as MISSION.md specifies (last change per key by commit
+/// timestamp, then file order with full load first, then row; deletes remove the key), without medallion.
+pub fn replay(dir: &Path) -> BTreeMap<i64, Live> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    collect(dir, &mut files);
+    files.sort_by_key(|p| (!file_name(p).starts_with("LOAD"), file_name(p)));
+    // key -> (commit ts, file index, row, change)
+    let mut last: HashMap<i64, (String, usize, usize, Option<Live>)> = HashMap::new();
+    for (index, path) in files.iter().enumerate() {
+        let mut reader = csv::Reader::from_path(path).expect("csv");
+        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
+        let at = |name: &str| header.iter().position(|h| h == name).expect(name);
+        let (op, ts, id, date, amount, chip, errors) = (
+            header.iter().position(|h| h == "Op"),
+            at("dms_commit_ts"),
+            at("id"),
+            at("date"),
+            at("amount"),
+            at("use_chip"),
+            at("errors"),
+        );
+        for (row, record) in reader.records().enumerate() {
+            let record = record.expect("record");
+            let key: i64 = record[id].parse().expect("id");
+            let change = if op.is_some_and(|op| &record[op] == "D") {
+                None
+            } else {
+                Some(Live {
+                    date: record[date][..10].to_string(),
+                    amount: money(&record[amount]),
+                    channel_online: &record[chip] == "Online Transaction",
+                    has_errors: !record[errors].is_empty(),
+                })
+            };
+            let order = (record[ts].to_string(), index, row);
+            let newer = last
+                .get(&key)
+                .is_none_or(|(t, f, r, _)| (t.clone(), *f, *r) < order);
+            if newer {
+                last.insert(key, (order.0, order.1, order.2, change));
+            }
+        }
+    }
+    last.into_iter()
+        .filter_map(|(key, (_, _, _, change))| change.map(|c| (key, c)))
+        .collect()
+}
+
+fn collect(dir: &Path, files: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            collect(&path, files);
+        } else if path.extension().is_some_and(|e| e == "csv") {
+            files.push(path);
+        }
+    }
+}
+
+/// `$-77.00` → -77.00
+pub fn money(text: &str) -> Decimal {
+    Decimal::from_str(&text.replacen('$', "", 1)).unwrap_or_else(|_| panic!("money `{text}`"))
+}
+
+/// Per date: (count, sum of amount, refunds, online, errors) from a replay.
+pub fn daily(live: &BTreeMap<i64, Live>) -> BTreeMap<String, (u64, Decimal, u64, u64, u64)> {
+    let mut days: BTreeMap<String, (u64, Decimal, u64, u64, u64)> = BTreeMap::new();
+    for txn in live.values() {
+        let day = days.entry(txn.date.clone()).or_default();
+        day.0 += 1;
+        day.1 += txn.amount;
+        day.2 += u64::from(txn.amount.is_sign_negative() && !txn.amount.is_zero());
+        day.3 += u64::from(txn.channel_online);
+        day.4 += u64::from(txn.has_errors);
+    }
+    days
+}

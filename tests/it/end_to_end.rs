@@ -1,0 +1,236 @@
+//! The reference pipeline end to end: contract tables, numbers against an independent replay, idempotent
+//! re-runs, and incremental runs that apply only new files.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+use crate::common::{Scratch, assert_success, daily, delta_version, query, replay, schema};
+
+const CONTRACT_TABLES: [(&str, &str); 15] = [
+    ("bronze", "transactions"),
+    ("bronze", "cards"),
+    ("bronze", "users"),
+    ("bronze", "mcc_codes"),
+    ("silver", "transactions"),
+    ("silver", "cards"),
+    ("silver", "users"),
+    ("silver", "mcc_codes"),
+    ("gold", "daily_kpis"),
+    ("gold", "merchant_daily"),
+    ("gold", "fact_transactions"),
+    ("gold", "dim_card"),
+    ("gold", "dim_user"),
+    ("gold", "dim_merchant"),
+    ("gold", "dim_date"),
+];
+
+/// Checks silver/transactions and gold/daily_kpis against a replay of every file in the landing folder.
+async fn assert_matches_replay(scratch: &Scratch) {
+    let live = replay(&scratch.transactions_dir());
+    let expected = daily(&live);
+    let lake = scratch.lake();
+
+    let silver = query(
+        &lake,
+        &["silver.transactions"],
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT dms_id) AS k, CAST(SUM(amount) AS VARCHAR) AS s FROM silver.transactions",
+    )
+    .await;
+    let total: Decimal = live.values().map(|t| t.amount).sum();
+    assert_eq!(
+        silver,
+        vec![vec![live.len().to_string(), live.len().to_string(), total.to_string()]],
+        "silver/transactions: rows, distinct keys, sum(amount)"
+    );
+
+    let ids = query(&lake, &["silver.transactions"], "SELECT dms_id FROM silver.transactions ORDER BY dms_id").await;
+    let ids: Vec<String> = ids.into_iter().map(|r| r[0].clone()).collect();
+    let want: Vec<String> = live.keys().map(|k| k.to_string()).collect();
+    assert_eq!(ids, want, "silver/transactions holds exactly the live keys");
+
+    let kpis = query(
+        &lake,
+        &["gold.daily_kpis"],
+        "SELECT CAST(txn_date AS VARCHAR) AS d, txn_count, CAST(total_amount AS VARCHAR) AS t, refund_count, online_count, error_count \
+         FROM gold.daily_kpis ORDER BY txn_date",
+    )
+    .await;
+    let want: Vec<Vec<String>> = expected
+        .iter()
+        .map(|(date, (count, sum, refunds, online, errors))| {
+            vec![
+                date.clone(),
+                count.to_string(),
+                sum.to_string(),
+                refunds.to_string(),
+                online.to_string(),
+                errors.to_string(),
+            ]
+        })
+        .collect();
+    assert_eq!(kpis, want, "gold/daily_kpis per date");
+
+    let totals = query(
+        &lake,
+        &["gold.daily_kpis", "silver.transactions"],
+        "SELECT (SELECT SUM(txn_count) FROM gold.daily_kpis) AS a, (SELECT COUNT(*) FROM silver.transactions) AS b, \
+                CAST((SELECT SUM(total_amount) FROM gold.daily_kpis) AS VARCHAR) AS c, \
+                CAST((SELECT SUM(amount) FROM silver.transactions) AS VARCHAR) AS d",
+    )
+    .await;
+    assert_eq!(totals[0][0], totals[0][1], "sum(txn_count) = silver rows");
+    assert_eq!(totals[0][2], totals[0][3], "sum(total_amount) = sum(amount) to the cent");
+}
+
+fn versions(scratch: &Scratch) -> BTreeMap<String, Option<u64>> {
+    CONTRACT_TABLES
+        .iter()
+        .map(|(layer, name)| (format!("{layer}/{name}"), delta_version(&scratch.table(layer, name))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
+    let scratch = Scratch::new();
+    scratch.generate(6_000, 20, 6, 7);
+    let held = scratch.hold_back_changes(2);
+
+    // First run: every contract table, numbers equal to the replay of the files present.
+    let first = scratch.run();
+    assert_success(&first);
+    for (layer, name) in CONTRACT_TABLES {
+        assert!(
+            delta_version(&scratch.table(layer, name)).is_some(),
+            "{layer}/{name} is a Delta table after the first run"
+        );
+    }
+    assert!(delta_version(&scratch.lake().join("_medallion").join("runs")).is_some());
+    assert_matches_replay(&scratch).await;
+
+    // Second run, no new files: no commit to any Silver or Gold table, exit 0.
+    let before = versions(&scratch);
+    let again = scratch.run();
+    assert_success(&again);
+    assert_eq!(versions(&scratch), before, "a run without new files commits nothing");
+
+    // The next change files arrive: only they are landed and applied.
+    let bronze_before = query(
+        &scratch.lake(),
+        &["bronze.transactions"],
+        "SELECT COUNT(*) FROM bronze.transactions",
+    )
+    .await[0][0]
+        .parse::<u64>()
+        .unwrap();
+    let mut new_rows = 0u64;
+    for (aside, original) in &held {
+        new_rows += csv::Reader::from_path(aside).unwrap().records().count() as u64;
+        std::fs::rename(aside, original).unwrap();
+    }
+    let third = scratch.run();
+    assert_success(&third);
+    let after = versions(&scratch);
+    assert_eq!(
+        after["bronze/transactions"],
+        before["bronze/transactions"].map(|v| v + 1),
+        "one Bronze commit for the new files"
+    );
+    assert_eq!(after["bronze/cards"], before["bronze/cards"], "cards had no new files");
+    assert_eq!(after["silver/cards"], before["silver/cards"], "silver/cards inputs unchanged");
+    assert_eq!(
+        after["silver/transactions"],
+        before["silver/transactions"].map(|v| v + 1)
+    );
+    let landed = query(
+        &scratch.lake(),
+        &["bronze.transactions"],
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT _source_file) AS f FROM bronze.transactions \
+         WHERE _batch_id = (SELECT MAX(_batch_id) FROM bronze.transactions)",
+    )
+    .await;
+    assert_eq!(landed, vec![vec![new_rows.to_string(), held.len().to_string()]]);
+    let bronze_after = query(
+        &scratch.lake(),
+        &["bronze.transactions"],
+        "SELECT COUNT(*) FROM bronze.transactions",
+    )
+    .await[0][0]
+        .parse::<u64>()
+        .unwrap();
+    assert_eq!(bronze_after, bronze_before + new_rows, "nothing landed twice");
+    // The Silver stage read only the new change rows.
+    let summary = String::from_utf8_lossy(&third.stdout).to_string();
+    let silver_line = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("silver_transactions"))
+        .unwrap_or_default();
+    let read: Vec<&str> = silver_line.split_whitespace().collect();
+    assert_eq!(read.get(2), Some(&new_rows.to_string().as_str()), "{silver_line}");
+    assert_matches_replay(&scratch).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contract_tables_have_the_contract_types() {
+    let scratch = Scratch::new();
+    scratch.generate(1_500, 10, 2, 11);
+    assert_success(&scratch.run());
+    let silver = schema(&scratch.table("silver", "transactions")).await;
+    for column in [
+        "dms_id: Int64",
+        "txn_ts: Timestamp(µs)",
+        "txn_date: Date32",
+        "client_id: Int64",
+        "card_id: Int64",
+        "merchant_id: Int64",
+        "amount: Decimal128(18, 2)",
+        "channel: Utf8",
+        "merchant_city: Utf8",
+        "merchant_state: Utf8",
+        "zip: Utf8",
+        "mcc: Int32",
+        "errors: Utf8",
+        "is_refund: Boolean",
+        "amount_category: Utf8",
+        "_commit_ts: Timestamp(µs)",
+        "_source_file: Utf8",
+    ] {
+        assert!(
+            silver.iter().any(|c| c.replace("Utf8View", "Utf8") == column),
+            "silver/transactions lacks `{column}`: {silver:?}"
+        );
+    }
+    let kpis = schema(&scratch.table("gold", "daily_kpis")).await;
+    let kpis: Vec<String> = kpis.iter().map(|c| c.replace("Utf8View", "Utf8")).collect();
+    assert_eq!(
+        kpis,
+        [
+            "txn_date: Date32",
+            "txn_count: Int64",
+            "total_amount: Decimal128(18, 2)",
+            "refund_count: Int64",
+            "refund_amount: Decimal128(18, 2)",
+            "error_count: Int64",
+            "online_count: Int64",
+            "distinct_cards: Int64",
+        ]
+    );
+    // Typing rules of the contract, on real rows.
+    let rules = query(
+        &scratch.lake(),
+        &["silver.transactions", "silver.cards"],
+        "SELECT \
+           (SELECT COUNT(*) FROM silver.transactions WHERE zip IS NOT NULL AND length(zip) <> 5) AS r1, \
+           (SELECT COUNT(*) FROM silver.transactions WHERE channel NOT IN ('SWIPE', 'CHIP', 'ONLINE')) AS r2, \
+           (SELECT COUNT(*) FROM silver.transactions WHERE channel = 'ONLINE' AND (merchant_state IS NOT NULL OR zip IS NOT NULL)) AS r3, \
+           (SELECT COUNT(*) FROM silver.transactions WHERE is_refund <> (amount < 0)) AS r4, \
+           (SELECT COUNT(*) FROM silver.transactions WHERE amount_category <> CASE WHEN abs(amount) >= 1000 THEN 'high_value' WHEN abs(amount) >= 100 THEN 'medium_value' ELSE 'standard' END) AS r5, \
+           (SELECT COUNT(*) FROM silver.transactions WHERE errors = '') AS r6, \
+           (SELECT COUNT(*) FROM silver.cards WHERE length(card_last4) <> 4) AS r7",
+    )
+    .await;
+    assert_eq!(rules, vec![vec!["0"; 7]]);
+    // Sensitive card data never reaches Silver.
+    let cards = schema(&scratch.table("silver", "cards")).await;
+    assert!(!cards.iter().any(|c| c.starts_with("cvv") || c.starts_with("card_number")), "{cards:?}");
+}
