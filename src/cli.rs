@@ -116,8 +116,11 @@ pub struct GenerateArgs {
 
 pub fn init_tracing(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
+    // On a terminal the progress display and the summary tell the story; logs there are warnings only.
+    let interactive = matches!(cli.log_format, LogFormat::Text) && std::io::stderr().is_terminal();
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
+        (false, 0) if interactive => "warn",
         (false, 0) => "info",
         (false, 1) => "debug",
         (false, _) => "trace",
@@ -144,7 +147,10 @@ pub fn init_tracing(cli: &Cli) {
 
 /// Runs the command; returns the exit code for outcomes that are not errors of medallion itself.
 pub fn run(cli: Cli) -> Result<u8> {
-    let progress = !cli.quiet && std::io::stderr().is_terminal();
+    let progress = !cli.quiet
+        && cli.verbose == 0
+        && matches!(cli.log_format, LogFormat::Text)
+        && std::io::stderr().is_terminal();
     match cli.command {
         Command::Validate { file } => {
             let pipeline = config::load(&file)?;
@@ -176,7 +182,10 @@ pub fn run(cli: Cli) -> Result<u8> {
                 progress,
             };
             let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
-            print!("{}", report.render());
+            match cli.log_format {
+                LogFormat::Text => print!("{}", report.render()),
+                LogFormat::Json => println!("{}", report.to_json()),
+            }
             Ok(if report.succeeded() {
                 exit_code::SUCCESS
             } else {

@@ -3,6 +3,7 @@
 //! and records the run in the state tables. Returns a [`RunReport`]; printing is the CLI's job.
 
 pub mod plan;
+mod progress;
 mod report;
 mod stage;
 
@@ -62,6 +63,7 @@ struct RunContext {
     pipeline: Pipeline,
     state: StateStore,
     run_id: String,
+    progress: progress::Progress,
 }
 
 /// Runs the pipeline once: every stage whose inputs changed, in dependency order.
@@ -76,6 +78,7 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             pipeline: pipeline.clone(),
             state: StateStore::new(&pipeline.lake),
             run_id: run_id.clone(),
+            progress: progress::Progress::new(options.progress),
         });
         let mut reports: Vec<Option<StageReport>> = vec![None; pipeline.stages.len()];
         let mut queue = ReadyQueue::new(&pipeline.graph);

@@ -92,6 +92,43 @@ impl RunReport {
         self.stages.iter().find(|s| s.stage == name)
     }
 
+    /// The summary as one JSON object, for `--log-format json`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let stages: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let message = match &s.outcome {
+                    StageOutcome::Succeeded => None,
+                    StageOutcome::UpToDate(m) | StageOutcome::Failed(m) => Some(m.clone()),
+                    StageOutcome::Skipped(upstream) => Some(format!("upstream `{upstream}` failed")),
+                };
+                serde_json::json!({
+                    "stage": s.stage,
+                    "target": s.target,
+                    "status": s.status(),
+                    "rows_read": s.rows_read,
+                    "rows_written": s.rows_written,
+                    "rows_inserted": s.rows_inserted,
+                    "rows_updated": s.rows_updated,
+                    "rows_deleted": s.rows_deleted,
+                    "rows_superseded": s.rows_superseded,
+                    "version": s.output_version,
+                    "elapsed_ms": s.elapsed.as_millis() as u64,
+                    "message": message,
+                    "warnings": s.warnings,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "run_id": self.run_id,
+            "pipeline": self.pipeline,
+            "status": self.status(),
+            "elapsed_ms": self.elapsed.as_millis() as u64,
+            "stages": stages,
+        })
+    }
+
     /// The end-of-run summary table.
     pub fn render(&self) -> String {
         let mut out = format!(

@@ -10,7 +10,7 @@ use std::{
 
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{RunContext, RunError, StageOutcome, StageReport};
+use super::{RunContext, RunError, StageOutcome, StageReport, progress::StageProgress};
 use crate::{
     checks,
     config::{ExpectationAction, Stage, StageInput, WriteMode},
@@ -31,9 +31,12 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
         let clock = Instant::now();
         let started = state::now_micros();
         info!("stage started");
+        let progress = context.progress.stage(&stage.name);
         let result = match &stage.input {
-            StageInput::Ingest { source } => ingest(context, stage, source).await,
-            StageInput::Sql { text, reads, .. } => sql_stage(context, stage, text, reads).await,
+            StageInput::Ingest { source } => ingest(context, stage, source, &progress).await,
+            StageInput::Sql { text, reads, .. } => {
+                sql_stage(context, stage, text, reads, &progress).await
+            }
         };
         let (mut report, input_versions) = match result {
             Ok(done) => done,
@@ -43,6 +46,7 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
             ),
         };
         report.elapsed = clock.elapsed();
+        drop(progress);
         if !matches!(report.outcome, StageOutcome::UpToDate(_)) {
             let record = StageRecord {
                 run_id: context.run_id.clone(),
@@ -98,7 +102,12 @@ fn table_options(stage: &Stage) -> TableOptions {
 type StageResult = Result<(StageReport, BTreeMap<String, u64>), RunError>;
 
 /// Lands the source's new files in the Bronze target in one commit, then records them in the ledger.
-async fn ingest(context: &RunContext, stage: &Stage, source_name: &str) -> StageResult {
+async fn ingest(
+    context: &RunContext,
+    stage: &Stage,
+    source_name: &str,
+    progress: &StageProgress,
+) -> StageResult {
     let name = stage.name.clone();
     let landing_err = |source| RunError::Landing {
         stage: name.clone(),
@@ -183,11 +192,14 @@ async fn ingest(context: &RunContext, stage: &Stage, source_name: &str) -> Stage
         Ok::<_, landing::LandingError>(rows)
     });
     let mut write_error = None;
+    let mut landed = 0u64;
     while let Some(batch) = receiver.recv().await {
+        landed += batch.num_rows() as u64;
         if let Err(error) = appender.write(batch).await {
             write_error = Some(error);
             break;
         }
+        progress.rows("landed", landed);
     }
     drop(receiver);
     let rows = producer
@@ -200,6 +212,7 @@ async fn ingest(context: &RunContext, stage: &Stage, source_name: &str) -> Stage
     if let Some(error) = write_error {
         return Err(delta_err(error));
     }
+    progress.message("committing");
     let metrics = appender.commit().await.map_err(delta_err)?;
     if let Some(version) = metrics.version {
         if version as i64 != batch_id {
@@ -234,6 +247,7 @@ async fn sql_stage(
     stage: &Stage,
     sql: &str,
     reads: &[crate::config::TableName],
+    progress: &StageProgress,
 ) -> StageResult {
     let name = stage.name.clone();
     let delta_err = |source| RunError::Delta {
@@ -286,6 +300,7 @@ async fn sql_stage(
         .await
         .map_err(engine_err)?;
 
+    progress.message("checking expectations");
     let results = checks::evaluate(&ctx, &output, &stage.expectations)
         .await
         .map_err(engine_err)?;
@@ -316,6 +331,7 @@ async fn sql_stage(
         });
     }
 
+    progress.message(&format!("writing ({})", stage.write.name()));
     let meta = commit_meta(context, stage);
     let options = table_options(stage);
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
