@@ -63,7 +63,10 @@ pub async fn evaluate(
     let lineage = has("_source_file") && has("_source_row");
     let mut results = Vec::new();
     for expectation in expectations {
-        let what = format!("expectation `{}` (`{}`)", expectation.name, expectation.expr);
+        let what = format!(
+            "expectation `{}` (`{}`)",
+            expectation.name, expectation.expr
+        );
         let violating = format!("NOT COALESCE(({}), FALSE)", expectation.expr);
         let count = ctx
             .sql(&format!("SELECT COUNT(*) FROM {VIEW} WHERE {violating}"))
@@ -104,10 +107,15 @@ fn first_int(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Option
     use datafusion::arrow::{array::Int64Array, compute::cast, datatypes::DataType};
     let batch = batches.iter().find(|b| b.num_rows() > 0)?;
     let column = cast(batch.column(0), &DataType::Int64).ok()?;
-    column.as_any().downcast_ref::<Int64Array>().map(|a| a.value(0))
+    column
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .map(|a| a.value(0))
 }
 
-fn first_lineage(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Option<(String, i64)> {
+fn first_lineage(
+    batches: &[datafusion::arrow::record_batch::RecordBatch],
+) -> Option<(String, i64)> {
     use datafusion::arrow::{
         array::{Int64Array, StringArray},
         compute::cast,
@@ -116,7 +124,11 @@ fn first_lineage(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Op
     let batch = batches.iter().find(|b| b.num_rows() > 0)?;
     let file = cast(batch.column(0), &DataType::Utf8).ok()?;
     let row = cast(batch.column(1), &DataType::Int64).ok()?;
-    let file = file.as_any().downcast_ref::<StringArray>()?.value(0).to_string();
+    let file = file
+        .as_any()
+        .downcast_ref::<StringArray>()?
+        .value(0)
+        .to_string();
     let row = row.as_any().downcast_ref::<Int64Array>()?.value(0);
     Some((file, row))
 }

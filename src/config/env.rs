@@ -23,7 +23,10 @@ pub fn interpolate(
                 rest = tail;
             } else if let Some(body) = after.strip_prefix('{') {
                 let Some(end) = body.find('}') else {
-                    issues.push(Issue::at(line_no, "unterminated `${` (write `$$` for a literal `$`)"));
+                    issues.push(Issue::at(
+                        line_no,
+                        "unterminated `${` (write `$$` for a literal `$`)",
+                    ));
                     out.push_str(&rest[pos..]);
                     rest = "";
                     break;

@@ -57,7 +57,9 @@ fn render_issues(path: &Path, issues: &[Issue]) -> String {
     );
     for issue in issues {
         match issue.line {
-            Some(line) => out.push_str(&format!("\n  {}:{line}: {}", path.display(), issue.message)),
+            Some(line) => {
+                out.push_str(&format!("\n  {}:{line}: {}", path.display(), issue.message))
+            }
             None => out.push_str(&format!("\n  {}: {}", path.display(), issue.message)),
         }
     }

@@ -184,7 +184,9 @@ pub enum WriteMode {
     Append,
     Overwrite,
     /// Upsert on `keys`: matched rows updated, others inserted.
-    Merge { keys: Vec<String> },
+    Merge {
+        keys: Vec<String>,
+    },
     /// Apply a change stream: last change per key by `sequence_by` wins; `op` rows marked delete remove it.
     Cdc {
         keys: Vec<String>,

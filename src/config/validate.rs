@@ -262,7 +262,10 @@ impl Compiler<'_> {
             if spec.columns.is_empty() {
                 self.issue(
                     line,
-                    format!("source `{}`: `columns` must list the table's columns", spec.name),
+                    format!(
+                        "source `{}`: `columns` must list the table's columns",
+                        spec.name
+                    ),
                 );
             }
             let mut names = BTreeSet::new();
@@ -289,7 +292,10 @@ impl Compiler<'_> {
             if !delimiter.is_ascii() {
                 self.issue(
                     line,
-                    format!("source `{}`: delimiter must be one ASCII character", spec.name),
+                    format!(
+                        "source `{}`: delimiter must be one ASCII character",
+                        spec.name
+                    ),
                 );
             }
             let format = match spec.format {
@@ -361,7 +367,9 @@ impl Compiler<'_> {
                 let line = self.lines.find(line, "target", &spec.target).or(at);
                 self.issue(
                     line,
-                    format!("stage `{name}`: target `{target}` is already written by stage `{other}`"),
+                    format!(
+                        "stage `{name}`: target `{target}` is already written by stage `{other}`"
+                    ),
                 );
             }
             let Some(input) = self.stage_input(&spec, line, sources, vars) else {
@@ -407,8 +415,7 @@ impl Compiler<'_> {
             if let StageInput::Sql { file, reads, .. } = &stage.input {
                 for table in reads {
                     if !targets.contains_key(table) {
-                        let known: Vec<String> =
-                            targets.keys().map(ToString::to_string).collect();
+                        let known: Vec<String> = targets.keys().map(ToString::to_string).collect();
                         let mut known = known;
                         known.sort();
                         self.issue(
@@ -495,7 +502,9 @@ impl Compiler<'_> {
                     Err(error) => {
                         self.issue(
                             Some(sql_line),
-                            format!("stage `{name}`: sql file `{sql_path}` is not valid SQL: {error}"),
+                            format!(
+                                "stage `{name}`: sql file `{sql_path}` is not valid SQL: {error}"
+                            ),
                         );
                         return None;
                     }
@@ -544,7 +553,9 @@ impl Compiler<'_> {
         require(
             self,
             !ingest || matches!(mode, spec::ModeSpec::Append),
-            format!("stage `{name}`: an ingest stage lands files append-only; remove `mode` or set `mode: append`"),
+            format!(
+                "stage `{name}`: an ingest stage lands files append-only; remove `mode` or set `mode: append`"
+            ),
         );
         let needs_keys = matches!(mode, spec::ModeSpec::Merge | spec::ModeSpec::Cdc);
         require(
@@ -561,7 +572,9 @@ impl Compiler<'_> {
         require(
             self,
             !cdc || !spec.sequence_by.is_empty(),
-            format!("stage `{name}`: mode `cdc` needs `sequence_by` (e.g. `sequence_by: [_commit_ts]`)"),
+            format!(
+                "stage `{name}`: mode `cdc` needs `sequence_by` (e.g. `sequence_by: [_commit_ts]`)"
+            ),
         );
         require(
             self,
@@ -626,10 +639,7 @@ impl Compiler<'_> {
             }
         }
         if let Some(cycle) = graph.find_cycle() {
-            let path: Vec<&str> = cycle
-                .iter()
-                .map(|&i| stages[i].0.name.as_str())
-                .collect();
+            let path: Vec<&str> = cycle.iter().map(|&i| stages[i].0.name.as_str()).collect();
             let line = stages[cycle[0]].1;
             self.issue(
                 Some(line),
@@ -660,7 +670,8 @@ mod tests {
 
     #[test]
     fn misspelled_keys_get_a_suggestion() {
-        let message = "stages[1]: unknown field `keyz`, expected one of `name`, `keys`, `sequence_by`";
+        let message =
+            "stages[1]: unknown field `keyz`, expected one of `name`, `keys`, `sequence_by`";
         assert_eq!(suggest_key(message), Some("keys"));
         let message = "unknown field `sequence`, expected one of `name`, `keys`, `sequence_by`";
         assert_eq!(suggest_key(message), Some("sequence_by"));
@@ -671,8 +682,14 @@ mod tests {
     #[test]
     fn project_dir_is_parent_of_pipelines_folder() {
         assert_eq!(project_dir(Path::new("pipelines/t.yaml")), Path::new("."));
-        assert_eq!(project_dir(Path::new("/p/pipelines/t.yaml")), Path::new("/p"));
-        assert_eq!(project_dir(Path::new("/p/other/t.yaml")), Path::new("/p/other"));
+        assert_eq!(
+            project_dir(Path::new("/p/pipelines/t.yaml")),
+            Path::new("/p")
+        );
+        assert_eq!(
+            project_dir(Path::new("/p/other/t.yaml")),
+            Path::new("/p/other")
+        );
         assert_eq!(project_dir(Path::new("t.yaml")), Path::new("."));
     }
 }

@@ -12,8 +12,8 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 use datafusion::{arrow::datatypes::SchemaRef, catalog::TableProvider};
 use deltalake::{
     DeltaTable, DeltaTableError, TableProperty, ensure_table_uri,
-    kernel::engine::arrow_conversion::TryIntoKernel, open_table,
-    operations::create::CreateBuilder, protocol::SaveMode,
+    kernel::engine::arrow_conversion::TryIntoKernel, open_table, operations::create::CreateBuilder,
+    protocol::SaveMode,
 };
 
 pub use append::{BatchAppender, append_batches};
@@ -118,12 +118,13 @@ pub async fn create_if_missing(
         })
         .collect();
     let arrow_schema = datafusion::arrow::datatypes::Schema::new(fields);
-    let kernel: deltalake::kernel::StructType = (&arrow_schema)
-        .try_into_kernel()
-        .map_err(|e| DeltaError::Invalid {
-            table: path.display().to_string(),
-            message: format!("schema cannot be stored in Delta: {e}"),
-        })?;
+    let kernel: deltalake::kernel::StructType =
+        (&arrow_schema)
+            .try_into_kernel()
+            .map_err(|e| DeltaError::Invalid {
+                table: path.display().to_string(),
+                message: format!("schema cannot be stored in Delta: {e}"),
+            })?;
     std::fs::create_dir_all(path).map_err(|e| DeltaError::Invalid {
         table: path.display().to_string(),
         message: format!("cannot create the table folder: {e}"),

@@ -4,10 +4,7 @@
 use std::{path::Path, sync::Arc};
 
 use datafusion::prelude::DataFrame;
-use deltalake::{
-    operations::write::SchemaMode,
-    protocol::SaveMode,
-};
+use deltalake::{operations::write::SchemaMode, protocol::SaveMode};
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
 

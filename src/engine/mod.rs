@@ -45,9 +45,12 @@ pub fn register_table(
     only_after: Option<(&str, i64)>,
 ) -> Result<(), EngineError> {
     let what = || format!("cannot register table `{name}`");
-    let catalog = ctx
-        .catalog("datafusion")
-        .ok_or_else(|| EngineError::query(what(), DataFusionError::Internal("no default catalog".into())))?;
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| {
+        EngineError::query(
+            what(),
+            DataFusionError::Internal("no default catalog".into()),
+        )
+    })?;
     if catalog.schema(&name.schema).is_none() {
         catalog
             .register_schema(&name.schema, Arc::new(MemorySchemaProvider::new()))

@@ -66,15 +66,26 @@ mod tests {
                    SELECT * FROM d JOIN silver.cards c ON d.card_id = c.id";
         assert_eq!(
             table_references(sql).unwrap(),
-            vec!["silver.cards".to_string(), "silver.transactions".to_string()]
+            vec![
+                "silver.cards".to_string(),
+                "silver.transactions".to_string()
+            ]
         );
     }
 
     #[test]
     fn rejects_non_select_and_bad_sql() {
-        assert!(table_references("DELETE FROM silver.t").unwrap_err().contains("SELECT"));
+        assert!(
+            table_references("DELETE FROM silver.t")
+                .unwrap_err()
+                .contains("SELECT")
+        );
         assert!(table_references("SELEC 1").is_err());
-        assert!(table_references("SELECT 1; SELECT 2").unwrap_err().contains("exactly one"));
+        assert!(
+            table_references("SELECT 1; SELECT 2")
+                .unwrap_err()
+                .contains("exactly one")
+        );
     }
 
     #[test]

@@ -124,7 +124,9 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateErr
         let count = per_day + u64::from(u64::from(day) < extra);
         let date = first_day + Duration::days(i64::from(day));
         // The day's changes are committed the next morning, in one file named by its first commit.
-        let commit_start = (date + Duration::days(1)).and_hms_opt(2, 0, 0).unwrap_or_default();
+        let commit_start = (date + Duration::days(1))
+            .and_hms_opt(2, 0, 0)
+            .unwrap_or_default();
         let name = commit_start.format("%Y%m%d-%H%M%S0000").to_string();
         let path = if options.date_folders {
             dir.join(commit_start.format("%Y/%m/%d").to_string())
@@ -218,7 +220,12 @@ fn write_mcc(out: &Path) -> Result<(), GenerateError> {
 
 /// Minutes since 1970 of a random time on `date`, busier in the day than at night.
 fn day_minute(rng: &mut ChaCha8Rng, date: NaiveDate) -> u32 {
-    let base = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp() / 60;
+    let base = date
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc()
+        .timestamp()
+        / 60;
     let minute = if rng.random_ratio(4, 5) {
         rng.random_range(7 * 60..22 * 60)
     } else {

@@ -155,7 +155,8 @@ impl Catalog {
     /// One transaction row (TXN_COLUMNS order). `version` 0 is the original; later versions are updates
     /// that correct the amount or the errors.
     pub fn transaction(&self, seed: u64, id: i64, minute: u32, version: u32) -> Vec<String> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let card = &self.cards[rng.random_range(0..self.cards.len())];
         let merchant = &self.merchants[rng.random_range(0..self.merchants.len())];
         let mut cents: i64 = match rng.random_range(0..100) {
@@ -180,12 +181,17 @@ impl Catalog {
             String::new()
         };
         if version > 0 {
-            let mut fix = ChaCha8Rng::seed_from_u64(seed ^ (id as u64) ^ (u64::from(version) << 40));
+            let mut fix =
+                ChaCha8Rng::seed_from_u64(seed ^ (id as u64) ^ (u64::from(version) << 40));
             if fix.random_bool(0.6) {
                 cents += fix.random_range(-5_000..5_000);
             } else {
                 errors = if errors.is_empty() {
-                    ERRORS.choose(&mut fix).copied().unwrap_or_default().to_string()
+                    ERRORS
+                        .choose(&mut fix)
+                        .copied()
+                        .unwrap_or_default()
+                        .to_string()
                 } else {
                     String::new()
                 };
@@ -194,7 +200,11 @@ impl Catalog {
         let (city, state, zip) = if channel == "Online Transaction" {
             ("ONLINE".to_string(), String::new(), String::new())
         } else if let Some(country) = merchant.foreign {
-            (merchant.city.to_string(), country.to_string(), String::new())
+            (
+                merchant.city.to_string(),
+                country.to_string(),
+                String::new(),
+            )
         } else {
             (
                 merchant.city.to_string(),
@@ -238,7 +248,12 @@ impl Catalog {
                 rng.random_range(60..75).to_string(),
                 (2019 - age).to_string(),
                 rng.random_range(1..=12).to_string(),
-                if rng.random_bool(0.5) { "Female" } else { "Male" }.to_string(),
+                if rng.random_bool(0.5) {
+                    "Female"
+                } else {
+                    "Male"
+                }
+                .to_string(),
                 format!("{} Main Street", rng.random_range(1..9999)),
                 format!("{:.2}", rng.random_range(25.0..48.0)),
                 format!("{:.2}", rng.random_range(-122.0..-70.0)),
@@ -269,12 +284,20 @@ impl Catalog {
                 brand.to_string(),
                 kind.to_string(),
                 format!("4{:015}", rng.random_range(0..999_999_999_999_999u64)),
-                format!("{:02}/{}", rng.random_range(1..=12), rng.random_range(2020..2030)),
+                format!(
+                    "{:02}/{}",
+                    rng.random_range(1..=12),
+                    rng.random_range(2020..2030)
+                ),
                 format!("{:03}", rng.random_range(0..1000)),
                 if rng.random_ratio(9, 10) { "YES" } else { "NO" }.to_string(),
                 rng.random_range(1..=3).to_string(),
                 format!("${}", rng.random_range(0..40_000)),
-                format!("{:02}/{}", rng.random_range(1..=12), rng.random_range(1995..2019)),
+                format!(
+                    "{:02}/{}",
+                    rng.random_range(1..=12),
+                    rng.random_range(1995..2019)
+                ),
                 rng.random_range(2008..2020).to_string(),
                 "No".to_string(),
             ]

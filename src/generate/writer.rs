@@ -51,7 +51,11 @@ pub enum RowSink {
 const PARQUET_BATCH: usize = 8192;
 
 impl RowSink {
-    pub fn create(path: &Path, style: FileStyle, columns: &[&str]) -> Result<RowSink, GenerateError> {
+    pub fn create(
+        path: &Path,
+        style: FileStyle,
+        columns: &[&str],
+    ) -> Result<RowSink, GenerateError> {
         let io = |source| GenerateError::Io {
             path: path.to_path_buf(),
             source,

@@ -8,7 +8,9 @@ use std::{
 };
 
 use arrow::{
-    array::{ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray},
+    array::{
+        ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    },
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
 use flate2::read::MultiGzDecoder;
@@ -222,13 +224,12 @@ impl FileBatches {
                     .map(|f| f.name().clone())
                     .collect();
                 let mapping = layout.map_named(&file.relative, &names)?;
-                let reader = builder
-                    .with_batch_size(batch_size)
-                    .build()
-                    .map_err(|e| LandingError::BadFile {
+                let reader = builder.with_batch_size(batch_size).build().map_err(|e| {
+                    LandingError::BadFile {
                         file: file.relative.clone(),
                         message: format!("not a readable Parquet file: {e}"),
-                    })?;
+                    }
+                })?;
                 Inner::Parquet { reader, mapping }
             }
             FileFormat::Json => {
@@ -332,15 +333,16 @@ impl FileBatches {
         let count = batch.num_rows();
         let mut columns: Vec<Option<ArrayRef>> = vec![None; self.layout.columns.len()];
         for (index, &target) in mapping.iter().enumerate() {
-            let array = arrow::compute::cast(batch.column(index), &DataType::Utf8).map_err(|e| {
-                LandingError::BadFile {
-                    file: file.clone(),
-                    message: format!(
-                        "column `{}` cannot be read as text: {e}",
-                        self.layout.columns[target]
-                    ),
-                }
-            })?;
+            let array =
+                arrow::compute::cast(batch.column(index), &DataType::Utf8).map_err(|e| {
+                    LandingError::BadFile {
+                        file: file.clone(),
+                        message: format!(
+                            "column `{}` cannot be read as text: {e}",
+                            self.layout.columns[target]
+                        ),
+                    }
+                })?;
             columns[target] = Some(array);
         }
         let columns = columns
@@ -381,7 +383,10 @@ impl FileBatches {
         count: usize,
     ) -> Result<RecordBatch, LandingError> {
         let first_row = self.rows as i64 - count as i64 + 1;
-        columns.push(Arc::new(StringArray::from(vec![self.file.relative.as_str(); count])));
+        columns.push(Arc::new(StringArray::from(vec![
+            self.file.relative.as_str();
+            count
+        ])));
         columns.push(Arc::new(StringArray::from(vec![
             self.file.order_key();
             count
@@ -394,10 +399,15 @@ impl FileBatches {
                 .with_timezone("UTC"),
         ));
         columns.push(Arc::new(StringArray::from(vec![
-            self.lineage.run_id.as_str();
+            self.lineage
+                .run_id
+                .as_str();
             count
         ])));
-        columns.push(Arc::new(Int64Array::from(vec![self.lineage.batch_id; count])));
+        columns.push(Arc::new(Int64Array::from(vec![
+            self.lineage.batch_id;
+            count
+        ])));
         RecordBatch::try_new(self.layout.schema(), columns).map_err(|e| LandingError::BadFile {
             file: self.file.relative.clone(),
             message: format!("internal error building a batch: {e}"),
@@ -494,7 +504,10 @@ fn csv_error(file: &str, error: csv::Error, row: Option<u64>) -> LandingError {
             Some(format!("#{}", err.field() + 1)),
             format!("invalid UTF-8 (the file must be UTF-8 encoded): {err}"),
         ),
-        csv::ErrorKind::Io(e) => (None, format!("read failed (truncated or corrupt file?): {e}")),
+        csv::ErrorKind::Io(e) => (
+            None,
+            format!("read failed (truncated or corrupt file?): {e}"),
+        ),
         _ => (None, error.to_string()),
     };
     match row {

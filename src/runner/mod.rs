@@ -146,7 +146,11 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
         };
         context.state.record_run(&record, &meta).await?;
-        info!(status = report.status(), elapsed_ms = report.elapsed.as_millis() as u64, "run finished");
+        info!(
+            status = report.status(),
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "run finished"
+        );
         Ok(report)
     }
     .instrument(span)

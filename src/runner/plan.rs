@@ -89,7 +89,11 @@ pub fn dot(pipeline: &Pipeline) -> String {
     }
     for (index, stage) in pipeline.stages.iter().enumerate() {
         for up in pipeline.graph.upstream_of(index) {
-            let _ = writeln!(out, "    \"{}\" -> \"{}\";", pipeline.stages[up].name, stage.name);
+            let _ = writeln!(
+                out,
+                "    \"{}\" -> \"{}\";",
+                pipeline.stages[up].name, stage.name
+            );
         }
     }
     out.push_str("}\n");

@@ -75,13 +75,20 @@ pub struct RunReport {
 
 impl RunReport {
     pub fn succeeded(&self) -> bool {
-        self.stages
-            .iter()
-            .all(|s| matches!(s.outcome, StageOutcome::Succeeded | StageOutcome::UpToDate(_)))
+        self.stages.iter().all(|s| {
+            matches!(
+                s.outcome,
+                StageOutcome::Succeeded | StageOutcome::UpToDate(_)
+            )
+        })
     }
 
     pub fn status(&self) -> &'static str {
-        if self.succeeded() { "succeeded" } else { "failed" }
+        if self.succeeded() {
+            "succeeded"
+        } else {
+            "failed"
+        }
     }
 
     pub fn count(&self, pick: impl Fn(&StageOutcome) -> bool) -> u64 {
@@ -101,7 +108,9 @@ impl RunReport {
                 let message = match &s.outcome {
                     StageOutcome::Succeeded => None,
                     StageOutcome::UpToDate(m) | StageOutcome::Failed(m) => Some(m.clone()),
-                    StageOutcome::Skipped(upstream) => Some(format!("upstream `{upstream}` failed")),
+                    StageOutcome::Skipped(upstream) => {
+                        Some(format!("upstream `{upstream}` failed"))
+                    }
                 };
                 serde_json::json!({
                     "stage": s.stage,
@@ -138,7 +147,13 @@ impl RunReport {
             self.status(),
             self.elapsed.as_secs_f64()
         );
-        let width = self.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+        let width = self
+            .stages
+            .iter()
+            .map(|s| s.stage.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
         out.push_str(&format!(
             "  {:<width$}  {:<10}  {:>10}  {:>10}  {:>8}  {:>7}  note\n",
             "stage", "status", "rows read", "written", "version", "time"

@@ -26,7 +26,8 @@ const INGEST_BATCH_ROWS: usize = 16 * 1024;
 /// Runs stage `index`; never fails: errors become a failed [`StageReport`].
 pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
     let stage = &context.pipeline.stages[index];
-    let span = info_span!("stage", stage = %stage.name, layer = %stage.layer, target = %stage.target);
+    let span =
+        info_span!("stage", stage = %stage.name, layer = %stage.layer, target = %stage.target);
     async {
         let clock = Instant::now();
         let started = state::now_micros();
@@ -74,10 +75,17 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
                 // The data commit stands; without its watermark the next run re-applies the same
                 // input, which every write mode tolerates (see README, "Idempotency").
                 warn!("could not record the stage run: {error}");
-                report.warnings.push(format!("run history not recorded: {error}"));
+                report
+                    .warnings
+                    .push(format!("run history not recorded: {error}"));
             }
         }
-        info!(status = report.status(), rows_read = report.rows_read, rows_written = report.rows_written, "stage finished");
+        info!(
+            status = report.status(),
+            rows_read = report.rows_read,
+            rows_written = report.rows_written,
+            "stage finished"
+        );
         report
     }
     .instrument(span)
@@ -216,7 +224,10 @@ async fn ingest(
     let metrics = appender.commit().await.map_err(delta_err)?;
     if let Some(version) = metrics.version {
         if version as i64 != batch_id {
-            warn!(batch_id, version, "another writer committed to this Bronze table during the ingest");
+            warn!(
+                batch_id,
+                version, "another writer committed to this Bronze table during the ingest"
+            );
         }
     }
     let entries: Vec<LedgerEntry> = new_files
@@ -234,7 +245,11 @@ async fn ingest(
         })
         .collect();
     context.state.record_ingested(&entries, &meta).await?;
-    info!(files = entries.len(), rows = metrics.rows_written, "landed new files");
+    info!(
+        files = entries.len(),
+        rows = metrics.rows_written,
+        "landed new files"
+    );
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.rows_read = metrics.rows_written;
     apply_write(&mut report, &metrics);
@@ -264,18 +279,22 @@ async fn sql_stage(
     let mut versions = BTreeMap::new();
     for table in reads {
         let path = context.pipeline.table_path(table);
-        let delta_table = delta::open(&path).await.map_err(delta_err)?.ok_or_else(|| {
-            RunError::MissingInput {
+        let delta_table = delta::open(&path)
+            .await
+            .map_err(delta_err)?
+            .ok_or_else(|| RunError::MissingInput {
                 stage: name.clone(),
                 table: table.to_string(),
-            }
-        })?;
+            })?;
         versions.insert(table.to_string(), delta_table.version().unwrap_or(0));
         inputs.push((table, path, delta_table));
     }
     let target_path = context.pipeline.table_path(&stage.target);
     let last = context.state.last_success(&stage.name).await?;
-    let target_exists = delta::open(&target_path).await.map_err(delta_err)?.is_some();
+    let target_exists = delta::open(&target_path)
+        .await
+        .map_err(delta_err)?
+        .is_some();
     if target_exists && last.as_ref() == Some(&versions) {
         return Ok((
             StageReport::new(stage, StageOutcome::UpToDate("inputs unchanged".into())),
@@ -286,7 +305,9 @@ async fn sql_stage(
     let ctx = delta::session().map_err(delta_err)?;
     engine::prepare(&ctx);
     for (table, path, delta_table) in &inputs {
-        let provider = delta::provider(path, delta_table).await.map_err(delta_err)?;
+        let provider = delta::provider(path, delta_table)
+            .await
+            .map_err(delta_err)?;
         let has_batches = provider.schema().field_with_name(BATCH_ID).is_ok();
         // An incremental stage reads only the Bronze rows committed after its last successful run.
         let after = match (&last, has_batches && stage.write.is_incremental()) {
@@ -312,7 +333,8 @@ async fn sql_stage(
         }
         let mut text = result.describe();
         if let Some((file, row, _)) = &result.first {
-            if let Some(value) = raw_value(&ctx, reads, result.column.as_deref(), file, *row).await {
+            if let Some(value) = raw_value(&ctx, reads, result.column.as_deref(), file, *row).await
+            {
                 text.push_str(&format!(" (raw value `{value}`)"));
             }
         }

@@ -133,14 +133,29 @@ impl StateStore {
             return Ok(());
         }
         let columns: Vec<(&str, ArrayRef)> = vec![
-            ("source", strings(entries.iter().map(|e| Some(e.source.as_str())))),
-            ("file", strings(entries.iter().map(|e| Some(e.file.as_str())))),
+            (
+                "source",
+                strings(entries.iter().map(|e| Some(e.source.as_str()))),
+            ),
+            (
+                "file",
+                strings(entries.iter().map(|e| Some(e.file.as_str()))),
+            ),
             ("size", ints(entries.iter().map(|e| Some(e.size as i64)))),
-            ("modified_micros", ints(entries.iter().map(|e| Some(e.modified_micros)))),
-            ("checksum", strings(entries.iter().map(|e| Some(e.checksum.as_str())))),
+            (
+                "modified_micros",
+                ints(entries.iter().map(|e| Some(e.modified_micros))),
+            ),
+            (
+                "checksum",
+                strings(entries.iter().map(|e| Some(e.checksum.as_str()))),
+            ),
             ("rows", ints(entries.iter().map(|e| Some(e.rows as i64)))),
             ("batch_id", ints(entries.iter().map(|e| Some(e.batch_id)))),
-            ("run_id", strings(entries.iter().map(|e| Some(e.run_id.as_str())))),
+            (
+                "run_id",
+                strings(entries.iter().map(|e| Some(e.run_id.as_str()))),
+            ),
         ];
         self.append("ingested_files", columns, meta).await
     }
@@ -183,22 +198,70 @@ impl StateStore {
             .map(|r| serde_json::to_string(&r.input_versions).unwrap_or_default())
             .collect();
         let columns: Vec<(&str, ArrayRef)> = vec![
-            ("run_id", strings(records.iter().map(|r| Some(r.run_id.as_str())))),
-            ("pipeline", strings(records.iter().map(|r| Some(r.pipeline.as_str())))),
-            ("stage", strings(records.iter().map(|r| Some(r.stage.as_str())))),
-            ("target", strings(records.iter().map(|r| Some(r.target.as_str())))),
-            ("status", strings(records.iter().map(|r| Some(r.status.as_str())))),
-            ("started_at", timestamps(records.iter().map(|r| r.started_micros))),
-            ("finished_at", timestamps(records.iter().map(|r| r.finished_micros))),
-            ("rows_read", ints(records.iter().map(|r| Some(r.rows_read as i64)))),
-            ("rows_written", ints(records.iter().map(|r| Some(r.rows_written as i64)))),
-            ("rows_inserted", ints(records.iter().map(|r| Some(r.rows_inserted as i64)))),
-            ("rows_updated", ints(records.iter().map(|r| Some(r.rows_updated as i64)))),
-            ("rows_deleted", ints(records.iter().map(|r| Some(r.rows_deleted as i64)))),
-            ("rows_superseded", ints(records.iter().map(|r| Some(r.rows_superseded as i64)))),
-            ("input_versions", strings(versions.iter().map(|v| Some(v.as_str())))),
-            ("output_version", ints(records.iter().map(|r| r.output_version.map(|v| v as i64)))),
-            ("message", strings(records.iter().map(|r| r.message.as_deref()))),
+            (
+                "run_id",
+                strings(records.iter().map(|r| Some(r.run_id.as_str()))),
+            ),
+            (
+                "pipeline",
+                strings(records.iter().map(|r| Some(r.pipeline.as_str()))),
+            ),
+            (
+                "stage",
+                strings(records.iter().map(|r| Some(r.stage.as_str()))),
+            ),
+            (
+                "target",
+                strings(records.iter().map(|r| Some(r.target.as_str()))),
+            ),
+            (
+                "status",
+                strings(records.iter().map(|r| Some(r.status.as_str()))),
+            ),
+            (
+                "started_at",
+                timestamps(records.iter().map(|r| r.started_micros)),
+            ),
+            (
+                "finished_at",
+                timestamps(records.iter().map(|r| r.finished_micros)),
+            ),
+            (
+                "rows_read",
+                ints(records.iter().map(|r| Some(r.rows_read as i64))),
+            ),
+            (
+                "rows_written",
+                ints(records.iter().map(|r| Some(r.rows_written as i64))),
+            ),
+            (
+                "rows_inserted",
+                ints(records.iter().map(|r| Some(r.rows_inserted as i64))),
+            ),
+            (
+                "rows_updated",
+                ints(records.iter().map(|r| Some(r.rows_updated as i64))),
+            ),
+            (
+                "rows_deleted",
+                ints(records.iter().map(|r| Some(r.rows_deleted as i64))),
+            ),
+            (
+                "rows_superseded",
+                ints(records.iter().map(|r| Some(r.rows_superseded as i64))),
+            ),
+            (
+                "input_versions",
+                strings(versions.iter().map(|v| Some(v.as_str()))),
+            ),
+            (
+                "output_version",
+                ints(records.iter().map(|r| r.output_version.map(|v| v as i64))),
+            ),
+            (
+                "message",
+                strings(records.iter().map(|r| r.message.as_deref())),
+            ),
         ];
         self.append("stage_runs", columns, meta).await
     }
@@ -210,8 +273,14 @@ impl StateStore {
             ("run_id", one(&run.run_id)),
             ("pipeline", one(&run.pipeline)),
             ("status", one(&run.status)),
-            ("started_at", timestamps(std::iter::once(run.started_micros))),
-            ("finished_at", timestamps(std::iter::once(run.finished_micros))),
+            (
+                "started_at",
+                timestamps(std::iter::once(run.started_micros)),
+            ),
+            (
+                "finished_at",
+                timestamps(std::iter::once(run.finished_micros)),
+            ),
             ("stages_succeeded", int(run.stages_succeeded)),
             ("stages_up_to_date", int(run.stages_up_to_date)),
             ("stages_failed", int(run.stages_failed)),

@@ -155,7 +155,9 @@ pub async fn query(lake: &Path, tables: &[&str], sql: &str) -> Vec<Vec<String>> 
             .await
             .expect("open")
             .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
-        let provider = medallion::delta::provider(&path, &delta).await.expect("provider");
+        let provider = medallion::delta::provider(&path, &delta)
+            .await
+            .expect("provider");
         medallion::engine::register_table(&ctx, &table, provider, None).expect("register");
     }
     let batches = ctx
@@ -174,7 +176,12 @@ pub async fn query(lake: &Path, tables: &[&str], sql: &str) -> Vec<Vec<String>> 
             .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
             .collect();
         for row in 0..batch.num_rows() {
-            rows.push(formatters.iter().map(|f| f.value(row).to_string()).collect());
+            rows.push(
+                formatters
+                    .iter()
+                    .map(|f| f.value(row).to_string())
+                    .collect(),
+            );
         }
     }
     rows
@@ -186,7 +193,9 @@ pub async fn schema(path: &Path) -> Vec<String> {
         .await
         .expect("open")
         .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
-    let provider = medallion::delta::provider(path, &table).await.expect("provider");
+    let provider = medallion::delta::provider(path, &table)
+        .await
+        .expect("provider");
     provider
         .schema()
         .fields()
@@ -214,7 +223,12 @@ pub fn replay(dir: &Path) -> BTreeMap<i64, Live> {
     let mut last: HashMap<i64, (String, usize, usize, Option<Live>)> = HashMap::new();
     for (index, path) in files.iter().enumerate() {
         let mut reader = csv::Reader::from_path(path).expect("csv");
-        let header: Vec<String> = reader.headers().expect("header").iter().map(String::from).collect();
+        let header: Vec<String> = reader
+            .headers()
+            .expect("header")
+            .iter()
+            .map(String::from)
+            .collect();
         let at = |name: &str| header.iter().position(|h| h == name).expect(name);
         let (op, ts, id, date, amount, chip, errors) = (
             header.iter().position(|h| h == "Op"),

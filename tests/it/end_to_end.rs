@@ -40,11 +40,20 @@ async fn assert_matches_replay(scratch: &Scratch) {
     let total: Decimal = live.values().map(|t| t.amount).sum();
     assert_eq!(
         silver,
-        vec![vec![live.len().to_string(), live.len().to_string(), total.to_string()]],
+        vec![vec![
+            live.len().to_string(),
+            live.len().to_string(),
+            total.to_string()
+        ]],
         "silver/transactions: rows, distinct keys, sum(amount)"
     );
 
-    let ids = query(&lake, &["silver.transactions"], "SELECT dms_id FROM silver.transactions ORDER BY dms_id").await;
+    let ids = query(
+        &lake,
+        &["silver.transactions"],
+        "SELECT dms_id FROM silver.transactions ORDER BY dms_id",
+    )
+    .await;
     let ids: Vec<String> = ids.into_iter().map(|r| r[0].clone()).collect();
     let want: Vec<String> = live.keys().map(|k| k.to_string()).collect();
     assert_eq!(ids, want, "silver/transactions holds exactly the live keys");
@@ -80,13 +89,21 @@ async fn assert_matches_replay(scratch: &Scratch) {
     )
     .await;
     assert_eq!(totals[0][0], totals[0][1], "sum(txn_count) = silver rows");
-    assert_eq!(totals[0][2], totals[0][3], "sum(total_amount) = sum(amount) to the cent");
+    assert_eq!(
+        totals[0][2], totals[0][3],
+        "sum(total_amount) = sum(amount) to the cent"
+    );
 }
 
 fn versions(scratch: &Scratch) -> BTreeMap<String, Option<u64>> {
     CONTRACT_TABLES
         .iter()
-        .map(|(layer, name)| (format!("{layer}/{name}"), delta_version(&scratch.table(layer, name))))
+        .map(|(layer, name)| {
+            (
+                format!("{layer}/{name}"),
+                delta_version(&scratch.table(layer, name)),
+            )
+        })
         .collect()
 }
 
@@ -112,7 +129,11 @@ async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
     let before = versions(&scratch);
     let again = scratch.run();
     assert_success(&again);
-    assert_eq!(versions(&scratch), before, "a run without new files commits nothing");
+    assert_eq!(
+        versions(&scratch),
+        before,
+        "a run without new files commits nothing"
+    );
 
     // The next change files arrive: only they are landed and applied.
     let bronze_before = query(
@@ -136,8 +157,14 @@ async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
         before["bronze/transactions"].map(|v| v + 1),
         "one Bronze commit for the new files"
     );
-    assert_eq!(after["bronze/cards"], before["bronze/cards"], "cards had no new files");
-    assert_eq!(after["silver/cards"], before["silver/cards"], "silver/cards inputs unchanged");
+    assert_eq!(
+        after["bronze/cards"], before["bronze/cards"],
+        "cards had no new files"
+    );
+    assert_eq!(
+        after["silver/cards"], before["silver/cards"],
+        "silver/cards inputs unchanged"
+    );
     assert_eq!(
         after["silver/transactions"],
         before["silver/transactions"].map(|v| v + 1)
@@ -149,7 +176,10 @@ async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
          WHERE _batch_id = (SELECT MAX(_batch_id) FROM bronze.transactions)",
     )
     .await;
-    assert_eq!(landed, vec![vec![new_rows.to_string(), held.len().to_string()]]);
+    assert_eq!(
+        landed,
+        vec![vec![new_rows.to_string(), held.len().to_string()]]
+    );
     let bronze_after = query(
         &scratch.lake(),
         &["bronze.transactions"],
@@ -158,7 +188,11 @@ async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
     .await[0][0]
         .parse::<u64>()
         .unwrap();
-    assert_eq!(bronze_after, bronze_before + new_rows, "nothing landed twice");
+    assert_eq!(
+        bronze_after,
+        bronze_before + new_rows,
+        "nothing landed twice"
+    );
     // The Silver stage read only the new change rows.
     let summary = String::from_utf8_lossy(&third.stdout).to_string();
     let silver_line = summary
@@ -166,7 +200,11 @@ async fn reference_pipeline_matches_an_independent_replay_and_is_incremental() {
         .find(|l| l.trim_start().starts_with("silver_transactions"))
         .unwrap_or_default();
     let read: Vec<&str> = silver_line.split_whitespace().collect();
-    assert_eq!(read.get(2), Some(&new_rows.to_string().as_str()), "{silver_line}");
+    assert_eq!(
+        read.get(2),
+        Some(&new_rows.to_string().as_str()),
+        "{silver_line}"
+    );
     assert_matches_replay(&scratch).await;
 }
 
@@ -196,7 +234,9 @@ async fn contract_tables_have_the_contract_types() {
         "_source_file: Utf8",
     ] {
         assert!(
-            silver.iter().any(|c| c.replace("Utf8View", "Utf8") == column),
+            silver
+                .iter()
+                .any(|c| c.replace("Utf8View", "Utf8") == column),
             "silver/transactions lacks `{column}`: {silver:?}"
         );
     }
@@ -232,5 +272,10 @@ async fn contract_tables_have_the_contract_types() {
     assert_eq!(rules, vec![vec!["0"; 7]]);
     // Sensitive card data never reaches Silver.
     let cards = schema(&scratch.table("silver", "cards")).await;
-    assert!(!cards.iter().any(|c| c.starts_with("cvv") || c.starts_with("card_number")), "{cards:?}");
+    assert!(
+        !cards
+            .iter()
+            .any(|c| c.starts_with("cvv") || c.starts_with("card_number")),
+        "{cards:?}"
+    );
 }

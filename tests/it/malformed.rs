@@ -12,10 +12,15 @@ fn edit_row(path: &std::path::Path, row: usize, edit: impl Fn(&str) -> String) {
 }
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
-    ["bronze/transactions", "silver/transactions", "gold/daily_kpis", "gold/fact_transactions"]
-        .iter()
-        .map(|t| delta_version(&scratch.lake().join(t)))
-        .collect()
+    [
+        "bronze/transactions",
+        "silver/transactions",
+        "gold/daily_kpis",
+        "gold/fact_transactions",
+    ]
+    .iter()
+    .map(|t| delta_version(&scratch.lake().join(t)))
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,17 +35,24 @@ async fn malformed_rows_fail_cleanly_and_name_file_row_and_column() {
     let (aside, original) = &held[0];
     let good = std::fs::read(aside).unwrap();
     std::fs::rename(aside, original).unwrap();
-    edit_row(original, 5, |line| line.rsplitn(2, ',').nth(1).unwrap_or("").to_string());
+    edit_row(original, 5, |line| {
+        line.rsplitn(2, ',').nth(1).unwrap_or("").to_string()
+    });
     let output = scratch.run();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let message = text(&output);
     let name = file_name(original);
     assert!(
-        message.contains(&format!("landing file `{name}` row 5 column `errors`: expected 14 fields, found 13")),
+        message.contains(&format!(
+            "landing file `{name}` row 5 column `errors`: expected 14 fields, found 13"
+        )),
         "{message}"
     );
     assert_eq!(versions(&scratch), clean, "no table changed");
-    assert!(message.contains("skipped"), "downstream stages are reported skipped: {message}");
+    assert!(
+        message.contains("skipped"),
+        "downstream stages are reported skipped: {message}"
+    );
 
     // Fixing the file lands it on the next run.
     std::fs::write(original, &good).unwrap();
@@ -61,11 +73,17 @@ async fn malformed_rows_fail_cleanly_and_name_file_row_and_column() {
     let message = text(&output);
     let name = file_name(original);
     assert!(
-        message.contains(&format!("file `{name}` row 3 column `amount` (raw value `$12.x4`)")),
+        message.contains(&format!(
+            "file `{name}` row 3 column `amount` (raw value `$12.x4`)"
+        )),
         "{message}"
     );
     let failed = versions(&scratch);
-    assert_eq!(failed[0], fixed[0].map(|v| v + 1), "Bronze landed the raw rows");
+    assert_eq!(
+        failed[0],
+        fixed[0].map(|v| v + 1),
+        "Bronze landed the raw rows"
+    );
     assert_eq!(failed[1..], fixed[1..], "Silver and Gold unchanged");
 
     // Running again without a fix fails the same way (the bad rows are not skipped silently).
@@ -79,5 +97,9 @@ async fn malformed_rows_fail_cleanly_and_name_file_row_and_column() {
         &format!("SELECT COUNT(*) FROM silver.transactions WHERE _source_file = '{name}'"),
     )
     .await;
-    assert_eq!(rows, vec![vec!["0".to_string()]], "no row of the bad file reached Silver");
+    assert_eq!(
+        rows,
+        vec![vec!["0".to_string()]],
+        "no row of the bad file reached Silver"
+    );
 }

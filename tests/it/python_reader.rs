@@ -63,6 +63,10 @@ async fn python_deltalake_reads_gold_daily_kpis() {
     )
     .await;
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], expected[0].join(" "), "rows, sum(txn_count), sum(total_amount) as Python sees them");
+    assert_eq!(
+        lines[0],
+        expected[0].join(" "),
+        "rows, sum(txn_count), sum(total_amount) as Python sees them"
+    );
     assert_eq!(lines[1], "decimal128(18, 2) date32[day]");
 }

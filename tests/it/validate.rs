@@ -28,7 +28,10 @@ fn reports_misspelled_key_missing_sql_and_cycle_together() {
 fn reference_pipeline_is_valid() {
     let (code, stdout, stderr) = validate(".", "pipelines/transactions.yaml");
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.trim(), "pipeline `transactions` is valid: 4 source(s), 15 stage(s)");
+    assert_eq!(
+        stdout.trim(),
+        "pipeline `transactions` is valid: 4 source(s), 15 stage(s)"
+    );
 }
 
 #[test]
@@ -36,7 +39,11 @@ fn unknown_table_and_duplicate_target_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
     std::fs::create_dir_all(dir.path().join("sql")).unwrap();
-    std::fs::write(dir.path().join("sql/a.sql"), "-- a\nSELECT * FROM silver.nowhere\n").unwrap();
+    std::fs::write(
+        dir.path().join("sql/a.sql"),
+        "-- a\nSELECT * FROM silver.nowhere\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("sql/b.sql"), "-- b\nSELECT 1 AS x\n").unwrap();
     std::fs::write(
         dir.path().join("pipelines/p.yaml"),
@@ -61,6 +68,12 @@ fn run_refuses_an_invalid_pipeline_with_exit_code_2() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("stages form a cycle: gold_a -> gold_b -> gold_a"));
-    assert!(!repo().join("tests/fixtures/invalid/lake").exists(), "nothing was written");
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("stages form a cycle: gold_a -> gold_b -> gold_a")
+    );
+    assert!(
+        !repo().join("tests/fixtures/invalid/lake").exists(),
+        "nothing was written"
+    );
 }

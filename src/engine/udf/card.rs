@@ -2,7 +2,11 @@
 
 pub fn card_last4(text: &str) -> Option<String> {
     let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_digit).collect();
-    if digits.len() < 4 || text.bytes().any(|b| !(b.is_ascii_digit() || b == b' ' || b == b'-')) {
+    if digits.len() < 4
+        || text
+            .bytes()
+            .any(|b| !(b.is_ascii_digit() || b == b' ' || b == b'-'))
+    {
         return None;
     }
     String::from_utf8(digits[digits.len() - 4..].to_vec()).ok()

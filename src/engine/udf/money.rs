@@ -33,7 +33,11 @@ pub fn parse_money(text: &str) -> Option<i128> {
     {
         return None;
     }
-    let whole: i128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let whole: i128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
     let cents_part: i128 = match fraction.len() {
         0 => 0,
         1 => fraction.parse::<i128>().ok()? * 10,
@@ -43,7 +47,11 @@ pub fn parse_money(text: &str) -> Option<i128> {
     if cents > MAX_CENTS {
         return None;
     }
-    Some(if negative_before || negative_after { -cents } else { cents })
+    Some(if negative_before || negative_after {
+        -cents
+    } else {
+        cents
+    })
 }
 
 #[cfg(test)]
@@ -62,7 +70,16 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_money() {
-        for bad in ["", "$", "$abc", "$1.234", "$--1", "-$-1", "$1.2.3", "$9999999999999999999"] {
+        for bad in [
+            "",
+            "$",
+            "$abc",
+            "$1.234",
+            "$--1",
+            "-$-1",
+            "$1.2.3",
+            "$9999999999999999999",
+        ] {
             assert_eq!(parse_money(bad), None, "{bad}");
         }
         assert_eq!(parse_money("$9999999999999999.99"), Some(MAX_CENTS));

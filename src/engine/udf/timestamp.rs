@@ -7,7 +7,11 @@ use chrono::{NaiveDate, NaiveDateTime};
 
 pub fn parse_ts(text: &str) -> Option<i64> {
     let text = text.trim();
-    let formats = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M:%S%.f"];
+    let formats = [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S%.f",
+    ];
     formats
         .iter()
         .find_map(|f| NaiveDateTime::parse_from_str(text, f).ok())
