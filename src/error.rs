@@ -10,22 +10,43 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(Box<ConfigError>),
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Engine(Box<EngineError>),
     #[error(transparent)]
-    Delta(#[from] DeltaError),
+    Delta(Box<DeltaError>),
     #[error(transparent)]
-    Landing(#[from] LandingError),
+    Landing(Box<LandingError>),
     #[error(transparent)]
-    State(#[from] StateError),
+    State(Box<StateError>),
     #[error(transparent)]
-    Run(#[from] RunError),
+    Run(Box<RunError>),
     #[error(transparent)]
-    Generate(#[from] GenerateError),
+    Generate(Box<GenerateError>),
     #[error("{0}")]
     Usage(String),
 }
+
+/// Subsystem errors are boxed so that `Result<T>` stays small on the happy path.
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for Error {
+            fn from(error: $ty) -> Self {
+                Error::$variant(Box::new(error))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    Config(ConfigError),
+    Engine(EngineError),
+    Delta(DeltaError),
+    Landing(LandingError),
+    State(StateError),
+    Run(RunError),
+    Generate(GenerateError),
+);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

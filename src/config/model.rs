@@ -155,6 +155,18 @@ pub struct Stage {
     pub write: WriteMode,
     pub partition_by: Vec<String>,
     pub expectations: Vec<Expectation>,
+    /// For overwrite stages: recompute only what the source's changes touched.
+    pub incremental: Option<Incremental>,
+}
+
+/// An overwrite stage that replaces only the rows whose `column` value was touched by the changes applied
+/// to `source` (a cdc table) since the stage's last success. The cdc stage records, in each commit, the
+/// values of `column` before and after every change it applied, so a change that moves a row from one
+/// value to another recomputes both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incremental {
+    pub column: String,
+    pub source: TableName,
 }
 
 impl Stage {
@@ -193,6 +205,8 @@ pub enum WriteMode {
         sequence_by: Vec<String>,
         op_column: String,
         delete_values: Vec<String>,
+        /// Columns whose touched values each commit records, for downstream incremental stages.
+        track: Vec<String>,
     },
 }
 

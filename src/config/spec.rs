@@ -114,6 +114,18 @@ pub struct StageSpec {
     pub depends_on: Vec<String>,
     #[serde(default)]
     pub expectations: Vec<ExpectationSpec>,
+    /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
+    #[serde(default)]
+    pub incremental: Option<IncrementalSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalSpec {
+    /// Column of the stage's output (and of `source`) whose values are replaced, e.g. `txn_date`.
+    pub column: String,
+    /// The cdc table whose applied changes say which values to recompute, e.g. `silver.transactions`.
+    pub source: String,
 }
 
 #[derive(Debug, Deserialize)]

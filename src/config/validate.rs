@@ -378,6 +378,31 @@ impl Compiler<'_> {
             let Some(write) = self.write_mode(&spec, &input, line) else {
                 continue;
             };
+            let incremental = match &spec.incremental {
+                None => None,
+                Some(inc) => {
+                    let source = TableName::parse(&inc.source);
+                    if source.is_none() {
+                        self.issue(
+                            at,
+                            format!(
+                                "stage `{name}`: incremental source `{}` must be `layer.table`",
+                                inc.source
+                            ),
+                        );
+                    }
+                    if !matches!(write, WriteMode::Overwrite) {
+                        self.issue(
+                            at,
+                            format!("stage `{name}`: `incremental` needs mode `overwrite`"),
+                        );
+                    }
+                    source.map(|source| Incremental {
+                        column: inc.column.clone(),
+                        source,
+                    })
+                }
+            };
             let expectations = spec
                 .expectations
                 .into_iter()
@@ -405,11 +430,13 @@ impl Compiler<'_> {
                     write,
                     partition_by: spec.partition_by,
                     expectations,
+                    incremental,
                 },
                 line,
                 spec.depends_on,
             ));
         }
+        self.link_incremental(&mut stages);
         // Every table a SQL stage reads must be written by some stage of this pipeline.
         for (stage, line, _) in &stages {
             if let StageInput::Sql { file, reads, .. } = &stage.input {
@@ -601,9 +628,54 @@ impl Compiler<'_> {
                     sequence_by: spec.sequence_by.clone(),
                     op_column,
                     delete_values,
+                    track: Vec::new(),
                 }
             }
         })
+    }
+
+    /// Checks each incremental stage against the cdc stage of its source, and makes that cdc stage record
+    /// the touched values of the column.
+    fn link_incremental(&mut self, stages: &mut [(Stage, usize, Vec<String>)]) {
+        let wanted: Vec<(String, usize, Incremental, bool)> = stages
+            .iter()
+            .filter_map(|(stage, line, _)| {
+                let inc = stage.incremental.clone()?;
+                let reads = stage.reads().contains(&inc.source);
+                Some((stage.name.clone(), *line, inc, reads))
+            })
+            .collect();
+        for (name, line, inc, reads) in wanted {
+            if !reads {
+                self.issue(
+                    Some(line),
+                    format!(
+                        "stage `{name}`: incremental source `{}` is not a table its SQL reads",
+                        inc.source
+                    ),
+                );
+                continue;
+            }
+            let writer = stages
+                .iter_mut()
+                .find(|(s, _, _)| s.target == inc.source)
+                .map(|(s, _, _)| &mut s.write);
+            match writer {
+                Some(WriteMode::Cdc { track, .. }) => {
+                    if !track.contains(&inc.column) {
+                        track.push(inc.column.clone());
+                    }
+                }
+                Some(_) => self.issue(
+                    Some(line),
+                    format!(
+                        "stage `{name}`: incremental source `{}` must be written by a `cdc` stage, which records the values its changes touch",
+                        inc.source
+                    ),
+                ),
+                None => {} // reported as an unknown table below
+            }
+        }
     }
 
     /// Edges from each table's writer to its readers, plus `depends_on`; a cycle is reported as a path.

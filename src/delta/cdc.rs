@@ -1,15 +1,47 @@
-//! CDC apply: a batch of change rows (one per source change, with an op column) becomes one MERGE. Within
-//! the batch only the last change per key counts (ordered by `sequence_by`); against the table, a change
-//! applies only if its sequence is newer than the row's, so re-applying a batch is a no-op.
+//! CDC apply: a batch of change rows (one per source change, with an op column) is applied to a keyed
+//! table so that, per key, the change with the greatest sequence ever delivered wins, whatever order the
+//! batches arrive in and however often a change is delivered again.
+//!
+//! State per key is either a live row in the table (carrying the sequence of the change that wrote it) or a
+//! tombstone in a companion table (keys and sequence of the delete), never both for long. A batch is
+//! applied in four steps:
+//!
+//! 1. Reject ties: two changes of one key with an identical sequence have no defined order.
+//! 2. Keep the last change per key within the batch (the others are *superseded*).
+//! 3. Classify each remaining change against the live row and the tombstone of its key: older than or
+//!    equal to either is *stale* (a late or re-delivered change); otherwise it is an insert, update,
+//!    delete, or a delete of a key the table does not hold (*tombstone* only).
+//! 4. Merge the effective changes into the table in one commit, then record tombstones (added for deletes,
+//!    removed by newer upserts) in the companion table.
+//!
+//! Step 4 commits the table first: a crash before the tombstones commit leaves the watermark unmoved, and
+//! the re-run classifies the same batch again, finds the table changes stale, and writes the tombstones.
+//! Tombstones are kept without expiry: they hold only keys and sequences, and dropping one would let a
+//! change older than the delete bring the row back.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::{
+    arrow::{
+        array::{Array, AsArray},
+        datatypes::{DataType, Field, Schema},
+    },
+    common::ScalarValue,
+    datasource::MemTable,
+    prelude::{DataFrame, SessionContext},
+};
 
 use super::{
     CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing, merge::key_predicate,
     quote,
 };
+
+/// Commit-info key holding the touched values of tracked columns (see [`CdcMetrics::touched`]).
+pub const TOUCHED_KEY: &str = "medallion.touched";
 
 /// How to read a change stream.
 #[derive(Debug, Clone)]
@@ -21,7 +53,14 @@ pub struct CdcSpec {
     pub op_column: String,
     /// Op values that delete the key.
     pub delete_values: Vec<String>,
+    /// Columns whose values before and after each applied change are recorded in the commit.
+    pub track: Vec<String>,
+    /// Where the tombstones of deleted keys live.
+    pub tombstones: PathBuf,
 }
+
+/// Values of a tracked column; `None` is SQL NULL.
+pub type Touched = BTreeMap<String, BTreeSet<Option<String>>>;
 
 /// What a CDC apply did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,7 +70,24 @@ pub struct CdcMetrics {
     pub rows_read: u64,
     /// Change rows replaced by a later change of the same key in the same batch.
     pub rows_superseded: u64,
+    /// Changes not newer than the key's state (late or re-delivered), skipped.
+    pub rows_stale: u64,
+    /// Deletes of keys the table did not hold: recorded as tombstones only.
+    pub tombstones_added: u64,
+    pub files_scanned: u64,
+    pub files_removed: u64,
+    /// Per tracked column, its values before and after every applied change.
+    pub touched: Touched,
 }
+
+const CHANGES: &str = "__medallion_changes";
+const LATEST: &str = "__medallion_latest";
+const TARGET: &str = "__medallion_target";
+const TOMBSTONES: &str = "__medallion_tombstones";
+const CLASSIFIED: &str = "__medallion_classified";
+const ACTION: &str = "__medallion_action";
+const HAD_TOMBSTONE: &str = "__medallion_had_tombstone";
+const IS_DELETE: &str = "__medallion_is_delete";
 
 pub async fn apply_changes(
     path: &Path,
@@ -45,11 +101,13 @@ pub async fn apply_changes(
         table: path.display().to_string(),
         message,
     };
+    let query = |e| DeltaError::query(path, e);
     let schema = changes.schema().as_arrow().clone();
     for column in spec
         .keys
         .iter()
         .chain(&spec.sequence_by)
+        .chain(&spec.track)
         .chain(std::iter::once(&spec.op_column))
     {
         if schema.field_with_name(column).is_err() {
@@ -58,73 +116,440 @@ pub async fn apply_changes(
             )));
         }
     }
-    let rows_read = changes
-        .clone()
-        .count()
-        .await
-        .map_err(|e| DeltaError::query(path, e))? as u64;
+    let rows_read = changes.clone().count().await.map_err(query)? as u64;
     if rows_read == 0 {
         return Ok(CdcMetrics::default());
     }
+    ctx.register_table(CHANGES, changes.into_view())
+        .map_err(query)?;
+    let result = apply_registered(path, ctx, &schema, spec, options, meta, rows_read).await;
+    for name in [CHANGES, LATEST, TARGET, TOMBSTONES, CLASSIFIED] {
+        let _ = ctx.deregister_table(name);
+    }
+    result
+}
 
-    // Last change per key within the batch.
-    ctx.register_table("__medallion_changes", changes.into_view())
-        .map_err(|e| DeltaError::query(path, e))?;
+async fn apply_registered(
+    path: &Path,
+    ctx: &SessionContext,
+    schema: &Schema,
+    spec: &CdcSpec,
+    options: &TableOptions,
+    meta: &CommitMeta,
+    rows_read: u64,
+) -> Result<CdcMetrics, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    reject_ties(path, ctx, spec).await?;
+
+    // 2. The last change per key within the batch, held in memory: it is read twice.
     let columns: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
     let order: Vec<String> = spec
         .sequence_by
         .iter()
         .map(|c| format!("{} DESC NULLS LAST", quote(c)))
         .collect();
-    let partition: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
+    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
     let latest = ctx
         .sql(&format!(
-            "SELECT {cols} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {partition} ORDER BY {order}) \
-             AS __medallion_rank FROM __medallion_changes) WHERE __medallion_rank = 1",
+            "SELECT {cols} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {order}) \
+             AS __medallion_rank FROM {CHANGES}) WHERE __medallion_rank = 1",
             cols = columns.join(", "),
-            partition = partition.join(", "),
+            keys = keys.join(", "),
             order = order.join(", "),
         ))
         .await
-        .map_err(|e| DeltaError::query(path, e))?;
-    let _ = ctx.deregister_table("__medallion_changes");
+        .map_err(query)?;
+    let latest_rows = register_collected(ctx, LATEST, latest, path).await?;
 
-    // The table holds every column but the op.
-    let stored: Vec<_> = schema
+    // The table holds every column but the op; the tombstones hold keys and sequence.
+    let stored: Vec<Field> = schema
         .fields()
         .iter()
         .filter(|f| f.name() != &spec.op_column)
-        .cloned()
+        .map(|f| f.as_ref().clone())
         .collect();
-    let stored_schema = Arc::new(datafusion::arrow::datatypes::Schema::new(stored));
-    let mut options = options.clone();
-    options.not_null.extend(spec.keys.iter().cloned());
-    let table = create_if_missing(path, &stored_schema, &options).await?;
-    let names: Vec<String> = stored_schema
-        .fields()
+    let stored_schema = Arc::new(Schema::new(stored));
+    let mut table_options = options.clone();
+    table_options.not_null.extend(spec.keys.iter().cloned());
+    let table = create_if_missing(path, &stored_schema, &table_options).await?;
+    let tombstone_fields: Vec<Field> = spec
+        .keys
         .iter()
-        .map(|f| f.name().clone())
+        .chain(&spec.sequence_by)
+        .filter_map(|c| schema.field_with_name(c).ok().cloned())
+        .chain([Field::new("_run_id", DataType::Utf8, true)])
         .collect();
+    let tombstone_options = TableOptions {
+        partition_by: Vec::new(),
+        description: Some(format!(
+            "Tombstones of keys deleted from {}: keys and the sequence of the delete",
+            path.display()
+        )),
+        not_null: spec.keys.clone(),
+    };
+    let tombstones = create_if_missing(
+        &spec.tombstones,
+        &Arc::new(Schema::new(tombstone_fields)),
+        &tombstone_options,
+    )
+    .await?;
+    ctx.register_table(TARGET, super::provider(path, &table).await?)
+        .map_err(query)?;
+    ctx.register_table(TOMBSTONES, super::provider(&spec.tombstones, &tombstones).await?)
+        .map_err(query)?;
 
+    // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
+    // read) and the tombstones.
+    let prune = key_range_filter(ctx, spec, schema).await.map_err(query)?;
+    let classify = classify_sql(spec, &prune);
+    let classified = ctx.sql(&classify).await.map_err(query)?;
+    register_collected(ctx, CLASSIFIED, classified, path).await?;
+    let counts = action_counts(ctx).await.map_err(query)?;
+    let count = |action: &str| counts.get(action).copied().unwrap_or(0);
+    let touched = touched_values(ctx, spec).await.map_err(query)?;
+
+    let mut metrics = CdcMetrics {
+        rows_read,
+        rows_superseded: rows_read.saturating_sub(latest_rows),
+        rows_stale: count("stale"),
+        tombstones_added: count("tombstone"),
+        touched,
+        ..CdcMetrics::default()
+    };
+
+    // 4a. The effective changes, in one commit to the table.
+    if count("insert") + count("update") + count("delete") > 0 {
+        let names: Vec<String> = stored_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let source = ctx
+            .sql(&format!(
+                "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')",
+                cols = names.iter().map(|n| quote(n)).collect::<Vec<_>>().join(", "),
+            ))
+            .await
+            .map_err(query)?;
+        let newer = newer_predicate("s", "t", &spec.sequence_by);
+        let update_names = names.clone();
+        let mut extra = Vec::new();
+        if !spec.track.is_empty() {
+            extra.push((
+                TOUCHED_KEY.to_string(),
+                serde_json::to_value(&metrics.touched).unwrap_or_default(),
+            ));
+        }
+        let properties = meta.properties_with(extra);
+        let (table, merge) = table
+            .merge(source, key_predicate(&spec.keys))
+            .with_source_alias("s")
+            .with_target_alias("t")
+            .when_matched_delete(|d| d.predicate(format!("s.{ACTION} = 'delete' AND {newer}")))
+            .and_then(|m| {
+                m.when_matched_update(|mut u| {
+                    u = u.predicate(format!("s.{ACTION} = 'update' AND {newer}"));
+                    for c in &update_names {
+                        u = u.update(c.as_str(), format!("s.{}", quote(c)));
+                    }
+                    u
+                })
+            })
+            .and_then(|m| {
+                m.when_not_matched_insert(|mut i| {
+                    i = i.predicate(format!("s.{ACTION} = 'insert'"));
+                    for c in &names {
+                        i = i.set(c.as_str(), format!("s.{}", quote(c)));
+                    }
+                    i
+                })
+            })
+            .map_err(|e| DeltaError::table(path, e))?
+            .with_commit_properties(properties)
+            .await
+            .map_err(|e| DeltaError::table(path, e))?;
+        metrics.write = WriteMetrics {
+            rows_source: None,
+            version: table.version(),
+            rows_written: (merge.num_target_rows_inserted + merge.num_target_rows_updated) as u64,
+            rows_inserted: merge.num_target_rows_inserted as u64,
+            rows_updated: merge.num_target_rows_updated as u64,
+            rows_deleted: merge.num_target_rows_deleted as u64,
+            files_added: merge.num_target_files_added as u64,
+        };
+        metrics.files_scanned = merge.num_target_files_scanned as u64;
+        metrics.files_removed = merge.num_target_files_removed as u64;
+    }
+
+    // 4b. Tombstones: added or moved forward by deletes, removed by upserts newer than them.
+    let tombstone_changes =
+        count("delete") + count("tombstone") + count("upsert_over_tombstone");
+    if tombstone_changes > 0 {
+        write_tombstones(ctx, spec, tombstones, meta).await?;
+    }
+    Ok(metrics)
+}
+
+/// Fails when two changes of one key share the full sequence: which one wins would be arbitrary.
+async fn reject_ties(
+    path: &Path,
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+) -> Result<(), DeltaError> {
+    let group: Vec<String> = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .map(|c| quote(c))
+        .collect();
+    let shown: Vec<String> = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .map(|c| format!("CAST({} AS VARCHAR) AS {}", quote(c), quote(c)))
+        .collect();
+    let ties = ctx
+        .sql(&format!(
+            "SELECT {shown}, COUNT(*) AS __medallion_n FROM {CHANGES} GROUP BY {group} \
+             HAVING COUNT(*) > 1 ORDER BY __medallion_n DESC LIMIT 3",
+            shown = shown.join(", "),
+            group = group.join(", "),
+        ))
+        .await
+        .map_err(|e| DeltaError::query(path, e))?
+        .collect()
+        .await
+        .map_err(|e| DeltaError::query(path, e))?;
+    let mut examples = Vec::new();
+    for batch in &ties {
+        for row in 0..batch.num_rows() {
+            let mut parts = Vec::new();
+            for (i, name) in spec.keys.iter().chain(&spec.sequence_by).enumerate() {
+                let column = batch.column(i).as_string::<i32>();
+                let value = if column.is_null(row) {
+                    "NULL".to_string()
+                } else {
+                    column.value(row).to_string()
+                };
+                parts.push(format!("{name}={value}"));
+            }
+            let count = batch
+                .column(spec.keys.len() + spec.sequence_by.len())
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(row);
+            examples.push(format!("{count} changes with {}", parts.join(", ")));
+        }
+    }
+    if examples.is_empty() {
+        return Ok(());
+    }
+    Err(DeltaError::Invalid {
+        table: path.display().to_string(),
+        message: format!(
+            "changes of one key share the same sequence ({}), so which one wins is undefined: {}; \
+             add a column to `sequence_by` that tells them apart, or fix the source. Nothing was written",
+            spec.sequence_by.join(", "),
+            examples.join("; ")
+        ),
+    })
+}
+
+/// `WHERE` clause limiting the live rows read to the batch's key range, when the first key is an integer
+/// or a string (the Delta scan prunes files by their min/max statistics).
+async fn key_range_filter(
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+    schema: &Schema,
+) -> datafusion::error::Result<String> {
+    let Some(key) = spec.keys.first() else {
+        return Ok(String::new());
+    };
+    let Ok(field) = schema.field_with_name(key) else {
+        return Ok(String::new());
+    };
+    let literal = |value: &ScalarValue| -> Option<String> {
+        if value.is_null() {
+            return None;
+        }
+        match field.data_type() {
+            t if t.is_integer() => Some(value.to_string()),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+                Some(format!("'{}'", value.to_string().replace('\'', "''")))
+            }
+            _ => None,
+        }
+    };
+    let bounds = ctx
+        .sql(&format!(
+            "SELECT MIN({k}), MAX({k}) FROM {LATEST}",
+            k = quote(key)
+        ))
+        .await?
+        .collect()
+        .await?;
+    let Some(batch) = bounds.first().filter(|b| b.num_rows() == 1) else {
+        return Ok(String::new());
+    };
+    let low = ScalarValue::try_from_array(batch.column(0), 0)?;
+    let high = ScalarValue::try_from_array(batch.column(1), 0)?;
+    Ok(match (literal(&low), literal(&high)) {
+        (Some(low), Some(high)) => format!(" WHERE {} BETWEEN {low} AND {high}", quote(key)),
+        _ => String::new(),
+    })
+}
+
+fn classify_sql(spec: &CdcSpec, prune: &str) -> String {
+    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
+    let state_columns: Vec<String> = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .map(|c| quote(c))
+        .collect();
+    let target_columns: Vec<String> = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .chain(&spec.track)
+        .map(|c| quote(c))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let join = |alias: &str| {
+        keys.iter()
+            .map(|k| format!("c.{k} = {alias}.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
     let deletes: Vec<String> = spec
         .delete_values
         .iter()
         .map(|v| format!("'{}'", v.replace('\'', "''")))
         .collect();
-    let op = format!("s.{}", quote(&spec.op_column));
-    let is_delete = format!("{op} IN ({})", deletes.join(", "));
-    let is_upsert = format!("({op} IS NULL OR {op} NOT IN ({}))", deletes.join(", "));
-    let newer = newer_predicate(&spec.sequence_by);
-    let update_names = names.clone();
-    let (table, metrics) = table
-        .merge(latest, key_predicate(&spec.keys))
+    let is_delete = format!(
+        "COALESCE(c.{} IN ({}), FALSE)",
+        quote(&spec.op_column),
+        deletes.join(", ")
+    );
+    let mut tracked = String::new();
+    for (i, column) in spec.track.iter().enumerate() {
+        tracked.push_str(&format!(
+            ", CAST(tg.{c} AS VARCHAR) AS __medallion_before_{i}, CAST(c.{c} AS VARCHAR) AS __medallion_after_{i}",
+            c = quote(column)
+        ));
+    }
+    format!(
+        "SELECT c.*, \
+           CASE \
+             WHEN tb.__present AND NOT COALESCE({newer_tb}, FALSE) THEN 'stale' \
+             WHEN tg.__present AND NOT COALESCE({newer_tg}, FALSE) THEN 'stale' \
+             WHEN {is_delete} AND tg.__present THEN 'delete' \
+             WHEN {is_delete} THEN 'tombstone' \
+             WHEN tg.__present THEN 'update' \
+             ELSE 'insert' \
+           END AS {ACTION}, \
+           COALESCE(tb.__present, FALSE) AS {HAD_TOMBSTONE}, \
+           {is_delete} AS {IS_DELETE}{tracked} \
+         FROM {LATEST} c \
+         LEFT JOIN (SELECT {target_columns}, TRUE AS __present FROM {TARGET}{prune}) tg ON {join_tg} \
+         LEFT JOIN (SELECT {state_columns}, TRUE AS __present FROM {TOMBSTONES}) tb ON {join_tb}",
+        newer_tb = newer_predicate("c", "tb", &spec.sequence_by),
+        newer_tg = newer_predicate("c", "tg", &spec.sequence_by),
+        target_columns = target_columns.join(", "),
+        state_columns = state_columns.join(", "),
+        join_tg = join("tg"),
+        join_tb = join("tb"),
+    )
+}
+
+/// Rows per action in the classified batch; `upsert_over_tombstone` counts upserts that end a tombstone.
+async fn action_counts(ctx: &SessionContext) -> datafusion::error::Result<BTreeMap<String, u64>> {
+    let batches = ctx
+        .sql(&format!(
+            "SELECT a, COUNT(*) AS n FROM ( \
+               SELECT {ACTION} AS a FROM {CLASSIFIED} \
+               UNION ALL \
+               SELECT 'upsert_over_tombstone' AS a FROM {CLASSIFIED} \
+               WHERE {ACTION} IN ('insert', 'update') AND {HAD_TOMBSTONE}) GROUP BY a"
+        ))
+        .await?
+        .collect()
+        .await?;
+    let mut counts = BTreeMap::new();
+    for batch in &batches {
+        let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let names = cast.as_string::<i32>();
+        let values = batch
+            .column(1)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        for row in 0..batch.num_rows() {
+            *counts.entry(names.value(row).to_string()).or_insert(0) += values.value(row) as u64;
+        }
+    }
+    Ok(counts)
+}
+
+/// For each tracked column, the values before (updates, deletes) and after (inserts, updates) the
+/// changes that apply.
+async fn touched_values(
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+) -> datafusion::error::Result<Touched> {
+    let mut touched = Touched::new();
+    for (i, column) in spec.track.iter().enumerate() {
+        let batches = ctx
+            .sql(&format!(
+                "SELECT DISTINCT v FROM ( \
+                   SELECT __medallion_before_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('update', 'delete') \
+                   UNION ALL \
+                   SELECT __medallion_after_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update'))"
+            ))
+            .await?
+            .collect()
+            .await?;
+        let values = touched.entry(column.clone()).or_default();
+        for batch in &batches {
+            let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+            let strings = cast.as_string::<i32>();
+            for row in 0..batch.num_rows() {
+                values.insert((!strings.is_null(row)).then(|| strings.value(row).to_string()));
+            }
+        }
+    }
+    Ok(touched)
+}
+
+async fn write_tombstones(
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+    tombstones: deltalake::DeltaTable,
+    meta: &CommitMeta,
+) -> Result<(), DeltaError> {
+    let path = spec.tombstones.as_path();
+    let query = |e| DeltaError::query(path, e);
+    let state: Vec<String> = spec.keys.iter().chain(&spec.sequence_by).cloned().collect();
+    let source = ctx
+        .sql(&format!(
+            "SELECT {cols}, {IS_DELETE}, '{run}' AS \"_run_id\" FROM {CLASSIFIED} \
+             WHERE {ACTION} IN ('delete', 'tombstone') \
+                OR ({ACTION} IN ('insert', 'update') AND {HAD_TOMBSTONE})",
+            cols = state.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+            run = meta.run_id.replace('\'', "''"),
+        ))
+        .await
+        .map_err(query)?;
+    let mut set_columns = state.clone();
+    set_columns.push("_run_id".to_string());
+    let insert_columns = set_columns.clone();
+    tombstones
+        .merge(source, key_predicate(&spec.keys))
         .with_source_alias("s")
         .with_target_alias("t")
-        .when_matched_delete(|d| d.predicate(format!("{is_delete} AND {newer}")))
+        .when_matched_delete(|d| d.predicate(format!("NOT s.{IS_DELETE}")))
         .and_then(|m| {
             m.when_matched_update(|mut u| {
-                u = u.predicate(format!("{is_upsert} AND {newer}"));
-                for c in &update_names {
+                u = u.predicate(format!("s.{IS_DELETE}"));
+                for c in &set_columns {
                     u = u.update(c.as_str(), format!("s.{}", quote(c)));
                 }
                 u
@@ -132,8 +557,8 @@ pub async fn apply_changes(
         })
         .and_then(|m| {
             m.when_not_matched_insert(|mut i| {
-                i = i.predicate(is_upsert.clone());
-                for c in &names {
+                i = i.predicate(format!("s.{IS_DELETE}"));
+                for c in &insert_columns {
                     i = i.set(c.as_str(), format!("s.{}", quote(c)));
                 }
                 i
@@ -143,34 +568,90 @@ pub async fn apply_changes(
         .with_commit_properties(meta.properties())
         .await
         .map_err(|e| DeltaError::table(path, e))?;
-    let latest_rows = metrics.num_source_rows as u64;
-    Ok(CdcMetrics {
-        write: WriteMetrics {
-            rows_source: None,
-            version: table.version(),
-            rows_written: (metrics.num_target_rows_inserted + metrics.num_target_rows_updated)
-                as u64,
-            rows_inserted: metrics.num_target_rows_inserted as u64,
-            rows_updated: metrics.num_target_rows_updated as u64,
-            rows_deleted: metrics.num_target_rows_deleted as u64,
-            files_added: metrics.num_target_files_added as u64,
-        },
-        rows_read,
-        rows_superseded: rows_read.saturating_sub(latest_rows),
-    })
+    Ok(())
 }
 
-/// Lexicographic `s.seq > t.seq` over the sequence columns.
-fn newer_predicate(sequence_by: &[String]) -> String {
+/// Collects `frame` and registers it in memory as `name`; returns its row count.
+async fn register_collected(
+    ctx: &SessionContext,
+    name: &str,
+    frame: DataFrame,
+    path: &Path,
+) -> Result<u64, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let planned = Arc::new(frame.schema().as_arrow().clone());
+    let batches = frame.collect().await.map_err(query)?;
+    // The batches' schema can differ from the planned one in nullability; theirs is the truth.
+    let schema = batches.first().map_or(planned, |b| b.schema());
+    let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+    let table = MemTable::try_new(schema, vec![batches]).map_err(query)?;
+    ctx.register_table(name, Arc::new(table)).map_err(query)?;
+    Ok(rows)
+}
+
+/// Lexicographic `a.seq > b.seq` over the sequence columns.
+fn newer_predicate(a: &str, b: &str, sequence_by: &[String]) -> String {
     match sequence_by.split_first() {
         None => "TRUE".to_string(),
-        Some((first, [])) => format!("s.{0} > t.{0}", quote(first)),
+        Some((first, [])) => format!("{a}.{0} > {b}.{0}", quote(first)),
         Some((first, rest)) => format!(
-            "(s.{0} > t.{0} OR (s.{0} = t.{0} AND {1}))",
+            "({a}.{0} > {b}.{0} OR ({a}.{0} = {b}.{0} AND {1}))",
             quote(first),
-            newer_predicate(rest)
+            newer_predicate(a, b, rest)
         ),
     }
+}
+
+/// Reads, from the commits of a cdc table after `after_version`, the touched values of `column`. `None`
+/// when they cannot be known (a commit that changed data without recording them, or a commit no longer in
+/// the log): the caller then recomputes everything.
+pub async fn touched_since(
+    table: &deltalake::DeltaTable,
+    after_version: u64,
+    column: &str,
+) -> Result<Option<BTreeSet<Option<String>>>, DeltaError> {
+    let Some(current) = table.version() else {
+        return Ok(None);
+    };
+    let store = table.log_store();
+    let mut values = BTreeSet::new();
+    for version in after_version + 1..=current {
+        let Some(bytes) = store
+            .read_commit_entry(version as _)
+            .await
+            .map_err(|e| DeltaError::Table {
+                table: table.table_url().to_string(),
+                source: e,
+            })?
+        else {
+            return Ok(None);
+        };
+        let mut recorded = None;
+        let mut changes_data = false;
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return Ok(None);
+            };
+            if let Some(info) = action.get("commitInfo") {
+                recorded = info.get(TOUCHED_KEY).and_then(|t| t.get(column)).cloned();
+            }
+            for kind in ["add", "remove"] {
+                if let Some(file) = action.get(kind)
+                    && file.get("dataChange").and_then(|d| d.as_bool()) != Some(false)
+                {
+                    changes_data = true;
+                }
+            }
+        }
+        match (recorded, changes_data) {
+            (Some(serde_json::Value::Array(list)), _) => {
+                values.extend(list.iter().map(|v| v.as_str().map(str::to_string)));
+            }
+            (_, false) => {}
+            (_, true) => return Ok(None),
+        }
+    }
+    Ok(Some(values))
 }
 
 #[cfg(test)]
@@ -180,7 +661,7 @@ mod tests {
     #[test]
     fn newer_is_lexicographic() {
         assert_eq!(
-            newer_predicate(&["a".into(), "b".into()]),
+            newer_predicate("s", "t", &["a".into(), "b".into()]),
             "(s.\"a\" > t.\"a\" OR (s.\"a\" = t.\"a\" AND s.\"b\" > t.\"b\"))"
         );
     }

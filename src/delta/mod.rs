@@ -17,9 +17,9 @@ use deltalake::{
 };
 
 pub use append::{BatchAppender, append_batches};
-pub use cdc::{CdcSpec, apply_changes};
+pub use cdc::{CdcMetrics, CdcSpec, Touched, apply_changes, touched_since};
 pub use merge::upsert;
-pub use overwrite::overwrite;
+pub use overwrite::{Scope, overwrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
@@ -191,7 +191,15 @@ pub struct CommitMeta {
 
 impl CommitMeta {
     fn properties(&self) -> deltalake::kernel::transaction::CommitProperties {
-        deltalake::kernel::transaction::CommitProperties::default().with_metadata([
+        self.properties_with(Vec::new())
+    }
+
+    /// The lineage plus `extra` entries in the commit info.
+    fn properties_with(
+        &self,
+        extra: Vec<(String, serde_json::Value)>,
+    ) -> deltalake::kernel::transaction::CommitProperties {
+        let lineage = [
             (
                 "medallion.run_id".to_string(),
                 serde_json::Value::String(self.run_id.clone()),
@@ -200,7 +208,9 @@ impl CommitMeta {
                 "medallion.stage".to_string(),
                 serde_json::Value::String(self.stage.clone()),
             ),
-        ])
+        ];
+        deltalake::kernel::transaction::CommitProperties::default()
+            .with_metadata(lineage.into_iter().chain(extra))
     }
 }
 

@@ -1,34 +1,86 @@
-//! Overwrite: replace the whole table with a query's result in one commit. The query streams through
-//! delta-rs's writer; it is not collected in memory.
+//! Overwrite: replace the whole table, or only the rows of some values of one column, with a query's
+//! result in one commit. The query streams through delta-rs's writer; it is not collected in memory.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeSet, path::Path, sync::Arc};
 
-use datafusion::prelude::DataFrame;
+use datafusion::{
+    common::ScalarValue,
+    prelude::{DataFrame, Expr, col, lit},
+};
 use deltalake::{operations::write::SchemaMode, protocol::SaveMode};
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
+
+/// The rows an overwrite replaces: those whose `column` holds one of `values` (`None` is NULL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub column: String,
+    pub values: BTreeSet<Option<String>>,
+}
+
+impl Scope {
+    /// `column IN (values) [OR column IS NULL]`, with the values typed like the column of `data`.
+    pub fn predicate(&self, data: &DataFrame) -> Result<Expr, String> {
+        let field = data
+            .schema()
+            .as_arrow()
+            .field_with_name(&self.column)
+            .map_err(|_| format!("the stage's SQL has no column `{}`", self.column))?
+            .clone();
+        let mut list = Vec::new();
+        for value in self.values.iter().flatten() {
+            let scalar = ScalarValue::try_from_string(value.clone(), field.data_type())
+                .map_err(|e| format!("value `{value}` of `{}`: {e}", self.column))?;
+            list.push(lit(scalar));
+        }
+        let column = col(datafusion::common::Column::new_unqualified(&self.column));
+        let mut predicate = if list.is_empty() {
+            lit(false)
+        } else {
+            column.clone().in_list(list, false)
+        };
+        if self.values.contains(&None) {
+            predicate = predicate.or(column.is_null());
+        }
+        Ok(predicate)
+    }
+}
 
 pub async fn overwrite(
     path: &Path,
     data: DataFrame,
     options: &TableOptions,
     meta: &CommitMeta,
+    scope: Option<&Scope>,
 ) -> Result<WriteMetrics, DeltaError> {
+    let invalid = |message: String| DeltaError::Invalid {
+        table: path.display().to_string(),
+        message,
+    };
     let schema = Arc::new(data.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
     let session = super::session()?;
+    let predicate = scope.map(|s| s.predicate(&data)).transpose().map_err(invalid)?;
+    let data = match &predicate {
+        Some(predicate) => data
+            .filter(predicate.clone())
+            .map_err(|e| DeltaError::query(path, e))?,
+        None => data,
+    };
     let (state, plan) = data.into_parts();
     drop(state);
-    let table = table
+    let mut builder = table
         .write(Vec::new())
         .with_input_plan(plan)
         .with_session_state(Arc::new(session.state()))
         .with_save_mode(SaveMode::Overwrite)
-        .with_schema_mode(SchemaMode::Overwrite)
         .with_partition_columns(options.partition_by.clone())
-        .with_commit_properties(meta.properties())
-        .await
-        .map_err(|e| DeltaError::table(path, e))?;
+        .with_commit_properties(meta.properties());
+    builder = match predicate {
+        Some(predicate) => builder.with_replace_where(predicate),
+        None => builder.with_schema_mode(SchemaMode::Overwrite),
+    };
+    let table = builder.await.map_err(|e| DeltaError::table(path, e))?;
     let metrics = last_write_metrics(&table).await;
     Ok(WriteMetrics {
         version: table.version(),

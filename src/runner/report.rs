@@ -27,6 +27,13 @@ pub struct StageReport {
     pub rows_updated: u64,
     pub rows_deleted: u64,
     pub rows_superseded: u64,
+    /// Changes older than the key's state (late or re-delivered), skipped.
+    pub rows_stale: u64,
+    /// Deletes of keys the table did not hold, kept as tombstones.
+    pub tombstones_added: u64,
+    pub files_removed: u64,
+    /// What an incremental stage recomputed.
+    pub scope: Option<String>,
     pub output_version: Option<u64>,
     pub elapsed: Duration,
     /// Non-fatal findings (warn expectations).
@@ -45,6 +52,10 @@ impl StageReport {
             rows_updated: 0,
             rows_deleted: 0,
             rows_superseded: 0,
+            rows_stale: 0,
+            tombstones_added: 0,
+            files_removed: 0,
+            scope: None,
             output_version: None,
             elapsed: Duration::ZERO,
             warnings: Vec::new(),
@@ -122,6 +133,10 @@ impl RunReport {
                     "rows_updated": s.rows_updated,
                     "rows_deleted": s.rows_deleted,
                     "rows_superseded": s.rows_superseded,
+                    "rows_stale": s.rows_stale,
+                    "tombstones_added": s.tombstones_added,
+                    "files_removed": s.files_removed,
+                    "scope": s.scope,
                     "version": s.output_version,
                     "elapsed_ms": s.elapsed.as_millis() as u64,
                     "message": message,
@@ -162,15 +177,22 @@ impl RunReport {
             let note = match &stage.outcome {
                 StageOutcome::Succeeded => {
                     let mut parts = Vec::new();
-                    if stage.rows_updated + stage.rows_deleted + stage.rows_superseded > 0 {
+                    if stage.rows_updated
+                        + stage.rows_deleted
+                        + stage.rows_superseded
+                        + stage.rows_stale
+                        > 0
+                    {
                         parts.push(format!(
-                            "+{} ~{} -{} superseded {}",
+                            "+{} ~{} -{} superseded {} stale {}",
                             stage.rows_inserted,
                             stage.rows_updated,
                             stage.rows_deleted,
-                            stage.rows_superseded
+                            stage.rows_superseded,
+                            stage.rows_stale
                         ));
                     }
+                    parts.extend(stage.scope.iter().cloned());
                     parts.extend(stage.warnings.iter().cloned());
                     parts.join("; ")
                 }

@@ -13,7 +13,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::{RunContext, RunError, StageOutcome, StageReport, progress::StageProgress};
 use crate::{
     checks,
-    config::{ExpectationAction, Stage, StageInput, WriteMode},
+    config::{ExpectationAction, Incremental, Stage, StageInput, WriteMode},
     delta::{self, BatchAppender, CdcSpec, CommitMeta, TableOptions, WriteMetrics},
     engine,
     landing::{self, BATCH_ID, BronzeLayout, FileBatches, LandingFile, Lineage},
@@ -131,6 +131,12 @@ async fn ingest(
         .clone();
     let files = landing::discover(&source).map_err(landing_err)?;
     let ledger = context.state.ingested_files(source_name).await?;
+    // Content already landed under another name is a re-delivery: DMS or a copy job sent it again.
+    let mut known_content: BTreeMap<String, String> = ledger
+        .values()
+        .map(|entry| (entry.checksum.clone(), entry.file.clone()))
+        .collect();
+    let mut redelivered = Vec::new();
     let mut new_files: Vec<(LandingFile, String, i64)> = Vec::new();
     for file in files {
         let modified = modified_micros(&file);
@@ -154,13 +160,31 @@ async fn ingest(
             }
             None => {
                 let checksum = file.checksum().map_err(landing_err)?;
+                if let Some(original) = known_content.get(&checksum) {
+                    warn!(
+                        file = %file.relative,
+                        original = %original,
+                        "skipped: same content as a file already landed"
+                    );
+                    redelivered.push(format!("`{}` (same as `{original}`)", file.relative));
+                    continue;
+                }
+                known_content.insert(checksum.clone(), file.relative.clone());
                 new_files.push((file, checksum, modified));
             }
         }
     }
+    let redelivered_note = (!redelivered.is_empty()).then(|| {
+        format!(
+            "{} re-delivered file(s) skipped: {}",
+            redelivered.len(),
+            redelivered.join(", ")
+        )
+    });
     if new_files.is_empty() {
+        let reason = redelivered_note.unwrap_or_else(|| "no new landing files".into());
         return Ok((
-            StageReport::new(stage, StageOutcome::UpToDate("no new landing files".into())),
+            StageReport::new(stage, StageOutcome::UpToDate(reason)),
             BTreeMap::new(),
         ));
     }
@@ -222,13 +246,13 @@ async fn ingest(
     }
     progress.message("committing");
     let metrics = appender.commit().await.map_err(delta_err)?;
-    if let Some(version) = metrics.version {
-        if version as i64 != batch_id {
-            warn!(
-                batch_id,
-                version, "another writer committed to this Bronze table during the ingest"
-            );
-        }
+    if let Some(version) = metrics.version
+        && version as i64 != batch_id
+    {
+        warn!(
+            batch_id,
+            version, "another writer committed to this Bronze table during the ingest"
+        );
     }
     let entries: Vec<LedgerEntry> = new_files
         .iter()
@@ -252,6 +276,7 @@ async fn ingest(
     );
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.rows_read = metrics.rows_written;
+    report.warnings.extend(redelivered_note);
     apply_write(&mut report, &metrics);
     Ok((report, BTreeMap::new()))
 }
@@ -302,6 +327,22 @@ async fn sql_stage(
         ));
     }
 
+    let scope = match &stage.incremental {
+        Some(incremental) if target_exists => {
+            incremental_scope(context, incremental, last.as_ref(), &versions)
+                .await
+                .map_err(delta_err)?
+        }
+        _ => None,
+    };
+    if let Some(scope) = &scope
+        && scope.values.is_empty()
+    {
+        let mut report = StageReport::new(stage, StageOutcome::Succeeded);
+        report.scope = Some(format!("no `{}` value touched", scope.column));
+        return Ok((report, versions));
+    }
+
     let ctx = delta::session().map_err(delta_err)?;
     engine::prepare(&ctx);
     for (table, path, delta_table) in &inputs {
@@ -317,9 +358,19 @@ async fn sql_stage(
         engine::register_table(&ctx, table, provider, after.map(|v| (BATCH_ID, v)))
             .map_err(engine_err)?;
     }
-    let output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
+    let mut output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
         .await
         .map_err(engine_err)?;
+    if let Some(scope) = &scope {
+        // Checks see exactly the rows that will be written.
+        let predicate = scope.predicate(&output).map_err(|message| RunError::Internal {
+            stage: name.clone(),
+            message,
+        })?;
+        output = output
+            .filter(predicate)
+            .map_err(|e| engine_err(engine::EngineError::query("incremental scope", e)))?;
+    }
 
     progress.message("checking expectations");
     let results = checks::evaluate(&ctx, &output, &stage.expectations)
@@ -332,11 +383,10 @@ async fn sql_stage(
             continue;
         }
         let mut text = result.describe();
-        if let Some((file, row, _)) = &result.first {
-            if let Some(value) = raw_value(&ctx, reads, result.column.as_deref(), file, *row).await
-            {
-                text.push_str(&format!(" (raw value `{value}`)"));
-            }
+        if let Some((file, row, _)) = &result.first
+            && let Some(value) = raw_value(&ctx, reads, result.column.as_deref(), file, *row).await
+        {
+            text.push_str(&format!(" (raw value `{value}`)"));
         }
         match result.action {
             ExpectationAction::Fail => failures.push(text),
@@ -360,9 +410,16 @@ async fn sql_stage(
     report.warnings = warnings;
     match &stage.write {
         WriteMode::Overwrite => {
-            let metrics = delta::overwrite(&target_path, output, &options, &meta)
+            let metrics = delta::overwrite(&target_path, output, &options, &meta, scope.as_ref())
                 .await
                 .map_err(delta_err)?;
+            if let Some(scope) = &scope {
+                report.scope = Some(format!(
+                    "{} `{}` value(s) recomputed",
+                    scope.values.len(),
+                    scope.column
+                ));
+            }
             report.rows_read = metrics.rows_written;
             apply_write(&mut report, &metrics);
         }
@@ -396,18 +453,24 @@ async fn sql_stage(
             sequence_by,
             op_column,
             delete_values,
+            track,
         } => {
             let spec = CdcSpec {
                 keys: keys.clone(),
                 sequence_by: sequence_by.clone(),
                 op_column: op_column.clone(),
                 delete_values: delete_values.clone(),
+                track: track.clone(),
+                tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
             };
             let metrics = delta::apply_changes(&target_path, &ctx, output, &spec, &options, &meta)
                 .await
                 .map_err(delta_err)?;
             report.rows_read = metrics.rows_read;
             report.rows_superseded = metrics.rows_superseded;
+            report.rows_stale = metrics.rows_stale;
+            report.tombstones_added = metrics.tombstones_added;
+            report.files_removed = metrics.files_removed;
             apply_write(&mut report, &metrics.write);
         }
     }
@@ -415,6 +478,40 @@ async fn sql_stage(
         report.outcome = StageOutcome::Succeeded;
     }
     Ok((report, versions))
+}
+
+/// The values of an incremental stage's column to recompute, from the commits its cdc source made since
+/// the stage's last success. `None` means recompute everything: no earlier success, another input
+/// changed, or the source's commits do not say what they touched.
+async fn incremental_scope(
+    context: &RunContext,
+    incremental: &Incremental,
+    last: Option<&BTreeMap<String, u64>>,
+    versions: &BTreeMap<String, u64>,
+) -> Result<Option<delta::Scope>, delta::DeltaError> {
+    let Some(last) = last else {
+        return Ok(None);
+    };
+    let source = incremental.source.to_string();
+    let others_unchanged = versions
+        .iter()
+        .filter(|(table, _)| **table != source)
+        .all(|(table, version)| last.get(table) == Some(version));
+    let Some(after) = last.get(&source).copied() else {
+        return Ok(None);
+    };
+    if !others_unchanged {
+        return Ok(None);
+    }
+    let path = context.pipeline.table_path(&incremental.source);
+    let Some(table) = delta::open(&path).await? else {
+        return Ok(None);
+    };
+    let values = delta::touched_since(&table, after, &incremental.column).await?;
+    Ok(values.map(|values| delta::Scope {
+        column: incremental.column.clone(),
+        values,
+    }))
 }
 
 fn apply_write(report: &mut StageReport, metrics: &WriteMetrics) {

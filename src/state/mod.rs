@@ -428,3 +428,8 @@ fn literal(value: &str) -> String {
 pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
+
+/// Where the tombstones of a cdc table's deleted keys live: `<lake>/_medallion/tombstones/<layer>/<table>`.
+pub fn tombstones_path(lake: &Path, table: &crate::config::TableName) -> std::path::PathBuf {
+    table.path_in(&lake.join("_medallion").join("tombstones"))
+}

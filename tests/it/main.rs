@@ -1,6 +1,8 @@
 //! End-to-end tests: the real `medallion` binary on generated DMS files, real Delta tables on disk, real
 //! Python Delta readers. One test binary, one module per area.
 
+mod cdc_property;
+mod cdc_reference;
 mod common;
 mod end_to_end;
 mod malformed;

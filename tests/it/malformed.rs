@@ -36,7 +36,10 @@ async fn malformed_rows_fail_cleanly_and_name_file_row_and_column() {
     let good = std::fs::read(aside).unwrap();
     std::fs::rename(aside, original).unwrap();
     edit_row(original, 5, |line| {
-        line.rsplitn(2, ',').nth(1).unwrap_or("").to_string()
+        line.rsplit_once(',')
+            .map(|(head, _)| head)
+            .unwrap_or("")
+            .to_string()
     });
     let output = scratch.run();
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
