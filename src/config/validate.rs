@@ -103,7 +103,7 @@ fn suggest_key(message: &str) -> Option<&str> {
         .skip(1)
         .step_by(2)
         .map(|candidate| (edit_distance(unknown, candidate), candidate))
-        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }
@@ -661,11 +661,10 @@ impl Compiler<'_> {
                 .find(|(s, _, _)| s.target == inc.source)
                 .map(|(s, _, _)| &mut s.write);
             match writer {
-                Some(WriteMode::Cdc { track, .. }) => {
-                    if !track.contains(&inc.column) {
-                        track.push(inc.column.clone());
-                    }
+                Some(WriteMode::Cdc { track, .. }) if !track.contains(&inc.column) => {
+                    track.push(inc.column.clone());
                 }
+                Some(WriteMode::Cdc { .. }) => {}
                 Some(_) => self.issue(
                     Some(line),
                     format!(

@@ -195,8 +195,11 @@ async fn apply_registered(
     .await?;
     ctx.register_table(TARGET, super::provider(path, &table).await?)
         .map_err(query)?;
-    ctx.register_table(TOMBSTONES, super::provider(&spec.tombstones, &tombstones).await?)
-        .map_err(query)?;
+    ctx.register_table(
+        TOMBSTONES,
+        super::provider(&spec.tombstones, &tombstones).await?,
+    )
+    .map_err(query)?;
 
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
     // read) and the tombstones.
@@ -282,8 +285,7 @@ async fn apply_registered(
     }
 
     // 4b. Tombstones: added or moved forward by deletes, removed by upserts newer than them.
-    let tombstone_changes =
-        count("delete") + count("tombstone") + count("upsert_over_tombstone");
+    let tombstone_changes = count("delete") + count("tombstone") + count("upsert_over_tombstone");
     if tombstone_changes > 0 {
         write_tombstones(ctx, spec, tombstones, meta).await?;
     }
@@ -291,11 +293,7 @@ async fn apply_registered(
 }
 
 /// Fails when two changes of one key share the full sequence: which one wins would be arbitrary.
-async fn reject_ties(
-    path: &Path,
-    ctx: &SessionContext,
-    spec: &CdcSpec,
-) -> Result<(), DeltaError> {
+async fn reject_ties(path: &Path, ctx: &SessionContext, spec: &CdcSpec) -> Result<(), DeltaError> {
     let group: Vec<String> = spec
         .keys
         .iter()
@@ -325,7 +323,9 @@ async fn reject_ties(
         for row in 0..batch.num_rows() {
             let mut parts = Vec::new();
             for (i, name) in spec.keys.iter().chain(&spec.sequence_by).enumerate() {
-                let column = batch.column(i).as_string::<i32>();
+                let column = datafusion::arrow::compute::cast(batch.column(i), &DataType::Utf8)
+                    .map_err(|e| DeltaError::query(path, e.into()))?;
+                let column = column.as_string::<i32>();
                 let value = if column.is_null(row) {
                     "NULL".to_string()
                 } else {
@@ -333,10 +333,11 @@ async fn reject_ties(
                 };
                 parts.push(format!("{name}={value}"));
             }
-            let count = batch
-                .column(spec.keys.len() + spec.sequence_by.len())
-                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                .value(row);
+            let count = ScalarValue::try_from_array(
+                batch.column(spec.keys.len() + spec.sequence_by.len()),
+                row,
+            )
+            .map_err(|e| DeltaError::query(path, e))?;
             examples.push(format!("{count} changes with {}", parts.join(", ")));
         }
     }
@@ -479,11 +480,10 @@ async fn action_counts(ctx: &SessionContext) -> datafusion::error::Result<BTreeM
     for batch in &batches {
         let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
         let names = cast.as_string::<i32>();
-        let values = batch
-            .column(1)
-            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        let values = datafusion::arrow::compute::cast(batch.column(1), &DataType::UInt64)?;
+        let values = values.as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
         for row in 0..batch.num_rows() {
-            *counts.entry(names.value(row).to_string()).or_insert(0) += values.value(row) as u64;
+            *counts.entry(names.value(row).to_string()).or_insert(0) += values.value(row);
         }
     }
     Ok(counts)
@@ -533,7 +533,11 @@ async fn write_tombstones(
             "SELECT {cols}, {IS_DELETE}, '{run}' AS \"_run_id\" FROM {CLASSIFIED} \
              WHERE {ACTION} IN ('delete', 'tombstone') \
                 OR ({ACTION} IN ('insert', 'update') AND {HAD_TOMBSTONE})",
-            cols = state.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+            cols = state
+                .iter()
+                .map(|c| quote(c))
+                .collect::<Vec<_>>()
+                .join(", "),
             run = meta.run_id.replace('\'', "''"),
         ))
         .await
@@ -616,13 +620,14 @@ pub async fn touched_since(
     let store = table.log_store();
     let mut values = BTreeSet::new();
     for version in after_version + 1..=current {
-        let Some(bytes) = store
-            .read_commit_entry(version as _)
-            .await
-            .map_err(|e| DeltaError::Table {
-                table: table.table_url().to_string(),
-                source: e,
-            })?
+        let Some(bytes) =
+            store
+                .read_commit_entry(version as _)
+                .await
+                .map_err(|e| DeltaError::Table {
+                    table: table.table_url().to_string(),
+                    source: e,
+                })?
         else {
             return Ok(None);
         };

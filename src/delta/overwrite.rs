@@ -60,7 +60,10 @@ pub async fn overwrite(
     let schema = Arc::new(data.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
     let session = super::session()?;
-    let predicate = scope.map(|s| s.predicate(&data)).transpose().map_err(invalid)?;
+    let predicate = scope
+        .map(|s| s.predicate(&data))
+        .transpose()
+        .map_err(invalid)?;
     let data = match &predicate {
         Some(predicate) => data
             .filter(predicate.clone())

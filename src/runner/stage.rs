@@ -363,10 +363,12 @@ async fn sql_stage(
         .map_err(engine_err)?;
     if let Some(scope) = &scope {
         // Checks see exactly the rows that will be written.
-        let predicate = scope.predicate(&output).map_err(|message| RunError::Internal {
-            stage: name.clone(),
-            message,
-        })?;
+        let predicate = scope
+            .predicate(&output)
+            .map_err(|message| RunError::Internal {
+                stage: name.clone(),
+                message,
+            })?;
         output = output
             .filter(predicate)
             .map_err(|e| engine_err(engine::EngineError::query("incremental scope", e)))?;

@@ -79,12 +79,16 @@ pub struct RunRecord {
 
 pub struct StateStore {
     root: PathBuf,
+    /// Stages run in parallel and record into the same state tables; one write at a time keeps the
+    /// first run's table creation and the appends from racing each other's commits.
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl StateStore {
     pub fn new(lake: &Path) -> StateStore {
         StateStore {
             root: lake.join("_medallion"),
+            writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -308,6 +312,7 @@ impl StateStore {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        let _one_writer = self.writes.lock().await;
         delta::append_batches(&path, vec![batch], &TableOptions::default(), meta)
             .await
             .map(|_| ())

@@ -69,7 +69,11 @@ impl DmsFile {
             "Op,dms_commit_ts,id,val\n"
         });
         for change in &self.changes {
-            let ts = format!("2020-01-01 00:{:02}:{:02}.000000", change.ts / 60, change.ts % 60);
+            let ts = format!(
+                "2020-01-01 00:{:02}:{:02}.000000",
+                change.ts / 60,
+                change.ts % 60
+            );
             let value = change.value.as_deref().unwrap_or("");
             if self.full_load {
                 out.push_str(&format!("{ts},{},{value}\n", change.key));
@@ -245,7 +249,10 @@ async fn run_case(seed: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         for stage in &report.stages {
             if let StageOutcome::Failed(message) = &stage.outcome {
-                return Err(format!("run {run}: stage {} failed: {message}", stage.stage));
+                return Err(format!(
+                    "run {run}: stage {} failed: {message}",
+                    stage.stage
+                ));
             }
         }
         let seen: Vec<&DmsFile> = delivered.iter().map(|&i| &files[i]).collect();
@@ -266,12 +273,23 @@ async fn run_case(seed: u64) -> Result<(), String> {
             .map(|r| (r[0].parse().unwrap_or(u32::MAX), r[1].clone()))
             .collect();
         if got != want {
-            let missing: Vec<_> = want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(5).collect();
-            let extra: Vec<_> = got.iter().filter(|(k, v)| want.get(k) != Some(v)).take(5).collect();
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| want.get(k) != Some(v))
+                .take(5)
+                .collect();
             return Err(format!(
                 "after run {run} (files delivered in order {:?}): silver has {} rows, the model {}; \
                  expected but not found: {missing:?}; found but not expected: {extra:?}",
-                delivered.iter().map(|&i| files[i].name.as_str()).collect::<Vec<_>>(),
+                delivered
+                    .iter()
+                    .map(|&i| files[i].name.as_str())
+                    .collect::<Vec<_>>(),
                 got.len(),
                 want.len()
             ));
@@ -289,11 +307,18 @@ async fn silver_equals_the_model_whatever_the_delivery_order() {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(200);
-            (1..=cases).map(|i| i.wrapping_mul(0x2545_F491_4F6C_DD1D)).collect()
+            (1..=cases)
+                .map(|i| i.wrapping_mul(0x2545_F491_4F6C_DD1D))
+                .collect()
         }
     };
     let failures: Vec<String> = futures::stream::iter(seeds)
-        .map(|seed| async move { run_case(seed).await.err().map(|e| format!("seed {seed}: {e}")) })
+        .map(|seed| async move {
+            run_case(seed)
+                .await
+                .err()
+                .map(|e| format!("seed {seed}: {e}"))
+        })
         .buffer_unordered(4)
         .filter_map(|failure| async move { failure })
         .collect()

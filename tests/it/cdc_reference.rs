@@ -13,7 +13,8 @@ fn run_edited(scratch: &Scratch, edit: &dyn Fn(String) -> String) -> std::proces
     if !project.exists() {
         std::fs::create_dir_all(project.join("pipelines")).expect("project");
         std::os::unix::fs::symlink(repo().join("sql"), project.join("sql")).expect("sql link");
-        let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
+        let yaml =
+            std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
         std::fs::write(project.join("pipelines/t.yaml"), edit(yaml)).expect("write yaml");
     }
     std::process::Command::new(crate::common::BIN)
@@ -74,7 +75,10 @@ async fn assert_gold_is_silver_aggregated(lake: &Path) {
          FROM gold.daily_kpis ORDER BY txn_date",
     )
     .await;
-    assert_eq!(gold, from_silver, "gold.daily_kpis = silver aggregated by txn_date");
+    assert_eq!(
+        gold, from_silver,
+        "gold.daily_kpis = silver aggregated by txn_date"
+    );
 }
 
 /// Delivers the styled files in a scrambled order over three runs; checks Gold after each run and Silver
@@ -108,7 +112,9 @@ async fn out_of_order_delivery(
         .partition(|p| p.to_string_lossy().contains("/public/transactions/"));
     txns.reverse();
     let place = |file: &Path| {
-        let to = scratch.landing().join(file.strip_prefix(&staged).expect("under staged"));
+        let to = scratch
+            .landing()
+            .join(file.strip_prefix(&staged).expect("under staged"));
         std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
         std::fs::copy(file, &to).expect("copy");
     };
@@ -144,12 +150,16 @@ async fn out_of_order_delivery(
         .iter()
         .map(|(id, t)| vec![id.to_string(), t.amount.to_string()])
         .collect();
-    assert_eq!(silver.len(), want.len(), "silver rows = live keys of the replay");
+    assert_eq!(
+        silver.len(),
+        want.len(),
+        "silver rows = live keys of the replay"
+    );
     assert_eq!(silver, want, "silver = replay, row for row");
     let kpis = query(
         &scratch.lake(),
         &["gold.daily_kpis"],
-        "SELECT CAST(txn_date AS VARCHAR), txn_count, CAST(total_amount AS VARCHAR) FROM gold.daily_kpis ORDER BY txn_date",
+        "SELECT CAST(txn_date AS VARCHAR) AS d, txn_count, CAST(total_amount AS VARCHAR) AS t FROM gold.daily_kpis ORDER BY txn_date",
     )
     .await;
     let want: Vec<Vec<String>> = daily(&live)
@@ -160,12 +170,20 @@ async fn out_of_order_delivery(
 
     // Nothing new: no commit anywhere.
     let versions = |lake: &Path| {
-        ["silver/transactions", "gold/daily_kpis", "gold/fact_transactions"]
-            .map(|t| delta_version(&lake.join(t)))
+        [
+            "silver/transactions",
+            "gold/daily_kpis",
+            "gold/fact_transactions",
+        ]
+        .map(|t| delta_version(&lake.join(t)))
     };
     let before = versions(&scratch.lake());
     assert_success(&run_edited(&scratch, edit));
-    assert_eq!(versions(&scratch.lake()), before, "a run with nothing new commits nothing");
+    assert_eq!(
+        versions(&scratch.lake()),
+        before,
+        "a run with nothing new commits nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -197,10 +215,11 @@ async fn parquet_with_change_seq_out_of_order() {
         false,
         true,
         &|yaml| {
-            yaml.replace("    format: csv\n", "    format: parquet\n").replace(
-                "      timestamp_column: dms_commit_ts\n",
-                "      timestamp_column: dms_commit_ts\n      change_seq: true\n",
-            )
+            yaml.replace("    format: csv\n", "    format: parquet\n")
+                .replace(
+                    "      timestamp_column: dms_commit_ts\n",
+                    "      timestamp_column: dms_commit_ts\n      change_seq: true\n",
+                )
         },
     )
     .await;
@@ -222,13 +241,21 @@ async fn a_change_moving_a_transaction_between_dates_recomputes_both() {
     .await;
     let (moved, moved_from) = (&picked[0][0], &picked[0][1]);
     let (deleted, deleted_from) = (&picked[1][0], &picked[1][1]);
-    let target_date = if moved_from == "2019-10-31" { "2019-10-30" } else { "2019-10-31" };
+    let target_date = if moved_from == "2019-10-31" {
+        "2019-10-30"
+    } else {
+        "2019-10-31"
+    };
     let change = format!(
         "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,merchant_state,zip,mcc,errors\n\
          U,2030-01-01 00:00:00.000000,{moved},{target_date} 12:00:00,1,1,$10.00,Chip Transaction,5,Springfield,IL,62701.0,5812,\n\
          D,2030-01-01 00:00:00.000000,{deleted},,,,,,,,,,,\n"
     );
-    std::fs::write(scratch.transactions_dir().join("20300101-0000000001.csv"), change).expect("write change");
+    std::fs::write(
+        scratch.transactions_dir().join("20300101-0000000001.csv"),
+        change,
+    )
+    .expect("write change");
     let fact_before = delta_version(&scratch.table("gold", "fact_transactions"));
     let output = scratch.run();
     assert_success(&output);
@@ -244,22 +271,33 @@ async fn a_change_moving_a_transaction_between_dates_recomputes_both() {
         summary.contains("+0 ~1 -1"),
         "silver applies one update and one delete: {summary}"
     );
-    assert_ne!(delta_version(&scratch.table("gold", "fact_transactions")), fact_before);
+    assert_ne!(
+        delta_version(&scratch.table("gold", "fact_transactions")),
+        fact_before
+    );
     assert_gold_is_silver_aggregated(&lake).await;
     let row = query(
         &lake,
         &["gold.fact_transactions"],
-        &format!("SELECT CAST(txn_date AS VARCHAR) FROM gold.fact_transactions WHERE dms_id = {moved}"),
+        &format!("SELECT CAST(txn_date AS VARCHAR) FROM gold.fact_transactions WHERE transaction_id = {moved}"),
     )
     .await;
-    assert_eq!(row, vec![vec![target_date.to_string()]], "the fact moved to its new date");
+    assert_eq!(
+        row,
+        vec![vec![target_date.to_string()]],
+        "the fact moved to its new date"
+    );
     let gone = query(
         &lake,
         &["gold.fact_transactions"],
-        &format!("SELECT COUNT(*) FROM gold.fact_transactions WHERE dms_id = {deleted}"),
+        &format!("SELECT COUNT(*) FROM gold.fact_transactions WHERE transaction_id = {deleted}"),
     )
     .await;
-    assert_eq!(gone, vec![vec!["0".to_string()]], "the deleted transaction left the fact table");
+    assert_eq!(
+        gone,
+        vec![vec!["0".to_string()]],
+        "the deleted transaction left the fact table"
+    );
 }
 
 /// Two changes of one key with the same full sequence: the stage fails with both named, nothing written.
@@ -274,7 +312,11 @@ async fn a_sequence_tie_fails_the_stage_and_names_the_key() {
     let change = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,merchant_state,zip,mcc,errors\n\
          U,2030-01-01 00:00:00.000000,424242,2019-10-30 12:00:00,1,1,$10.00,Chip Transaction,5,Springfield,IL,62701.0,5812,\n\
          U,2030-01-01 00:00:00.000000,424242,2019-10-30 12:00:00,1,1,$12.00,Chip Transaction,5,Springfield,IL,62701.0,5812,\n";
-    std::fs::write(scratch.transactions_dir().join("20300101-0000000001.csv"), change).expect("write change");
+    std::fs::write(
+        scratch.transactions_dir().join("20300101-0000000001.csv"),
+        change,
+    )
+    .expect("write change");
     let output = run_edited(&scratch, &tie_edit);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let summary = text(&output);
