@@ -156,7 +156,9 @@ fn history(rng: &mut Rng) -> Vec<DmsFile> {
 /// The semantics, without medallion: per key, the change with the greatest (commit ts, file order with the
 /// full load first, then name, row) wins; a delete leaves the key absent.
 fn model(delivered: &[&DmsFile]) -> BTreeMap<u32, String> {
-    let mut last: BTreeMap<u32, ((u32, bool, String, usize), &Change)> = BTreeMap::new();
+    // (commit ts, is a change file, file name, row): the order of MISSION.md.
+    type Sequence = (u32, bool, String, usize);
+    let mut last: BTreeMap<u32, (Sequence, &Change)> = BTreeMap::new();
     for file in delivered {
         for (row, change) in file.changes.iter().enumerate() {
             let order = (change.ts, !file.full_load, file.name.clone(), row);
