@@ -32,6 +32,8 @@ pub struct StageReport {
     /// Deletes of keys the table did not hold, kept as tombstones.
     pub tombstones_added: u64,
     pub files_removed: u64,
+    /// Files of the target a merge read (after pruning by key range).
+    pub files_scanned: u64,
     /// What an incremental stage recomputed.
     pub scope: Option<String>,
     pub output_version: Option<u64>,
@@ -55,6 +57,7 @@ impl StageReport {
             rows_stale: 0,
             tombstones_added: 0,
             files_removed: 0,
+            files_scanned: 0,
             scope: None,
             output_version: None,
             elapsed: Duration::ZERO,
@@ -136,6 +139,7 @@ impl RunReport {
                     "rows_stale": s.rows_stale,
                     "tombstones_added": s.tombstones_added,
                     "files_removed": s.files_removed,
+                    "files_scanned": s.files_scanned,
                     "scope": s.scope,
                     "version": s.output_version,
                     "elapsed_ms": s.elapsed.as_millis() as u64,

@@ -473,6 +473,7 @@ async fn sql_stage(
             report.rows_stale = metrics.rows_stale;
             report.tombstones_added = metrics.tombstones_added;
             report.files_removed = metrics.files_removed;
+            report.files_scanned = metrics.files_scanned;
             apply_write(&mut report, &metrics.write);
         }
     }

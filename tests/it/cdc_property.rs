@@ -332,3 +332,77 @@ async fn silver_equals_the_model_whatever_the_delivery_order() {
         failures.join("\n")
     );
 }
+
+/// A small change batch into a table of many files reads and rewrites only the files whose key range can
+/// hold its keys, and the run summary says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_batch_rewrites_few_files() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let pipeline_file = write_project(scratch.path());
+    let pipeline = medallion::config::load(&pipeline_file).expect("pipeline");
+    let landing = scratch.path().join("landing/items");
+    let options = RunOptions {
+        max_parallel: 1,
+        progress: false,
+    };
+    // Ten runs of inserts over disjoint key ranges: ten files in Silver.
+    for file in 0..10u32 {
+        let changes = (0..500)
+            .map(|i| Change {
+                op: 'I',
+                ts: file,
+                key: file * 1000 + i,
+                value: Some(format!("v{file}")),
+            })
+            .collect();
+        let dms = DmsFile {
+            name: format!("20200101-{:010}.csv", file),
+            full_load: false,
+            changes,
+        };
+        std::fs::write(landing.join(&dms.name), dms.csv()).expect("write");
+        medallion::runner::run(&pipeline, &options)
+            .await
+            .expect("run");
+    }
+    let dms = DmsFile {
+        name: "20200101-0000000099.csv".into(),
+        full_load: false,
+        changes: vec![
+            Change {
+                op: 'U',
+                ts: 50,
+                key: 3_007,
+                value: Some("changed".into()),
+            },
+            Change {
+                op: 'D',
+                ts: 50,
+                key: 3_100,
+                value: None,
+            },
+        ],
+    };
+    std::fs::write(landing.join(&dms.name), dms.csv()).expect("write");
+    let report = medallion::runner::run(&pipeline, &options)
+        .await
+        .expect("run");
+    let silver = report.stage("silver_items").expect("silver stage");
+    assert_eq!(
+        (silver.rows_updated, silver.rows_deleted),
+        (1, 1),
+        "{:?}",
+        silver
+    );
+    assert_eq!(
+        silver.files_removed, 1,
+        "only the file holding keys 3000..3499 is rewritten"
+    );
+    assert!(
+        silver.files_scanned <= 2,
+        "the merge reads only the files whose key range can hold the batch: {} of 10 read",
+        silver.files_scanned
+    );
+    let json = report.to_json();
+    assert_eq!(json["stages"][1]["files_removed"], 1);
+}
