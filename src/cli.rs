@@ -57,6 +57,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+    /// Show the pipeline's recent runs, with the checks that did not pass.
+    History {
+        /// Pipeline YAML file.
+        file: PathBuf,
+        /// How many runs, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
     /// Generate the reference workload (financial transactions as AWS DMS lands them).
     Generate(GenerateArgs),
 }
@@ -68,6 +78,15 @@ pub struct RunArgs {
     /// Stages that may run at the same time.
     #[arg(long, default_value_t = 2)]
     pub max_parallel: usize,
+    /// Format of the run report on stdout (JSON also with `--log-format json`).
+    #[arg(long, value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -182,15 +201,39 @@ pub fn run(cli: Cli) -> Result<u8> {
                 progress,
             };
             let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
-            match cli.log_format {
-                LogFormat::Text => print!("{}", report.render()),
-                LogFormat::Json => println!("{}", report.to_json()),
+            let json = match args.output {
+                Some(format) => format == OutputFormat::Json,
+                None => matches!(cli.log_format, LogFormat::Json),
+            };
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render());
             }
             Ok(if report.succeeded() {
                 exit_code::SUCCESS
             } else {
                 exit_code::RUN_FAILED
             })
+        }
+        Command::History {
+            file,
+            limit,
+            format,
+        } => {
+            let pipeline = config::load(&file)?;
+            let entries = runtime()?
+                .block_on(runner::history::recent(&pipeline, limit))
+                .map_err(runner::RunError::from)?;
+            match format {
+                OutputFormat::Text => print!("{}", runner::history::render(&entries)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&runner::history::to_json(&entries))
+                        .unwrap_or_default()
+                ),
+            }
+            Ok(exit_code::SUCCESS)
         }
         Command::Generate(args) => {
             let options = GenerateOptions {

@@ -132,3 +132,116 @@ fn first_lineage(
     let row = row.as_any().downcast_ref::<Int64Array>()?.value(0);
     Some((file, row))
 }
+
+/// A stage's output divided by its `drop` and `quarantine` expectations.
+pub struct Split {
+    /// Rows that pass every drop and quarantine expectation: what the stage writes.
+    pub kept: DataFrame,
+    /// Rows failing a quarantine expectation, with `_reason` (the names of the expectations they fail).
+    pub rejected: Option<DataFrame>,
+    pub dropped: u64,
+    pub quarantined: u64,
+}
+
+/// Divides `output` by the expectations that remove rows. A row failing both kinds is quarantined.
+pub async fn split(
+    ctx: &SessionContext,
+    output: DataFrame,
+    expectations: &[Expectation],
+) -> Result<Split, EngineError> {
+    let passes = |e: &Expectation| format!("COALESCE(({}), FALSE)", e.expr);
+    let of = |action: ExpectationAction| -> Vec<&Expectation> {
+        expectations.iter().filter(|e| e.action == action).collect()
+    };
+    let (drops, quarantines) = (
+        of(ExpectationAction::Drop),
+        of(ExpectationAction::Quarantine),
+    );
+    if drops.is_empty() && quarantines.is_empty() {
+        return Ok(Split {
+            kept: output,
+            rejected: None,
+            dropped: 0,
+            quarantined: 0,
+        });
+    }
+    const SPLIT_VIEW: &str = "__medallion_split";
+    let err = |e| EngineError::query("expectations that drop or quarantine rows", e);
+    ctx.register_table(SPLIT_VIEW, output.into_view())
+        .map_err(err)?;
+    let all_pass = |list: &[&Expectation]| {
+        if list.is_empty() {
+            "TRUE".to_string()
+        } else {
+            list.iter()
+                .map(|e| passes(e))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        }
+    };
+    let keep = format!("{} AND {}", all_pass(&drops), all_pass(&quarantines));
+    let kept = ctx
+        .sql(&format!("SELECT * FROM {SPLIT_VIEW} WHERE {keep}"))
+        .await
+        .map_err(err)?;
+    let counts = ctx
+        .sql(&format!(
+            "SELECT COUNT(*) FILTER (WHERE NOT ({q})) AS quarantined, \
+                    COUNT(*) FILTER (WHERE ({q}) AND NOT ({d})) AS dropped FROM {SPLIT_VIEW}",
+            q = all_pass(&quarantines),
+            d = all_pass(&drops),
+        ))
+        .await
+        .map_err(err)?
+        .collect()
+        .await
+        .map_err(err)?;
+    let count = |index: usize| {
+        counts
+            .iter()
+            .find(|b| b.num_rows() > 0)
+            .and_then(|b| {
+                datafusion::arrow::compute::cast(
+                    b.column(index),
+                    &datafusion::arrow::datatypes::DataType::Int64,
+                )
+                .ok()
+            })
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .map(|a| a.value(0) as u64)
+            })
+            .unwrap_or(0)
+    };
+    let (quarantined, dropped) = (count(0), count(1));
+    let rejected = if quarantines.is_empty() {
+        None
+    } else {
+        let reasons: Vec<String> = quarantines
+            .iter()
+            .map(|e| {
+                format!(
+                    "CASE WHEN NOT {} THEN '{}' END",
+                    passes(e),
+                    e.name.replace('\'', "''")
+                )
+            })
+            .collect();
+        Some(
+            ctx.sql(&format!(
+                "SELECT *, concat_ws('; ', {}) AS _reason FROM {SPLIT_VIEW} WHERE NOT ({})",
+                reasons.join(", "),
+                all_pass(&quarantines)
+            ))
+            .await
+            .map_err(err)?,
+        )
+    };
+    Ok(Split {
+        kept,
+        rejected,
+        dropped,
+        quarantined,
+    })
+}

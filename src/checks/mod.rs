@@ -1,5 +1,11 @@
-//! Data quality checks run on a stage's candidate output before anything is committed.
+//! Data quality gates, run on a stage's candidate result before anything is published: row-level
+//! expectations (warn, drop, quarantine, fail), KPI and reconciliation checks, and the quarantine table
+//! that keeps rejected rows with their reasons.
 
 mod expectations;
+mod kpi;
+mod quarantine;
 
-pub use expectations::{ExpectationResult, evaluate};
+pub use expectations::{ExpectationResult, Split, evaluate, split};
+pub use kpi::{CheckResult, evaluate as evaluate_checks};
+pub use quarantine::{quarantine_table, write_quarantine};

@@ -155,6 +155,8 @@ pub struct Stage {
     pub write: WriteMode,
     pub partition_by: Vec<String>,
     pub expectations: Vec<Expectation>,
+    /// KPI and reconciliation checks on the candidate result, before it is published.
+    pub checks: Vec<Check>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
 }
@@ -236,6 +238,130 @@ pub struct Expectation {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpectationAction {
+    /// Count the violations; write every row.
     Warn,
+    /// Leave violating rows out.
+    Drop,
+    /// Leave violating rows out and keep them, with the reason, in `<lake>/quarantine/<table>`.
+    Quarantine,
+    /// Stop the stage before anything is written.
     Fail,
+}
+
+impl ExpectationAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpectationAction::Warn => "warn",
+            ExpectationAction::Drop => "drop",
+            ExpectationAction::Quarantine => "quarantine",
+            ExpectationAction::Fail => "fail",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub query: String,
+    pub rule: CheckRule,
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Reported; the stage still publishes.
+    Warn,
+    /// The stage publishes nothing and its downstream is skipped.
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckRule {
+    Compare {
+        op: CompareOp,
+        value: rust_decimal::Decimal,
+    },
+    Between {
+        low: rust_decimal::Decimal,
+        high: rust_decimal::Decimal,
+    },
+    /// Equal to another query's value within an absolute tolerance.
+    Equals {
+        query: String,
+        tolerance: rust_decimal::Decimal,
+    },
+    /// Within this many percent of the previous successful run's value.
+    MaxChangePct(rust_decimal::Decimal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+    Eq,
+    Ne,
+}
+
+impl CompareOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CompareOp::Gt => ">",
+            CompareOp::Ge => ">=",
+            CompareOp::Lt => "<",
+            CompareOp::Le => "<=",
+            CompareOp::Eq => "=",
+            CompareOp::Ne => "!=",
+        }
+    }
+
+    pub fn holds(self, left: rust_decimal::Decimal, right: rust_decimal::Decimal) -> bool {
+        match self {
+            CompareOp::Gt => left > right,
+            CompareOp::Ge => left >= right,
+            CompareOp::Lt => left < right,
+            CompareOp::Le => left <= right,
+            CompareOp::Eq => left == right,
+            CompareOp::Ne => left != right,
+        }
+    }
+}
+
+/// Parses an `expect:` rule: `> 0`, `>= 1.5`, `= 0`, `between -10 and 10`.
+pub fn parse_expect(text: &str) -> Result<CheckRule, String> {
+    use std::str::FromStr;
+    let text = text.trim();
+    let number = |s: &str| {
+        rust_decimal::Decimal::from_str(s.trim())
+            .map_err(|_| format!("`{}` is not a number", s.trim()))
+    };
+    let lower = text.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("between ") {
+        let (low, high) = rest
+            .split_once(" and ")
+            .ok_or_else(|| format!("`{text}`: write `between A and B`"))?;
+        return Ok(CheckRule::Between {
+            low: number(low)?,
+            high: number(high)?,
+        });
+    }
+    for (symbol, op) in [
+        (">=", CompareOp::Ge),
+        ("<=", CompareOp::Le),
+        ("!=", CompareOp::Ne),
+        (">", CompareOp::Gt),
+        ("<", CompareOp::Lt),
+        ("=", CompareOp::Eq),
+    ] {
+        if let Some(rest) = text.strip_prefix(symbol) {
+            return Ok(CheckRule::Compare {
+                op,
+                value: number(rest)?,
+            });
+        }
+    }
+    Err(format!(
+        "`{text}`: expected `> N`, `>= N`, `< N`, `<= N`, `= N`, `!= N` or `between A and B`"
+    ))
 }

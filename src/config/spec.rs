@@ -114,6 +114,8 @@ pub struct StageSpec {
     pub depends_on: Vec<String>,
     #[serde(default)]
     pub expectations: Vec<ExpectationSpec>,
+    #[serde(default)]
+    pub checks: Vec<CheckSpec>,
     /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,
@@ -153,5 +155,39 @@ pub struct ExpectationSpec {
 #[serde(rename_all = "lowercase")]
 pub enum ActionSpec {
     Warn,
+    Drop,
+    Quarantine,
     Fail,
+}
+
+/// A KPI or reconciliation check: a scalar SQL query over the stage's candidate result, compared with a
+/// rule. Exactly one of `expect`, `equals` and `max_change_pct`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    pub name: String,
+    /// One value: `SELECT COUNT(*) FROM candidate`; `candidate` is the target as it would be after the
+    /// write, `batch` the rows this stage writes; other tables by `layer.name`.
+    pub query: String,
+    /// `> 0`, `>= 1`, `< 5`, `<= 5`, `= 0`, `!= 0`, or `between A and B`.
+    #[serde(default)]
+    pub expect: Option<String>,
+    /// Reconciliation: a second scalar query the value must equal, within `tolerance`.
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// Absolute tolerance for `equals` (default 0: exact, to the cent).
+    #[serde(default)]
+    pub tolerance: Option<String>,
+    /// The value may differ from the previous successful run's by at most this many percent.
+    #[serde(default)]
+    pub max_change_pct: Option<String>,
+    #[serde(default)]
+    pub severity: Option<SeveritySpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeveritySpec {
+    Warn,
+    Error,
 }

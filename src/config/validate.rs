@@ -378,6 +378,7 @@ impl Compiler<'_> {
             let Some(write) = self.write_mode(&spec, &input, line) else {
                 continue;
             };
+            let checks = self.checks(&name, at, &spec.checks);
             let incremental = match &spec.incremental {
                 None => None,
                 Some(inc) => {
@@ -412,6 +413,8 @@ impl Compiler<'_> {
                     column: e.column,
                     action: match e.action {
                         Some(spec::ActionSpec::Warn) => ExpectationAction::Warn,
+                        Some(spec::ActionSpec::Drop) => ExpectationAction::Drop,
+                        Some(spec::ActionSpec::Quarantine) => ExpectationAction::Quarantine,
                         Some(spec::ActionSpec::Fail) | None => ExpectationAction::Fail,
                     },
                 })
@@ -430,6 +433,7 @@ impl Compiler<'_> {
                     write,
                     partition_by: spec.partition_by,
                     expectations,
+                    checks,
                     incremental,
                 },
                 line,
@@ -632,6 +636,50 @@ impl Compiler<'_> {
                 }
             }
         })
+    }
+
+    /// Compiles a stage's KPI and reconciliation checks.
+    fn checks(&mut self, stage: &str, at: Option<usize>, specs: &[spec::CheckSpec]) -> Vec<Check> {
+        use std::str::FromStr;
+        let mut checks = Vec::new();
+        for spec in specs {
+            let name = &spec.name;
+            let rule = match (&spec.expect, &spec.equals, &spec.max_change_pct) {
+                (Some(expect), None, None) => parse_expect(expect),
+                (None, Some(query), None) => spec
+                    .tolerance
+                    .as_deref()
+                    .map(|t| {
+                        rust_decimal::Decimal::from_str(t.trim())
+                            .map_err(|_| format!("tolerance `{t}` is not a number"))
+                    })
+                    .transpose()
+                    .map(|tolerance| CheckRule::Equals {
+                        query: query.clone(),
+                        tolerance: tolerance.unwrap_or_default().abs(),
+                    }),
+                (None, None, Some(pct)) => rust_decimal::Decimal::from_str(pct.trim())
+                    .map(CheckRule::MaxChangePct)
+                    .map_err(|_| format!("max_change_pct `{pct}` is not a number")),
+                _ => Err("give exactly one of `expect`, `equals` and `max_change_pct`".to_string()),
+            };
+            match rule {
+                Ok(rule) => checks.push(Check {
+                    name: name.clone(),
+                    query: spec.query.clone(),
+                    rule,
+                    severity: match spec.severity {
+                        Some(spec::SeveritySpec::Warn) => Severity::Warn,
+                        Some(spec::SeveritySpec::Error) | None => Severity::Error,
+                    },
+                }),
+                Err(message) => {
+                    let line = self.lines.find(at.unwrap_or(1), "name", name).or(at);
+                    self.issue(line, format!("stage `{stage}`: check `{name}`: {message}"));
+                }
+            }
+        }
+        checks
     }
 
     /// Checks each incremental stage against the cdc stage of its source, and makes that cdc stage record

@@ -158,3 +158,25 @@ pub async fn append_batches(
         ..WriteMetrics::default()
     })
 }
+
+/// Appends a query's result, streamed, in one commit.
+pub async fn append_frame(
+    path: &Path,
+    frame: datafusion::prelude::DataFrame,
+    options: &TableOptions,
+    meta: &CommitMeta,
+) -> Result<WriteMetrics, DeltaError> {
+    use futures::StreamExt;
+    let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
+    let mut appender = BatchAppender::open(path, &schema, options, meta).await?;
+    let mut stream = frame
+        .execute_stream()
+        .await
+        .map_err(|e| DeltaError::query(path, e))?;
+    while let Some(batch) = stream.next().await {
+        appender
+            .write(batch.map_err(|e| DeltaError::query(path, e))?)
+            .await?;
+    }
+    appender.commit().await
+}

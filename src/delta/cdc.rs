@@ -89,6 +89,19 @@ const ACTION: &str = "__medallion_action";
 const HAD_TOMBSTONE: &str = "__medallion_had_tombstone";
 const IS_DELETE: &str = "__medallion_is_delete";
 
+/// A classified change batch, not yet committed: its counts are known and [`PreparedChanges::candidate_sql`]
+/// shows the table as it would be after the commit, so that checks can run before anything is published.
+pub struct PreparedChanges {
+    path: PathBuf,
+    spec: CdcSpec,
+    table: deltalake::DeltaTable,
+    tombstones: deltalake::DeltaTable,
+    stored_names: Vec<String>,
+    counts: BTreeMap<String, u64>,
+    metrics: CdcMetrics,
+}
+
+/// Applies a change batch in one go (prepare, then commit).
 pub async fn apply_changes(
     path: &Path,
     ctx: &SessionContext,
@@ -97,6 +110,21 @@ pub async fn apply_changes(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<CdcMetrics, DeltaError> {
+    match prepare_changes(path, ctx, changes, spec, options).await? {
+        Some(prepared) => prepared.commit(ctx, meta).await,
+        None => Ok(CdcMetrics::default()),
+    }
+}
+
+/// Steps 1 to 3: checks, deduplicates and classifies the batch; `None` when it is empty. The batch's
+/// tables stay registered in `ctx` for the commit.
+pub async fn prepare_changes(
+    path: &Path,
+    ctx: &SessionContext,
+    changes: DataFrame,
+    spec: &CdcSpec,
+    options: &TableOptions,
+) -> Result<Option<PreparedChanges>, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
         table: path.display().to_string(),
         message,
@@ -118,27 +146,10 @@ pub async fn apply_changes(
     }
     let rows_read = changes.clone().count().await.map_err(query)? as u64;
     if rows_read == 0 {
-        return Ok(CdcMetrics::default());
+        return Ok(None);
     }
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
-    let result = apply_registered(path, ctx, &schema, spec, options, meta, rows_read).await;
-    for name in [CHANGES, LATEST, TARGET, TOMBSTONES, CLASSIFIED] {
-        let _ = ctx.deregister_table(name);
-    }
-    result
-}
-
-async fn apply_registered(
-    path: &Path,
-    ctx: &SessionContext,
-    schema: &Schema,
-    spec: &CdcSpec,
-    options: &TableOptions,
-    meta: &CommitMeta,
-    rows_read: u64,
-) -> Result<CdcMetrics, DeltaError> {
-    let query = |e| DeltaError::query(path, e);
     reject_ties(path, ctx, spec).await?;
 
     // 2. The last change per key within the batch, held in memory: it is read twice.
@@ -203,15 +214,14 @@ async fn apply_registered(
 
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
     // read) and the tombstones.
-    let prune = key_range_filter(ctx, spec, schema).await.map_err(query)?;
+    let prune = key_range_filter(ctx, spec, &schema).await.map_err(query)?;
     let classify = classify_sql(spec, &prune);
     let classified = ctx.sql(&classify).await.map_err(query)?;
     register_collected(ctx, CLASSIFIED, classified, path).await?;
     let counts = action_counts(ctx).await.map_err(query)?;
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let touched = touched_values(ctx, spec).await.map_err(query)?;
-
-    let mut metrics = CdcMetrics {
+    let metrics = CdcMetrics {
         rows_read,
         rows_superseded: rows_read.saturating_sub(latest_rows),
         rows_stale: count("stale"),
@@ -219,77 +229,137 @@ async fn apply_registered(
         touched,
         ..CdcMetrics::default()
     };
-
-    // 4a. The effective changes, in one commit to the table.
-    if count("insert") + count("update") + count("delete") > 0 {
-        let names: Vec<String> = stored_schema
+    Ok(Some(PreparedChanges {
+        path: path.to_path_buf(),
+        spec: spec.clone(),
+        table,
+        tombstones,
+        stored_names: stored_schema
             .fields()
             .iter()
             .map(|f| f.name().clone())
-            .collect();
-        let source = ctx
-            .sql(&format!(
-                "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')",
-                cols = names.iter().map(|n| quote(n)).collect::<Vec<_>>().join(", "),
-            ))
-            .await
-            .map_err(query)?;
-        let newer = newer_predicate("s", "t", &spec.sequence_by);
-        let update_names = names.clone();
-        let mut extra = Vec::new();
-        if !spec.track.is_empty() {
-            extra.push((
-                TOUCHED_KEY.to_string(),
-                serde_json::to_value(&metrics.touched).unwrap_or_default(),
-            ));
-        }
-        let properties = meta.properties_with(extra);
-        let (table, merge) = table
-            .merge(source, key_predicate(&spec.keys))
-            .with_source_alias("s")
-            .with_target_alias("t")
-            .when_matched_delete(|d| d.predicate(format!("s.{ACTION} = 'delete' AND {newer}")))
-            .and_then(|m| {
-                m.when_matched_update(|mut u| {
-                    u = u.predicate(format!("s.{ACTION} = 'update' AND {newer}"));
-                    for c in &update_names {
-                        u = u.update(c.as_str(), format!("s.{}", quote(c)));
-                    }
-                    u
-                })
-            })
-            .and_then(|m| {
-                m.when_not_matched_insert(|mut i| {
-                    i = i.predicate(format!("s.{ACTION} = 'insert'"));
-                    for c in &names {
-                        i = i.set(c.as_str(), format!("s.{}", quote(c)));
-                    }
-                    i
-                })
-            })
-            .map_err(|e| DeltaError::table(path, e))?
-            .with_commit_properties(properties)
-            .await
-            .map_err(|e| DeltaError::table(path, e))?;
-        metrics.write = WriteMetrics {
-            rows_source: None,
-            version: table.version(),
-            rows_written: (merge.num_target_rows_inserted + merge.num_target_rows_updated) as u64,
-            rows_inserted: merge.num_target_rows_inserted as u64,
-            rows_updated: merge.num_target_rows_updated as u64,
-            rows_deleted: merge.num_target_rows_deleted as u64,
-            files_added: merge.num_target_files_added as u64,
-        };
-        metrics.files_scanned = merge.num_target_files_scanned as u64;
-        metrics.files_removed = merge.num_target_files_removed as u64;
+            .collect(),
+        counts,
+        metrics,
+    }))
+}
+
+impl PreparedChanges {
+    /// Counts so far (no write metrics yet).
+    pub fn metrics(&self) -> &CdcMetrics {
+        &self.metrics
     }
 
-    // 4b. Tombstones: added or moved forward by deletes, removed by upserts newer than them.
-    let tombstone_changes = count("delete") + count("tombstone") + count("upsert_over_tombstone");
-    if tombstone_changes > 0 {
-        write_tombstones(ctx, spec, tombstones, meta).await?;
+    /// Changes that will alter the table: inserts, updates and deletes.
+    pub fn applied_rows(&self) -> u64 {
+        ["insert", "update", "delete"]
+            .iter()
+            .map(|a| self.counts.get(*a).copied().unwrap_or(0))
+            .sum()
     }
-    Ok(metrics)
+
+    /// SQL for the table as it will be after the commit: live rows the batch does not replace or
+    /// delete, plus the batch's inserts and updates.
+    pub fn candidate_sql(&self) -> String {
+        let cols: Vec<String> = self.stored_names.iter().map(|n| quote(n)).collect();
+        let cols = cols.join(", ");
+        let join: Vec<String> = self
+            .spec
+            .keys
+            .iter()
+            .map(|k| format!("c.{0} = t.{0}", quote(k)))
+            .collect();
+        format!(
+            "SELECT {cols} FROM {TARGET} t WHERE NOT EXISTS (SELECT 1 FROM {CLASSIFIED} c \
+               WHERE {join} AND c.{ACTION} IN ('update', 'delete')) \
+             UNION ALL SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
+            join = join.join(" AND "),
+        )
+    }
+
+    /// Step 4: the effective changes in one commit to the table, then the tombstones.
+    pub async fn commit(
+        self,
+        ctx: &SessionContext,
+        meta: &CommitMeta,
+    ) -> Result<CdcMetrics, DeltaError> {
+        let PreparedChanges {
+            path,
+            spec,
+            table,
+            tombstones,
+            stored_names: names,
+            counts,
+            mut metrics,
+        } = self;
+        let path = path.as_path();
+        let query = |e| DeltaError::query(path, e);
+        let count = |action: &str| counts.get(action).copied().unwrap_or(0);
+        if count("insert") + count("update") + count("delete") > 0 {
+            let source = ctx
+                .sql(&format!(
+                    "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')",
+                    cols = names.iter().map(|n| quote(n)).collect::<Vec<_>>().join(", "),
+                ))
+                .await
+                .map_err(query)?;
+            let newer = newer_predicate("s", "t", &spec.sequence_by);
+            let update_names = names.clone();
+            let mut extra = Vec::new();
+            if !spec.track.is_empty() {
+                extra.push((
+                    TOUCHED_KEY.to_string(),
+                    serde_json::to_value(&metrics.touched).unwrap_or_default(),
+                ));
+            }
+            let properties = meta.properties_with(extra);
+            let (table, merge) = table
+                .merge(source, key_predicate(&spec.keys))
+                .with_source_alias("s")
+                .with_target_alias("t")
+                .when_matched_delete(|d| d.predicate(format!("s.{ACTION} = 'delete' AND {newer}")))
+                .and_then(|m| {
+                    m.when_matched_update(|mut u| {
+                        u = u.predicate(format!("s.{ACTION} = 'update' AND {newer}"));
+                        for c in &update_names {
+                            u = u.update(c.as_str(), format!("s.{}", quote(c)));
+                        }
+                        u
+                    })
+                })
+                .and_then(|m| {
+                    m.when_not_matched_insert(|mut i| {
+                        i = i.predicate(format!("s.{ACTION} = 'insert'"));
+                        for c in &names {
+                            i = i.set(c.as_str(), format!("s.{}", quote(c)));
+                        }
+                        i
+                    })
+                })
+                .map_err(|e| DeltaError::table(path, e))?
+                .with_commit_properties(properties)
+                .await
+                .map_err(|e| DeltaError::table(path, e))?;
+            metrics.write = WriteMetrics {
+                rows_source: None,
+                version: table.version(),
+                rows_written: (merge.num_target_rows_inserted + merge.num_target_rows_updated)
+                    as u64,
+                rows_inserted: merge.num_target_rows_inserted as u64,
+                rows_updated: merge.num_target_rows_updated as u64,
+                rows_deleted: merge.num_target_rows_deleted as u64,
+                files_added: merge.num_target_files_added as u64,
+            };
+            metrics.files_scanned = merge.num_target_files_scanned as u64;
+            metrics.files_removed = merge.num_target_files_removed as u64;
+        }
+
+        // Tombstones: added or moved forward by deletes, removed by upserts newer than them.
+        if count("delete") + count("tombstone") + count("upsert_over_tombstone") > 0 {
+            write_tombstones(ctx, &spec, tombstones, meta).await?;
+        }
+        Ok(metrics)
+    }
 }
 
 /// Fails when two changes of one key share the full sequence: which one wins would be arbitrary.

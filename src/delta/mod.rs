@@ -16,8 +16,10 @@ use deltalake::{
     protocol::SaveMode,
 };
 
-pub use append::{BatchAppender, append_batches};
-pub use cdc::{CdcMetrics, CdcSpec, Touched, apply_changes, touched_since};
+pub use append::{BatchAppender, append_batches, append_frame};
+pub use cdc::{
+    CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, prepare_changes, touched_since,
+};
 pub use merge::upsert;
 pub use overwrite::{Scope, overwrite};
 

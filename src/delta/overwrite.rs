@@ -19,6 +19,29 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// The predicate as SQL text: `"col" IN ('a', 'b') OR "col" IS NULL`.
+    pub fn sql(&self) -> String {
+        let column = format!("\"{}\"", self.column.replace('"', "\"\""));
+        let values: Vec<String> = self
+            .values
+            .iter()
+            .flatten()
+            .map(|v| format!("'{}'", v.replace('\'', "''")))
+            .collect();
+        let mut parts = Vec::new();
+        if !values.is_empty() {
+            parts.push(format!("{column} IN ({})", values.join(", ")));
+        }
+        if self.values.contains(&None) {
+            parts.push(format!("{column} IS NULL"));
+        }
+        if parts.is_empty() {
+            "FALSE".into()
+        } else {
+            format!("({})", parts.join(" OR "))
+        }
+    }
+
     /// `column IN (values) [OR column IS NULL]`, with the values typed like the column of `data`.
     pub fn predicate(&self, data: &DataFrame) -> Result<Expr, String> {
         let field = data

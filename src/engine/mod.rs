@@ -21,6 +21,8 @@ pub enum EngineError {
         what: String,
         source: DataFusionError,
     },
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
 }
 
 impl EngineError {

@@ -2,6 +2,7 @@
 //! `max_parallel`), runs each one (`stage.rs`), skips everything downstream of a failure and nothing else,
 //! and records the run in the state tables. Returns a [`RunReport`]; printing is the CLI's job.
 
+pub mod history;
 pub mod plan;
 mod progress;
 mod report;

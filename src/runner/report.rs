@@ -32,6 +32,10 @@ pub struct StageReport {
     /// Deletes of keys the table did not hold, kept as tombstones.
     pub tombstones_added: u64,
     pub files_removed: u64,
+    pub rows_dropped: u64,
+    pub rows_quarantined: u64,
+    /// Expectations, checks and the accounting identity, as evaluated on the candidate result.
+    pub checks: Vec<crate::checks::CheckResult>,
     /// Files of the target a merge read (after pruning by key range).
     pub files_scanned: u64,
     /// What an incremental stage recomputed.
@@ -58,6 +62,9 @@ impl StageReport {
             tombstones_added: 0,
             files_removed: 0,
             files_scanned: 0,
+            rows_dropped: 0,
+            rows_quarantined: 0,
+            checks: Vec::new(),
             scope: None,
             output_version: None,
             elapsed: Duration::ZERO,
@@ -140,6 +147,9 @@ impl RunReport {
                     "tombstones_added": s.tombstones_added,
                     "files_removed": s.files_removed,
                     "files_scanned": s.files_scanned,
+                    "rows_dropped": s.rows_dropped,
+                    "rows_quarantined": s.rows_quarantined,
+                    "checks": s.checks,
                     "scope": s.scope,
                     "version": s.output_version,
                     "elapsed_ms": s.elapsed.as_millis() as u64,

@@ -11,6 +11,7 @@ use std::{
 use tracing::{Instrument, info, info_span, warn};
 
 use super::{RunContext, RunError, StageOutcome, StageReport, progress::StageProgress};
+use crate::checks::CheckResult;
 use crate::{
     checks,
     config::{ExpectationAction, Incremental, Stage, StageInput, WriteMode},
@@ -71,6 +72,13 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
                 },
             };
             let meta = commit_meta(context, stage);
+            if let Err(error) = context
+                .state
+                .record_checks(&context.run_id, &stage.name, &report.checks, &meta)
+                .await
+            {
+                warn!("could not record the stage's checks: {error}");
+            }
             if let Err(error) = context.state.record_stages(&[record], &meta).await {
                 // The data commit stands; without its watermark the next run re-applies the same
                 // input, which every write mode tolerates (see README, "Idempotency").
@@ -380,7 +388,16 @@ async fn sql_stage(
         .map_err(engine_err)?;
     let mut warnings = Vec::new();
     let mut failures = Vec::new();
+    let mut check_results = Vec::new();
     for result in &results {
+        check_results.push(CheckResult {
+            name: result.name.clone(),
+            kind: "expectation".into(),
+            severity: result.action.name().into(),
+            observed: format!("{} row(s) violating", result.violations),
+            threshold: "0 row(s) violating".into(),
+            passed: result.violations == 0,
+        });
         if result.violations == 0 {
             continue;
         }
@@ -396,6 +413,7 @@ async fn sql_stage(
                 warn!("{text}");
                 warnings.push(text);
             }
+            ExpectationAction::Drop | ExpectationAction::Quarantine => info!("{text}"),
         }
     }
     if !failures.is_empty() {
@@ -404,12 +422,121 @@ async fn sql_stage(
             message: format!("{}; nothing was written", failures.join("; ")),
         });
     }
+    let rows_out = if stage.write.is_incremental() {
+        output
+            .clone()
+            .count()
+            .await
+            .map_err(|e| engine_err(engine::EngineError::query("stage query", e)))? as u64
+    } else {
+        0
+    };
+    let split = checks::split(&ctx, output, &stage.expectations)
+        .await
+        .map_err(engine_err)?;
+    let output = split.kept;
 
-    progress.message(&format!("writing ({})", stage.write.name()));
+    // Write-audit-publish: the candidate result is checked before anything is committed.
     let meta = commit_meta(context, stage);
     let options = table_options(stage);
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.warnings = warnings;
+    report.rows_dropped = split.dropped;
+    report.rows_quarantined = split.quarantined;
+    let prepared = match &stage.write {
+        WriteMode::Cdc {
+            keys,
+            sequence_by,
+            op_column,
+            delete_values,
+            track,
+        } => {
+            progress.message("classifying changes");
+            let spec = CdcSpec {
+                keys: keys.clone(),
+                sequence_by: sequence_by.clone(),
+                op_column: op_column.clone(),
+                delete_values: delete_values.clone(),
+                track: track.clone(),
+                tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
+            };
+            delta::prepare_changes(&target_path, &ctx, output.clone(), &spec, &options)
+                .await
+                .map_err(delta_err)?
+        }
+        _ => None,
+    };
+    if let Some(prepared) = &prepared {
+        let m = prepared.metrics();
+        let kept = rows_out - split.dropped - split.quarantined;
+        let accounted = m.rows_superseded
+            + m.rows_stale
+            + m.tombstones_added
+            + prepared.applied_rows()
+            + split.dropped
+            + split.quarantined;
+        check_results.push(CheckResult {
+            name: "rows_accounted".into(),
+            kind: "accounting".into(),
+            severity: "error".into(),
+            observed: format!(
+                "{rows_out} read = {} applied + {} superseded + {} stale + {} tombstoned + {} quarantined + {} dropped",
+                prepared.applied_rows(),
+                m.rows_superseded,
+                m.rows_stale,
+                m.tombstones_added,
+                split.quarantined,
+                split.dropped
+            ),
+            threshold: format!("{rows_out} read"),
+            passed: accounted == rows_out && m.rows_read == kept,
+        });
+    }
+    if !stage.checks.is_empty() {
+        progress.message("checking the candidate");
+        let candidate = candidate_sql(
+            &ctx,
+            stage,
+            &target_path,
+            target_exists,
+            &output,
+            scope.as_ref(),
+            prepared.as_ref(),
+        )
+        .await
+        .map_err(delta_err)?;
+        register_check_tables(context, &ctx, stage)
+            .await
+            .map_err(delta_err)?;
+        let candidate = ctx
+            .sql(&candidate)
+            .await
+            .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
+        ctx.register_table("candidate", candidate.into_view())
+            .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
+        let previous = context.state.last_check_values(&stage.name).await?;
+        let results = checks::evaluate_checks(&ctx, &stage.checks, &previous)
+            .await
+            .map_err(engine_err)?;
+        check_results.extend(results);
+    }
+    for result in check_results.iter().filter(|r| !r.passed && !r.blocks()) {
+        warn!("{}", result.describe());
+        report.warnings.push(result.describe());
+    }
+    let blocking: Vec<String> = check_results
+        .iter()
+        .filter(|r| r.blocks())
+        .map(CheckResult::describe)
+        .collect();
+    report.checks = check_results;
+    if !blocking.is_empty() {
+        report.outcome =
+            StageOutcome::Failed(format!("{}; nothing was published", blocking.join("; ")));
+        return Ok((report, BTreeMap::new()));
+    }
+
+    progress.message(&format!("writing ({})", stage.write.name()));
     match &stage.write {
         WriteMode::Overwrite => {
             let metrics = delta::overwrite(&target_path, output, &options, &meta, scope.as_ref())
@@ -426,22 +553,10 @@ async fn sql_stage(
             apply_write(&mut report, &metrics);
         }
         WriteMode::Append => {
-            let schema = std::sync::Arc::new(output.schema().as_arrow().clone());
-            let mut appender = BatchAppender::open(&target_path, &schema, &options, &meta)
+            let metrics = delta::append_frame(&target_path, output, &options, &meta)
                 .await
                 .map_err(delta_err)?;
-            let mut stream = output
-                .execute_stream()
-                .await
-                .map_err(|e| engine_err(engine::EngineError::query("stage query", e)))?;
-            use futures::StreamExt;
-            while let Some(batch) = stream.next().await {
-                let batch =
-                    batch.map_err(|e| engine_err(engine::EngineError::query("stage query", e)))?;
-                appender.write(batch).await.map_err(delta_err)?;
-            }
-            let metrics = appender.commit().await.map_err(delta_err)?;
-            report.rows_read = metrics.rows_written;
+            report.rows_read = rows_out;
             apply_write(&mut report, &metrics);
         }
         WriteMode::Merge { keys } => {
@@ -449,38 +564,133 @@ async fn sql_stage(
                 .await
                 .map_err(delta_err)?;
             apply_write(&mut report, &metrics);
+            report.rows_read = rows_out;
         }
-        WriteMode::Cdc {
-            keys,
-            sequence_by,
-            op_column,
-            delete_values,
-            track,
-        } => {
-            let spec = CdcSpec {
-                keys: keys.clone(),
-                sequence_by: sequence_by.clone(),
-                op_column: op_column.clone(),
-                delete_values: delete_values.clone(),
-                track: track.clone(),
-                tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
-            };
-            let metrics = delta::apply_changes(&target_path, &ctx, output, &spec, &options, &meta)
-                .await
-                .map_err(delta_err)?;
-            report.rows_read = metrics.rows_read;
-            report.rows_superseded = metrics.rows_superseded;
-            report.rows_stale = metrics.rows_stale;
-            report.tombstones_added = metrics.tombstones_added;
-            report.files_removed = metrics.files_removed;
-            report.files_scanned = metrics.files_scanned;
-            apply_write(&mut report, &metrics.write);
+        WriteMode::Cdc { .. } => {
+            report.rows_read = rows_out;
+            if let Some(prepared) = prepared {
+                let metrics = prepared.commit(&ctx, &meta).await.map_err(delta_err)?;
+                report.rows_superseded = metrics.rows_superseded;
+                report.rows_stale = metrics.rows_stale;
+                report.tombstones_added = metrics.tombstones_added;
+                report.files_removed = metrics.files_removed;
+                report.files_scanned = metrics.files_scanned;
+                apply_write(&mut report, &metrics.write);
+            }
         }
     }
-    if report.output_version.is_none() {
-        report.outcome = StageOutcome::Succeeded;
+    if let Some(rejected) = split.rejected
+        && split.quarantined > 0
+    {
+        progress.message("quarantining rejected rows");
+        let table = checks::quarantine_table(&stage.target);
+        let bronze = reads.iter().find(|t| t.schema == "bronze");
+        checks::write_quarantine(
+            &ctx,
+            rejected,
+            bronze,
+            &context.pipeline.table_path(&table),
+            &meta,
+        )
+        .await
+        .map_err(delta_err)?;
+        report.warnings.push(format!(
+            "{} row(s) quarantined to `{table}`",
+            split.quarantined
+        ));
     }
     Ok((report, versions))
+}
+
+/// SQL for the stage's candidate result: the target as it would be after the write.
+async fn candidate_sql(
+    ctx: &datafusion::prelude::SessionContext,
+    stage: &Stage,
+    target_path: &std::path::Path,
+    target_exists: bool,
+    output: &datafusion::prelude::DataFrame,
+    scope: Option<&delta::Scope>,
+    prepared: Option<&delta::PreparedChanges>,
+) -> Result<String, delta::DeltaError> {
+    const CURRENT: &str = "__medallion_current";
+    let query = |e| delta::DeltaError::Query {
+        table: target_path.display().to_string(),
+        source: e,
+    };
+    ctx.register_table("batch", output.clone().into_view())
+        .map_err(query)?;
+    if let Some(prepared) = prepared {
+        return Ok(prepared.candidate_sql());
+    }
+    let current = match delta::open(target_path).await? {
+        Some(table) if target_exists => Some(delta::provider(target_path, &table).await?),
+        _ => None,
+    };
+    let columns: Vec<String> = output
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| format!("\"{}\"", f.name().replace('"', "\"\"")))
+        .collect();
+    let cols = columns.join(", ");
+    let Some(current) = current else {
+        return Ok("SELECT * FROM batch".into());
+    };
+    ctx.register_table(CURRENT, current).map_err(query)?;
+    Ok(match (&stage.write, scope) {
+        (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
+        (WriteMode::Overwrite, Some(scope)) => format!(
+            "SELECT {cols} FROM {CURRENT} WHERE NOT COALESCE({}, FALSE) UNION ALL SELECT {cols} FROM batch",
+            scope.sql()
+        ),
+        (WriteMode::Append, _) => {
+            format!("SELECT {cols} FROM {CURRENT} UNION ALL SELECT {cols} FROM batch")
+        }
+        (WriteMode::Merge { keys }, _) => {
+            let join: Vec<String> = keys
+                .iter()
+                .map(|k| format!("b.\"{k}\" = t.\"{k}\""))
+                .collect();
+            format!(
+                "SELECT {cols} FROM {CURRENT} t WHERE NOT EXISTS (SELECT 1 FROM batch b WHERE {}) \
+                 UNION ALL SELECT {cols} FROM batch",
+                join.join(" AND ")
+            )
+        }
+        (WriteMode::Cdc { .. }, _) => format!("SELECT {cols} FROM {CURRENT}"),
+    })
+}
+
+/// Registers the pipeline tables that the stage's checks read but its SQL does not.
+async fn register_check_tables(
+    context: &RunContext,
+    ctx: &datafusion::prelude::SessionContext,
+    stage: &Stage,
+) -> Result<(), delta::DeltaError> {
+    let mut tables = std::collections::BTreeSet::new();
+    for check in &stage.checks {
+        let mut queries = vec![check.query.as_str()];
+        if let crate::config::CheckRule::Equals { query, .. } = &check.rule {
+            queries.push(query);
+        }
+        for query in queries {
+            tables.extend(engine::sql::table_references(query).unwrap_or_default());
+        }
+    }
+    for name in tables {
+        let Some(table) = crate::config::TableName::parse(&name) else {
+            continue;
+        };
+        if stage.reads().contains(&table) {
+            continue;
+        }
+        let path = context.pipeline.table_path(&table);
+        if let Some(delta_table) = delta::open(&path).await? {
+            let provider = delta::provider(&path, &delta_table).await?;
+            let _ = engine::register_table(ctx, &table, provider, None);
+        }
+    }
+    Ok(())
 }
 
 /// The values of an incremental stage's column to recompute, from the commits its cdc source made since

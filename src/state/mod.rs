@@ -189,6 +189,141 @@ impl StateStore {
         Ok(Some(versions))
     }
 
+    /// Each check's observed value in the stage's latest successful run (for day-over-day checks).
+    pub async fn last_check_values(
+        &self,
+        stage: &str,
+    ) -> Result<BTreeMap<String, String>, StateError> {
+        let runs = self
+            .query(
+                "stage_runs",
+                &format!(
+                    "SELECT run_id FROM state WHERE stage = {} AND status = 'succeeded' \
+                     ORDER BY finished_at DESC LIMIT 1",
+                    literal(stage)
+                ),
+            )
+            .await?;
+        let Some(run) = runs.first() else {
+            return Ok(BTreeMap::new());
+        };
+        let rows = self
+            .query(
+                "check_runs",
+                &format!(
+                    "SELECT check_name, observed FROM state WHERE stage = {} AND run_id = {}",
+                    literal(stage),
+                    literal(&run.text(0))
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.text(0), r.text(1))).collect())
+    }
+
+    /// The latest `limit` runs of `pipeline`, newest first.
+    pub async fn recent_runs(
+        &self,
+        pipeline: &str,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StateError> {
+        let rows = self
+            .query(
+                "runs",
+                &format!(
+                    "SELECT run_id, pipeline, status, CAST(started_at AS BIGINT) AS started, CAST(finished_at AS BIGINT) AS finished, \
+                     stages_succeeded, stages_up_to_date, stages_failed, stages_skipped FROM state \
+                     WHERE pipeline = {} ORDER BY started_at DESC LIMIT {limit}",
+                    literal(pipeline)
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RunRecord {
+                run_id: r.text(0),
+                pipeline: r.text(1),
+                status: r.text(2),
+                started_micros: r.int(3),
+                finished_micros: r.int(4),
+                stages_succeeded: r.int(5) as u64,
+                stages_up_to_date: r.int(6) as u64,
+                stages_failed: r.int(7) as u64,
+                stages_skipped: r.int(8) as u64,
+            })
+            .collect())
+    }
+
+    /// Checks that did not pass in `run_id`: (stage, check, outcome, observed, threshold).
+    pub async fn unpassed_checks(&self, run_id: &str) -> Result<Vec<[String; 5]>, StateError> {
+        let rows = self
+            .query(
+                "check_runs",
+                &format!(
+                    "SELECT stage, check_name, outcome, observed, threshold FROM state \
+                     WHERE run_id = {} AND outcome <> 'passed' ORDER BY stage, check_name",
+                    literal(run_id)
+                ),
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| [r.text(0), r.text(1), r.text(2), r.text(3), r.text(4)])
+            .collect())
+    }
+
+    /// Records how each check of a stage came out.
+    pub async fn record_checks(
+        &self,
+        run_id: &str,
+        stage: &str,
+        results: &[crate::checks::CheckResult],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let same = |v: &str| strings(results.iter().map(|_| Some(v)));
+        let outcome = |r: &crate::checks::CheckResult| {
+            if r.passed {
+                "passed"
+            } else if r.blocks() {
+                "failed"
+            } else {
+                "warned"
+            }
+        };
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("run_id", same(run_id)),
+            ("stage", same(stage)),
+            (
+                "check_name",
+                strings(results.iter().map(|r| Some(r.name.as_str()))),
+            ),
+            (
+                "kind",
+                strings(results.iter().map(|r| Some(r.kind.as_str()))),
+            ),
+            (
+                "severity",
+                strings(results.iter().map(|r| Some(r.severity.as_str()))),
+            ),
+            (
+                "observed",
+                strings(results.iter().map(|r| Some(r.observed.as_str()))),
+            ),
+            (
+                "threshold",
+                strings(results.iter().map(|r| Some(r.threshold.as_str()))),
+            ),
+            ("outcome", strings(results.iter().map(|r| Some(outcome(r))))),
+            (
+                "recorded_at",
+                timestamps(results.iter().map(|_| now_micros())),
+            ),
+        ];
+        self.append("check_runs", columns, meta).await
+    }
+
     pub async fn record_stages(
         &self,
         records: &[StageRecord],

@@ -5,26 +5,10 @@ use std::path::{Path, PathBuf};
 
 use medallion::generate::{FileStyle, GenerateOptions, generate};
 
-use crate::common::{Scratch, assert_success, daily, delta_version, query, replay, repo, text};
+use crate::common::{Scratch, assert_success, daily, delta_version, query, replay, text};
 
-/// Runs `pipelines/transactions.yaml`, rewritten by `edit`, from a project folder inside the scratch.
 fn run_edited(scratch: &Scratch, edit: &dyn Fn(String) -> String) -> std::process::Output {
-    let project = scratch.dir.path().join("project");
-    if !project.exists() {
-        std::fs::create_dir_all(project.join("pipelines")).expect("project");
-        std::os::unix::fs::symlink(repo().join("sql"), project.join("sql")).expect("sql link");
-        let yaml =
-            std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
-        std::fs::write(project.join("pipelines/t.yaml"), edit(yaml)).expect("write yaml");
-    }
-    std::process::Command::new(crate::common::BIN)
-        .args(["run", "pipelines/t.yaml"])
-        .current_dir(&project)
-        .env("MEDALLION_LANDING", scratch.landing())
-        .env("MEDALLION_LAKE", scratch.lake())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run medallion")
+    scratch.run_edited(edit, None)
 }
 
 fn generate_into(out: &Path, style: FileStyle, date_folders: bool, change_seq: bool) {

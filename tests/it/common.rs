@@ -103,6 +103,40 @@ impl Scratch {
             .expect("run medallion")
     }
 
+    /// Runs `medallion run` on a copy of the reference project whose YAML is rewritten by `edit_yaml` and
+    /// one SQL file (path under `sql/`) by `edit_sql`, rewritten on every call.
+    pub fn run_edited(
+        &self,
+        edit_yaml: &dyn Fn(String) -> String,
+        edit_sql: Option<(&str, &dyn Fn(String) -> String)>,
+    ) -> Output {
+        let project = self.dir.path().join("project");
+        let _ = std::fs::remove_dir_all(&project);
+        std::fs::create_dir_all(project.join("pipelines")).expect("project");
+        copy_dir(&repo().join("sql"), &project.join("sql"));
+        let yaml =
+            std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
+        std::fs::write(project.join("pipelines/t.yaml"), edit_yaml(yaml)).expect("write yaml");
+        if let Some((file, edit)) = edit_sql {
+            let path = project.join("sql").join(file);
+            let text = std::fs::read_to_string(&path).expect("sql file");
+            std::fs::write(&path, edit(text)).expect("write sql");
+        }
+        self.command_in(&project, &["run", "pipelines/t.yaml"])
+    }
+
+    /// Runs medallion with `args` from `dir` against this scratch landing and lake.
+    pub fn command_in(&self, dir: &Path, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("MEDALLION_LANDING", self.landing())
+            .env("MEDALLION_LAKE", self.lake())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run medallion")
+    }
+
     pub fn table(&self, layer: &str, name: &str) -> PathBuf {
         self.lake().join(layer).join(name)
     }
@@ -202,6 +236,37 @@ pub async fn schema(path: &Path) -> Vec<String> {
         .iter()
         .map(|f| format!("{}: {}", f.name(), f.data_type()))
         .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}
+
+/// The interpreter with `deltalake` installed: `MEDALLION_PYTHON`, else the one `.ci/setup-python.sh`
+/// prepares (it installs on first use).
+pub fn python() -> String {
+    if let Ok(python) = std::env::var("MEDALLION_PYTHON") {
+        return python;
+    }
+    let output = Command::new("bash")
+        .arg(repo().join(".ci/setup-python.sh"))
+        .output()
+        .expect("run .ci/setup-python.sh");
+    assert!(
+        output.status.success(),
+        ".ci/setup-python.sh failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
 /// A live transaction after replaying the DMS files by hand.

@@ -7,4 +7,5 @@ mod common;
 mod end_to_end;
 mod malformed;
 mod python_reader;
+mod quality;
 mod validate;

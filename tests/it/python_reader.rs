@@ -2,25 +2,7 @@
 
 use std::process::Command;
 
-use crate::common::{Scratch, assert_success, query, repo};
-
-/// The interpreter with `deltalake` installed: `MEDALLION_PYTHON`, else the one `.ci/setup-python.sh`
-/// prepares (it installs on first use).
-fn python() -> String {
-    if let Ok(python) = std::env::var("MEDALLION_PYTHON") {
-        return python;
-    }
-    let output = Command::new("bash")
-        .arg(repo().join(".ci/setup-python.sh"))
-        .output()
-        .expect("run .ci/setup-python.sh");
-    assert!(
-        output.status.success(),
-        ".ci/setup-python.sh failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
+use crate::common::{Scratch, assert_success, python, query};
 
 const SCRIPT: &str = r#"
 import os, sys

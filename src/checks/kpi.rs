@@ -1,0 +1,214 @@
+//! KPI and reconciliation checks: a scalar SQL query over the stage's candidate result (`candidate`, the
+//! target as it would be after the write; `batch`, the rows being written; any pipeline table by name),
+//! compared with a threshold, another query, or the previous run's value. Values compare as exact
+//! decimals, so money reconciles to the cent.
+
+use std::{collections::BTreeMap, str::FromStr};
+
+use datafusion::{
+    arrow::{
+        array::{Array, AsArray},
+        compute::cast,
+        datatypes::DataType,
+    },
+    prelude::SessionContext,
+};
+use rust_decimal::Decimal;
+
+use crate::{
+    config::{Check, CheckRule, Severity},
+    engine::EngineError,
+};
+
+/// How one check (or expectation) came out; recorded in the run report and in run history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    /// `expectation`, `check` or `accounting`.
+    pub kind: String,
+    /// `warn` or `error` (expectations: their action).
+    pub severity: String,
+    /// The observed value as text (`NULL` when the query gave none).
+    pub observed: String,
+    /// What it was compared with, as text (`> 0`, `= 1234.56 ± 0`, `within 50% of 1000`).
+    pub threshold: String,
+    pub passed: bool,
+}
+
+impl CheckResult {
+    /// Whether this result stops the stage.
+    pub fn blocks(&self) -> bool {
+        !self.passed && (self.severity == "error" || self.severity == "fail")
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} `{}` {}: observed {}, expected {}",
+            self.kind,
+            self.name,
+            if self.passed { "passed" } else { "failed" },
+            self.observed,
+            self.threshold
+        )
+    }
+}
+
+/// Evaluates `checks`; `previous` holds each check's observed value in the stage's last successful run.
+pub async fn evaluate(
+    ctx: &SessionContext,
+    checks: &[Check],
+    previous: &BTreeMap<String, String>,
+) -> Result<Vec<CheckResult>, EngineError> {
+    let mut results = Vec::new();
+    for check in checks {
+        let what = format!("check `{}`", check.name);
+        let observed = scalar(ctx, &check.query, &what).await?;
+        let (threshold, passed) = match &check.rule {
+            CheckRule::Compare { op, value } => (
+                format!("{} {value}", op.symbol()),
+                observed.is_some_and(|o| op.holds(o, *value)),
+            ),
+            CheckRule::Between { low, high } => (
+                format!("between {low} and {high}"),
+                observed.is_some_and(|o| *low <= o && o <= *high),
+            ),
+            CheckRule::Equals { query, tolerance } => {
+                let other = scalar(ctx, query, &what).await?;
+                let text = other.map_or("NULL".to_string(), |v| v.to_string());
+                let passed = match (observed, other) {
+                    (Some(a), Some(b)) => (a - b).abs() <= *tolerance,
+                    (None, None) => true,
+                    _ => false,
+                };
+                (format!("= {text} ± {tolerance} ({query})"), passed)
+            }
+            CheckRule::MaxChangePct(pct) => {
+                let before = previous
+                    .get(&check.name)
+                    .and_then(|v| Decimal::from_str(v).ok());
+                match (before, observed) {
+                    // The first run has nothing to compare with.
+                    (None, _) => (format!("within {pct}% of the previous run (none)"), true),
+                    (Some(before), Some(now)) => {
+                        let limit = before.abs() * *pct / Decimal::ONE_HUNDRED;
+                        (
+                            format!("within {pct}% of the previous run's {before}"),
+                            (now - before).abs() <= limit,
+                        )
+                    }
+                    (Some(before), None) => (
+                        format!("within {pct}% of the previous run's {before}"),
+                        false,
+                    ),
+                }
+            }
+        };
+        results.push(CheckResult {
+            name: check.name.clone(),
+            kind: "check".into(),
+            severity: match check.severity {
+                Severity::Warn => "warn".into(),
+                Severity::Error => "error".into(),
+            },
+            observed: observed.map_or("NULL".into(), |v| v.normalize().to_string()),
+            threshold,
+            passed,
+        });
+    }
+    Ok(results)
+}
+
+/// The first value of the first row of `sql`, as an exact decimal (`None` for NULL or no row).
+async fn scalar(
+    ctx: &SessionContext,
+    sql: &str,
+    what: &str,
+) -> Result<Option<Decimal>, EngineError> {
+    let batches = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| EngineError::query(what.to_string(), e))?
+        .collect()
+        .await
+        .map_err(|e| EngineError::query(what.to_string(), e))?;
+    let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let text = cast(batch.column(0), &DataType::Utf8)
+        .map_err(|e| EngineError::query(what.to_string(), e.into()))?;
+    let text = text.as_string::<i32>();
+    if text.is_null(0) {
+        return Ok(None);
+    }
+    let value = text.value(0);
+    let parsed = match value {
+        "true" => Some(Decimal::ONE),
+        "false" => Some(Decimal::ZERO),
+        _ => Decimal::from_str(value)
+            .or_else(|_| Decimal::from_scientific(value))
+            .ok(),
+    };
+    let parsed = parsed.ok_or_else(|| EngineError::Invalid {
+        what: what.to_string(),
+        message: format!("its query must give one number, got `{value}`"),
+    })?;
+    Ok(Some(parsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CompareOp, parse_expect};
+
+    #[test]
+    fn parses_rules() {
+        assert_eq!(
+            parse_expect("> 0"),
+            Ok(CheckRule::Compare {
+                op: CompareOp::Gt,
+                value: Decimal::ZERO
+            })
+        );
+        assert_eq!(
+            parse_expect("between -1.5 and 10"),
+            Ok(CheckRule::Between {
+                low: Decimal::new(-15, 1),
+                high: Decimal::TEN
+            })
+        );
+        assert!(parse_expect("about 3").is_err());
+    }
+
+    #[tokio::test]
+    async fn reconciles_exactly_to_the_cent() {
+        let ctx = SessionContext::new();
+        let checks = vec![Check {
+            name: "sums".into(),
+            query: "SELECT CAST(100.10 AS DECIMAL(18,2))".into(),
+            rule: CheckRule::Equals {
+                query: "SELECT CAST(100.11 AS DECIMAL(18,2))".into(),
+                tolerance: Decimal::ZERO,
+            },
+            severity: Severity::Error,
+        }];
+        let results = evaluate(&ctx, &checks, &BTreeMap::new()).await.unwrap();
+        assert!(!results[0].passed && results[0].blocks(), "{results:?}");
+        assert_eq!(results[0].observed, "100.1");
+    }
+
+    #[tokio::test]
+    async fn day_over_day_change() {
+        let ctx = SessionContext::new();
+        let checks = vec![Check {
+            name: "volume".into(),
+            query: "SELECT 160".into(),
+            rule: CheckRule::MaxChangePct(Decimal::from(50)),
+            severity: Severity::Warn,
+        }];
+        let previous = BTreeMap::from([("volume".to_string(), "100".to_string())]);
+        let results = evaluate(&ctx, &checks, &previous).await.unwrap();
+        assert!(!results[0].passed && !results[0].blocks());
+        let previous = BTreeMap::from([("volume".to_string(), "120".to_string())]);
+        assert!(evaluate(&ctx, &checks, &previous).await.unwrap()[0].passed);
+    }
+}
