@@ -67,6 +67,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Send a sample notification to each `notify:` target of the pipeline, to check the setup.
+    NotifyTest {
+        /// Pipeline YAML file.
+        file: PathBuf,
+    },
     /// Generate the reference workload (financial transactions as AWS DMS lands them).
     Generate(GenerateArgs),
 }
@@ -234,6 +239,45 @@ pub fn run(cli: Cli) -> Result<u8> {
                 ),
             }
             Ok(exit_code::SUCCESS)
+        }
+        Command::NotifyTest { file } => {
+            let pipeline = config::load(&file)?;
+            if pipeline.notify.is_empty() {
+                return Err(Error::Usage(format!(
+                    "pipeline `{}` has no `notify:` targets",
+                    pipeline.name
+                )));
+            }
+            let sample = serde_json::json!({
+                "run_id": "notify-test",
+                "pipeline": pipeline.name,
+                "status": "test",
+                "message": "a test notification from `medallion notify-test`",
+                "stages": [],
+            });
+            let deliveries = runtime()?.block_on(crate::notify::send_all(
+                &pipeline.notify,
+                crate::notify::Event::Test,
+                &pipeline.name,
+                "test",
+                &sample,
+            ));
+            let mut all = true;
+            for d in &deliveries {
+                all &= d.delivered;
+                match &d.error {
+                    None => println!(
+                        "{} ({}): delivered after {} attempt(s)",
+                        d.target, d.kind, d.attempts
+                    ),
+                    Some(error) => println!("{} ({}): NOT delivered: {error}", d.target, d.kind),
+                }
+            }
+            Ok(if all {
+                exit_code::SUCCESS
+            } else {
+                exit_code::RUN_FAILED
+            })
         }
         Command::Generate(args) => {
             let options = GenerateOptions {

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod landing;
+pub mod notify;
 pub mod runner;
 pub mod state;
 

@@ -23,6 +23,55 @@ pub struct Pipeline {
     /// Stages in declaration order; `graph` node `i` is `stages[i]`.
     pub stages: Vec<Stage>,
     pub graph: Graph,
+    pub notify: Vec<NotifyTarget>,
+}
+
+/// A place to report the end of a run.
+#[derive(Clone)]
+pub struct NotifyTarget {
+    pub name: String,
+    /// `success`, `failure`.
+    pub on: Vec<String>,
+    pub required: bool,
+    pub kind: NotifyKind,
+}
+
+/// Header values and URLs may hold secrets, so targets never print them.
+impl fmt::Debug for NotifyTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            NotifyKind::Webhook(_) => "webhook",
+            NotifyKind::Sns(_) => "sns",
+        };
+        f.debug_struct("NotifyTarget")
+            .field("name", &self.name)
+            .field("on", &self.on)
+            .field("kind", &kind)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub enum NotifyKind {
+    Webhook(WebhookTarget),
+    Sns(SnsTarget),
+}
+
+#[derive(Clone)]
+pub struct WebhookTarget {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub secret_env: Option<String>,
+    pub timeout: std::time::Duration,
+    pub retries: u32,
+    pub backoff: std::time::Duration,
+}
+
+#[derive(Clone)]
+pub struct SnsTarget {
+    pub topic_arn: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
 }
 
 impl Pipeline {

@@ -21,6 +21,56 @@ pub struct PipelineSpec {
     pub sources: Vec<SourceSpec>,
     #[serde(default)]
     pub stages: Vec<StageSpec>,
+    /// Where to report the end of each run.
+    #[serde(default)]
+    pub notify: Vec<NotifySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    pub name: String,
+    /// Run outcomes that notify: `success`, `failure` (default both).
+    #[serde(default)]
+    pub on: Option<Vec<String>>,
+    /// Whether a failed delivery fails the run (default false: it is logged and recorded only).
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
+    #[serde(default)]
+    pub sns: Option<SnsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    pub url: String,
+    /// Extra headers; values usually come from `${VAR}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Environment variable holding the HMAC-SHA256 signing secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Retries after the first attempt on 5xx, 429 and connection errors (default 3).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// First backoff in milliseconds, doubled each retry, with jitter (default 500).
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnsSpec {
+    pub topic_arn: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// For local or compatible endpoints, e.g. `http://127.0.0.1:5000`.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -238,6 +238,7 @@ impl Compiler<'_> {
         let sources = self.sources(spec.sources);
         let stages = self.stages(spec.stages, &sources, &spec.vars);
         let graph = self.graph(&stages);
+        let notify = self.notify(spec.notify);
         Some(Pipeline {
             name: spec.name,
             description: spec.description,
@@ -248,7 +249,80 @@ impl Compiler<'_> {
             sources,
             stages: stages.into_iter().map(|(s, _, _)| s).collect(),
             graph: graph?,
+            notify,
         })
+    }
+
+    fn notify(&mut self, specs: Vec<spec::NotifySpec>) -> Vec<NotifyTarget> {
+        let mut targets = Vec::new();
+        let mut from = 1;
+        for spec in specs {
+            let line = self.lines.find(from, "name", &spec.name);
+            from = line.map_or(from, |l| l + 1);
+            let name = spec.name.clone();
+            let on = spec
+                .on
+                .unwrap_or_else(|| vec!["success".into(), "failure".into()]);
+            for event in &on {
+                if event != "success" && event != "failure" {
+                    self.issue(
+                        line,
+                        format!(
+                            "notify `{name}`: `on` value `{event}` must be `success` or `failure`"
+                        ),
+                    );
+                }
+            }
+            let kind = match (spec.webhook, spec.sns) {
+                (Some(webhook), None) => {
+                    if !(webhook.url.starts_with("http://") || webhook.url.starts_with("https://"))
+                    {
+                        self.issue(
+                            line,
+                            format!(
+                                "notify `{name}`: webhook `url` must start with http:// or https://"
+                            ),
+                        );
+                    }
+                    NotifyKind::Webhook(WebhookTarget {
+                        url: webhook.url,
+                        headers: webhook.headers.into_iter().collect(),
+                        secret_env: webhook.secret_env,
+                        timeout: std::time::Duration::from_secs(
+                            webhook.timeout_secs.unwrap_or(10).max(1),
+                        ),
+                        retries: webhook.retries.unwrap_or(3),
+                        backoff: std::time::Duration::from_millis(
+                            webhook.backoff_ms.unwrap_or(500),
+                        ),
+                    })
+                }
+                (None, Some(sns)) => {
+                    if !sns.topic_arn.starts_with("arn:") {
+                        self.issue(line, format!("notify `{name}`: sns `topic_arn` must be an ARN (`arn:aws:sns:<region>:<account>:<topic>`)"));
+                    }
+                    NotifyKind::Sns(SnsTarget {
+                        topic_arn: sns.topic_arn,
+                        region: sns.region,
+                        endpoint_url: sns.endpoint_url,
+                    })
+                }
+                _ => {
+                    self.issue(
+                        line,
+                        format!("notify `{name}`: give exactly one of `webhook` and `sns`"),
+                    );
+                    continue;
+                }
+            };
+            targets.push(NotifyTarget {
+                name,
+                on,
+                required: spec.required,
+                kind,
+            });
+        }
+        targets
     }
 
     fn sources(&mut self, specs: Vec<spec::SourceSpec>) -> Vec<Source> {

@@ -12,6 +12,8 @@ pub struct HistoryEntry {
     pub run: RunRecord,
     /// (stage, check, outcome, observed, threshold)
     pub checks: Vec<[String; 5]>,
+    /// Notifications not delivered: (target, error).
+    pub notifications: Vec<(String, String)>,
 }
 
 pub async fn recent(pipeline: &Pipeline, limit: usize) -> Result<Vec<HistoryEntry>, StateError> {
@@ -19,7 +21,12 @@ pub async fn recent(pipeline: &Pipeline, limit: usize) -> Result<Vec<HistoryEntr
     let mut entries = Vec::new();
     for run in state.recent_runs(&pipeline.name, limit).await? {
         let checks = state.unpassed_checks(&run.run_id).await?;
-        entries.push(HistoryEntry { run, checks });
+        let notifications = state.failed_notifications(&run.run_id).await?;
+        entries.push(HistoryEntry {
+            run,
+            checks,
+            notifications,
+        });
     }
     Ok(entries)
 }
@@ -35,7 +42,7 @@ pub fn render(entries: &[HistoryEntry]) -> String {
         return "no runs recorded yet\n".into();
     }
     let mut out = format!(
-        "{:<36}  {:<19}  {:>8}  {:<9}  {:>4} {:>4} {:>4} {:>4}  checks not passed\n",
+        "{:<36}  {:<19}  {:>8}  {:<9}  {:>4} {:>4} {:>4} {:>4}  checks not passed, notifications not delivered\n",
         "run", "started (UTC)", "seconds", "status", "ok", "same", "fail", "skip"
     );
     for entry in entries {
@@ -46,6 +53,12 @@ pub fn render(entries: &[HistoryEntry]) -> String {
             .map(|[stage, check, outcome, observed, threshold]| {
                 format!("{stage}.{check} {outcome} (observed {observed}, expected {threshold})")
             })
+            .chain(
+                entry
+                    .notifications
+                    .iter()
+                    .map(|(target, error)| format!("notification {target} failed ({error})")),
+            )
             .collect();
         out.push_str(&format!(
             "{:<36}  {:<19}  {:>8.1}  {:<9}  {:>4} {:>4} {:>4} {:>4}  {}\n",
@@ -81,6 +94,9 @@ pub fn to_json(entries: &[HistoryEntry]) -> serde_json::Value {
                     "stages_skipped": run.stages_skipped,
                     "checks_not_passed": e.checks.iter().map(|[stage, check, outcome, observed, threshold]| serde_json::json!({
                         "stage": stage, "check": check, "outcome": outcome, "observed": observed, "threshold": threshold,
+                    })).collect::<Vec<_>>(),
+                    "notifications_failed": e.notifications.iter().map(|(target, error)| serde_json::json!({
+                        "target": target, "error": error,
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -11,7 +11,7 @@ mod stage;
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
 use tokio::task::JoinSet;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 pub use report::{RunReport, StageOutcome, StageReport};
 
@@ -21,6 +21,7 @@ use crate::{
     delta::{CommitMeta, DeltaError},
     engine::EngineError,
     landing::LandingError,
+    notify,
     state::{self, RunRecord, StateError, StateStore},
 };
 
@@ -125,12 +126,29 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             queue.complete(index);
         }
         let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
-        let report = RunReport {
+        let mut report = RunReport {
             run_id: run_id.clone(),
             pipeline: pipeline.name.clone(),
             stages,
             elapsed: clock.elapsed(),
+            started_micros: started,
+            notifications: Vec::new(),
         };
+        if !pipeline.notify.is_empty() {
+            let event = if report.stages_succeeded() {
+                notify::Event::Success
+            } else {
+                notify::Event::Failure
+            };
+            report.notifications = notify::send_all(
+                &pipeline.notify,
+                event,
+                &pipeline.name,
+                report.status(),
+                &report.to_json(),
+            )
+            .await;
+        }
         let meta = CommitMeta {
             run_id: run_id.clone(),
             stage: "_run".into(),
@@ -147,6 +165,13 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
         };
         context.state.record_run(&record, &meta).await?;
+        if let Err(error) = context
+            .state
+            .record_notifications(&run_id, &report.notifications, &meta)
+            .await
+        {
+            warn!("could not record the notifications: {error}");
+        }
         info!(
             status = report.status(),
             elapsed_ms = report.elapsed.as_millis() as u64,

@@ -92,16 +92,30 @@ pub struct RunReport {
     pub pipeline: String,
     pub stages: Vec<StageReport>,
     pub elapsed: Duration,
+    /// Start of the run, microseconds since the epoch (UTC).
+    pub started_micros: i64,
+    /// How each notification went (filled after the stages, so not part of what is sent).
+    pub notifications: Vec<crate::notify::Delivery>,
 }
 
 impl RunReport {
-    pub fn succeeded(&self) -> bool {
+    /// Every stage succeeded (or had nothing to do).
+    pub fn stages_succeeded(&self) -> bool {
         self.stages.iter().all(|s| {
             matches!(
                 s.outcome,
                 StageOutcome::Succeeded | StageOutcome::UpToDate(_)
             )
         })
+    }
+
+    /// The stages succeeded and no `required` notification failed.
+    pub fn succeeded(&self) -> bool {
+        self.stages_succeeded()
+            && self
+                .notifications
+                .iter()
+                .all(|n| n.delivered || !n.required)
     }
 
     pub fn status(&self) -> &'static str {
@@ -158,12 +172,37 @@ impl RunReport {
                 })
             })
             .collect();
+        let started = chrono::DateTime::from_timestamp_micros(self.started_micros);
+        let finished = chrono::DateTime::from_timestamp_micros(
+            self.started_micros + self.elapsed.as_micros() as i64,
+        );
+        let failed_checks: Vec<serde_json::Value> = self
+            .stages
+            .iter()
+            .flat_map(|s| {
+                s.checks
+                    .iter()
+                    .filter(|c| !c.passed)
+                    .map(move |c| serde_json::json!({"stage": s.stage, "check": c}))
+            })
+            .collect();
+        let written: serde_json::Map<String, serde_json::Value> = self
+            .stages
+            .iter()
+            .filter_map(|s| Some((s.target.clone(), serde_json::json!(s.output_version?))))
+            .collect();
         serde_json::json!({
             "run_id": self.run_id,
             "pipeline": self.pipeline,
+            "logical_date": serde_json::Value::Null,
             "status": self.status(),
+            "started_at": started.map(|t| t.to_rfc3339()),
+            "finished_at": finished.map(|t| t.to_rfc3339()),
             "elapsed_ms": self.elapsed.as_millis() as u64,
             "stages": stages,
+            "failed_checks": failed_checks,
+            "versions_written": written,
+            "notifications": self.notifications,
         })
     }
 
@@ -187,6 +226,13 @@ impl RunReport {
             "  {:<width$}  {:<10}  {:>10}  {:>10}  {:>8}  {:>7}  note\n",
             "stage", "status", "rows read", "written", "version", "time"
         ));
+        for delivery in self.notifications.iter().filter(|n| !n.delivered) {
+            out.push_str(&format!(
+                "  notification `{}` not delivered: {}\n",
+                delivery.target,
+                delivery.error.as_deref().unwrap_or("unknown error")
+            ));
+        }
         for stage in &self.stages {
             let note = match &stage.outcome {
                 StageOutcome::Succeeded => {

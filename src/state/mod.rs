@@ -271,6 +271,67 @@ impl StateStore {
             .collect())
     }
 
+    /// Records how each notification of a run went.
+    pub async fn record_notifications(
+        &self,
+        run_id: &str,
+        deliveries: &[crate::notify::Delivery],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("run_id", strings(deliveries.iter().map(|_| Some(run_id)))),
+            (
+                "target",
+                strings(deliveries.iter().map(|d| Some(d.target.as_str()))),
+            ),
+            (
+                "kind",
+                strings(deliveries.iter().map(|d| Some(d.kind.as_str()))),
+            ),
+            (
+                "outcome",
+                strings(
+                    deliveries
+                        .iter()
+                        .map(|d| Some(if d.delivered { "delivered" } else { "failed" })),
+                ),
+            ),
+            (
+                "attempts",
+                ints(deliveries.iter().map(|d| Some(i64::from(d.attempts)))),
+            ),
+            (
+                "error",
+                strings(deliveries.iter().map(|d| d.error.as_deref())),
+            ),
+            (
+                "recorded_at",
+                timestamps(deliveries.iter().map(|_| now_micros())),
+            ),
+        ];
+        self.append("notifications", columns, meta).await
+    }
+
+    /// Notifications of `run_id` that were not delivered: (target, error).
+    pub async fn failed_notifications(
+        &self,
+        run_id: &str,
+    ) -> Result<Vec<(String, String)>, StateError> {
+        let rows = self
+            .query(
+                "notifications",
+                &format!(
+                    "SELECT target, error FROM state WHERE run_id = {} AND outcome = 'failed' ORDER BY target",
+                    literal(run_id)
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.text(0), r.text(1))).collect())
+    }
+
     /// Records how each check of a stage came out.
     pub async fn record_checks(
         &self,

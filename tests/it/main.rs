@@ -6,6 +6,7 @@ mod cdc_reference;
 mod common;
 mod end_to_end;
 mod malformed;
+mod notify;
 mod python_reader;
 mod quality;
 mod validate;
