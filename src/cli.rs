@@ -67,6 +67,54 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Query the lake's tables with SQL (`SELECT ... FROM gold.daily_kpis`), with time travel.
+    Sql {
+        /// One SELECT; tables by `layer.name`.
+        query: String,
+        #[command(flatten)]
+        lake: LakeArgs,
+        #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
+        format: SqlFormat,
+        /// Read the tables the query names at this Delta version.
+        #[arg(long, conflicts_with = "as_of")]
+        version: Option<u64>,
+        /// Read the tables the query names as of this RFC 3339 time (e.g. 2026-11-01T00:00:00Z).
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// Show a table: schema with comments, partitioning, files and size, commits with their runs.
+    Describe {
+        /// Table as `layer.name`, e.g. `gold.daily_kpis`.
+        table: String,
+        #[command(flatten)]
+        lake: LakeArgs,
+        /// How many commits of history to show.
+        #[arg(long, default_value_t = 20)]
+        history: usize,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Compact small files, vacuum unreferenced ones and write checkpoints for the pipeline's tables.
+    Maintain {
+        /// Pipeline YAML file.
+        file: PathBuf,
+        /// Compact small files (Z-order by a stage's `zorder_by`).
+        #[arg(long)]
+        optimize: bool,
+        /// Delete files no version within the retention references.
+        #[arg(long)]
+        vacuum: bool,
+        /// Write a checkpoint of each table's log.
+        #[arg(long)]
+        checkpoint: bool,
+        /// Vacuum retention in days (default `maintenance.vacuum_retention_days`); never below the
+        /// time-travel and backfill windows the pipeline promises.
+        #[arg(long)]
+        retention_days: Option<u32>,
+        /// Show what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Send a sample notification to each `notify:` target of the pipeline, to check the setup.
     NotifyTest {
         /// Pipeline YAML file.
@@ -86,6 +134,34 @@ pub struct RunArgs {
     /// Format of the run report on stdout (JSON also with `--log-format json`).
     #[arg(long, value_enum)]
     pub output: Option<OutputFormat>,
+}
+
+/// Where the lake is: `--lake`, else the `lake:` of `--pipeline`, else `./lake`.
+#[derive(Debug, Args)]
+pub struct LakeArgs {
+    /// Pipeline whose lake to read.
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+    /// Lake root folder.
+    #[arg(long, conflicts_with = "pipeline")]
+    pub lake: Option<PathBuf>,
+}
+
+impl LakeArgs {
+    fn resolve(&self) -> Result<PathBuf> {
+        Ok(match (&self.lake, &self.pipeline) {
+            (Some(lake), _) => lake.clone(),
+            (None, Some(file)) => config::load(file)?.lake,
+            (None, None) => PathBuf::from("lake"),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum SqlFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -238,6 +314,66 @@ pub fn run(cli: Cli) -> Result<u8> {
                         .unwrap_or_default()
                 ),
             }
+            Ok(exit_code::SUCCESS)
+        }
+        Command::Sql {
+            query,
+            lake,
+            format,
+            version,
+            as_of,
+        } => {
+            let lake = lake.resolve()?;
+            let as_of = match (version, as_of) {
+                (Some(v), _) => crate::lake::AsOf::Version(v),
+                (None, Some(ts)) => crate::lake::AsOf::Timestamp(ts),
+                (None, None) => crate::lake::AsOf::Latest,
+            };
+            let batches = runtime()?.block_on(crate::lake::query(&lake, &query, &as_of))?;
+            let format = match format {
+                SqlFormat::Table => crate::lake::Format::Table,
+                SqlFormat::Csv => crate::lake::Format::Csv,
+                SqlFormat::Json => crate::lake::Format::Json,
+            };
+            print!("{}", crate::lake::format(&batches, format)?);
+            Ok(exit_code::SUCCESS)
+        }
+        Command::Describe {
+            table,
+            lake,
+            history,
+            format,
+        } => {
+            let lake = lake.resolve()?;
+            let description = runtime()?.block_on(crate::lake::describe(&lake, &table, history))?;
+            match format {
+                OutputFormat::Text => print!("{}", description.render()),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&description).unwrap_or_default()
+                ),
+            }
+            Ok(exit_code::SUCCESS)
+        }
+        Command::Maintain {
+            file,
+            optimize,
+            vacuum,
+            checkpoint,
+            retention_days,
+            dry_run,
+        } => {
+            let pipeline = config::load(&file)?;
+            let none = !optimize && !vacuum && !checkpoint;
+            let options = crate::maintain::MaintainOptions {
+                optimize: optimize || none,
+                vacuum: vacuum || none,
+                checkpoint: checkpoint || none,
+                dry_run,
+                retention_days,
+            };
+            let done = runtime()?.block_on(crate::maintain::maintain(&pipeline, &options))?;
+            print!("{}", crate::maintain::render(&done, dry_run));
             Ok(exit_code::SUCCESS)
         }
         Command::NotifyTest { file } => {

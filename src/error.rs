@@ -23,6 +23,10 @@ pub enum Error {
     Run(Box<RunError>),
     #[error(transparent)]
     Generate(Box<GenerateError>),
+    #[error(transparent)]
+    Lake(Box<crate::lake::LakeError>),
+    #[error(transparent)]
+    Maintain(Box<crate::maintain::MaintainError>),
     #[error("{0}")]
     Usage(String),
 }
@@ -46,6 +50,8 @@ boxed_from!(
     State(StateError),
     Run(RunError),
     Generate(GenerateError),
+    Lake(crate::lake::LakeError),
+    Maintain(crate::maintain::MaintainError),
 );
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -67,6 +73,14 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => exit_code::INVALID,
+            Error::Maintain(e)
+                if matches!(
+                    **e,
+                    crate::maintain::MaintainError::RetentionTooShort { .. }
+                ) =>
+            {
+                exit_code::INVALID
+            }
             _ => exit_code::ERROR,
         }
     }

@@ -24,6 +24,36 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub graph: Graph,
     pub notify: Vec<NotifyTarget>,
+    pub maintenance: Maintenance,
+}
+
+/// Table upkeep settings (see `maintenance:` in the README).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    pub time_travel_days: u32,
+    pub backfill_days: u32,
+    pub vacuum_retention_days: u32,
+    pub target_file_bytes: u64,
+    pub optimize_after_files: u64,
+}
+
+impl Maintenance {
+    /// The shortest vacuum retention the pipeline's promises allow, in days.
+    pub fn minimum_retention_days(&self) -> u32 {
+        self.time_travel_days.max(self.backfill_days)
+    }
+}
+
+impl Default for Maintenance {
+    fn default() -> Maintenance {
+        Maintenance {
+            time_travel_days: 7,
+            backfill_days: 0,
+            vacuum_retention_days: 7,
+            target_file_bytes: 128 * 1024 * 1024,
+            optimize_after_files: 100,
+        }
+    }
 }
 
 /// A place to report the end of a run.
@@ -206,6 +236,8 @@ pub struct Stage {
     pub expectations: Vec<Expectation>,
     /// KPI and reconciliation checks on the candidate result, before it is published.
     pub checks: Vec<Check>,
+    pub zorder_by: Vec<String>,
+    pub column_comments: BTreeMap<String, String>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
 }

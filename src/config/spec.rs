@@ -24,6 +24,29 @@ pub struct PipelineSpec {
     /// Where to report the end of each run.
     #[serde(default)]
     pub notify: Vec<NotifySpec>,
+    /// Table upkeep: compaction, vacuum and the promises that bound it.
+    #[serde(default)]
+    pub maintenance: Option<MaintenanceSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSpec {
+    /// Versions of every table stay readable by time travel for at least this many days (default 7).
+    #[serde(default)]
+    pub time_travel_days: Option<u32>,
+    /// Backfills may rewrite this many days back (default 0); vacuum keeps their inputs.
+    #[serde(default)]
+    pub backfill_days: Option<u32>,
+    /// How long vacuum keeps unreferenced files (default: the larger of the two above).
+    #[serde(default)]
+    pub vacuum_retention_days: Option<u32>,
+    /// Target size of compacted files in MiB (default 128).
+    #[serde(default)]
+    pub target_file_mb: Option<u64>,
+    /// After a run, compact a written table that has more files than this (default 100; 0 turns it off).
+    #[serde(default)]
+    pub optimize_after_files: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +189,12 @@ pub struct StageSpec {
     pub expectations: Vec<ExpectationSpec>,
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// Columns to Z-order the target by when `medallion maintain --optimize` compacts it.
+    #[serde(default)]
+    pub zorder_by: Vec<String>,
+    /// Column comments stored in the table's schema, shown by `describe` and other Delta readers.
+    #[serde(default)]
+    pub column_comments: BTreeMap<String, String>,
     /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,

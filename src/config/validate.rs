@@ -239,6 +239,7 @@ impl Compiler<'_> {
         let stages = self.stages(spec.stages, &sources, &spec.vars);
         let graph = self.graph(&stages);
         let notify = self.notify(spec.notify);
+        let maintenance = self.maintenance(spec.maintenance);
         Some(Pipeline {
             name: spec.name,
             description: spec.description,
@@ -250,7 +251,43 @@ impl Compiler<'_> {
             stages: stages.into_iter().map(|(s, _, _)| s).collect(),
             graph: graph?,
             notify,
+            maintenance,
         })
+    }
+
+    fn maintenance(&mut self, spec: Option<spec::MaintenanceSpec>) -> Maintenance {
+        let defaults = Maintenance::default();
+        let Some(spec) = spec else {
+            return defaults;
+        };
+        let time_travel_days = spec.time_travel_days.unwrap_or(defaults.time_travel_days);
+        let backfill_days = spec.backfill_days.unwrap_or(defaults.backfill_days);
+        let minimum = time_travel_days.max(backfill_days);
+        let vacuum_retention_days = spec.vacuum_retention_days.unwrap_or(minimum);
+        if vacuum_retention_days < minimum {
+            let line = self.lines.find(
+                1,
+                "vacuum_retention_days",
+                &vacuum_retention_days.to_string(),
+            );
+            self.issue(
+                line,
+                format!(
+                    "maintenance: `vacuum_retention_days: {vacuum_retention_days}` is shorter than the time-travel \
+                     ({time_travel_days} days) and backfill ({backfill_days} days) windows the pipeline promises; \
+                     vacuum would delete files those need"
+                ),
+            );
+        }
+        Maintenance {
+            time_travel_days,
+            backfill_days,
+            vacuum_retention_days,
+            target_file_bytes: spec.target_file_mb.unwrap_or(128).max(1) * 1024 * 1024,
+            optimize_after_files: spec
+                .optimize_after_files
+                .unwrap_or(defaults.optimize_after_files),
+        }
     }
 
     fn notify(&mut self, specs: Vec<spec::NotifySpec>) -> Vec<NotifyTarget> {
@@ -508,6 +545,8 @@ impl Compiler<'_> {
                     partition_by: spec.partition_by,
                     expectations,
                     checks,
+                    zorder_by: spec.zorder_by,
+                    column_comments: spec.column_comments,
                     incremental,
                 },
                 line,

@@ -41,6 +41,7 @@ impl BatchAppender {
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(|e| DeltaError::table(path, e))?
             .with_target_file_size(TARGET_FILE_SIZE)
+            .with_writer_properties(super::writer_properties())
             .with_commit_properties(meta.properties());
         let schema = writer.arrow_schema();
         Ok(BatchAppender {

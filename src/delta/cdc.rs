@@ -197,6 +197,7 @@ pub async fn prepare_changes(
             path.display()
         )),
         not_null: spec.keys.clone(),
+        ..TableOptions::default()
     };
     let tombstones = create_if_missing(
         &spec.tombstones,
@@ -316,6 +317,7 @@ impl PreparedChanges {
             let (table, merge) = table
                 .merge(source, key_predicate(&spec.keys))
                 .with_source_alias("s")
+                .with_writer_properties(super::writer_properties())
                 .with_target_alias("t")
                 .when_matched_delete(|d| d.predicate(format!("s.{ACTION} = 'delete' AND {newer}")))
                 .and_then(|m| {
@@ -618,6 +620,7 @@ async fn write_tombstones(
     tombstones
         .merge(source, key_predicate(&spec.keys))
         .with_source_alias("s")
+        .with_writer_properties(super::writer_properties())
         .with_target_alias("t")
         .when_matched_delete(|d| d.predicate(format!("NOT s.{IS_DELETE}")))
         .and_then(|m| {

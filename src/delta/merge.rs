@@ -24,6 +24,7 @@ pub async fn upsert(
     let (table, metrics) = table
         .merge(source, on)
         .with_source_alias("s")
+        .with_writer_properties(super::writer_properties())
         .with_target_alias("t")
         .when_matched_update(|mut u| {
             for c in &update_columns {

@@ -95,6 +95,21 @@ pub struct TableOptions {
     pub description: Option<String>,
     /// Columns created NOT NULL (e.g. merge keys).
     pub not_null: Vec<String>,
+    /// Column comments, stored as the `comment` metadata of the schema's fields.
+    pub comments: std::collections::BTreeMap<String, String>,
+}
+
+/// Parquet settings of every file medallion writes: zstd level 3 (smaller files than snappy at a similar
+/// read speed, and every Delta reader decodes it) and page-level statistics for pruning.
+pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProperties {
+    use deltalake::parquet::{
+        basic::{Compression, ZstdLevel},
+        file::properties::{EnabledStatistics, WriterProperties},
+    };
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .build()
 }
 
 /// Creates an empty table with `schema`, unless one exists; returns it either way.
@@ -111,7 +126,12 @@ pub async fn create_if_missing(
         .iter()
         .map(|f| {
             let field = f.as_ref().clone();
-            let field = field.with_data_type(normalize_type(f.data_type()));
+            let mut field = field.with_data_type(normalize_type(f.data_type()));
+            if let Some(comment) = options.comments.get(f.name()) {
+                let mut metadata = field.metadata().clone();
+                metadata.insert("comment".to_string(), comment.clone());
+                field = field.with_metadata(metadata);
+            }
             if options.not_null.contains(f.name()) {
                 field.with_nullable(false)
             } else {

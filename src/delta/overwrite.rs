@@ -100,6 +100,7 @@ pub async fn overwrite(
         .with_input_plan(plan)
         .with_session_state(Arc::new(session.state()))
         .with_save_mode(SaveMode::Overwrite)
+        .with_writer_properties(super::writer_properties())
         .with_partition_columns(options.partition_by.clone())
         .with_commit_properties(meta.properties());
     builder = match predicate {

@@ -133,7 +133,32 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             elapsed: clock.elapsed(),
             started_micros: started,
             notifications: Vec::new(),
+            maintained: Vec::new(),
         };
+        // Tables that crossed the small-file threshold are compacted now, so daily runs do not pile up
+        // files (compaction commits change no data, so readers and incremental stages are unaffected).
+        let threshold = pipeline.maintenance.optimize_after_files;
+        let mut written: Vec<crate::config::TableName> = report
+            .stages
+            .iter()
+            .filter(|s| s.output_version.is_some())
+            .filter_map(|s| crate::config::TableName::parse(&s.target))
+            .collect();
+        written.extend(
+            crate::lake::tables(&pipeline.lake)
+                .into_iter()
+                .filter(|t| t.schema == "_medallion"),
+        );
+        for table in written {
+            match crate::maintain::optimize_if_needed(pipeline, &table, threshold).await {
+                Ok(Some(done)) => {
+                    info!(table = %table, files = done.files_before, compacted = done.files_compacted, "compacted small files");
+                    report.maintained.push(done);
+                }
+                Ok(None) => {}
+                Err(error) => warn!("could not compact `{table}`: {error}"),
+            }
+        }
         if !pipeline.notify.is_empty() {
             let event = if report.stages_succeeded() {
                 notify::Event::Success

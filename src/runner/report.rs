@@ -96,6 +96,8 @@ pub struct RunReport {
     pub started_micros: i64,
     /// How each notification went (filled after the stages, so not part of what is sent).
     pub notifications: Vec<crate::notify::Delivery>,
+    /// Tables compacted after the run because they crossed the small-file threshold.
+    pub maintained: Vec<crate::maintain::TableUpkeep>,
 }
 
 impl RunReport {
@@ -203,6 +205,7 @@ impl RunReport {
             "failed_checks": failed_checks,
             "versions_written": written,
             "notifications": self.notifications,
+            "maintained": self.maintained,
         })
     }
 

@@ -112,6 +112,7 @@ fn table_options(stage: &Stage) -> TableOptions {
         partition_by: stage.partition_by.clone(),
         description: stage.description.clone(),
         not_null: Vec::new(),
+        comments: stage.column_comments.clone(),
     }
 }
 

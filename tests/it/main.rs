@@ -5,6 +5,7 @@ mod cdc_property;
 mod cdc_reference;
 mod common;
 mod end_to_end;
+mod interop;
 mod malformed;
 mod notify;
 mod python_reader;

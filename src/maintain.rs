@@ -1,0 +1,267 @@
+//! Table upkeep (`medallion maintain`, and automatically after a run): compaction of small files
+//! (bin-packing, or Z-order by a stage's `zorder_by`), vacuum of unreferenced files with a retention that
+//! can never undercut the pipeline's time-travel and backfill promises, and checkpoints.
+
+use std::{num::NonZeroU64, path::PathBuf};
+
+use deltalake::operations::optimize::OptimizeType;
+use futures::StreamExt;
+
+use crate::{
+    checks,
+    config::{Pipeline, TableName},
+    delta::{self, DeltaError},
+    lake,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintainError {
+    #[error(
+        "refusing to vacuum with a retention of {asked} day(s): the pipeline promises time travel for \
+         {time_travel} day(s) and backfills over {backfill} day(s) (`maintenance:` in the pipeline file), \
+         and vacuum would delete the files those read. Use a retention of at least {minimum} day(s)"
+    )]
+    RetentionTooShort {
+        asked: u32,
+        time_travel: u32,
+        backfill: u32,
+        minimum: u32,
+    },
+    #[error("table `{table}`: {source}")]
+    Delta {
+        table: String,
+        source: deltalake::DeltaTableError,
+    },
+    #[error(transparent)]
+    Open(#[from] DeltaError),
+}
+
+/// What to do.
+#[derive(Debug, Clone, Default)]
+pub struct MaintainOptions {
+    pub optimize: bool,
+    pub vacuum: bool,
+    pub checkpoint: bool,
+    pub dry_run: bool,
+    /// Overrides `maintenance.vacuum_retention_days`; refused below the promised windows.
+    pub retention_days: Option<u32>,
+}
+
+/// What was done (or, in a dry run, would be done) to one table.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TableUpkeep {
+    pub table: String,
+    pub files_before: u64,
+    pub small_files: u64,
+    pub files_compacted: u64,
+    pub files_written: u64,
+    pub files_vacuumed: u64,
+    pub checkpoint_version: Option<u64>,
+}
+
+/// The pipeline's tables: stage targets, their quarantine tables, and medallion's own state tables.
+fn pipeline_tables(pipeline: &Pipeline) -> Vec<(TableName, Vec<String>)> {
+    let mut tables: Vec<(TableName, Vec<String>)> = pipeline
+        .stages
+        .iter()
+        .map(|s| (s.target.clone(), s.zorder_by.clone()))
+        .collect();
+    for stage in &pipeline.stages {
+        tables.push((checks::quarantine_table(&stage.target), Vec::new()));
+    }
+    for table in lake::tables(&pipeline.lake) {
+        if table.schema == "_medallion" {
+            tables.push((table, Vec::new()));
+        }
+    }
+    tables.sort();
+    tables.dedup_by(|a, b| a.0 == b.0);
+    tables
+}
+
+pub async fn maintain(
+    pipeline: &Pipeline,
+    options: &MaintainOptions,
+) -> Result<Vec<TableUpkeep>, MaintainError> {
+    let settings = &pipeline.maintenance;
+    let retention = options
+        .retention_days
+        .unwrap_or(settings.vacuum_retention_days);
+    if options.vacuum && retention < settings.minimum_retention_days() {
+        return Err(MaintainError::RetentionTooShort {
+            asked: retention,
+            time_travel: settings.time_travel_days,
+            backfill: settings.backfill_days,
+            minimum: settings.minimum_retention_days(),
+        });
+    }
+    let mut done = Vec::new();
+    for (table, zorder) in pipeline_tables(pipeline) {
+        let path = pipeline.table_path(&table);
+        if delta::open(&path).await?.is_none() {
+            continue;
+        }
+        done.push(
+            upkeep(
+                &table,
+                path,
+                &zorder,
+                retention,
+                settings.target_file_bytes,
+                options,
+            )
+            .await?,
+        );
+    }
+    Ok(done)
+}
+
+/// Compacts `table` when it has more than `threshold` files; used after runs.
+pub async fn optimize_if_needed(
+    pipeline: &Pipeline,
+    table: &TableName,
+    threshold: u64,
+) -> Result<Option<TableUpkeep>, MaintainError> {
+    if threshold == 0 {
+        return Ok(None);
+    }
+    let path = pipeline.table_path(table);
+    let Some(delta) = delta::open(&path).await? else {
+        return Ok(None);
+    };
+    let (files, _) = file_sizes(&table.to_string(), &delta, 0).await?;
+    if files <= threshold {
+        return Ok(None);
+    }
+    let zorder = pipeline
+        .stages
+        .iter()
+        .find(|s| &s.target == table)
+        .map(|s| s.zorder_by.clone())
+        .unwrap_or_default();
+    let options = MaintainOptions {
+        optimize: true,
+        ..MaintainOptions::default()
+    };
+    let target = pipeline.maintenance.target_file_bytes;
+    upkeep(table, path, &zorder, 0, target, &options)
+        .await
+        .map(Some)
+}
+
+/// (files, files smaller than `small`)
+async fn file_sizes(
+    name: &str,
+    table: &deltalake::DeltaTable,
+    small: u64,
+) -> Result<(u64, u64), MaintainError> {
+    let mut files = 0;
+    let mut small_files = 0;
+    let mut stream = table.get_active_add_actions_by_partitions(&[]);
+    while let Some(file) = stream.next().await {
+        let file = file.map_err(|source| MaintainError::Delta {
+            table: name.to_string(),
+            source,
+        })?;
+        files += 1;
+        if (file.size().max(0) as u64) < small {
+            small_files += 1;
+        }
+    }
+    Ok((files, small_files))
+}
+
+async fn upkeep(
+    table: &TableName,
+    path: PathBuf,
+    zorder: &[String],
+    retention_days: u32,
+    target_file_bytes: u64,
+    options: &MaintainOptions,
+) -> Result<TableUpkeep, MaintainError> {
+    let name = table.to_string();
+    let fail = |source| MaintainError::Delta {
+        table: name.clone(),
+        source,
+    };
+    let mut delta = delta::open(&path).await?.ok_or_else(|| {
+        MaintainError::Open(DeltaError::Invalid {
+            table: name.clone(),
+            message: "not a Delta table".into(),
+        })
+    })?;
+    let (files_before, small_files) = file_sizes(&name, &delta, target_file_bytes / 4).await?;
+    let mut upkeep = TableUpkeep {
+        table: name.clone(),
+        files_before,
+        small_files,
+        ..TableUpkeep::default()
+    };
+    if options.optimize && !options.dry_run && (small_files > 1 || !zorder.is_empty()) {
+        let kind = if zorder.is_empty() {
+            OptimizeType::Compact
+        } else {
+            OptimizeType::ZOrder(zorder.to_vec())
+        };
+        let size = NonZeroU64::new(target_file_bytes).unwrap_or(NonZeroU64::MIN);
+        let (optimized, metrics) = delta
+            .optimize()
+            .with_type(kind)
+            .with_target_size(size)
+            .with_writer_properties(delta::writer_properties())
+            .await
+            .map_err(fail)?;
+        upkeep.files_compacted = metrics.num_files_removed;
+        upkeep.files_written = metrics.num_files_added;
+        delta = optimized;
+    }
+    if options.vacuum {
+        let (vacuumed, metrics) = delta
+            .vacuum()
+            .with_retention_period(chrono::Duration::days(i64::from(retention_days)))
+            .with_enforce_retention_duration(false)
+            .with_dry_run(options.dry_run)
+            .await
+            .map_err(fail)?;
+        upkeep.files_vacuumed = metrics.files_deleted.len() as u64;
+        delta = vacuumed;
+    }
+    if options.checkpoint && !options.dry_run {
+        deltalake::checkpoints::create_checkpoint(&delta, None)
+            .await
+            .map_err(fail)?;
+        upkeep.checkpoint_version = delta.version();
+    }
+    Ok(upkeep)
+}
+
+pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
+    let mut out = format!(
+        "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10}{}\n",
+        "table",
+        "files",
+        "small",
+        "compacted",
+        "written",
+        "vacuumed",
+        "checkpoint",
+        if dry_run {
+            "   (dry run: nothing changed)"
+        } else {
+            ""
+        }
+    );
+    for t in done {
+        out.push_str(&format!(
+            "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10}\n",
+            t.table,
+            t.files_before,
+            t.small_files,
+            t.files_compacted,
+            t.files_written,
+            t.files_vacuumed,
+            t.checkpoint_version.map_or("-".into(), |v| v.to_string())
+        ));
+    }
+    out
+}

@@ -1,0 +1,328 @@
+//! Open tables: after 30 daily incremental runs every Silver and Gold table reads the same in Python
+//! `deltalake`, Polars and DuckDB's Delta extension as in `medallion sql` (rows, sums, schema); maintenance
+//! keeps file counts small, refuses a vacuum that would break time travel, and time travel works.
+
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use crate::common::{Scratch, assert_success, python, text};
+
+const TABLES: [&str; 11] = [
+    "silver.transactions",
+    "silver.cards",
+    "silver.users",
+    "silver.mcc_codes",
+    "gold.daily_kpis",
+    "gold.merchant_daily",
+    "gold.fact_transactions",
+    "gold.dim_card",
+    "gold.dim_user",
+    "gold.dim_merchant",
+    "gold.dim_date",
+];
+
+/// Delta schema types as `describe` prints them, in the readers' common vocabulary.
+fn canonical(delta_type: &str) -> String {
+    match delta_type {
+        "long" => "int64".into(),
+        "integer" => "int32".into(),
+        "short" => "int16".into(),
+        "boolean" => "bool".into(),
+        "double" => "float64".into(),
+        "timestamp_ntz" => "timestamp".into(),
+        "timestamp" => "timestamp_tz".into(),
+        other => other.replace(' ', ""),
+    }
+}
+
+/// Per table: (rows, [(column, type)], {numeric column: sum as text}) as medallion sees it.
+type Expected = BTreeMap<String, (u64, Vec<(String, String)>, BTreeMap<String, String>)>;
+
+fn medallion_view(scratch: &Scratch) -> Expected {
+    let lake = scratch.lake();
+    let lake_arg = lake.display().to_string();
+    let mut expected = Expected::new();
+    for table in TABLES {
+        let describe =
+            scratch.command(&["describe", table, "--lake", &lake_arg, "--format", "json"]);
+        assert_success(&describe);
+        let description: serde_json::Value =
+            serde_json::from_slice(&describe.stdout).expect("describe json");
+        let columns: Vec<(String, String)> = description["columns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| {
+                (
+                    c[0].as_str().unwrap_or("").to_string(),
+                    canonical(c[1].as_str().unwrap_or("")),
+                )
+            })
+            .collect();
+        let numeric: Vec<&String> = columns
+            .iter()
+            .filter(|(_, t)| t.starts_with("decimal") || t.starts_with("int"))
+            .map(|(c, _)| c)
+            .collect();
+        let mut select = vec!["CAST(COUNT(*) AS VARCHAR) AS n".to_string()];
+        select.extend(
+            numeric
+                .iter()
+                .map(|c| format!("CAST(SUM(\"{c}\") AS VARCHAR) AS \"{c}\"")),
+        );
+        let sql = format!("SELECT {} FROM {table}", select.join(", "));
+        let output = scratch.command(&["sql", &sql, "--lake", &lake_arg, "--format", "json"]);
+        assert_success(&output);
+        let row: serde_json::Value =
+            serde_json::from_str(text(&output).lines().next().unwrap_or("{}")).expect("sql json");
+        let rows: u64 = row["n"]
+            .as_str()
+            .and_then(|n| n.parse().ok())
+            .expect("count");
+        let sums = numeric
+            .iter()
+            .map(|c| {
+                (
+                    (*c).clone(),
+                    row[c.as_str()].as_str().unwrap_or("NULL").to_string(),
+                )
+            })
+            .collect();
+        expected.insert(table.to_string(), (rows, columns, sums));
+    }
+    expected
+}
+
+const READERS: &str = r#"
+import decimal, glob, json, os, sys
+import duckdb, polars as pl
+from deltalake import DeltaTable
+lake = sys.argv[1]
+wanted = json.loads(sys.argv[2])
+
+def canon_arrow(t):
+    t = str(t)
+    if t.startswith("decimal128"): return "decimal" + t[len("decimal128"):].replace(" ", "")
+    return {"int64": "int64", "int32": "int32", "int16": "int16", "bool": "bool", "double": "float64",
+            "date32[day]": "date", "string": "string", "large_string": "string", "string_view": "string",
+            "timestamp[us]": "timestamp", "timestamp[us, tz=UTC]": "timestamp_tz"}.get(t, t)
+
+def canon_polars(t):
+    if isinstance(t, pl.Decimal): return f"decimal({t.precision},{t.scale})"
+    if isinstance(t, pl.Datetime): return "timestamp_tz" if t.time_zone else "timestamp"
+    return {pl.Int64: "int64", pl.Int32: "int32", pl.Int16: "int16", pl.Boolean: "bool", pl.Float64: "float64",
+            pl.Date: "date", pl.String: "string"}.get(t, str(t))
+
+def canon_duck(t):
+    t = str(t)
+    if t.startswith("DECIMAL"): return "decimal" + t[len("DECIMAL"):].replace(" ", "")
+    return {"BIGINT": "int64", "INTEGER": "int32", "SMALLINT": "int16", "BOOLEAN": "bool", "DOUBLE": "float64",
+            "DATE": "date", "VARCHAR": "string", "TIMESTAMP": "timestamp",
+            "TIMESTAMP WITH TIME ZONE": "timestamp_tz"}.get(t, t)
+
+def total(values):
+    values = [v for v in values if v is not None]
+    return "NULL" if not values else str(sum(values))
+
+ext = glob.glob(os.path.join(os.path.dirname(duckdb.__file__), "..", "duckdb_ext*", "extensions", "*", "*", "delta.duckdb_extension"))
+con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+con.execute(f"LOAD '{ext[0]}'")
+out = {}
+for table, numeric in wanted.items():
+    path = os.path.join(lake, *table.split("."))
+    arrow = DeltaTable(path).to_pyarrow_table()
+    frame = pl.read_delta(path)
+    duck = con.execute(f"SELECT * FROM delta_scan('{path}')")
+    duck_cols = [(d[0], canon_duck(d[1])) for d in duck.description]
+    duck_rows = duck.fetchall()
+    out[table] = {
+        "deltalake": [arrow.num_rows, [(f.name, canon_arrow(f.type)) for f in arrow.schema],
+                      {c: total(arrow.column(c).to_pylist()) for c in numeric}],
+        "polars": [frame.height, [(n, canon_polars(t)) for n, t in frame.schema.items()],
+                   {c: total(frame[c].to_list()) for c in numeric}],
+        "duckdb": [len(duck_rows), duck_cols,
+                   {c: total([r[[n for n, _ in duck_cols].index(c)] for r in duck_rows]) for c in numeric}],
+    }
+print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)
+"#;
+
+fn read_with_python(lake: &Path, expected: &Expected) -> serde_json::Value {
+    let wanted: BTreeMap<&String, Vec<&String>> = expected
+        .iter()
+        .map(|(t, (_, _, sums))| (t, sums.keys().collect()))
+        .collect();
+    let output = Command::new(python())
+        .args(["-c", READERS])
+        .arg(lake)
+        .arg(serde_json::to_string(&wanted).expect("json"))
+        .output()
+        .expect("python");
+    assert!(
+        output.status.success(),
+        "python readers failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("readers json")
+}
+
+fn assert_readers_agree(expected: &Expected, seen: &serde_json::Value) {
+    for (table, (rows, columns, sums)) in expected {
+        for reader in ["deltalake", "polars", "duckdb"] {
+            let got = &seen[table][reader];
+            assert_eq!(got[0].as_u64(), Some(*rows), "{table}: rows in {reader}");
+            let schema: Vec<(String, String)> =
+                serde_json::from_value(got[1].clone()).expect("schema pairs");
+            assert_eq!(&schema, columns, "{table}: schema in {reader}");
+            for (column, sum) in sums {
+                // Readers print decimals without trailing zeros differently; compare as numbers.
+                let theirs = got[2][column].as_str().unwrap_or("?");
+                let same = match (
+                    sum.parse::<rust_decimal::Decimal>(),
+                    theirs.parse::<rust_decimal::Decimal>(),
+                ) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => sum == theirs,
+                };
+                assert!(same, "{table}.{column}: medallion {sum}, {reader} {theirs}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_daily_runs_read_the_same_everywhere_and_stay_compact() {
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 40, 30, 77);
+    let held = scratch.hold_back_changes(30);
+    assert_success(&scratch.run());
+    let lake = scratch.lake();
+    let lake_arg = lake.display().to_string();
+    let first_count = text(&scratch.command(&[
+        "sql",
+        "SELECT COUNT(*) AS n FROM silver.transactions",
+        "--lake",
+        &lake_arg,
+        "--format",
+        "csv",
+    ]));
+    let silver_v1 =
+        crate::common::delta_version(&scratch.table("silver", "transactions")).expect("silver");
+    let after_first = chrono::Utc::now().to_rfc3339();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    for (aside, original) in held {
+        std::fs::rename(aside, original).expect("deliver the day's file");
+        assert_success(&scratch.run());
+    }
+
+    let expected = medallion_view(&scratch);
+    assert!(expected["silver.transactions"].0 > 0);
+    assert_eq!(
+        expected["gold.daily_kpis"]
+            .1
+            .iter()
+            .find(|(c, _)| c == "total_amount")
+            .map(|(_, t)| t.as_str()),
+        Some("decimal(18,2)")
+    );
+    assert_readers_agree(&expected, &read_with_python(&lake, &expected));
+
+    // Compaction leaves a handful of files per Gold partition.
+    let maintain = scratch.command(&[
+        "maintain",
+        "pipelines/transactions.yaml",
+        "--optimize",
+        "--checkpoint",
+    ]);
+    assert_success(&maintain);
+    for table in [
+        "gold.fact_transactions",
+        "gold.daily_kpis",
+        "gold.merchant_daily",
+        "silver.transactions",
+    ] {
+        let describe =
+            scratch.command(&["describe", table, "--lake", &lake_arg, "--format", "json"]);
+        let d: serde_json::Value = serde_json::from_slice(&describe.stdout).expect("json");
+        let partitions = d["partition_columns"].as_array().map_or(0, |p| p.len());
+        let files = d["files"].as_u64().expect("files");
+        // fact_transactions is partitioned by year: the sample spans at most two years.
+        let limit = if partitions > 0 { 2 * 2 } else { 2 };
+        assert!(
+            files <= limit,
+            "{table}: {files} files after optimize\n{}",
+            text(&maintain)
+        );
+    }
+
+    // A vacuum shorter than the promised time travel is refused; the default one is allowed and keeps
+    // every reader and time travel to the first run working.
+    let refused = scratch.command(&[
+        "maintain",
+        "pipelines/transactions.yaml",
+        "--vacuum",
+        "--retention-days",
+        "1",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("refusing to vacuum with a retention of 1 day(s)"),
+        "{}",
+        text(&refused)
+    );
+    assert_success(&scratch.command(&["maintain", "pipelines/transactions.yaml", "--vacuum"]));
+    assert_readers_agree(&expected, &read_with_python(&lake, &expected));
+    for args in [
+        vec!["--version".to_string(), silver_v1.to_string()],
+        vec!["--as-of".to_string(), after_first.clone()],
+    ] {
+        let mut command = vec![
+            "sql",
+            "SELECT COUNT(*) AS n FROM silver.transactions",
+            "--lake",
+            &lake_arg,
+            "--format",
+            "csv",
+        ];
+        command.extend(args.iter().map(String::as_str));
+        let travelled = scratch.command(&command);
+        assert_success(&travelled);
+        assert_eq!(text(&travelled), first_count, "time travel {args:?}");
+    }
+
+    // describe shows the commits with the runs that made them.
+    let describe = scratch.command(&[
+        "describe",
+        "gold.daily_kpis",
+        "--lake",
+        &lake_arg,
+        "--format",
+        "json",
+    ]);
+    let d: serde_json::Value = serde_json::from_slice(&describe.stdout).expect("json");
+    let history = scratch.command(&[
+        "history",
+        "pipelines/transactions.yaml",
+        "--format",
+        "json",
+        "--limit",
+        "100",
+    ]);
+    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).expect("json");
+    let run_ids: Vec<&str> = runs
+        .as_array()
+        .expect("runs")
+        .iter()
+        .filter_map(|r| r["run_id"].as_str())
+        .collect();
+    let commits = d["history"].as_array().expect("history");
+    assert!(commits.len() >= 2);
+    let with_runs = commits
+        .iter()
+        .filter(|c| c["run_id"].as_str().is_some_and(|r| run_ids.contains(&r)))
+        .count();
+    assert!(
+        with_runs >= 2,
+        "commits name the runs that made them: {commits:?}"
+    );
+}
