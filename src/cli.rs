@@ -57,6 +57,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
         format: PlanFormat,
     },
+    /// Run a date range, one idempotent unit per logical date; re-running resumes where it stopped.
+    Backfill(BackfillArgs),
     /// Show the pipeline's recent runs, with the checks that did not pass.
     History {
         /// Pipeline YAML file.
@@ -134,6 +136,111 @@ pub struct RunArgs {
     /// Format of the run report on stdout (JSON also with `--log-format json`).
     #[arg(long, value_enum)]
     pub output: Option<OutputFormat>,
+    /// Logical date (like Airflow's `{{ ds }}`): ingest the landing files dated on or before it; SQL sees
+    /// `$logical_date`, `$start` (the date) and `$end` (the next day).
+    #[arg(long, value_parser = parse_date)]
+    pub date: Option<chrono::NaiveDate>,
+    /// Variables for SQL (`{{ name }}` or `$name`), overriding the pipeline's `vars:`. Repeatable.
+    #[arg(long = "vars", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// Run only these stages: `name`, `name+` (with everything downstream), `+name` (with everything
+    /// upstream). Comma-separated or repeated.
+    #[arg(long, value_delimiter = ',')]
+    pub select: Vec<String>,
+    /// Seconds to wait for another run of the same pipeline to finish before giving up (exit code 4).
+    #[arg(long, default_value_t = 0)]
+    pub lock_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// Pipeline YAML file.
+    pub file: PathBuf,
+    /// First logical date (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    pub from: chrono::NaiveDate,
+    /// Last logical date, included.
+    #[arg(long, value_parser = parse_date)]
+    pub to: chrono::NaiveDate,
+    /// Redo dates that already succeeded with the same inputs and code.
+    #[arg(long)]
+    pub force: bool,
+    /// List the dates that would run and why; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `all`: ingest and run everything per date; `gold`: recompute the range's Gold rows from Silver.
+    #[arg(long, value_enum, default_value_t = StagesArg::All)]
+    pub stages: StagesArg,
+    #[arg(long = "vars", value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+    /// Stages that may run at the same time within a date.
+    #[arg(long, default_value_t = 2)]
+    pub max_parallel: usize,
+    /// Seconds to wait for another run of the same pipeline (exit code 4 after).
+    #[arg(long, default_value_t = 0)]
+    pub lock_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum StagesArg {
+    All,
+    Gold,
+}
+
+fn parse_date(text: &str) -> std::result::Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| format!("`{text}` is not a date like 2019-10-31"))
+}
+
+fn parse_var(text: &str) -> std::result::Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{text}` is not `name=value`"))
+}
+
+/// Resolves `--select` items against the pipeline's DAG.
+fn resolve_select(
+    pipeline: &crate::config::Pipeline,
+    items: &[String],
+) -> Result<Option<std::collections::BTreeSet<String>>> {
+    if items.is_empty() {
+        return Ok(None);
+    }
+    let mut chosen = std::collections::BTreeSet::new();
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let upstream = item.starts_with('+');
+        let downstream = item.ends_with('+');
+        let name = item.trim_matches('+');
+        let index = pipeline
+            .stages
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "`--select {item}`: no stage `{name}`; stages: {}",
+                    pipeline
+                        .stages
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        chosen.insert(index);
+        if upstream {
+            chosen.extend(pipeline.graph.all_upstream(index));
+        }
+        if downstream {
+            chosen.extend(pipeline.graph.all_downstream(index));
+        }
+    }
+    Ok(Some(
+        chosen
+            .into_iter()
+            .map(|i| pipeline.stages[i].name.clone())
+            .collect(),
+    ))
 }
 
 /// Where the lake is: `--lake`, else the `lake:` of `--pipeline`, else `./lake`.
@@ -276,10 +383,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             if args.max_parallel == 0 {
                 return Err(Error::Usage("`--max-parallel` must be at least 1".into()));
             }
-            let pipeline = config::load(&args.file)?;
+            let mut vars: std::collections::BTreeMap<String, String> =
+                args.vars.iter().cloned().collect();
+            if let Some(date) = args.date {
+                for (k, v) in runner::backfill::date_vars(date, &Default::default()) {
+                    vars.entry(k).or_insert(v);
+                }
+            }
+            let pipeline = config::load_with_vars(&args.file, &vars)?;
             let options = RunOptions {
                 max_parallel: args.max_parallel,
                 progress,
+                logical_date: args.date,
+                select: resolve_select(&pipeline, &args.select)?,
+                rebuild: None,
+                lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
             };
             let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
             let json = match args.output {
@@ -291,6 +409,32 @@ pub fn run(cli: Cli) -> Result<u8> {
             } else {
                 print!("{}", report.render());
             }
+            Ok(if report.succeeded() {
+                exit_code::SUCCESS
+            } else {
+                exit_code::RUN_FAILED
+            })
+        }
+        Command::Backfill(args) => {
+            let options = runner::backfill::BackfillOptions {
+                from: args.from,
+                to: args.to,
+                scope: match args.stages {
+                    StagesArg::All => runner::backfill::Scope::All,
+                    StagesArg::Gold => runner::backfill::Scope::Gold,
+                },
+                force: args.force,
+                dry_run: args.dry_run,
+                vars: args.vars.iter().cloned().collect(),
+                run: RunOptions {
+                    max_parallel: args.max_parallel.max(1),
+                    progress,
+                    lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
+                    ..RunOptions::default()
+                },
+            };
+            let report = runtime()?.block_on(runner::backfill::backfill(&args.file, &options))?;
+            print!("{}", report.render(args.dry_run));
             Ok(if report.succeeded() {
                 exit_code::SUCCESS
             } else {

@@ -66,6 +66,8 @@ pub mod exit_code {
     pub const INVALID: u8 = 2;
     /// An I/O, storage or internal error outside any stage.
     pub const ERROR: u8 = 3;
+    /// Another run of the same pipeline holds the run lock; nothing was read or written.
+    pub const LOCKED: u8 = 4;
 }
 
 impl Error {
@@ -73,6 +75,14 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => exit_code::INVALID,
+            Error::Run(e)
+                if matches!(
+                    **e,
+                    crate::runner::RunError::Lock(crate::runner::lock::LockError::Held { .. })
+                ) =>
+            {
+                exit_code::LOCKED
+            }
             Error::Maintain(e)
                 if matches!(
                     **e,

@@ -77,13 +77,22 @@ impl fmt::Display for Issue {
 
 /// Loads and validates the pipeline at `path`, with `${VAR}` taken from the process environment.
 pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
-    load_with_env(path, |name| std::env::var(name).ok())
+    load_with_vars(path, &std::collections::BTreeMap::new())
 }
 
-/// As [`load`], with an explicit environment (tests).
+/// As [`load`], with `vars` added to (and overriding) the pipeline's `vars:` (`--vars`, `--date`).
+pub fn load_with_vars(
+    path: &Path,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<Pipeline, ConfigError> {
+    load_with_env(path, |name| std::env::var(name).ok(), vars)
+}
+
+/// As [`load_with_vars`], with an explicit environment (tests).
 pub fn load_with_env(
     path: &Path,
     lookup: impl Fn(&str) -> Option<String>,
+    vars: &std::collections::BTreeMap<String, String>,
 ) -> Result<Pipeline, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -94,5 +103,6 @@ pub fn load_with_env(
         issues,
     };
     let text = env::interpolate(&text, lookup).map_err(invalid)?;
-    validate::compile(path, &text).map_err(invalid)
+    let pipeline = validate::compile(path, &text, vars).map_err(invalid)?;
+    Ok(pipeline)
 }

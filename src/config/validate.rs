@@ -15,11 +15,17 @@ use crate::{dag::Graph, engine::sql};
 /// At most this many unknown keys are reported from one file before giving up.
 const MAX_UNKNOWN_KEYS: usize = 50;
 
-pub(super) fn compile(path: &Path, text: &str) -> Result<Pipeline, Vec<Issue>> {
+pub(super) fn compile(
+    path: &Path,
+    text: &str,
+    overrides: &BTreeMap<String, String>,
+) -> Result<Pipeline, Vec<Issue>> {
     let mut issues = Vec::new();
-    let Some(spec) = parse_spec(text, &mut issues) else {
+    let Some(mut spec) = parse_spec(text, &mut issues) else {
         return Err(issues);
     };
+    spec.vars
+        .extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
     let lines = Lines::new(text);
     let project_dir = project_dir(path);
     let pipeline = Compiler {

@@ -71,9 +71,24 @@ impl BatchAppender {
     }
 
     /// Commits everything written; with no rows, commits nothing.
-    pub async fn commit(mut self) -> Result<WriteMetrics, DeltaError> {
+    pub async fn commit(self) -> Result<WriteMetrics, DeltaError> {
+        self.commit_with(&CommitMeta::default(), Vec::new()).await
+    }
+
+    /// As [`BatchAppender::commit`], with `extra` entries in the commit info (and `meta`'s lineage
+    /// when it names a run).
+    pub async fn commit_with(
+        mut self,
+        meta: &CommitMeta,
+        extra: Vec<(String, serde_json::Value)>,
+    ) -> Result<WriteMetrics, DeltaError> {
         if self.rows == 0 {
             return Ok(WriteMetrics::default());
+        }
+        if !extra.is_empty() {
+            self.writer = self
+                .writer
+                .with_commit_properties(meta.properties_with(extra));
         }
         let version = self
             .writer

@@ -687,41 +687,17 @@ pub async fn touched_since(
     after_version: u64,
     column: &str,
 ) -> Result<Option<BTreeSet<Option<String>>>, DeltaError> {
-    let Some(current) = table.version() else {
+    let Some(commits) = super::commits_since(table, after_version).await? else {
         return Ok(None);
     };
-    let store = table.log_store();
     let mut values = BTreeSet::new();
-    for version in after_version + 1..=current {
-        let Some(bytes) =
-            store
-                .read_commit_entry(version as _)
-                .await
-                .map_err(|e| DeltaError::Table {
-                    table: table.table_url().to_string(),
-                    source: e,
-                })?
-        else {
-            return Ok(None);
-        };
-        let mut recorded = None;
-        let mut changes_data = false;
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
-                return Ok(None);
-            };
-            if let Some(info) = action.get("commitInfo") {
-                recorded = info.get(TOUCHED_KEY).and_then(|t| t.get(column)).cloned();
-            }
-            for kind in ["add", "remove"] {
-                if let Some(file) = action.get(kind)
-                    && file.get("dataChange").and_then(|d| d.as_bool()) != Some(false)
-                {
-                    changes_data = true;
-                }
-            }
-        }
-        match (recorded, changes_data) {
+    for commit in commits {
+        let recorded = commit
+            .info
+            .get(TOUCHED_KEY)
+            .and_then(|t| t.get(column))
+            .cloned();
+        match (recorded, commit.changes_data) {
             (Some(serde_json::Value::Array(list)), _) => {
                 values.extend(list.iter().map(|v| v.as_str().map(str::to_string)));
             }

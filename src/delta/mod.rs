@@ -205,7 +205,7 @@ pub fn session() -> Result<datafusion::prelude::SessionContext, DeltaError> {
 }
 
 /// Lineage written into every commit's info, so `DESCRIBE HISTORY` shows which run and stage made it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CommitMeta {
     pub run_id: String,
     pub stage: String,
@@ -234,6 +234,71 @@ impl CommitMeta {
         deltalake::kernel::transaction::CommitProperties::default()
             .with_metadata(lineage.into_iter().chain(extra))
     }
+}
+
+/// One commit read from a table's log.
+#[derive(Debug, Clone)]
+pub struct CommitSummary {
+    pub version: u64,
+    /// The commit info, with medallion's own keys (`medallion.run_id`, ...).
+    pub info: serde_json::Map<String, serde_json::Value>,
+    /// Whether it added or removed data files (compaction does not).
+    pub changes_data: bool,
+}
+
+/// The commits after `after_version`, oldest first; `None` when one is no longer in the log.
+pub async fn commits_since(
+    table: &DeltaTable,
+    after_version: u64,
+) -> Result<Option<Vec<CommitSummary>>, DeltaError> {
+    commits_from(table, after_version + 1).await
+}
+
+/// The commits from version `first` on, oldest first; `None` when one is no longer in the log.
+pub async fn commits_from(
+    table: &DeltaTable,
+    first: u64,
+) -> Result<Option<Vec<CommitSummary>>, DeltaError> {
+    let Some(current) = table.version() else {
+        return Ok(Some(Vec::new()));
+    };
+    let store = table.log_store();
+    let mut commits = Vec::new();
+    for version in first..=current {
+        let Some(bytes) =
+            store
+                .read_commit_entry(version as _)
+                .await
+                .map_err(|e| DeltaError::Table {
+                    table: table.table_url().to_string(),
+                    source: e,
+                })?
+        else {
+            return Ok(None);
+        };
+        let mut summary = CommitSummary {
+            version,
+            info: serde_json::Map::new(),
+            changes_data: false,
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return Ok(None);
+            };
+            if let Some(serde_json::Value::Object(info)) = action.get("commitInfo") {
+                summary.info = info.clone();
+            }
+            for kind in ["add", "remove"] {
+                if let Some(file) = action.get(kind)
+                    && file.get("dataChange").and_then(|d| d.as_bool()) != Some(false)
+                {
+                    summary.changes_data = true;
+                }
+            }
+        }
+        commits.push(summary);
+    }
+    Ok(Some(commits))
 }
 
 /// `"name"` quoted for SQL expressions.

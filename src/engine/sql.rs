@@ -9,8 +9,40 @@ use datafusion::sql::{
     sqlparser::ast,
 };
 
-/// Replaces each `{{ name }}` with the pipeline variable `name`; returns the first unknown name.
+/// Replaces each `{{ name }}` with the pipeline variable `name` as written, and each `$name` of a known
+/// variable with it as an SQL string literal (a parameter: `WHERE txn_date >= $start`); returns the first
+/// unknown `{{ name }}`.
 pub fn substitute_vars(sql: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let sql = substitute_braces(sql, vars)?;
+    Ok(substitute_parameters(&sql, vars))
+}
+
+fn substitute_parameters(sql: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        if c == '$' {
+            let rest = &sql[i + 1..];
+            let len = rest
+                .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..len];
+            if let Some(value) = vars.get(name).filter(|_| !name.is_empty()) {
+                out.push('\'');
+                out.push_str(&value.replace('\'', "''"));
+                out.push('\'');
+                for _ in 0..name.chars().count() {
+                    chars.next();
+                }
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn substitute_braces(sql: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
     let mut out = String::with_capacity(sql.len());
     let mut rest = sql;
     while let Some(start) = rest.find("{{") {
@@ -96,5 +128,10 @@ mod tests {
             "x >= 1000 AND y"
         );
         assert_eq!(substitute_vars("{{nope}}", &vars).unwrap_err(), "nope");
+        let dates = BTreeMap::from([("start".to_string(), "2019-10-01".to_string())]);
+        assert_eq!(
+            substitute_vars("d >= $start AND x = '$12' AND $other", &dates).unwrap(),
+            "d >= '2019-10-01' AND x = '$12' AND $other"
+        );
     }
 }

@@ -76,6 +76,28 @@ impl LandingFile {
         format!("{phase}/{name}/{}", self.relative)
     }
 
+    /// The date a DMS file belongs to: its `YYYY/MM/DD/` folders, else a change-file name starting with
+    /// `YYYYMMDD`. `None` for full-load files and anything undated.
+    pub fn date(&self) -> Option<chrono::NaiveDate> {
+        if self.kind == FileKind::FullLoad {
+            return None;
+        }
+        let parts: Vec<&str> = self.relative.split('/').collect();
+        for window in parts.windows(3) {
+            if let [y, m, d] = window
+                && y.len() == 4
+                && m.len() == 2
+                && d.len() == 2
+                && let Ok(date) =
+                    chrono::NaiveDate::parse_from_str(&format!("{y}-{m}-{d}"), "%Y-%m-%d")
+            {
+                return Some(date);
+            }
+        }
+        let name = parts.last()?;
+        chrono::NaiveDate::parse_from_str(name.get(..8)?, "%Y%m%d").ok()
+    }
+
     /// SHA-256 of the file's bytes, streamed.
     pub fn checksum(&self) -> Result<String, LandingError> {
         let io = |source| LandingError::Io {

@@ -2,7 +2,9 @@
 //! `max_parallel`), runs each one (`stage.rs`), skips everything downstream of a failure and nothing else,
 //! and records the run in the state tables. Returns a [`RunReport`]; printing is the CLI's job.
 
+pub mod backfill;
 pub mod history;
+pub mod lock;
 pub mod plan;
 mod progress;
 mod report;
@@ -51,6 +53,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("stage `{stage}`: internal error: {message}")]
     Internal { stage: String, message: String },
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 #[derive(Debug, Clone)]
@@ -58,11 +62,34 @@ pub struct RunOptions {
     pub max_parallel: usize,
     /// Show progress on the terminal.
     pub progress: bool,
+    /// Logical date (`--date`): only landing files dated on or before it are ingested.
+    pub logical_date: Option<chrono::NaiveDate>,
+    /// Stages to run (`--select`); `None` runs them all.
+    pub select: Option<BTreeSet<String>>,
+    /// Values of incremental stages' columns to recompute whether or not changes touched them
+    /// (`backfill --stages gold`, `--force`).
+    pub rebuild: Option<BTreeSet<String>>,
+    /// How long to wait for another run of the pipeline to finish.
+    pub lock_timeout: std::time::Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            max_parallel: 2,
+            progress: false,
+            logical_date: None,
+            select: None,
+            rebuild: None,
+            lock_timeout: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// What every stage task shares.
 struct RunContext {
     pipeline: Pipeline,
+    options: RunOptions,
     state: StateStore,
     run_id: String,
     progress: progress::Progress,
@@ -76,7 +103,17 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
         let started = state::now_micros();
         let clock = Instant::now();
         info!(lake = %pipeline.lake.display(), stages = pipeline.stages.len(), "run started");
+        let lake = pipeline.lake.clone();
+        let name = pipeline.name.clone();
+        let timeout = options.lock_timeout;
+        let _lock = tokio::task::spawn_blocking(move || lock::acquire(&lake, &name, timeout))
+            .await
+            .map_err(|e| RunError::Internal {
+                stage: "-".into(),
+                message: format!("run lock task failed: {e}"),
+            })??;
         let context = Arc::new(RunContext {
+            options: options.clone(),
             pipeline: pipeline.clone(),
             state: StateStore::new(&pipeline.lake),
             run_id: run_id.clone(),
@@ -89,6 +126,14 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
         loop {
             while running.len() < options.max_parallel.max(1) {
                 let Some(index) = queue.pop() else { break };
+                let selected = options
+                    .select
+                    .as_ref()
+                    .is_none_or(|s| s.contains(&pipeline.stages[index].name));
+                if !selected {
+                    queue.complete(index);
+                    continue;
+                }
                 if blocked.contains(&index) {
                     let failed_upstream = pipeline
                         .graph

@@ -138,8 +138,14 @@ async fn ingest(
             message: format!("unknown source `{source_name}`"),
         })?
         .clone();
-    let files = landing::discover(&source).map_err(landing_err)?;
-    let ledger = context.state.ingested_files(source_name).await?;
+    let mut files = landing::discover(&source).map_err(landing_err)?;
+    if let Some(date) = context.options.logical_date {
+        // A logical date ingests what DMS had delivered by then; undated (full-load) files count as early.
+        files.retain(|f| f.date().is_none_or(|d| d <= date));
+    }
+    let path = context.pipeline.table_path(&stage.target);
+    let mut ledger = context.state.ingested_files(source_name).await?;
+    repair_ledger(context, stage, source_name, &path, &mut ledger).await?;
     // Content already landed under another name is a re-delivery: DMS or a copy job sent it again.
     let mut known_content: BTreeMap<String, String> = ledger
         .values()
@@ -198,7 +204,6 @@ async fn ingest(
         ));
     }
 
-    let path = context.pipeline.table_path(&stage.target);
     let layout = BronzeLayout::new(&source);
     let meta = commit_meta(context, stage);
     let delta_err = |source| RunError::Delta {
@@ -254,7 +259,31 @@ async fn ingest(
         return Err(delta_err(error));
     }
     progress.message("committing");
-    let metrics = appender.commit().await.map_err(delta_err)?;
+    // The commit names the files it lands, so that a crash before the ledger write is repaired from the
+    // Bronze log on the next run instead of landing the files twice.
+    let landed_files: Vec<serde_json::Value> = new_files
+        .iter()
+        .zip(&rows)
+        .map(|((file, checksum, modified), rows)| {
+            serde_json::json!({
+                "file": file.relative,
+                "size": file.size,
+                "modified_micros": modified,
+                "checksum": checksum,
+                "rows": rows,
+            })
+        })
+        .collect();
+    let metrics = appender
+        .commit_with(
+            &meta,
+            vec![(
+                LANDED_FILES_KEY.to_string(),
+                serde_json::Value::Array(landed_files),
+            )],
+        )
+        .await
+        .map_err(delta_err)?;
     if let Some(version) = metrics.version
         && version as i64 != batch_id
     {
@@ -288,6 +317,90 @@ async fn ingest(
     report.warnings.extend(redelivered_note);
     apply_write(&mut report, &metrics);
     Ok((report, BTreeMap::new()))
+}
+
+/// Commit-info key of a Bronze commit listing the landing files it landed.
+const LANDED_FILES_KEY: &str = "medallion.landed_files";
+
+/// Records in the ledger the files that Bronze commits after the ledger's last batch landed but the
+/// ledger does not know (the run stopped between the Bronze commit and the ledger write).
+async fn repair_ledger(
+    context: &RunContext,
+    stage: &Stage,
+    source_name: &str,
+    path: &std::path::Path,
+    ledger: &mut std::collections::HashMap<String, LedgerEntry>,
+) -> Result<(), RunError> {
+    let delta_err = |source| RunError::Delta {
+        stage: stage.name.clone(),
+        source,
+    };
+    let Some(table) = delta::open(path).await.map_err(delta_err)? else {
+        return Ok(());
+    };
+    // Batch ids are the Bronze versions the files were committed in.
+    let first = ledger
+        .values()
+        .map(|e| e.batch_id + 1)
+        .max()
+        .unwrap_or(0)
+        .max(0) as u64;
+    let Some(commits) = delta::commits_from(&table, first)
+        .await
+        .map_err(delta_err)?
+    else {
+        return Ok(());
+    };
+    let mut missing = Vec::new();
+    for commit in commits {
+        let Some(serde_json::Value::Array(files)) = commit.info.get(LANDED_FILES_KEY) else {
+            continue;
+        };
+        let run_id = commit
+            .info
+            .get("medallion.run_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        for file in files {
+            let text = |k: &str| {
+                file.get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let int = |k: &str| file.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
+            let name = text("file");
+            if name.is_empty() || ledger.contains_key(&name) {
+                continue;
+            }
+            missing.push(LedgerEntry {
+                source: source_name.to_string(),
+                file: name,
+                size: int("size") as u64,
+                modified_micros: int("modified_micros"),
+                checksum: text("checksum"),
+                rows: int("rows") as u64,
+                batch_id: commit.version as i64,
+                run_id: run_id.clone(),
+            });
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    warn!(
+        files = missing.len(),
+        "ledger repaired: files landed by an interrupted run are recorded, not landed again"
+    );
+    context
+        .state
+        .record_ingested(&missing, &commit_meta(context, stage))
+        .await?;
+    for entry in missing {
+        ledger.insert(entry.file.clone(), entry);
+    }
+    Ok(())
 }
 
 /// Runs a SQL stage: plan, check, write.
@@ -329,14 +442,19 @@ async fn sql_stage(
         .await
         .map_err(delta_err)?
         .is_some();
-    if target_exists && last.as_ref() == Some(&versions) {
+    let rebuild = context
+        .options
+        .rebuild
+        .as_ref()
+        .filter(|_| stage.incremental.is_some());
+    if target_exists && last.as_ref() == Some(&versions) && rebuild.is_none() {
         return Ok((
             StageReport::new(stage, StageOutcome::UpToDate("inputs unchanged".into())),
             versions,
         ));
     }
 
-    let scope = match &stage.incremental {
+    let mut scope = match &stage.incremental {
         Some(incremental) if target_exists => {
             incremental_scope(context, incremental, last.as_ref(), &versions)
                 .await
@@ -344,6 +462,9 @@ async fn sql_stage(
         }
         _ => None,
     };
+    if let (Some(scope), Some(values)) = (scope.as_mut(), rebuild) {
+        scope.values.extend(values.iter().cloned().map(Some));
+    }
     if let Some(scope) = &scope
         && scope.values.is_empty()
     {

@@ -77,6 +77,18 @@ pub struct RunRecord {
     pub stages_skipped: u64,
 }
 
+/// One backfill unit (a pipeline, a logical date, a scope) as recorded in `backfill_units`.
+#[derive(Debug, Clone)]
+pub struct UnitRecord {
+    pub pipeline: String,
+    pub date: String,
+    pub scope: String,
+    pub code_hash: String,
+    pub inputs_hash: String,
+    pub status: String,
+    pub run_id: String,
+}
+
 pub struct StateStore {
     root: PathBuf,
     /// Stages run in parallel and record into the same state tables; one write at a time keeps the
@@ -330,6 +342,55 @@ impl StateStore {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.text(0), r.text(1))).collect())
+    }
+
+    /// The latest record of a backfill unit.
+    pub async fn last_unit(
+        &self,
+        pipeline: &str,
+        date: &str,
+        scope: &str,
+    ) -> Result<Option<UnitRecord>, StateError> {
+        let rows = self
+            .query(
+                "backfill_units",
+                &format!(
+                    "SELECT pipeline, unit_date, scope, code_hash, inputs_hash, status, run_id FROM state \
+                     WHERE pipeline = {} AND unit_date = {} AND scope = {} ORDER BY recorded_at DESC LIMIT 1",
+                    literal(pipeline),
+                    literal(date),
+                    literal(scope)
+                ),
+            )
+            .await?;
+        Ok(rows.first().map(|r| UnitRecord {
+            pipeline: r.text(0),
+            date: r.text(1),
+            scope: r.text(2),
+            code_hash: r.text(3),
+            inputs_hash: r.text(4),
+            status: r.text(5),
+            run_id: r.text(6),
+        }))
+    }
+
+    pub async fn record_unit(
+        &self,
+        unit: &UnitRecord,
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        let one = |v: &str| strings(std::iter::once(Some(v)));
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("pipeline", one(&unit.pipeline)),
+            ("unit_date", one(&unit.date)),
+            ("scope", one(&unit.scope)),
+            ("code_hash", one(&unit.code_hash)),
+            ("inputs_hash", one(&unit.inputs_hash)),
+            ("status", one(&unit.status)),
+            ("run_id", one(&unit.run_id)),
+            ("recorded_at", timestamps(std::iter::once(now_micros()))),
+        ];
+        self.append("backfill_units", columns, meta).await
     }
 
     /// Records how each check of a stage came out.

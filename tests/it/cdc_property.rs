@@ -244,7 +244,7 @@ async fn run_case(seed: u64) -> Result<(), String> {
             &pipeline,
             &RunOptions {
                 max_parallel: 1,
-                progress: false,
+                ..RunOptions::default()
             },
         )
         .await
@@ -343,7 +343,7 @@ async fn a_small_change_batch_rewrites_few_files() {
     let landing = scratch.path().join("landing/items");
     let options = RunOptions {
         max_parallel: 1,
-        progress: false,
+        ..RunOptions::default()
     };
     // Ten runs of inserts over disjoint key ranges: ten files in Silver.
     for file in 0..10u32 {

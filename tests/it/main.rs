@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `medallion` binary on generated DMS files, real Delta tables on disk, real
 //! Python Delta readers. One test binary, one module per area.
 
+mod airflow;
 mod cdc_property;
 mod cdc_reference;
 mod common;
@@ -10,4 +11,5 @@ mod malformed;
 mod notify;
 mod python_reader;
 mod quality;
+mod schedule;
 mod validate;
