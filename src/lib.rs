@@ -22,6 +22,7 @@
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod dag;
 pub mod delta;
 pub mod engine;

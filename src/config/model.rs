@@ -161,6 +161,25 @@ pub struct Source {
     pub columns: Vec<String>,
     pub key: Vec<String>,
     pub dms: Option<DmsLayout>,
+    pub on_bad_file: BadFilePolicy,
+}
+
+/// What an unreadable landing file does to its ingest (see `on_bad_file:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadFilePolicy {
+    Fail,
+    Quarantine,
+    Skip,
+}
+
+impl BadFilePolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            BadFilePolicy::Fail => "fail",
+            BadFilePolicy::Quarantine => "quarantine",
+            BadFilePolicy::Skip => "skip",
+        }
+    }
 }
 
 impl Source {

@@ -117,6 +117,19 @@ pub struct SourceSpec {
     /// AWS DMS layout: `LOAD*` full-load files then change files with an `Op` column.
     #[serde(default)]
     pub dms: Option<DmsSpec>,
+    /// What a landing file that cannot be read does to the ingest: `fail` (default: the stage fails,
+    /// nothing is landed), `quarantine` (the file is set aside under `<lake>/quarantine/files/` with its
+    /// reason and the good files land), `skip` (the good files land; the bad one is recorded and ignored).
+    #[serde(default)]
+    pub on_bad_file: Option<BadFileSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadFileSpec {
+    Fail,
+    Quarantine,
+    Skip,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

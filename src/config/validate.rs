@@ -441,6 +441,11 @@ impl Compiler<'_> {
                     include_op_for_full_load: d.include_op_for_full_load,
                     change_seq: d.change_seq,
                 }),
+                on_bad_file: match spec.on_bad_file {
+                    Some(spec::BadFileSpec::Quarantine) => BadFilePolicy::Quarantine,
+                    Some(spec::BadFileSpec::Skip) => BadFilePolicy::Skip,
+                    Some(spec::BadFileSpec::Fail) | None => BadFilePolicy::Fail,
+                },
                 name: spec.name,
             });
         }

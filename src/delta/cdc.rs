@@ -357,6 +357,7 @@ impl PreparedChanges {
         }
 
         // Tombstones: added or moved forward by deletes, removed by upserts newer than them.
+        crate::crash::point("after_silver_commit");
         if count("delete") + count("tombstone") + count("upsert_over_tombstone") > 0 {
             write_tombstones(ctx, &spec, tombstones, meta).await?;
         }

@@ -38,6 +38,20 @@ pub enum LandingError {
     BadFile { file: String, message: String },
 }
 
+impl LandingError {
+    /// Whether this error is about `file`.
+    pub fn concerns(&self, file: &LandingFile) -> bool {
+        match self {
+            LandingError::Malformed { file: name, .. }
+            | LandingError::BadFile { file: name, .. } => {
+                *name == file.relative || Path::new(name) == file.path
+            }
+            LandingError::Io { path, .. } => *path == file.path,
+            LandingError::MissingFolder { .. } => false,
+        }
+    }
+}
+
 /// Whether a file is part of DMS's full load or a change file; plain sources only have `Data` files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FileKind {
@@ -205,6 +219,7 @@ mod tests {
                 include_op_for_full_load: false,
                 change_seq: false,
             }),
+            on_bad_file: crate::config::BadFilePolicy::Fail,
         }
     }
 

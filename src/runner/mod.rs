@@ -234,6 +234,7 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             stages_failed: report.count(|o| matches!(o, StageOutcome::Failed(_))),
             stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
         };
+        crate::crash::point("before_run_history");
         context.state.record_run(&record, &meta).await?;
         if let Err(error) = context
             .state

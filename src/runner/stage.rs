@@ -14,7 +14,7 @@ use super::{RunContext, RunError, StageOutcome, StageReport, progress::StageProg
 use crate::checks::CheckResult;
 use crate::{
     checks,
-    config::{ExpectationAction, Incremental, Stage, StageInput, WriteMode},
+    config::{BadFilePolicy, ExpectationAction, Incremental, Stage, StageInput, WriteMode},
     delta::{self, BatchAppender, CdcSpec, CommitMeta, TableOptions, WriteMetrics},
     engine,
     landing::{self, BATCH_ID, BronzeLayout, FileBatches, LandingFile, Lineage},
@@ -72,6 +72,7 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
                 },
             };
             let meta = commit_meta(context, stage);
+            crate::crash::point("before_stage_history");
             if let Err(error) = context
                 .state
                 .record_checks(&context.run_id, &stage.name, &report.checks, &meta)
@@ -151,6 +152,8 @@ async fn ingest(
         .values()
         .map(|entry| (entry.checksum.clone(), entry.file.clone()))
         .collect();
+    // Files set aside by an earlier run stay aside until their content changes (a fixed delivery).
+    let known_bad = context.state.bad_files(source_name).await?;
     let mut redelivered = Vec::new();
     let mut new_files: Vec<(LandingFile, String, i64)> = Vec::new();
     for file in files {
@@ -175,6 +178,9 @@ async fn ingest(
             }
             None => {
                 let checksum = file.checksum().map_err(landing_err)?;
+                if known_bad.contains(&(file.relative.clone(), checksum.clone())) {
+                    continue;
+                }
                 if let Some(original) = known_content.get(&checksum) {
                     warn!(
                         file = %file.relative,
@@ -210,54 +216,33 @@ async fn ingest(
         stage: name.clone(),
         source,
     };
-    let mut appender = BatchAppender::open(&path, &layout.schema(), &table_options(stage), &meta)
-        .await
-        .map_err(delta_err)?;
-    // Rows carry the version their commit will get: the watermark that incremental readers use.
-    let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
-    let lineage = Lineage {
-        run_id: context.run_id.clone(),
-        batch_id,
-        ingested_at_micros: state::now_micros(),
-    };
-
-    // Files are parsed on a blocking thread and streamed through a small channel to the Delta writer.
-    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
-    let producer_files: Vec<LandingFile> = new_files.iter().map(|(f, _, _)| f.clone()).collect();
-    let producer = tokio::task::spawn_blocking(move || {
-        let mut rows = Vec::with_capacity(producer_files.len());
-        for file in &producer_files {
-            let mut batches = FileBatches::open(&layout, file, lineage.clone(), INGEST_BATCH_ROWS)?;
-            for batch in batches.by_ref() {
-                if sender.blocking_send(batch?).is_err() {
-                    return Ok(rows);
-                }
+    // A file that cannot be read stops the ingest before anything is committed; unless the source
+    // says `on_bad_file: fail`, the file is set aside and the ingest starts again without it.
+    let mut bad_files: Vec<(LandingFile, String, String)> = Vec::new();
+    let landing = loop {
+        if new_files.is_empty() {
+            break None;
+        }
+        match land_files(context, stage, &path, &layout, &meta, &new_files, progress).await {
+            Ok(done) => break Some(done),
+            Err(LandFailure::Landing(error)) if source.on_bad_file != BadFilePolicy::Fail => {
+                let Some(index) = new_files.iter().position(|(f, _, _)| error.concerns(f)) else {
+                    return Err(landing_err(error));
+                };
+                let (file, checksum, _) = new_files.remove(index);
+                warn!(file = %file.relative, policy = source.on_bad_file.name(), "bad landing file set aside: {error}");
+                bad_files.push((file, checksum, error.to_string()));
             }
-            rows.push(batches.rows());
+            Err(LandFailure::Landing(error)) => return Err(landing_err(error)),
+            Err(LandFailure::Run(error)) => return Err(error),
         }
-        Ok::<_, landing::LandingError>(rows)
-    });
-    let mut write_error = None;
-    let mut landed = 0u64;
-    while let Some(batch) = receiver.recv().await {
-        landed += batch.num_rows() as u64;
-        if let Err(error) = appender.write(batch).await {
-            write_error = Some(error);
-            break;
-        }
-        progress.rows("landed", landed);
-    }
-    drop(receiver);
-    let rows = producer
-        .await
-        .map_err(|e| RunError::Internal {
-            stage: name.clone(),
-            message: format!("file reader stopped: {e}"),
-        })?
-        .map_err(landing_err)?;
-    if let Some(error) = write_error {
-        return Err(delta_err(error));
-    }
+    };
+    let bad_note = set_aside(context, stage, &source, &bad_files).await?;
+    let Some((appender, batch_id, rows)) = landing else {
+        let mut report = StageReport::new(stage, StageOutcome::Succeeded);
+        report.warnings.extend(bad_note);
+        return Ok((report, BTreeMap::new()));
+    };
     progress.message("committing");
     // The commit names the files it lands, so that a crash before the ledger write is repaired from the
     // Bronze log on the next run instead of landing the files twice.
@@ -284,6 +269,7 @@ async fn ingest(
         )
         .await
         .map_err(delta_err)?;
+    crate::crash::point("after_bronze_commit");
     if let Some(version) = metrics.version
         && version as i64 != batch_id
     {
@@ -315,8 +301,151 @@ async fn ingest(
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.rows_read = metrics.rows_written;
     report.warnings.extend(redelivered_note);
+    report.warnings.extend(bad_note);
     apply_write(&mut report, &metrics);
     Ok((report, BTreeMap::new()))
+}
+
+/// Why landing files did not land.
+enum LandFailure {
+    /// A landing file could not be read.
+    Landing(landing::LandingError),
+    Run(RunError),
+}
+
+/// Streams `files` into an uncommitted Bronze append; returns it with its batch id and each file's rows.
+async fn land_files(
+    context: &RunContext,
+    stage: &Stage,
+    path: &std::path::Path,
+    layout: &BronzeLayout,
+    meta: &CommitMeta,
+    files: &[(LandingFile, String, i64)],
+    progress: &StageProgress,
+) -> Result<(BatchAppender, i64, Vec<u64>), LandFailure> {
+    let delta_err = |source| {
+        LandFailure::Run(RunError::Delta {
+            stage: stage.name.clone(),
+            source,
+        })
+    };
+    let mut appender = BatchAppender::open(path, &layout.schema(), &table_options(stage), meta)
+        .await
+        .map_err(delta_err)?;
+    // Rows carry the version their commit will get: the watermark that incremental readers use.
+    let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
+    let lineage = Lineage {
+        run_id: context.run_id.clone(),
+        batch_id,
+        ingested_at_micros: state::now_micros(),
+    };
+
+    // Files are parsed on a blocking thread and streamed through a small channel to the Delta writer.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+    let producer_files: Vec<LandingFile> = files.iter().map(|(f, _, _)| f.clone()).collect();
+    let layout = layout.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut rows = Vec::with_capacity(producer_files.len());
+        for file in &producer_files {
+            let mut batches = FileBatches::open(&layout, file, lineage.clone(), INGEST_BATCH_ROWS)?;
+            for batch in batches.by_ref() {
+                if sender.blocking_send(batch?).is_err() {
+                    return Ok(rows);
+                }
+            }
+            rows.push(batches.rows());
+        }
+        Ok::<_, landing::LandingError>(rows)
+    });
+    let mut write_error = None;
+    let mut landed = 0u64;
+    while let Some(batch) = receiver.recv().await {
+        landed += batch.num_rows() as u64;
+        if let Err(error) = appender.write(batch).await {
+            write_error = Some(error);
+            break;
+        }
+        progress.rows("landed", landed);
+    }
+    drop(receiver);
+    let rows = producer
+        .await
+        .map_err(|e| {
+            LandFailure::Run(RunError::Internal {
+                stage: stage.name.clone(),
+                message: format!("file reader stopped: {e}"),
+            })
+        })?
+        .map_err(LandFailure::Landing)?;
+    if let Some(error) = write_error {
+        return Err(delta_err(error));
+    }
+    Ok((appender, batch_id, rows))
+}
+
+/// Records the files an ingest set aside (and copies them under `<lake>/quarantine/files/<source>/` for
+/// `on_bad_file: quarantine`); returns the run summary's note.
+async fn set_aside(
+    context: &RunContext,
+    stage: &Stage,
+    source: &crate::config::Source,
+    bad: &[(LandingFile, String, String)],
+) -> Result<Option<String>, RunError> {
+    if bad.is_empty() {
+        return Ok(None);
+    }
+    let mut records = Vec::new();
+    for (file, checksum, reason) in bad {
+        let mut kept_at = None;
+        if source.on_bad_file == BadFilePolicy::Quarantine {
+            let to = context
+                .pipeline
+                .lake
+                .join("quarantine")
+                .join("files")
+                .join(&source.name)
+                .join(&file.relative);
+            let copied = to
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::copy(&file.path, &to).map(|_| ()));
+            match copied {
+                Ok(()) => kept_at = Some(to.display().to_string()),
+                Err(e) => {
+                    warn!(file = %file.relative, "could not copy the bad file to quarantine: {e}")
+                }
+            }
+        }
+        records.push(state::BadFileRecord {
+            source: source.name.clone(),
+            file: file.relative.clone(),
+            checksum: checksum.clone(),
+            reason: reason.clone(),
+            policy: source.on_bad_file.name().to_string(),
+            kept_at,
+        });
+    }
+    context
+        .state
+        .record_bad_files(&context.run_id, &records, &commit_meta(context, stage))
+        .await?;
+    let names: Vec<String> = bad
+        .iter()
+        .map(|(f, _, _)| format!("`{}`", f.relative))
+        .collect();
+    Ok(Some(format!(
+        "{} bad file(s) {} ({}): {}",
+        bad.len(),
+        match source.on_bad_file {
+            BadFilePolicy::Quarantine => "quarantined",
+            _ => "skipped",
+        },
+        names.join(", "),
+        bad.iter()
+            .map(|(_, _, r)| r.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    )))
 }
 
 /// Commit-info key of a Bronze commit listing the landing files it landed.
@@ -661,6 +790,7 @@ async fn sql_stage(
     progress.message(&format!("writing ({})", stage.write.name()));
     match &stage.write {
         WriteMode::Overwrite => {
+            crate::crash::point("before_gold_commit");
             let metrics = delta::overwrite(&target_path, output, &options, &meta, scope.as_ref())
                 .await
                 .map_err(delta_err)?;
@@ -779,7 +909,8 @@ async fn candidate_sql(
                 join.join(" AND ")
             )
         }
-        (WriteMode::Cdc { .. }, _) => format!("SELECT {cols} FROM {CURRENT}"),
+        // An empty change batch (every row quarantined or dropped) leaves the table as it is.
+        (WriteMode::Cdc { .. }, _) => format!("SELECT * FROM {CURRENT}"),
     })
 }
 

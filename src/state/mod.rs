@@ -77,6 +77,18 @@ pub struct RunRecord {
     pub stages_skipped: u64,
 }
 
+/// A landing file an ingest set aside (`on_bad_file: quarantine | skip`).
+#[derive(Debug, Clone)]
+pub struct BadFileRecord {
+    pub source: String,
+    pub file: String,
+    pub checksum: String,
+    pub reason: String,
+    pub policy: String,
+    /// Where the quarantined copy is.
+    pub kept_at: Option<String>,
+}
+
 /// One backfill unit (a pipeline, a logical date, a scope) as recorded in `backfill_units`.
 #[derive(Debug, Clone)]
 pub struct UnitRecord {
@@ -391,6 +403,66 @@ impl StateStore {
             ("recorded_at", timestamps(std::iter::once(now_micros()))),
         ];
         self.append("backfill_units", columns, meta).await
+    }
+
+    /// (file, checksum) of the files of `source` set aside by earlier runs.
+    pub async fn bad_files(
+        &self,
+        source: &str,
+    ) -> Result<std::collections::HashSet<(String, String)>, StateError> {
+        let rows = self
+            .query(
+                "bad_files",
+                &format!(
+                    "SELECT file, checksum FROM state WHERE source = {}",
+                    literal(source)
+                ),
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.text(0), r.text(1))).collect())
+    }
+
+    pub async fn record_bad_files(
+        &self,
+        run_id: &str,
+        records: &[BadFileRecord],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("run_id", strings(records.iter().map(|_| Some(run_id)))),
+            (
+                "source",
+                strings(records.iter().map(|r| Some(r.source.as_str()))),
+            ),
+            (
+                "file",
+                strings(records.iter().map(|r| Some(r.file.as_str()))),
+            ),
+            (
+                "checksum",
+                strings(records.iter().map(|r| Some(r.checksum.as_str()))),
+            ),
+            (
+                "reason",
+                strings(records.iter().map(|r| Some(r.reason.as_str()))),
+            ),
+            (
+                "policy",
+                strings(records.iter().map(|r| Some(r.policy.as_str()))),
+            ),
+            (
+                "kept_at",
+                strings(records.iter().map(|r| r.kept_at.as_deref())),
+            ),
+            (
+                "recorded_at",
+                timestamps(records.iter().map(|_| now_micros())),
+            ),
+        ];
+        self.append("bad_files", columns, meta).await
     }
 
     /// Records how each check of a stage came out.

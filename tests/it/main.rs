@@ -2,9 +2,11 @@
 //! Python Delta readers. One test binary, one module per area.
 
 mod airflow;
+mod bad_input;
 mod cdc_property;
 mod cdc_reference;
 mod common;
+mod crash;
 mod end_to_end;
 mod interop;
 mod malformed;
