@@ -13,5 +13,6 @@ mod malformed;
 mod notify;
 mod python_reader;
 mod quality;
+mod robustness;
 mod schedule;
 mod validate;
