@@ -402,3 +402,27 @@ async fn sns_publish_reaches_a_subscribed_queue_with_subject_body_and_attributes
         text(&test)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_required_notification_that_fails_fails_the_run() {
+    let receiver = Receiver::start(&[500, 500]).await;
+    let scratch = Scratch::new();
+    scratch.generate(1_000, 5, 1, 17);
+    let edit = move |yaml: String| {
+        webhook_yaml(receiver.port, "success")(yaml)
+            .replace(
+                "    on: [success]\n",
+                "    on: [success]\n    required: true\n",
+            )
+            .replace("backoff_ms: 20", "backoff_ms: 1\n      retries: 1")
+    };
+    let output = with_env(|| scratch.run_edited(&edit, None));
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("notification `ops` not delivered"),
+        "{}",
+        text(&output)
+    );
+    // The data was published all the same: a notification never changes data.
+    assert!(crate::common::delta_version(&scratch.table("gold", "daily_kpis")).is_some());
+}
