@@ -75,6 +75,9 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => exit_code::INVALID,
+            Error::Lake(e) if matches!(**e, crate::lake::LakeError::UnknownTable { .. }) => {
+                exit_code::INVALID
+            }
             Error::Run(e)
                 if matches!(
                     **e,

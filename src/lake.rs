@@ -52,6 +52,18 @@ impl From<EngineError> for LakeError {
     }
 }
 
+fn unknown_table(lake: &Path, all: &[TableName], name: &str) -> LakeError {
+    LakeError::UnknownTable {
+        table: name.to_string(),
+        lake: lake.to_path_buf(),
+        known: all
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
 /// Which version of the tables a query reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AsOf {
@@ -129,15 +141,7 @@ pub async fn query(lake: &Path, sql: &str, as_of: &AsOf) -> Result<Vec<RecordBat
     }
     for name in &named {
         if TableName::parse(name).is_some_and(|t| !all.contains(&t)) {
-            return Err(LakeError::UnknownTable {
-                table: name.clone(),
-                lake: lake.to_path_buf(),
-                known: all
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
+            return Err(unknown_table(lake, &all, name));
         }
     }
     let frame = engine::query(&ctx, "query", sql).await?;
@@ -221,15 +225,7 @@ pub async fn describe(lake: &Path, name: &str, history: usize) -> Result<Descrip
     let all = tables(lake);
     let table = TableName::parse(name)
         .filter(|t| all.contains(t))
-        .ok_or_else(|| LakeError::UnknownTable {
-            table: name.to_string(),
-            lake: lake.to_path_buf(),
-            known: all
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })?;
+        .ok_or_else(|| unknown_table(lake, &all, name))?;
     let path = table.path_in(lake);
     let delta = open_as_of(&table, &path, &AsOf::Latest).await?;
     let table_err = |e| DeltaError::Table {

@@ -237,11 +237,8 @@ pub async fn backfill(
                 for plan in &chosen {
                     record(&state, &base, plan, options.scope, &outcome).await?;
                 }
-                if let Some(first) = chosen.first() {
-                    report.runs.push((first.date, outcome.clone()));
-                    for plan in chosen.iter().skip(1) {
-                        report.runs.push((plan.date, outcome.clone()));
-                    }
+                for plan in &chosen {
+                    report.runs.push((plan.date, outcome.clone()));
                 }
             }
         }

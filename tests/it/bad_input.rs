@@ -156,15 +156,12 @@ fn deliver(scratch: &Scratch, name: &str) -> std::path::PathBuf {
 }
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
-    [
+    scratch.versions(&[
         "bronze/transactions",
         "silver/transactions",
         "gold/daily_kpis",
         "quarantine/transactions",
-    ]
-    .iter()
-    .map(|t| delta_version(&scratch.lake().join(t)))
-    .collect()
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread")]

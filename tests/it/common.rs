@@ -137,6 +137,14 @@ impl Scratch {
             .expect("run medallion")
     }
 
+    /// Latest Delta version of each table (`layer/name`), `None` where there is no table.
+    pub fn versions(&self, tables: &[&str]) -> Vec<Option<u64>> {
+        tables
+            .iter()
+            .map(|t| delta_version(&self.lake().join(t)))
+            .collect()
+    }
+
     pub fn table(&self, layer: &str, name: &str) -> PathBuf {
         self.lake().join(layer).join(name)
     }
@@ -236,6 +244,14 @@ pub async fn schema(path: &Path) -> Vec<String> {
         .iter()
         .map(|f| format!("{}: {}", f.name(), f.data_type()))
         .collect()
+}
+
+/// A Gold SQL bug for tests: refunds dropped from everything that reads Silver transactions.
+pub fn drop_refunds(sql: String) -> String {
+    sql.replace(
+        "FROM silver.transactions",
+        "FROM silver.transactions WHERE amount >= 0",
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {

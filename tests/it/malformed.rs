@@ -1,7 +1,7 @@
 //! Bad landing rows: a row that cannot be read fails the run cleanly, naming file, row and column, with no
 //! table half-written; a row that reads but does not type goes to quarantine with its reason.
 
-use crate::common::{Scratch, assert_success, delta_version, file_name, query, text};
+use crate::common::{Scratch, assert_success, file_name, query, text};
 
 /// Replaces data row `row` (1-based, after the header) of a CSV file with `edit(row_text)`.
 fn edit_row(path: &std::path::Path, row: usize, edit: impl Fn(&str) -> String) {
@@ -12,15 +12,12 @@ fn edit_row(path: &std::path::Path, row: usize, edit: impl Fn(&str) -> String) {
 }
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
-    [
+    scratch.versions(&[
         "bronze/transactions",
         "silver/transactions",
         "gold/daily_kpis",
         "gold/fact_transactions",
-    ]
-    .iter()
-    .map(|t| delta_version(&scratch.lake().join(t)))
-    .collect()
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread")]

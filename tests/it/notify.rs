@@ -240,16 +240,10 @@ async fn a_failing_run_notifies_with_the_failed_check() {
     let receiver = Receiver::start(&[]).await;
     let scratch = Scratch::new();
     scratch.generate(1_000, 5, 1, 15);
-    let drop_refunds = |sql: String| {
-        sql.replace(
-            "FROM silver.transactions",
-            "FROM silver.transactions WHERE amount >= 0",
-        )
-    };
     let output = with_env(|| {
         scratch.run_edited(
             &webhook_yaml(receiver.port, "failure"),
-            Some(("gold/daily_kpis.sql", &drop_refunds)),
+            Some(("gold/daily_kpis.sql", &crate::common::drop_refunds)),
         )
     });
     assert_eq!(output.status.code(), Some(1));

@@ -6,14 +6,11 @@ use std::process::Command;
 use crate::common::{Scratch, assert_success, delta_version, python, query, repo, text};
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
-    [
+    scratch.versions(&[
         "silver/transactions",
         "gold/daily_kpis",
         "gold/fact_transactions",
-    ]
-    .iter()
-    .map(|t| delta_version(&scratch.lake().join(t)))
-    .collect()
+    ])
 }
 
 /// Adds `checks` (YAML list items) to the silver_transactions stage.
@@ -94,14 +91,10 @@ async fn an_error_check_keeps_silver_and_gold_unpublished_and_a_warning_does_not
 async fn broken_reconciliation_stops_gold_before_it_is_published() {
     let scratch = Scratch::new();
     scratch.generate(2_000, 10, 2, 8);
-    // A Gold SQL bug: refunds dropped from the daily totals.
-    let drop_refunds = |sql: String| {
-        sql.replace(
-            "FROM silver.transactions",
-            "FROM silver.transactions WHERE amount >= 0",
-        )
-    };
-    let output = scratch.run_edited(&|y| y, Some(("gold/daily_kpis.sql", &drop_refunds)));
+    let output = scratch.run_edited(
+        &|y| y,
+        Some(("gold/daily_kpis.sql", &crate::common::drop_refunds)),
+    );
     assert_eq!(output.status.code(), Some(1), "{}", text(&output));
     let summary = text(&output);
     assert!(
