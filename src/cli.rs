@@ -10,6 +10,7 @@ use crate::{
     error::{Error, Result, exit_code},
     generate::{self, FileStyle, GenerateOptions},
     runner::{self, RunOptions, plan},
+    storage::Location,
 };
 
 #[derive(Debug, Parser)]
@@ -249,18 +250,22 @@ pub struct LakeArgs {
     /// Pipeline whose lake to read.
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
-    /// Lake root folder.
+    /// Lake root: a folder or `s3://bucket/prefix` (credentials and endpoint from the AWS environment).
     #[arg(long, conflicts_with = "pipeline")]
-    pub lake: Option<PathBuf>,
+    pub lake: Option<String>,
 }
 
 impl LakeArgs {
-    fn resolve(&self) -> Result<PathBuf> {
-        Ok(match (&self.lake, &self.pipeline) {
-            (Some(lake), _) => lake.clone(),
-            (None, Some(file)) => config::load(file)?.lake,
-            (None, None) => PathBuf::from("lake"),
-        })
+    fn resolve(&self) -> Result<Location> {
+        let parse = |text: &str| {
+            Location::parse(text, std::path::Path::new("."), Default::default())
+                .map_err(|e| crate::Error::Usage(e.to_string()))
+        };
+        match (&self.lake, &self.pipeline) {
+            (Some(lake), _) => parse(lake),
+            (None, Some(file)) => Ok(config::load(file)?.lake),
+            (None, None) => parse("lake"),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::{
     config::ConfigError, delta::DeltaError, engine::EngineError, generate::GenerateError,
-    landing::LandingError, runner::RunError, state::StateError,
+    landing::LandingError, runner::RunError, state::StateError, storage::StorageError,
 };
 
 /// Everything that can go wrong in medallion, by subsystem.
@@ -15,6 +15,8 @@ pub enum Error {
     Engine(Box<EngineError>),
     #[error(transparent)]
     Delta(Box<DeltaError>),
+    #[error(transparent)]
+    Storage(Box<StorageError>),
     #[error(transparent)]
     Landing(Box<LandingError>),
     #[error(transparent)]
@@ -46,6 +48,7 @@ boxed_from!(
     Config(ConfigError),
     Engine(EngineError),
     Delta(DeltaError),
+    Storage(StorageError),
     Landing(LandingError),
     State(StateError),
     Run(RunError),
@@ -75,6 +78,14 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Usage(_) => exit_code::INVALID,
+            Error::Storage(e)
+                if matches!(
+                    **e,
+                    StorageError::InvalidLocation { .. } | StorageError::UnsafeOption { .. }
+                ) =>
+            {
+                exit_code::INVALID
+            }
             Error::Lake(e) if matches!(**e, crate::lake::LakeError::UnknownTable { .. }) => {
                 exit_code::INVALID
             }

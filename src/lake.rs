@@ -2,10 +2,7 @@
 //! (`<lake>/<layer>/<table>`), read with SQL at their latest version or by time travel (`medallion sql`),
 //! and described with their files and commit history (`medallion describe`).
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::io::Write;
 
 use datafusion::arrow::{array::RecordBatch, util::pretty::pretty_format_batches};
 use deltalake::DeltaTable;
@@ -15,6 +12,7 @@ use crate::{
     config::TableName,
     delta::{self, DeltaError},
     engine::{self, EngineError},
+    storage::{Location, StorageError},
 };
 
 /// Layers whose folders hold tables.
@@ -22,12 +20,12 @@ const LAYERS: [&str; 5] = ["bronze", "silver", "gold", "quarantine", "_medallion
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
-    #[error("lake `{}` has no tables (is `--lake` or the pipeline's `lake:` right?)", .0.display())]
-    Empty(PathBuf),
-    #[error("no table `{table}` in lake `{}`; tables: {known}", lake.display())]
+    #[error("lake `{0}` has no tables (is `--lake` or the pipeline's `lake:` right?)")]
+    Empty(Location),
+    #[error("no table `{table}` in lake `{lake}`; tables: {known}")]
     UnknownTable {
         table: String,
-        lake: PathBuf,
+        lake: Location,
         known: String,
     },
     #[error("table `{table}`: cannot time travel: {message}")]
@@ -38,6 +36,8 @@ pub enum LakeError {
     Engine(Box<EngineError>),
     #[error("cannot format the result: {0}")]
     Format(String),
+    #[error("cannot list the tables of lake {0}")]
+    Storage(StorageError),
 }
 
 impl From<DeltaError> for LakeError {
@@ -52,10 +52,10 @@ impl From<EngineError> for LakeError {
     }
 }
 
-fn unknown_table(lake: &Path, all: &[TableName], name: &str) -> LakeError {
+fn unknown_table(lake: &Location, all: &[TableName], name: &str) -> LakeError {
     LakeError::UnknownTable {
         table: name.to_string(),
-        lake: lake.to_path_buf(),
+        lake: lake.clone(),
         known: all
             .iter()
             .map(ToString::to_string)
@@ -74,10 +74,13 @@ pub enum AsOf {
 }
 
 /// Every table of the lake, by `layer.name`.
-pub fn tables(lake: &Path) -> Vec<TableName> {
+pub async fn tables(lake: &Location) -> Result<Vec<TableName>, LakeError> {
     let mut found = Vec::new();
+    let Some(root) = lake.local_path() else {
+        return remote_tables(lake).await;
+    };
     for layer in LAYERS {
-        let Ok(entries) = std::fs::read_dir(lake.join(layer)) else {
+        let Ok(entries) = std::fs::read_dir(root.join(layer)) else {
             continue;
         };
         for entry in entries.flatten() {
@@ -90,10 +93,46 @@ pub fn tables(lake: &Path) -> Vec<TableName> {
         }
     }
     found.sort();
-    found
+    Ok(found)
 }
 
-async fn open_as_of(table: &TableName, path: &Path, as_of: &AsOf) -> Result<DeltaTable, LakeError> {
+/// The tables of a lake on object storage: one delimited LIST per layer, then one per candidate table
+/// to see its `_delta_log/`.
+async fn remote_tables(lake: &Location) -> Result<Vec<TableName>, LakeError> {
+    let store = lake.store().map_err(LakeError::Storage)?;
+    let failed = |e: object_store::Error| LakeError::Storage(lake.error(&e));
+    let mut found = Vec::new();
+    for layer in LAYERS {
+        let listed = store
+            .list_with_delimiter(Some(&object_store::path::Path::from(layer)))
+            .await
+            .map_err(failed)?;
+        for folder in listed.common_prefixes {
+            let Some(name) = folder.filename().map(str::to_string) else {
+                continue;
+            };
+            let inside = store
+                .list_with_delimiter(Some(&folder))
+                .await
+                .map_err(failed)?;
+            let is_table = inside
+                .common_prefixes
+                .iter()
+                .any(|p| p.filename() == Some("_delta_log"));
+            if is_table && let Some(table) = TableName::parse(&format!("{layer}.{name}")) {
+                found.push(table);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+async fn open_as_of(
+    table: &TableName,
+    path: &Location,
+    as_of: &AsOf,
+) -> Result<DeltaTable, LakeError> {
     let travel = |message: String| LakeError::TimeTravel {
         table: table.to_string(),
         message,
@@ -120,10 +159,14 @@ async fn open_as_of(table: &TableName, path: &Path, as_of: &AsOf) -> Result<Delt
 }
 
 /// Runs `sql` over the lake's tables; the tables it names are read `as_of`, the others at their latest.
-pub async fn query(lake: &Path, sql: &str, as_of: &AsOf) -> Result<Vec<RecordBatch>, LakeError> {
-    let all = tables(lake);
+pub async fn query(
+    lake: &Location,
+    sql: &str,
+    as_of: &AsOf,
+) -> Result<Vec<RecordBatch>, LakeError> {
+    let all = tables(lake).await?;
     if all.is_empty() {
-        return Err(LakeError::Empty(lake.to_path_buf()));
+        return Err(LakeError::Empty(lake.clone()));
     }
     let named: Vec<String> = engine::sql::table_references(sql).unwrap_or_default();
     let ctx = delta::session()?;
@@ -221,15 +264,19 @@ pub struct Description {
     pub history: Vec<Commit>,
 }
 
-pub async fn describe(lake: &Path, name: &str, history: usize) -> Result<Description, LakeError> {
-    let all = tables(lake);
+pub async fn describe(
+    lake: &Location,
+    name: &str,
+    history: usize,
+) -> Result<Description, LakeError> {
+    let all = tables(lake).await?;
     let table = TableName::parse(name)
         .filter(|t| all.contains(t))
         .ok_or_else(|| unknown_table(lake, &all, name))?;
     let path = table.path_in(lake);
     let delta = open_as_of(&table, &path, &AsOf::Latest).await?;
     let table_err = |e| DeltaError::Table {
-        table: path.display().to_string(),
+        table: path.to_string(),
         source: e,
     };
     let snapshot = delta.snapshot().map_err(table_err)?;
@@ -291,7 +338,7 @@ pub async fn describe(lake: &Path, name: &str, history: usize) -> Result<Descrip
     }
     Ok(Description {
         table: table.to_string(),
-        path: path.display().to_string(),
+        path: path.to_string(),
         version,
         description: metadata.description().map(String::from),
         columns,

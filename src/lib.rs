@@ -15,6 +15,9 @@
 //!   raw batches)   UDFs)             append, over-     stage watermarks and run
 //!                                    write, merge,     history under <lake>/_medallion)
 //!                                    cdc)
+//!        └──────────────┴───────┬───────┴──────────────┘
+//!                            storage  (local folder or s3://bucket/prefix: locations, options,
+//!                                      the conditional-write preflight, actionable errors)
 //! ```
 //!
 //! `engine` never commits to Delta, `delta` never parses YAML, `dag` never does I/O.
@@ -34,5 +37,6 @@ pub mod maintain;
 pub mod notify;
 pub mod runner;
 pub mod state;
+pub mod storage;
 
 pub use error::{Error, Result};

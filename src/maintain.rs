@@ -2,7 +2,9 @@
 //! (bin-packing, or Z-order by a stage's `zorder_by`), vacuum of unreferenced files with a retention that
 //! can never undercut the pipeline's time-travel and backfill promises, and checkpoints.
 
-use std::{num::NonZeroU64, path::PathBuf};
+use std::num::NonZeroU64;
+
+use crate::storage::Location;
 
 use deltalake::operations::optimize::OptimizeType;
 use futures::StreamExt;
@@ -34,6 +36,14 @@ pub enum MaintainError {
     },
     #[error(transparent)]
     Open(#[from] DeltaError),
+    #[error(transparent)]
+    Lake(Box<lake::LakeError>),
+}
+
+impl From<lake::LakeError> for MaintainError {
+    fn from(error: lake::LakeError) -> Self {
+        MaintainError::Lake(Box::new(error))
+    }
 }
 
 /// What to do.
@@ -60,7 +70,9 @@ pub struct TableUpkeep {
 }
 
 /// The pipeline's tables: stage targets, their quarantine tables, and medallion's own state tables.
-fn pipeline_tables(pipeline: &Pipeline) -> Vec<(TableName, Vec<String>)> {
+async fn pipeline_tables(
+    pipeline: &Pipeline,
+) -> Result<Vec<(TableName, Vec<String>)>, MaintainError> {
     let mut tables: Vec<(TableName, Vec<String>)> = pipeline
         .stages
         .iter()
@@ -69,14 +81,14 @@ fn pipeline_tables(pipeline: &Pipeline) -> Vec<(TableName, Vec<String>)> {
     for stage in &pipeline.stages {
         tables.push((checks::quarantine_table(&stage.target), Vec::new()));
     }
-    for table in lake::tables(&pipeline.lake) {
+    for table in lake::tables(&pipeline.lake).await? {
         if table.schema == "_medallion" {
             tables.push((table, Vec::new()));
         }
     }
     tables.sort();
     tables.dedup_by(|a, b| a.0 == b.0);
-    tables
+    Ok(tables)
 }
 
 pub async fn maintain(
@@ -96,7 +108,7 @@ pub async fn maintain(
         });
     }
     let mut done = Vec::new();
-    for (table, zorder) in pipeline_tables(pipeline) {
+    for (table, zorder) in pipeline_tables(pipeline).await? {
         let path = pipeline.table_path(&table);
         if delta::open(&path).await?.is_none() {
             continue;
@@ -173,7 +185,7 @@ async fn file_sizes(
 
 async fn upkeep(
     table: &TableName,
-    path: PathBuf,
+    path: Location,
     zorder: &[String],
     retention_days: u32,
     target_file_bytes: u64,

@@ -3,7 +3,7 @@
 //! had in Bronze (or the stage's output as text when it does not read Bronze). Keyed on stage and lineage,
 //! so re-running a batch after a crash does not quarantine a row twice.
 
-use std::path::Path;
+use crate::storage::Location;
 
 use datafusion::prelude::{DataFrame, SessionContext};
 
@@ -26,12 +26,12 @@ pub async fn write_quarantine(
     ctx: &SessionContext,
     rejected: DataFrame,
     bronze: Option<&TableName>,
-    path: &Path,
+    path: &Location,
     meta: &CommitMeta,
 ) -> Result<u64, DeltaError> {
     const REJECTED: &str = "__medallion_rejected";
     let query = |e| DeltaError::Query {
-        table: path.display().to_string(),
+        table: path.to_string(),
         source: e,
     };
     let has = |c: &str| rejected.schema().field_with_unqualified_name(c).is_ok();

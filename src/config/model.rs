@@ -1,13 +1,9 @@
 //! The checked pipeline model that the rest of medallion runs on. Every value here has been validated:
 //! files exist, names are unique, SQL parses, the stage graph is acyclic.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, fmt, path::PathBuf};
 
-use crate::dag::Graph;
+use crate::{dag::Graph, storage::Location};
 
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -17,7 +13,7 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// Directory that SQL paths are relative to (the parent of `pipelines/`, or the YAML's folder).
     pub project_dir: PathBuf,
-    pub lake: PathBuf,
+    pub lake: Location,
     pub vars: BTreeMap<String, String>,
     pub sources: Vec<Source>,
     /// Stages in declaration order; `graph` node `i` is `stages[i]`.
@@ -114,7 +110,7 @@ impl Pipeline {
     }
 
     /// Delta table location of `table` under the lake root.
-    pub fn table_path(&self, table: &TableName) -> PathBuf {
+    pub fn table_path(&self, table: &TableName) -> Location {
         table.path_in(&self.lake)
     }
 }
@@ -140,7 +136,7 @@ impl TableName {
         })
     }
 
-    pub fn path_in(&self, lake: &Path) -> PathBuf {
+    pub fn path_in(&self, lake: &Location) -> Location {
         lake.join(&self.schema).join(&self.table)
     }
 }
@@ -154,7 +150,7 @@ impl fmt::Display for TableName {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub name: String,
-    pub path: PathBuf,
+    pub path: Location,
     pub format: FileFormat,
     pub header: bool,
     pub delimiter: u8,

@@ -11,9 +11,13 @@ pub struct PipelineSpec {
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
-    /// Lake root: a directory (default `./lake`, relative to the working directory).
+    /// Lake root: a directory (default `./lake`, relative to the working directory), `file:///...` or
+    /// `s3://bucket/prefix`.
     #[serde(default)]
     pub lake: Option<String>,
+    /// How to reach object storage, for an `s3://` lake or landing path.
+    #[serde(default)]
+    pub storage: Option<StorageSpec>,
     /// Free-form variables, available in SQL as `{{ name }}`.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
@@ -27,6 +31,35 @@ pub struct PipelineSpec {
     /// Table upkeep: compaction, vacuum and the promises that bound it.
     #[serde(default)]
     pub maintenance: Option<MaintenanceSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSpec {
+    /// S3-compatible endpoint, e.g. `http://127.0.0.1:9000` for MinIO (default: AWS S3, or
+    /// `AWS_ENDPOINT_URL`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), as MinIO expects. Default true.
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// Allow plain `http://` endpoints (a local MinIO). Default false.
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+    /// Retries of a failed request, with exponential backoff (default 10).
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Give up retrying a request after this many seconds (default 180).
+    #[serde(default)]
+    pub retry_timeout_secs: Option<u64>,
+    /// Run even where concurrent commits are not protected (a server without conditional writes).
+    #[serde(default)]
+    pub allow_unsafe_writes: bool,
+    /// Further delta-rs / object_store options, passed as given (`aws_session_token`, `aws_profile`, ...).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::{
@@ -10,7 +11,11 @@ use super::{
     model::*,
     spec::{self, PipelineSpec},
 };
-use crate::{dag::Graph, engine::sql};
+use crate::{
+    dag::Graph,
+    engine::sql,
+    storage::{Location, Storage},
+};
 
 /// At most this many unknown keys are reported from one file before giving up.
 const MAX_UNKNOWN_KEYS: usize = 50;
@@ -32,6 +37,7 @@ pub(super) fn compile(
         lines: &lines,
         project_dir: &project_dir,
         issues: &mut issues,
+        storage: Arc::default(),
     }
     .pipeline(path, spec);
     match pipeline {
@@ -206,6 +212,8 @@ struct Compiler<'a> {
     lines: &'a Lines<'a>,
     project_dir: &'a Path,
     issues: &'a mut Vec<Issue>,
+    /// The pipeline's `storage:` options, which every location it names carries.
+    storage: Arc<Storage>,
 }
 
 impl Compiler<'_> {
@@ -235,12 +243,60 @@ impl Compiler<'_> {
         }
     }
 
+    /// A local path (relative to the project), `file://` or `s3://` location; `what` names it in issues.
+    fn location(&mut self, text: &str, key: &str, what: &str) -> Location {
+        match Location::parse(text, self.project_dir, self.storage.clone()) {
+            Ok(location) => location,
+            Err(e) => {
+                let line = self.lines.find(1, key, text);
+                self.issue(line, format!("{what}: {e}"));
+                Location::local(self.resolve("."))
+            }
+        }
+    }
+
+    fn storage(&mut self, spec: Option<spec::StorageSpec>) -> Storage {
+        let Some(spec) = spec else {
+            return Storage::default();
+        };
+        let mut options = BTreeMap::new();
+        for (name, value) in spec.options {
+            if value.is_empty() {
+                continue;
+            }
+            options.insert(name.to_ascii_lowercase(), value);
+        }
+        let mut set = |key: &str, value: Option<String>| {
+            if let Some(value) = value.filter(|v| !v.is_empty()) {
+                options.insert(key.to_string(), value);
+            }
+        };
+        set("aws_endpoint", spec.endpoint);
+        set("aws_region", spec.region);
+        set("aws_allow_http", spec.allow_http.map(|b| b.to_string()));
+        set(
+            "aws_virtual_hosted_style_request",
+            Some((!spec.path_style.unwrap_or(true)).to_string()),
+        );
+        set("max_retries", spec.max_retries.map(|n| n.to_string()));
+        set(
+            "retry_timeout",
+            spec.retry_timeout_secs.map(|n| format!("{n}s")),
+        );
+        if let Err(e) = deltalake::logstore::StorageConfig::parse_options(options.clone()) {
+            let line = self.lines.find(1, "storage", "");
+            self.issue(line, format!("storage: {e}"));
+        }
+        Storage::new(options, spec.allow_unsafe_writes)
+    }
+
     fn pipeline(&mut self, path: &Path, spec: PipelineSpec) -> Option<Pipeline> {
         if spec.name.trim().is_empty() {
             let line = self.lines.find(1, "name", "");
             self.issue(line, "`name` must not be empty");
         }
-        let lake = self.resolve(spec.lake.as_deref().unwrap_or("./lake"));
+        self.storage = Arc::new(self.storage(spec.storage));
+        let lake = self.location(spec.lake.as_deref().unwrap_or("./lake"), "lake", "`lake`");
         let sources = self.sources(spec.sources);
         let stages = self.stages(spec.stages, &sources, &spec.vars);
         let graph = self.graph(&stages);
@@ -429,8 +485,13 @@ impl Compiler<'_> {
                     ),
                 );
             }
+            let path = self.location(
+                &spec.path,
+                "path",
+                &format!("source `{}`: `path`", spec.name),
+            );
             sources.push(Source {
-                path: self.resolve(&spec.path),
+                path,
                 format,
                 header: spec.header.unwrap_or(true),
                 delimiter: delimiter as u8,

@@ -1,7 +1,7 @@
 //! Append writes. [`BatchAppender`] streams batches into Parquet files as they come (bounded memory)
 //! and commits them all in one Delta commit at the end; [`append_batches`] appends a few small batches.
 
-use std::path::{Path, PathBuf};
+use crate::storage::Location;
 
 use datafusion::arrow::{
     array::{ArrayRef, RecordBatch},
@@ -22,7 +22,7 @@ const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
 /// A streaming append into one table, committed once by [`BatchAppender::commit`]. Dropping it without
 /// committing leaves the table unchanged (the written files are unreferenced and vacuumed later).
 pub struct BatchAppender {
-    path: PathBuf,
+    path: Location,
     table: DeltaTable,
     writer: RecordBatchWriter,
     schema: SchemaRef,
@@ -32,7 +32,7 @@ pub struct BatchAppender {
 impl BatchAppender {
     /// Opens (creating if needed) the table at `path` for appending batches of `schema`.
     pub async fn open(
-        path: &Path,
+        path: &Location,
         schema: &SchemaRef,
         options: &TableOptions,
         meta: &CommitMeta,
@@ -45,7 +45,7 @@ impl BatchAppender {
             .with_commit_properties(meta.properties());
         let schema = writer.arrow_schema();
         Ok(BatchAppender {
-            path: path.to_path_buf(),
+            path: path.clone(),
             table,
             writer,
             schema,
@@ -107,7 +107,7 @@ impl BatchAppender {
 
 /// Casts `batch` to the table's arrow schema, matching columns by name.
 pub(super) fn conform(
-    path: &Path,
+    path: &Location,
     batch: RecordBatch,
     schema: &SchemaRef,
 ) -> Result<RecordBatch, DeltaError> {
@@ -115,7 +115,7 @@ pub(super) fn conform(
         return Ok(batch);
     }
     let invalid = |message: String| DeltaError::Invalid {
-        table: path.display().to_string(),
+        table: path.to_string(),
         message,
     };
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
@@ -140,7 +140,7 @@ pub(super) fn conform(
 
 /// Appends a few in-memory batches in one commit (state tables, small results).
 pub async fn append_batches(
-    path: &Path,
+    path: &Location,
     batches: Vec<RecordBatch>,
     options: &TableOptions,
     meta: &CommitMeta,
@@ -177,7 +177,7 @@ pub async fn append_batches(
 
 /// Appends a query's result, streamed, in one commit.
 pub async fn append_frame(
-    path: &Path,
+    path: &Location,
     frame: datafusion::prelude::DataFrame,
     options: &TableOptions,
     meta: &CommitMeta,

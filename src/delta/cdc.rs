@@ -21,10 +21,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
     sync::Arc,
 };
 
+use crate::storage::Location;
 use datafusion::{
     arrow::{
         array::{Array, AsArray},
@@ -56,7 +56,7 @@ pub struct CdcSpec {
     /// Columns whose values before and after each applied change are recorded in the commit.
     pub track: Vec<String>,
     /// Where the tombstones of deleted keys live.
-    pub tombstones: PathBuf,
+    pub tombstones: Location,
 }
 
 /// Values of a tracked column; `None` is SQL NULL.
@@ -92,7 +92,7 @@ const IS_DELETE: &str = "__medallion_is_delete";
 /// A classified change batch, not yet committed: its counts are known and [`PreparedChanges::candidate_sql`]
 /// shows the table as it would be after the commit, so that checks can run before anything is published.
 pub struct PreparedChanges {
-    path: PathBuf,
+    path: Location,
     spec: CdcSpec,
     table: deltalake::DeltaTable,
     tombstones: deltalake::DeltaTable,
@@ -103,7 +103,7 @@ pub struct PreparedChanges {
 
 /// Applies a change batch in one go (prepare, then commit).
 pub async fn apply_changes(
-    path: &Path,
+    path: &Location,
     ctx: &SessionContext,
     changes: DataFrame,
     spec: &CdcSpec,
@@ -119,14 +119,14 @@ pub async fn apply_changes(
 /// Steps 1 to 3: checks, deduplicates and classifies the batch; `None` when it is empty. The batch's
 /// tables stay registered in `ctx` for the commit.
 pub async fn prepare_changes(
-    path: &Path,
+    path: &Location,
     ctx: &SessionContext,
     changes: DataFrame,
     spec: &CdcSpec,
     options: &TableOptions,
 ) -> Result<Option<PreparedChanges>, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
-        table: path.display().to_string(),
+        table: path.to_string(),
         message,
     };
     let query = |e| DeltaError::query(path, e);
@@ -194,7 +194,7 @@ pub async fn prepare_changes(
         partition_by: Vec::new(),
         description: Some(format!(
             "Tombstones of keys deleted from {}: keys and the sequence of the delete",
-            path.display()
+            path
         )),
         not_null: spec.keys.clone(),
         ..TableOptions::default()
@@ -231,7 +231,7 @@ pub async fn prepare_changes(
         ..CdcMetrics::default()
     };
     Ok(Some(PreparedChanges {
-        path: path.to_path_buf(),
+        path: path.clone(),
         spec: spec.clone(),
         table,
         tombstones,
@@ -293,7 +293,7 @@ impl PreparedChanges {
             counts,
             mut metrics,
         } = self;
-        let path = path.as_path();
+        let path = &path;
         let query = |e| DeltaError::query(path, e);
         let count = |action: &str| counts.get(action).copied().unwrap_or(0);
         if count("insert") + count("update") + count("delete") > 0 {
@@ -366,7 +366,11 @@ impl PreparedChanges {
 }
 
 /// Fails when two changes of one key share the full sequence: which one wins would be arbitrary.
-async fn reject_ties(path: &Path, ctx: &SessionContext, spec: &CdcSpec) -> Result<(), DeltaError> {
+async fn reject_ties(
+    path: &Location,
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+) -> Result<(), DeltaError> {
     let group: Vec<String> = spec
         .keys
         .iter()
@@ -418,7 +422,7 @@ async fn reject_ties(path: &Path, ctx: &SessionContext, spec: &CdcSpec) -> Resul
         return Ok(());
     }
     Err(DeltaError::Invalid {
-        table: path.display().to_string(),
+        table: path.to_string(),
         message: format!(
             "changes of one key share the same sequence ({}), so which one wins is undefined: {}; \
              add a column to `sequence_by` that tells them apart, or fix the source. Nothing was written",
@@ -598,7 +602,7 @@ async fn write_tombstones(
     tombstones: deltalake::DeltaTable,
     meta: &CommitMeta,
 ) -> Result<(), DeltaError> {
-    let path = spec.tombstones.as_path();
+    let path = &spec.tombstones;
     let query = |e| DeltaError::query(path, e);
     let state: Vec<String> = spec.keys.iter().chain(&spec.sequence_by).cloned().collect();
     let source = ctx
@@ -654,7 +658,7 @@ async fn register_collected(
     ctx: &SessionContext,
     name: &str,
     frame: DataFrame,
-    path: &Path,
+    path: &Location,
 ) -> Result<u64, DeltaError> {
     let query = |e| DeltaError::query(path, e);
     let planned = Arc::new(frame.schema().as_arrow().clone());

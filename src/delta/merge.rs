@@ -1,14 +1,16 @@
 //! Merge (upsert) on key columns: matched target rows take the source row, others are inserted. The source
 //! must hold at most one row per key.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
+
+use crate::storage::Location;
 
 use datafusion::prelude::DataFrame;
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing, quote};
 
 pub async fn upsert(
-    path: &Path,
+    path: &Location,
     source: DataFrame,
     keys: &[String],
     options: &TableOptions,

@@ -7,14 +7,15 @@ mod cdc;
 mod merge;
 mod overwrite;
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use datafusion::{arrow::datatypes::SchemaRef, catalog::TableProvider};
 use deltalake::{
-    DeltaTable, DeltaTableError, TableProperty, ensure_table_uri,
-    kernel::engine::arrow_conversion::TryIntoKernel, open_table, operations::create::CreateBuilder,
-    protocol::SaveMode,
+    DeltaTable, DeltaTableError, TableProperty, kernel::engine::arrow_conversion::TryIntoKernel,
+    open_table_with_storage_options, operations::create::CreateBuilder, protocol::SaveMode,
 };
+
+use crate::storage::{Location, StorageError};
 
 pub use append::{BatchAppender, append_batches, append_frame};
 pub use cdc::{
@@ -37,19 +38,29 @@ pub enum DeltaError {
         table: String,
         source: datafusion::error::DataFusionError,
     },
+    #[error("table `{table}`: {source}")]
+    Storage { table: String, source: StorageError },
 }
 
 impl DeltaError {
-    fn table(path: &Path, source: DeltaTableError) -> DeltaError {
-        DeltaError::Table {
-            table: path.display().to_string(),
-            source,
+    /// A delta-rs failure on the table at `path`; storage failures (credentials, missing bucket,
+    /// unreachable endpoint, throttling) are explained in words a user can act on.
+    fn table(path: &Location, source: DeltaTableError) -> DeltaError {
+        match source {
+            DeltaTableError::ObjectStore { source } => DeltaError::Storage {
+                table: path.to_string(),
+                source: path.error(&source),
+            },
+            source => DeltaError::Table {
+                table: path.to_string(),
+                source,
+            },
         }
     }
 
-    fn query(path: &Path, source: datafusion::error::DataFusionError) -> DeltaError {
+    fn query(path: &Location, source: datafusion::error::DataFusionError) -> DeltaError {
         DeltaError::Query {
-            table: path.display().to_string(),
+            table: path.to_string(),
             source,
         }
     }
@@ -69,12 +80,17 @@ pub struct WriteMetrics {
 }
 
 /// Opens the table at `path` at its latest version, or `None` when there is no Delta table there yet.
-pub async fn open(path: &Path) -> Result<Option<DeltaTable>, DeltaError> {
-    if !path.join("_delta_log").is_dir() {
+pub async fn open(path: &Location) -> Result<Option<DeltaTable>, DeltaError> {
+    if let Some(local) = path.local_path()
+        && !local.join("_delta_log").is_dir()
+    {
         return Ok(None);
     }
-    let url = ensure_table_uri(path.to_string_lossy()).map_err(|e| DeltaError::table(path, e))?;
-    match open_table(url).await {
+    let url = path.url().map_err(|source| DeltaError::Storage {
+        table: path.to_string(),
+        source,
+    })?;
+    match open_table_with_storage_options(url, path.delta_options()).await {
         Ok(table) => Ok(Some(table)),
         Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
             Ok(None)
@@ -84,7 +100,7 @@ pub async fn open(path: &Path) -> Result<Option<DeltaTable>, DeltaError> {
 }
 
 /// Latest version of the table at `path`, if it exists.
-pub async fn version(path: &Path) -> Result<Option<u64>, DeltaError> {
+pub async fn version(path: &Location) -> Result<Option<u64>, DeltaError> {
     Ok(open(path).await?.and_then(|t| t.version()))
 }
 
@@ -114,7 +130,7 @@ pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProper
 
 /// Creates an empty table with `schema`, unless one exists; returns it either way.
 pub async fn create_if_missing(
-    path: &Path,
+    path: &Location,
     schema: &SchemaRef,
     options: &TableOptions,
 ) -> Result<DeltaTable, DeltaError> {
@@ -144,21 +160,28 @@ pub async fn create_if_missing(
         (&arrow_schema)
             .try_into_kernel()
             .map_err(|e| DeltaError::Invalid {
-                table: path.display().to_string(),
+                table: path.to_string(),
                 message: format!("schema cannot be stored in Delta: {e}"),
             })?;
-    std::fs::create_dir_all(path).map_err(|e| DeltaError::Invalid {
-        table: path.display().to_string(),
-        message: format!("cannot create the table folder: {e}"),
+    if let Some(local) = path.local_path() {
+        std::fs::create_dir_all(local).map_err(|e| DeltaError::Invalid {
+            table: path.to_string(),
+            message: format!("cannot create the table folder: {e}"),
+        })?;
+    }
+    let url = path.url().map_err(|source| DeltaError::Storage {
+        table: path.to_string(),
+        source,
     })?;
     let mut builder = CreateBuilder::new()
-        .with_location(path.to_string_lossy())
+        .with_location(url.as_str())
+        .with_storage_options(path.delta_options())
         .with_columns(kernel.fields().cloned())
         .with_partition_columns(options.partition_by.clone())
         .with_configuration_property(TableProperty::CheckpointInterval, Some("20"))
         .with_save_mode(SaveMode::Ignore);
-    if let Some(name) = path.file_name() {
-        builder = builder.with_table_name(name.to_string_lossy());
+    if let Some(name) = path.name() {
+        builder = builder.with_table_name(name);
     }
     if let Some(description) = &options.description {
         builder = builder.with_comment(description);
@@ -180,7 +203,7 @@ fn normalize_type(
 
 /// A DataFusion provider reading `table` at its loaded version.
 pub async fn provider(
-    path: &Path,
+    path: &Location,
     table: &DeltaTable,
 ) -> Result<Arc<dyn TableProvider>, DeltaError> {
     table

@@ -1,7 +1,9 @@
 //! Overwrite: replace the whole table, or only the rows of some values of one column, with a query's
 //! result in one commit. The query streams through delta-rs's writer; it is not collected in memory.
 
-use std::{collections::BTreeSet, path::Path, sync::Arc};
+use std::{collections::BTreeSet, sync::Arc};
+
+use crate::storage::Location;
 
 use datafusion::{
     common::ScalarValue,
@@ -70,14 +72,14 @@ impl Scope {
 }
 
 pub async fn overwrite(
-    path: &Path,
+    path: &Location,
     data: DataFrame,
     options: &TableOptions,
     meta: &CommitMeta,
     scope: Option<&Scope>,
 ) -> Result<WriteMetrics, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
-        table: path.display().to_string(),
+        table: path.to_string(),
         message,
     };
     let schema = Arc::new(data.schema().as_arrow().clone());

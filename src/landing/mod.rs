@@ -4,11 +4,9 @@
 
 mod reader;
 
-use std::{
-    io::Read,
-    path::{Path, PathBuf},
-};
+use std::{io::Read, path::Path};
 
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 pub use reader::{
@@ -16,16 +14,26 @@ pub use reader::{
     SOURCE_ROW,
 };
 
-use crate::config::{FileFormat, Source};
+use crate::{
+    config::{FileFormat, Source},
+    storage::{self, Location, StorageError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LandingError {
-    #[error("source `{source_name}`: landing folder `{}` does not exist (check `path:` in the pipeline)", path.display())]
-    MissingFolder { source_name: String, path: PathBuf },
-    #[error("cannot read landing file `{}`: {source}", path.display())]
+    #[error(
+        "source `{source_name}`: landing folder `{path}` does not exist (check `path:` in the pipeline)"
+    )]
+    MissingFolder { source_name: String, path: Location },
+    #[error("cannot read landing file `{path}`: {source}")]
     Io {
-        path: PathBuf,
+        path: Location,
         source: std::io::Error,
+    },
+    #[error("source `{source_name}`: landing folder {source}")]
+    Storage {
+        source_name: String,
+        source: StorageError,
     },
     #[error("landing file `{file}` row {row}{}: {message}", column.as_ref().map(|c| format!(" column `{c}`")).unwrap_or_default())]
     Malformed {
@@ -44,10 +52,10 @@ impl LandingError {
         match self {
             LandingError::Malformed { file: name, .. }
             | LandingError::BadFile { file: name, .. } => {
-                *name == file.relative || Path::new(name) == file.path
+                *name == file.relative || *name == file.path.to_string()
             }
             LandingError::Io { path, .. } => *path == file.path,
-            LandingError::MissingFolder { .. } => false,
+            LandingError::MissingFolder { .. } | LandingError::Storage { .. } => false,
         }
     }
 }
@@ -69,13 +77,16 @@ pub enum Compression {
 /// One file found under a source's landing folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LandingFile {
-    pub path: PathBuf,
+    pub path: Location,
     /// Path relative to the source folder, `/`-separated: the file's name in the ledger and in lineage.
     pub relative: String,
     pub kind: FileKind,
     pub format: FileFormat,
     pub compression: Compression,
     pub size: u64,
+    /// Last-modified time, microseconds since the epoch: with the size, how the ledger tells that a
+    /// known file is unchanged without reading it.
+    pub modified_micros: i64,
 }
 
 impl LandingFile {
@@ -112,92 +123,145 @@ impl LandingFile {
         chrono::NaiveDate::parse_from_str(name.get(..8)?, "%Y%m%d").ok()
     }
 
-    /// SHA-256 of the file's bytes, streamed.
-    pub fn checksum(&self) -> Result<String, LandingError> {
+    /// SHA-256 of the file's bytes, streamed (one GET on object storage).
+    pub async fn checksum(&self) -> Result<String, LandingError> {
         let io = |source| LandingError::Io {
             path: self.path.clone(),
             source,
         };
-        let mut file = std::fs::File::open(&self.path).map_err(io)?;
         let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let n = file.read(&mut buffer).map_err(io)?;
-            if n == 0 {
-                break;
+        if let Some(path) = self.path.local_path() {
+            let mut file = std::fs::File::open(path).map_err(io)?;
+            let mut buffer = vec![0u8; 1 << 16];
+            loop {
+                let n = file.read(&mut buffer).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..n]);
             }
-            hasher.update(&buffer[..n]);
+        } else {
+            let file = storage::RemoteFile::open(&self.path, self.size)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let mut chunks = file.stream().await.map_err(io)?;
+            while let Some(chunk) = chunks.next().await {
+                hasher.update(&chunk.map_err(|e| io(std::io::Error::other(e)))?);
+            }
         }
         Ok(hex::encode(hasher.finalize()))
     }
 }
 
-/// Lists the source's landing files in DMS order. Hidden files and files of other formats are ignored.
-pub fn discover(source: &Source) -> Result<Vec<LandingFile>, LandingError> {
-    if !source.path.is_dir() {
-        return Err(LandingError::MissingFolder {
-            source_name: source.name.clone(),
-            path: source.path.clone(),
-        });
-    }
+/// Lists the source's landing files in DMS order. Hidden files (`.x`, `_x`) and files of other formats
+/// are ignored. On object storage this is one paged LIST of the prefix.
+pub async fn discover(source: &Source) -> Result<Vec<LandingFile>, LandingError> {
     let mut files = Vec::new();
-    walk(source, &source.path, &mut files)?;
+    match source.path.local_path() {
+        Some(folder) => {
+            if !folder.is_dir() {
+                return Err(LandingError::MissingFolder {
+                    source_name: source.name.clone(),
+                    path: source.path.clone(),
+                });
+            }
+            walk(source, folder, folder, &mut files)?;
+        }
+        None => {
+            let listed = storage::list(&source.path).await.map_err(|source_error| {
+                LandingError::Storage {
+                    source_name: source.name.clone(),
+                    source: source_error,
+                }
+            })?;
+            files.extend(listed.into_iter().filter_map(|object| {
+                classify(source, object.relative, object.size, object.modified_micros)
+            }));
+        }
+    }
     files.sort_by_key(LandingFile::order_key);
     Ok(files)
 }
 
-fn walk(source: &Source, dir: &Path, files: &mut Vec<LandingFile>) -> Result<(), LandingError> {
+fn walk(
+    source: &Source,
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<LandingFile>,
+) -> Result<(), LandingError> {
     let io = |source| LandingError::Io {
-        path: dir.to_path_buf(),
+        path: Location::local(dir),
         source,
     };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name.starts_with('_') {
-            continue;
-        }
         let file_type = entry.file_type().map_err(io)?;
         if file_type.is_dir() {
-            walk(source, &path, files)?;
+            let name = entry.file_name();
+            if !hidden(&name.to_string_lossy()) {
+                walk(source, root, &path, files)?;
+            }
             continue;
         }
-        let (stem, compression) = match name.strip_suffix(".gz") {
-            Some(stem) => (stem, Compression::Gzip),
-            None => (name.as_str(), Compression::None),
-        };
-        let extension = match source.format {
-            FileFormat::Csv => ".csv",
-            FileFormat::Parquet => ".parquet",
-            FileFormat::Json => ".json",
-        };
-        let Some(base) = stem.strip_suffix(extension) else {
-            continue;
-        };
-        let kind = match &source.dms {
-            Some(_) if base.starts_with("LOAD") => FileKind::FullLoad,
-            Some(_) => FileKind::Change,
-            None => FileKind::Data,
-        };
         let relative = path
-            .strip_prefix(&source.path)
+            .strip_prefix(root)
             .unwrap_or(&path)
             .components()
             .map(|c| c.as_os_str().to_string_lossy())
             .collect::<Vec<_>>()
             .join("/");
-        let size = entry.metadata().map_err(io)?.len();
-        files.push(LandingFile {
-            path,
-            relative,
-            kind,
-            format: source.format,
-            compression,
-            size,
-        });
+        let metadata = entry.metadata().map_err(io)?;
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_micros() as i64);
+        files.extend(classify(source, relative, metadata.len(), modified));
     }
     Ok(())
+}
+
+/// Names starting with `.` or `_` are not landing files (editor files, `_SUCCESS` markers, ...).
+fn hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_')
+}
+
+/// The landing file at `relative` (`/`-separated, under the source's folder), if it is one: not hidden,
+/// and of the source's format (optionally gzipped).
+fn classify(
+    source: &Source,
+    relative: String,
+    size: u64,
+    modified_micros: i64,
+) -> Option<LandingFile> {
+    if relative.split('/').any(hidden) {
+        return None;
+    }
+    let name = relative.rsplit('/').next().unwrap_or(&relative);
+    let (stem, compression) = match name.strip_suffix(".gz") {
+        Some(stem) => (stem, Compression::Gzip),
+        None => (name, Compression::None),
+    };
+    let extension = match source.format {
+        FileFormat::Csv => ".csv",
+        FileFormat::Parquet => ".parquet",
+        FileFormat::Json => ".json",
+    };
+    let base = stem.strip_suffix(extension)?;
+    let kind = match &source.dms {
+        Some(_) if base.starts_with("LOAD") => FileKind::FullLoad,
+        Some(_) => FileKind::Change,
+        None => FileKind::Data,
+    };
+    Some(LandingFile {
+        path: source.path.join(&relative),
+        relative,
+        kind,
+        format: source.format,
+        compression,
+        size,
+        modified_micros,
+    })
 }
 
 #[cfg(test)]
@@ -208,7 +272,7 @@ mod tests {
     fn source(dir: &Path) -> Source {
         Source {
             name: "t".into(),
-            path: dir.to_path_buf(),
+            path: Location::local(dir),
             format: FileFormat::Csv,
             header: true,
             delimiter: b',',
@@ -223,8 +287,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dms_order_is_full_load_then_changes_by_path() {
+    #[tokio::test]
+    async fn dms_order_is_full_load_then_changes_by_path() {
         let dir = tempfile::tempdir().unwrap();
         for name in [
             "2019/11/02/20191102-0000000000.csv",
@@ -238,7 +302,7 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, "id\n1\n").unwrap();
         }
-        let files = discover(&source(dir.path())).unwrap();
+        let files = discover(&source(dir.path())).await.unwrap();
         let names: Vec<_> = files.iter().map(|f| f.relative.as_str()).collect();
         assert_eq!(
             names,

@@ -14,10 +14,16 @@ use arrow::{
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
 use flate2::read::MultiGzDecoder;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::{
+    arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder},
+    file::reader::ChunkReader,
+};
 
 use super::{Compression, FileKind, LandingError, LandingFile};
-use crate::config::{DmsLayout, FileFormat, Source};
+use crate::{
+    config::{DmsLayout, FileFormat, Source},
+    storage::RemoteFile,
+};
 
 /// Lineage columns appended to every Bronze row.
 pub const SOURCE_FILE: &str = "_source_file";
@@ -173,13 +179,9 @@ impl FileBatches {
         lineage: Lineage,
         batch_size: usize,
     ) -> Result<FileBatches, LandingError> {
-        let io = |source| LandingError::Io {
-            path: file.path.clone(),
-            source,
-        };
-        let handle = File::open(&file.path).map_err(io)?;
         let inner = match file.format {
             FileFormat::Csv => {
+                let handle = open_read(file)?;
                 let raw: Box<dyn Read + Send> = match file.compression {
                     Compression::None => Box::new(BufReader::with_capacity(1 << 20, handle)),
                     Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
@@ -211,25 +213,25 @@ impl FileBatches {
                 Inner::Csv { reader, mapping }
             }
             FileFormat::Parquet => {
-                let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| {
-                    LandingError::BadFile {
-                        file: file.relative.clone(),
-                        message: format!("not a readable Parquet file: {e}"),
+                // On object storage, Parquet is read with ranged GETs: the footer, then the column chunks.
+                let (reader, mapping) = match file.path.local_path() {
+                    Some(path) => {
+                        let handle = File::open(path).map_err(|source| LandingError::Io {
+                            path: file.path.clone(),
+                            source,
+                        })?;
+                        parquet_reader(layout, file, handle, batch_size)?
                     }
-                })?;
-                let names: Vec<String> = builder
-                    .schema()
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().clone())
-                    .collect();
-                let mapping = layout.map_named(&file.relative, &names)?;
-                let reader = builder.with_batch_size(batch_size).build().map_err(|e| {
-                    LandingError::BadFile {
-                        file: file.relative.clone(),
-                        message: format!("not a readable Parquet file: {e}"),
+                    None => {
+                        let remote = RemoteFile::open(&file.path, file.size).map_err(|e| {
+                            LandingError::Io {
+                                path: file.path.clone(),
+                                source: std::io::Error::other(e.to_string()),
+                            }
+                        })?;
+                        parquet_reader(layout, file, remote, batch_size)?
                     }
-                })?;
+                };
                 Inner::Parquet { reader, mapping }
             }
             FileFormat::Json => {
@@ -242,6 +244,7 @@ impl FileBatches {
                         ),
                     });
                 }
+                let handle = open_read(file)?;
                 let raw: Box<dyn Read> = match file.compression {
                     Compression::None => Box::new(BufReader::new(handle)),
                     Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
@@ -525,4 +528,45 @@ fn csv_error(file: &str, error: csv::Error, row: Option<u64>) -> LandingError {
             message: format!("cannot read the header: {message}"),
         },
     }
+}
+/// The file's bytes as a blocking reader: the local file, or one streaming GET of the object.
+fn open_read(file: &LandingFile) -> Result<Box<dyn Read + Send>, LandingError> {
+    let io = |source| LandingError::Io {
+        path: file.path.clone(),
+        source,
+    };
+    match file.path.local_path() {
+        Some(path) => Ok(Box::new(File::open(path).map_err(io)?)),
+        None => {
+            let remote = RemoteFile::open(&file.path, file.size)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            Ok(Box::new(remote.reader_from(0).map_err(io)?))
+        }
+    }
+}
+
+/// A Parquet reader over `input` and the mapping of its columns onto the Bronze layout.
+fn parquet_reader<T: ChunkReader + 'static>(
+    layout: &BronzeLayout,
+    file: &LandingFile,
+    input: T,
+    batch_size: usize,
+) -> Result<(ParquetRecordBatchReader, Vec<usize>), LandingError> {
+    let unreadable = |e: parquet::errors::ParquetError| LandingError::BadFile {
+        file: file.relative.clone(),
+        message: format!("not a readable Parquet file: {e}"),
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(input).map_err(unreadable)?;
+    let names: Vec<String> = builder
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mapping = layout.map_named(&file.relative, &names)?;
+    let reader = builder
+        .with_batch_size(batch_size)
+        .build()
+        .map_err(unreadable)?;
+    Ok((reader, mapping))
 }

@@ -115,16 +115,25 @@ fn code_hash(pipeline: &Pipeline) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// SHA-256 over the names and sizes of the landing files of `date` (and the undated full load).
-fn inputs_hash(pipeline: &Pipeline, date: NaiveDate) -> String {
-    let mut hasher = Sha256::new();
+/// Every source's landing files, listed once for the whole range (`None`: the folder cannot be listed).
+async fn landing_files(pipeline: &Pipeline) -> Vec<(String, Option<Vec<landing::LandingFile>>)> {
+    let mut all = Vec::new();
     for source in &pipeline.sources {
-        let Ok(files) = landing::discover(source) else {
-            hasher.update(format!("{}: missing", source.name));
+        all.push((source.name.clone(), landing::discover(source).await.ok()));
+    }
+    all
+}
+
+/// SHA-256 over the names and sizes of the landing files of `date` (and the undated full load).
+fn inputs_hash(landing: &[(String, Option<Vec<landing::LandingFile>>)], date: NaiveDate) -> String {
+    let mut hasher = Sha256::new();
+    for (source, files) in landing {
+        let Some(files) = files else {
+            hasher.update(format!("{source}: missing"));
             continue;
         };
         for file in files.iter().filter(|f| f.date().is_none_or(|d| d == date)) {
-            hasher.update(format!("{}/{}:{}\n", source.name, file.relative, file.size));
+            hasher.update(format!("{source}/{}:{}\n", file.relative, file.size));
         }
     }
     hex::encode(hasher.finalize())
@@ -167,11 +176,15 @@ pub async fn backfill(
         Scope::Gold => Some(gold_inputs_hash(&base).await),
         Scope::All => None,
     };
+    let landing = match gold_inputs {
+        Some(_) => Vec::new(),
+        None => landing_files(&base).await,
+    };
     let mut report = BackfillReport::default();
     for date in &range {
         let inputs = gold_inputs
             .clone()
-            .unwrap_or_else(|| inputs_hash(&base, *date));
+            .unwrap_or_else(|| inputs_hash(&landing, *date));
         let last = state
             .last_unit(&base.name, &date.to_string(), options.scope.name())
             .await

@@ -3,23 +3,32 @@
 //! gives up with [`LockError::Held`] (exit code 4). A lock whose owner process is gone (same host, pid no
 //! longer alive, e.g. after SIGKILL) is stale and is broken safely: it is renamed away atomically, so two
 //! waiters cannot both break it, and the breaker then competes for a fresh lock like anyone else.
+//!
+//! On object storage the lock is an object created with a conditional PUT (`If-None-Match: *`), so only
+//! one run's create succeeds; a stale lock (same host, owner gone) is deleted and competed for again. A
+//! lock left by a process on another host cannot be judged from here: delete the object named in the
+//! error once that run is known to be dead.
 
 use std::{
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, path::Path as ObjectPath};
+
+use crate::storage::{Location, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another run of pipeline `{pipeline}` holds the lock `{}` ({owner}); waited {waited:?}. \
-         Retry later, or raise `--lock-timeout`",
-        path.display()
+        "another run of pipeline `{pipeline}` holds the lock `{path}` ({owner}); waited {waited:?}. \
+         Retry later, or raise `--lock-timeout`"
     )]
     Held {
         pipeline: String,
-        path: PathBuf,
+        path: Location,
         owner: String,
         waited: Duration,
     },
@@ -28,17 +37,154 @@ pub enum LockError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot use the run lock: {0}")]
+    Storage(StorageError),
 }
 
-/// Held while a run lasts; removes the lock file when dropped.
-#[derive(Debug)]
+/// Held while a run lasts; [`RunLock::release`] removes it (dropping it does too, as a fallback).
 pub struct RunLock {
-    path: PathBuf,
+    held: Held,
+}
+
+enum Held {
+    File(PathBuf),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        path: ObjectPath,
+    },
+    Released,
+}
+
+impl std::fmt::Debug for RunLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.held {
+            Held::File(path) => write!(f, "RunLock({})", path.display()),
+            Held::Object { path, .. } => write!(f, "RunLock({path})"),
+            Held::Released => write!(f, "RunLock(released)"),
+        }
+    }
+}
+
+impl RunLock {
+    pub async fn release(mut self) {
+        match std::mem::replace(&mut self.held, Held::Released) {
+            Held::File(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            Held::Object { store, path } => {
+                if let Err(error) = store.delete(&path).await {
+                    tracing::warn!(lock = %path, "could not remove the run lock: {error}");
+                }
+            }
+            Held::Released => {}
+        }
+    }
 }
 
 impl Drop for RunLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        match std::mem::replace(&mut self.held, Held::Released) {
+            Held::File(path) => {
+                let _ = std::fs::remove_file(path);
+            }
+            // Best effort on an early return; a lock that stays behind is stale once this process ends.
+            Held::Object { store, path } => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move { store.delete(&path).await });
+                }
+            }
+            Held::Released => {}
+        }
+    }
+}
+
+/// Takes the run lock of `pipeline` in `lake`, waiting up to `timeout` for another run to finish.
+pub async fn acquire(
+    lake: &Location,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<RunLock, LockError> {
+    let Some(root) = lake.local_path() else {
+        return acquire_object(lake, pipeline, timeout).await;
+    };
+    let (root, name, shown) = (root.to_path_buf(), pipeline.to_string(), lake.clone());
+    tokio::task::spawn_blocking(move || acquire_file(&root, &shown, &name, timeout))
+        .await
+        .map_err(|e| LockError::Io {
+            path: PathBuf::from("-"),
+            source: std::io::Error::other(e),
+        })?
+}
+
+fn owner_line() -> String {
+    format!(
+        "{} {} {}\n",
+        std::process::id(),
+        host(),
+        chrono::Utc::now().to_rfc3339()
+    )
+}
+
+fn held(pipeline: &str, path: Location, owner: &str, waited: Duration) -> LockError {
+    let mut parts = owner.split_whitespace();
+    let described = match (parts.next(), parts.next(), parts.next()) {
+        (Some(pid), Some(host), Some(since)) => format!("pid {pid} on {host} since {since}"),
+        _ => "owner unknown".into(),
+    };
+    LockError::Held {
+        pipeline: pipeline.to_string(),
+        path,
+        owner: described,
+        waited,
+    }
+}
+
+async fn acquire_object(
+    lake: &Location,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<RunLock, LockError> {
+    let shown = lake.join(format!("_medallion/locks/{pipeline}.lock"));
+    let store = lake.store().map_err(LockError::Storage)?;
+    let path = ObjectPath::from(format!("_medallion/locks/{pipeline}.lock"));
+    let clock = Instant::now();
+    loop {
+        let create = PutOptions::from(PutMode::Create);
+        match store
+            .put_opts(&path, owner_line().into_bytes().into(), create)
+            .await
+        {
+            Ok(_) => {
+                return Ok(RunLock {
+                    held: Held::Object { store, path },
+                });
+            }
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => {
+                let owner = match store.get(&path).await {
+                    Ok(found) => found
+                        .bytes()
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default(),
+                    // Released between our create and this read: try again at once.
+                    Err(object_store::Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(LockError::Storage(shown.error(&e))),
+                };
+                if is_stale(&owner) {
+                    tracing::warn!(owner = %owner.trim(), "broke a stale run lock");
+                    let _ = store.delete(&path).await;
+                    continue;
+                }
+                if clock.elapsed() >= timeout {
+                    return Err(held(pipeline, shown, &owner, clock.elapsed()));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(LockError::Storage(shown.error(&e))),
+        }
     }
 }
 
@@ -61,7 +207,12 @@ fn is_stale(owner: &str) -> bool {
     owner_host == host() && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-pub fn acquire(lake: &Path, pipeline: &str, timeout: Duration) -> Result<RunLock, LockError> {
+fn acquire_file(
+    lake: &Path,
+    shown: &Location,
+    pipeline: &str,
+    timeout: Duration,
+) -> Result<RunLock, LockError> {
     let dir = lake.join("_medallion").join("locks");
     let path = dir.join(format!("{pipeline}.lock"));
     let io = |source| LockError::Io {
@@ -77,15 +228,11 @@ pub fn acquire(lake: &Path, pipeline: &str, timeout: Duration) -> Result<RunLock
             .open(&path)
         {
             Ok(mut file) => {
-                let owner = format!(
-                    "{} {} {}\n",
-                    std::process::id(),
-                    host(),
-                    chrono::Utc::now().to_rfc3339()
-                );
-                file.write_all(owner.as_bytes()).map_err(io)?;
+                file.write_all(owner_line().as_bytes()).map_err(io)?;
                 file.sync_all().map_err(io)?;
-                return Ok(RunLock { path });
+                return Ok(RunLock {
+                    held: Held::File(path),
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let owner = std::fs::read_to_string(&path).unwrap_or_default();
@@ -103,19 +250,8 @@ pub fn acquire(lake: &Path, pipeline: &str, timeout: Duration) -> Result<RunLock
                     continue;
                 }
                 if clock.elapsed() >= timeout {
-                    let mut parts = owner.split_whitespace();
-                    let described = match (parts.next(), parts.next(), parts.next()) {
-                        (Some(pid), Some(host), Some(since)) => {
-                            format!("pid {pid} on {host} since {since}")
-                        }
-                        _ => "owner unknown".into(),
-                    };
-                    return Err(LockError::Held {
-                        pipeline: pipeline.to_string(),
-                        path,
-                        owner: described,
-                        waited: clock.elapsed(),
-                    });
+                    let shown = shown.join(format!("_medallion/locks/{pipeline}.lock"));
+                    return Err(held(pipeline, shown, &owner, clock.elapsed()));
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -128,19 +264,20 @@ pub fn acquire(lake: &Path, pipeline: &str, timeout: Duration) -> Result<RunLock
 mod tests {
     use super::*;
 
-    #[test]
-    fn second_acquire_fails_and_a_dead_owner_is_broken() {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn second_acquire_fails_and_a_dead_owner_is_broken() {
         let lake = tempfile::tempdir().unwrap();
-        let first = acquire(lake.path(), "p", Duration::ZERO).unwrap();
-        let second = acquire(lake.path(), "p", Duration::from_millis(300));
+        let location = Location::local(lake.path());
+        let first = acquire(&location, "p", Duration::ZERO).await.unwrap();
+        let second = acquire(&location, "p", Duration::from_millis(300)).await;
         assert!(matches!(second, Err(LockError::Held { .. })), "{second:?}");
-        drop(first);
-        let third = acquire(lake.path(), "p", Duration::ZERO).unwrap();
+        first.release().await;
+        let third = acquire(&location, "p", Duration::ZERO).await.unwrap();
         // A lock left by a process that no longer exists (pid beyond pid_max) is broken.
         drop(third);
         let path = lake.path().join("_medallion/locks/p.lock");
         std::fs::write(&path, format!("4194305 {} 2026-01-01T00:00:00Z\n", host())).unwrap();
-        let fourth = acquire(lake.path(), "p", Duration::ZERO);
+        let fourth = acquire(&location, "p", Duration::ZERO).await;
         assert!(fourth.is_ok(), "{fourth:?}");
     }
 }

@@ -55,6 +55,8 @@ pub enum RunError {
     Internal { stage: String, message: String },
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 #[derive(Debug, Clone)]
@@ -102,16 +104,11 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
     async {
         let started = state::now_micros();
         let clock = Instant::now();
-        info!(lake = %pipeline.lake.display(), stages = pipeline.stages.len(), "run started");
-        let lake = pipeline.lake.clone();
-        let name = pipeline.name.clone();
-        let timeout = options.lock_timeout;
-        let _lock = tokio::task::spawn_blocking(move || lock::acquire(&lake, &name, timeout))
-            .await
-            .map_err(|e| RunError::Internal {
-                stage: "-".into(),
-                message: format!("run lock task failed: {e}"),
-            })??;
+        info!(lake = %pipeline.lake, stages = pipeline.stages.len(), "run started");
+        // Before anything is written: the lake is reachable and its commits are safe with concurrent
+        // writers (see `storage::preflight`).
+        crate::storage::preflight(&pipeline.lake).await?;
+        let lock = lock::acquire(&pipeline.lake, &pipeline.name, options.lock_timeout).await?;
         let context = Arc::new(RunContext {
             options: options.clone(),
             pipeline: pipeline.clone(),
@@ -189,11 +186,10 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             .filter(|s| s.output_version.is_some())
             .filter_map(|s| crate::config::TableName::parse(&s.target))
             .collect();
-        written.extend(
-            crate::lake::tables(&pipeline.lake)
-                .into_iter()
-                .filter(|t| t.schema == "_medallion"),
-        );
+        match crate::lake::tables(&pipeline.lake).await {
+            Ok(all) => written.extend(all.into_iter().filter(|t| t.schema == "_medallion")),
+            Err(error) => warn!("could not list the state tables to compact: {error}"),
+        }
         for table in written {
             match crate::maintain::optimize_if_needed(pipeline, &table, threshold).await {
                 Ok(Some(done)) => {
@@ -248,6 +244,7 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
             elapsed_ms = report.elapsed.as_millis() as u64,
             "run finished"
         );
+        lock.release().await;
         Ok(report)
     }
     .instrument(span)

@@ -10,7 +10,7 @@ pub fn text(pipeline: &Pipeline) -> String {
         "pipeline `{}` ({} stages, lake `{}`)\n",
         pipeline.name,
         pipeline.stages.len(),
-        pipeline.lake.display()
+        pipeline.lake
     );
     let order = pipeline.graph.topological_order().unwrap_or_default();
     for (step, &index) in order.iter().enumerate() {
@@ -19,7 +19,7 @@ pub fn text(pipeline: &Pipeline) -> String {
             StageInput::Ingest { source } => {
                 let path = pipeline
                     .source(source)
-                    .map(|s| s.path.display().to_string())
+                    .map(|s| s.path.to_string())
                     .unwrap_or_default();
                 format!("landing `{source}` ({path})")
             }

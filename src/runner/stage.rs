@@ -3,10 +3,7 @@
 //! mode. Either way the target gets at most one commit, and the stage's run is recorded with the input
 //! versions it consumed, which are the watermarks of its next run.
 
-use std::{
-    collections::BTreeMap,
-    time::{Instant, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, time::Instant};
 
 use tracing::{Instrument, info, info_span, warn};
 
@@ -19,6 +16,7 @@ use crate::{
     engine,
     landing::{self, BATCH_ID, BronzeLayout, FileBatches, LandingFile, Lineage},
     state::{self, LedgerEntry, StageRecord},
+    storage::{self, Location},
 };
 
 /// Rows per Bronze batch while streaming landing files.
@@ -139,7 +137,7 @@ async fn ingest(
             message: format!("unknown source `{source_name}`"),
         })?
         .clone();
-    let mut files = landing::discover(&source).map_err(landing_err)?;
+    let mut files = landing::discover(&source).await.map_err(landing_err)?;
     if let Some(date) = context.options.logical_date {
         // A logical date ingests what DMS had delivered by then; undated (full-load) files count as early.
         files.retain(|f| f.date().is_none_or(|d| d <= date));
@@ -157,11 +155,11 @@ async fn ingest(
     let mut redelivered = Vec::new();
     let mut new_files: Vec<(LandingFile, String, i64)> = Vec::new();
     for file in files {
-        let modified = modified_micros(&file);
+        let modified = file.modified_micros;
         match ledger.get(&file.relative) {
             Some(known) if known.size == file.size && known.modified_micros == modified => {}
             Some(known) => {
-                let checksum = file.checksum().map_err(landing_err)?;
+                let checksum = file.checksum().await.map_err(landing_err)?;
                 if known.size != file.size || known.checksum != checksum {
                     return Err(RunError::ChangedFile {
                         source_name: source_name.to_string(),
@@ -177,7 +175,7 @@ async fn ingest(
                 }
             }
             None => {
-                let checksum = file.checksum().map_err(landing_err)?;
+                let checksum = file.checksum().await.map_err(landing_err)?;
                 if known_bad.contains(&(file.relative.clone(), checksum.clone())) {
                     continue;
                 }
@@ -317,7 +315,7 @@ enum LandFailure {
 async fn land_files(
     context: &RunContext,
     stage: &Stage,
-    path: &std::path::Path,
+    path: &Location,
     layout: &BronzeLayout,
     meta: &CommitMeta,
     files: &[(LandingFile, String, i64)],
@@ -405,12 +403,12 @@ async fn set_aside(
                 .join("files")
                 .join(&source.name)
                 .join(&file.relative);
-            let copied = to
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::copy(&file.path, &to).map(|_| ()));
+            let copied = match storage::read_all(&file.path).await {
+                Ok(bytes) => storage::write_all(&to, bytes).await,
+                Err(e) => Err(e),
+            };
             match copied {
-                Ok(()) => kept_at = Some(to.display().to_string()),
+                Ok(()) => kept_at = Some(to.to_string()),
                 Err(e) => {
                     warn!(file = %file.relative, "could not copy the bad file to quarantine: {e}")
                 }
@@ -457,7 +455,7 @@ async fn repair_ledger(
     context: &RunContext,
     stage: &Stage,
     source_name: &str,
-    path: &std::path::Path,
+    path: &Location,
     ledger: &mut std::collections::HashMap<String, LedgerEntry>,
 ) -> Result<(), RunError> {
     let delta_err = |source| RunError::Delta {
@@ -858,7 +856,7 @@ async fn sql_stage(
 async fn candidate_sql(
     ctx: &datafusion::prelude::SessionContext,
     stage: &Stage,
-    target_path: &std::path::Path,
+    target_path: &Location,
     target_exists: bool,
     output: &datafusion::prelude::DataFrame,
     scope: Option<&delta::Scope>,
@@ -866,7 +864,7 @@ async fn candidate_sql(
 ) -> Result<String, delta::DeltaError> {
     const CURRENT: &str = "__medallion_current";
     let query = |e| delta::DeltaError::Query {
-        table: target_path.display().to_string(),
+        table: target_path.to_string(),
         source: e,
     };
     ctx.register_table("batch", output.clone().into_view())
@@ -1018,14 +1016,6 @@ async fn raw_value(
         return Some(text.value(0).to_string());
     }
     None
-}
-
-fn modified_micros(file: &LandingFile) -> i64 {
-    std::fs::metadata(&file.path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_micros() as i64)
 }
 
 fn short(checksum: &str) -> &str {

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -18,14 +17,17 @@ use datafusion::{
     prelude::SessionContext,
 };
 
-use crate::delta::{self, CommitMeta, DeltaError, TableOptions};
+use crate::{
+    delta::{self, CommitMeta, DeltaError, TableOptions},
+    storage::Location,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("run state under `{}`: {source}", path.display())]
-    Delta { path: PathBuf, source: DeltaError },
-    #[error("run state table `{}` cannot be read: {message}", path.display())]
-    Read { path: PathBuf, message: String },
+    #[error("run state under `{path}`: {source}")]
+    Delta { path: Location, source: DeltaError },
+    #[error("run state table `{path}` cannot be read: {message}")]
+    Read { path: Location, message: String },
 }
 
 /// One landing file in the ledger.
@@ -102,21 +104,21 @@ pub struct UnitRecord {
 }
 
 pub struct StateStore {
-    root: PathBuf,
+    root: Location,
     /// Stages run in parallel and record into the same state tables; one write at a time keeps the
     /// first run's table creation and the appends from racing each other's commits.
     writes: tokio::sync::Mutex<()>,
 }
 
 impl StateStore {
-    pub fn new(lake: &Path) -> StateStore {
+    pub fn new(lake: &Location) -> StateStore {
         StateStore {
             root: lake.join("_medallion"),
             writes: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn table(&self, name: &str) -> PathBuf {
+    fn table(&self, name: &str) -> Location {
         self.root.join(name)
     }
 
@@ -764,6 +766,6 @@ pub fn now_micros() -> i64 {
 }
 
 /// Where the tombstones of a cdc table's deleted keys live: `<lake>/_medallion/tombstones/<layer>/<table>`.
-pub fn tombstones_path(lake: &Path, table: &crate::config::TableName) -> std::path::PathBuf {
+pub fn tombstones_path(lake: &Location, table: &crate::config::TableName) -> Location {
     table.path_in(&lake.join("_medallion").join("tombstones"))
 }

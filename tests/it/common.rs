@@ -188,15 +188,20 @@ pub fn delta_version(path: &Path) -> Option<u64> {
 }
 
 /// Runs `sql` over the lake's tables (`layer.name`), returning every value formatted as text.
-pub async fn query(lake: &Path, tables: &[&str], sql: &str) -> Vec<Vec<String>> {
+pub async fn query(
+    lake: impl Into<medallion::storage::Location>,
+    tables: &[&str],
+    sql: &str,
+) -> Vec<Vec<String>> {
+    let lake = lake.into();
     let ctx = medallion::delta::session().expect("session");
     for name in tables {
         let table = TableName::parse(name).expect("table name");
-        let path = table.path_in(lake);
+        let path = table.path_in(&lake);
         let delta = medallion::delta::open(&path)
             .await
             .expect("open")
-            .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
+            .unwrap_or_else(|| panic!("no Delta table at {path}"));
         let provider = medallion::delta::provider(&path, &delta)
             .await
             .expect("provider");
@@ -231,11 +236,12 @@ pub async fn query(lake: &Path, tables: &[&str], sql: &str) -> Vec<Vec<String>> 
 
 /// Arrow schema of a Delta table as `name: type` lines.
 pub async fn schema(path: &Path) -> Vec<String> {
-    let table = medallion::delta::open(path)
+    let path = medallion::storage::Location::local(path);
+    let table = medallion::delta::open(&path)
         .await
         .expect("open")
-        .unwrap_or_else(|| panic!("no Delta table at {}", path.display()));
-    let provider = medallion::delta::provider(path, &table)
+        .unwrap_or_else(|| panic!("no Delta table at {path}"));
+    let provider = medallion::delta::provider(&path, &table)
         .await
         .expect("provider");
     provider

@@ -50,7 +50,7 @@ proptest! {
         std::fs::write(landing.join("20200101-0000000001.csv"), &content).expect("write");
         let source = medallion::config::Source {
             name: "t".into(),
-            path: landing,
+            path: medallion::storage::Location::local(&landing),
             format: medallion::config::FileFormat::Csv,
             header,
             delimiter: b',',
@@ -64,7 +64,8 @@ proptest! {
             on_bad_file: medallion::config::BadFilePolicy::Fail,
         };
         let layout = medallion::landing::BronzeLayout::new(&source);
-        for file in medallion::landing::discover(&source).expect("discover") {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        for file in runtime.block_on(medallion::landing::discover(&source)).expect("discover") {
             let lineage = medallion::landing::Lineage { run_id: "r".into(), batch_id: 0, ingested_at_micros: 0 };
             if let Ok(mut batches) = medallion::landing::FileBatches::open(&layout, &file, lineage, 64) {
                 for batch in batches.by_ref() {

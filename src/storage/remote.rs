@@ -1,0 +1,186 @@
+//! Reading one object of object storage from the blocking threads that parse landing files: a streaming
+//! `Read` for CSV and JSON (one GET, never held whole in memory), and ranged GETs for Parquet, which reads
+//! its footer and then only the column chunks it needs.
+
+use std::{
+    io::{self, Read},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use futures::{StreamExt, stream::BoxStream};
+use object_store::{ObjectStore, ObjectStoreExt, path::Path as ObjectPath};
+use parquet::file::reader::{ChunkReader, Length};
+
+use super::{Location, StorageError};
+
+/// One object, read from a blocking thread of the tokio runtime.
+#[derive(Clone)]
+pub struct RemoteFile {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RemoteFile {
+    /// The object at `location`, of `size` bytes. Must be called on a thread of the tokio runtime.
+    pub fn open(location: &Location, size: u64) -> Result<RemoteFile, StorageError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| StorageError::Access {
+            location: location.to_string(),
+            problem: format!("no async runtime to read with: {e}"),
+        })?;
+        let (store, path) = split(location)?;
+        Ok(RemoteFile {
+            store,
+            path,
+            size,
+            runtime,
+        })
+    }
+
+    /// The object's bytes as an async stream (for callers on the runtime).
+    pub async fn stream(&self) -> io::Result<BoxStream<'static, object_store::Result<Bytes>>> {
+        let result = self.store.get(&self.path).await.map_err(io::Error::other)?;
+        Ok(result.into_stream())
+    }
+
+    /// The object's bytes from `start` to its end, as a blocking reader (for blocking threads).
+    pub fn reader_from(&self, start: u64) -> io::Result<StreamRead> {
+        let options = object_store::GetOptions {
+            range: (start > 0).then_some(object_store::GetRange::Offset(start)),
+            ..Default::default()
+        };
+        let result = self
+            .runtime
+            .block_on(self.store.get_opts(&self.path, options))
+            .map_err(io::Error::other)?;
+        Ok(StreamRead {
+            stream: result.into_stream(),
+            current: Bytes::new(),
+            runtime: self.runtime.clone(),
+        })
+    }
+}
+
+impl Length for RemoteFile {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl ChunkReader for RemoteFile {
+    type T = StreamRead;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<StreamRead> {
+        self.reader_from(start)
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.runtime
+            .block_on(
+                self.store
+                    .get_range(&self.path, start..start + length as u64),
+            )
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+    }
+}
+
+/// A GET response body as a blocking `Read`.
+pub struct StreamRead {
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    current: Bytes,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Read for StreamRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.runtime.block_on(self.stream.next()) {
+                Some(chunk) => self.current = chunk.map_err(io::Error::other)?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The store of `location`'s parent and the object's path in it.
+fn split(location: &Location) -> Result<(Arc<dyn ObjectStore>, ObjectPath), StorageError> {
+    let url = location.url()?;
+    let bucket = Location::parse(
+        &format!("s3://{}", url.host_str().unwrap_or_default()),
+        std::path::Path::new("."),
+        location.storage.clone(),
+    )?;
+    let path = ObjectPath::from(url.path().trim_start_matches('/'));
+    Ok((bucket.store()?, path))
+}
+
+/// The whole object at `location` (for small files: lookups, quarantined copies).
+pub async fn read_all(location: &Location) -> Result<Bytes, StorageError> {
+    if let Some(path) = location.local_path() {
+        return tokio::fs::read(path)
+            .await
+            .map(Bytes::from)
+            .map_err(|e| location.access(e.to_string()));
+    }
+    let (store, path) = split(location)?;
+    let result = store.get(&path).await.map_err(|e| location.error(&e))?;
+    result.bytes().await.map_err(|e| location.error(&e))
+}
+
+/// Writes `bytes` as the object at `location`, replacing it.
+pub async fn write_all(location: &Location, bytes: Bytes) -> Result<(), StorageError> {
+    if let Some(path) = location.local_path() {
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| location.access(e.to_string()))?;
+        }
+        return tokio::fs::write(path, &bytes)
+            .await
+            .map_err(|e| location.access(e.to_string()));
+    }
+    let (store, path) = split(location)?;
+    store
+        .put(&path, bytes.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| location.error(&e))
+}
+
+/// One object found by [`list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Path relative to the listed location, `/`-separated.
+    pub relative: String,
+    pub size: u64,
+    pub modified_micros: i64,
+}
+
+/// Every object under the object-storage `location`, recursively.
+pub async fn list(location: &Location) -> Result<Vec<Listed>, StorageError> {
+    let (store, path) = split(location)?;
+    let prefix = path.to_string();
+    let mut listed = Vec::new();
+    let mut objects = store.list(Some(&path));
+    while let Some(meta) = objects.next().await {
+        let meta = meta.map_err(|e| location.error(&e))?;
+        let full = meta.location.to_string();
+        let relative = full
+            .strip_prefix(&prefix)
+            .unwrap_or(&full)
+            .trim_start_matches('/')
+            .to_string();
+        listed.push(Listed {
+            relative,
+            size: meta.size,
+            modified_micros: meta.last_modified.timestamp_micros(),
+        });
+    }
+    Ok(listed)
+}
