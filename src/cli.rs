@@ -347,6 +347,12 @@ pub fn init_tracing(cli: &Cli) {
             }
         ))
     });
+    // These targets print object stores and storage options with `{:?}` at debug level, credentials
+    // included; capped whatever RUST_LOG says so that secrets never reach a log.
+    let filter = ["deltalake_aws=info", "deltalake_core::logstore=info"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -97,6 +97,14 @@ impl Error {
             {
                 exit_code::LOCKED
             }
+            Error::Run(e)
+                if matches!(
+                    **e,
+                    crate::runner::RunError::Storage(StorageError::UnsafeOption { .. })
+                ) =>
+            {
+                exit_code::INVALID
+            }
             Error::Maintain(e)
                 if matches!(
                     **e,

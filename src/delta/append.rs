@@ -27,6 +27,8 @@ pub struct BatchAppender {
     writer: RecordBatchWriter,
     schema: SchemaRef,
     rows: u64,
+    /// Commit at exactly the version after [`BatchAppender::base_version`] or not at all.
+    exact_version: bool,
 }
 
 impl BatchAppender {
@@ -50,7 +52,16 @@ impl BatchAppender {
             writer,
             schema,
             rows: 0,
+            exact_version: false,
         })
+    }
+
+    /// Makes the commit land at exactly `base_version + 1`: when another writer commits first, the
+    /// commit fails with [`DeltaError::Conflict`] instead of being rebased onto the newer version. For
+    /// rows that record the version they are committed in (Bronze's `_batch_id`).
+    pub fn at_next_version(mut self) -> BatchAppender {
+        self.exact_version = true;
+        self
     }
 
     /// Version the table had when the appender opened it.
@@ -85,16 +96,24 @@ impl BatchAppender {
         if self.rows == 0 {
             return Ok(WriteMetrics::default());
         }
-        if !extra.is_empty() {
-            self.writer = self
-                .writer
-                .with_commit_properties(meta.properties_with(extra));
+        let mut properties = meta.properties_with(extra);
+        if self.exact_version {
+            properties = properties.with_max_retries(0);
         }
+        self.writer = self.writer.with_commit_properties(properties);
         let version = self
             .writer
             .flush_and_commit(&mut self.table)
             .await
-            .map_err(|e| DeltaError::table(&self.path, e))?;
+            .map_err(|e| match e {
+                deltalake::DeltaTableError::VersionAlreadyExists(_)
+                | deltalake::DeltaTableError::Transaction {
+                    source: deltalake::kernel::transaction::TransactionError::MaxCommitAttempts(_),
+                } if self.exact_version => DeltaError::Conflict {
+                    table: self.path.to_string(),
+                },
+                e => DeltaError::table(&self.path, e),
+            })?;
         Ok(WriteMetrics {
             version: Some(version),
             rows_source: None,

@@ -40,6 +40,8 @@ pub enum DeltaError {
     },
     #[error("table `{table}`: {source}")]
     Storage { table: String, source: StorageError },
+    #[error("table `{table}`: another writer committed first")]
+    Conflict { table: String },
 }
 
 impl DeltaError {
@@ -81,9 +83,17 @@ pub struct WriteMetrics {
 
 /// Opens the table at `path` at its latest version, or `None` when there is no Delta table there yet.
 pub async fn open(path: &Location) -> Result<Option<DeltaTable>, DeltaError> {
-    if let Some(local) = path.local_path()
-        && !local.join("_delta_log").is_dir()
-    {
+    let exists = match path.local_path() {
+        Some(local) => local.join("_delta_log").is_dir(),
+        // One LIST instead of a failed open, which delta-rs would log as an error.
+        None => crate::storage::any_under(&path.join("_delta_log"))
+            .await
+            .map_err(|source| DeltaError::Storage {
+                table: path.to_string(),
+                source,
+            })?,
+    };
+    if !exists {
         return Ok(None);
     }
     let url = path.url().map_err(|source| DeltaError::Storage {
@@ -179,14 +189,26 @@ pub async fn create_if_missing(
         .with_columns(kernel.fields().cloned())
         .with_partition_columns(options.partition_by.clone())
         .with_configuration_property(TableProperty::CheckpointInterval, Some("20"))
-        .with_save_mode(SaveMode::Ignore);
+        .with_save_mode(SaveMode::Ignore)
+        // Creating is version 0 or nothing: a create that lost the race to another writer must not be
+        // retried as a later metadata change (that would fail every writer based on version 0).
+        .with_commit_properties(
+            deltalake::kernel::transaction::CommitProperties::default().with_max_retries(0),
+        );
     if let Some(name) = path.name() {
         builder = builder.with_table_name(name);
     }
     if let Some(description) = &options.description {
         builder = builder.with_comment(description);
     }
-    builder.await.map_err(|e| DeltaError::table(path, e))
+    match builder.await {
+        Ok(table) => Ok(table),
+        // Another writer created the table between our look and our create: use theirs.
+        Err(error) => match open(path).await {
+            Ok(Some(table)) => Ok(table),
+            _ => Err(DeltaError::table(path, error)),
+        },
+    }
 }
 
 /// Delta stores strings as one type; view and large strings from DataFusion are stored as plain strings.

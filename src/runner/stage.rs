@@ -19,6 +19,9 @@ use crate::{
     storage::{self, Location},
 };
 
+/// How often an ingest lands its files again when other writers keep committing to its Bronze table first.
+const MAX_INGEST_ATTEMPTS: u32 = 10;
+
 /// Rows per Bronze batch while streaming landing files.
 const INGEST_BATCH_ROWS: usize = 16 * 1024;
 
@@ -236,7 +239,7 @@ async fn ingest(
         }
     };
     let bad_note = set_aside(context, stage, &source, &bad_files).await?;
-    let Some((appender, batch_id, rows)) = landing else {
+    let Some((mut appender, mut batch_id, mut rows)) = landing else {
         let mut report = StageReport::new(stage, StageOutcome::Succeeded);
         report.warnings.extend(bad_note);
         return Ok((report, BTreeMap::new()));
@@ -244,38 +247,43 @@ async fn ingest(
     progress.message("committing");
     // The commit names the files it lands, so that a crash before the ledger write is repaired from the
     // Bronze log on the next run instead of landing the files twice.
-    let landed_files: Vec<serde_json::Value> = new_files
-        .iter()
-        .zip(&rows)
-        .map(|((file, checksum, modified), rows)| {
-            serde_json::json!({
-                "file": file.relative,
-                "size": file.size,
-                "modified_micros": modified,
-                "checksum": checksum,
-                "rows": rows,
+    let landed_files = |rows: &[u64]| {
+        let files = new_files
+            .iter()
+            .zip(rows)
+            .map(|((file, checksum, modified), rows)| {
+                serde_json::json!({
+                    "file": file.relative,
+                    "size": file.size,
+                    "modified_micros": modified,
+                    "checksum": checksum,
+                    "rows": rows,
+                })
             })
-        })
-        .collect();
-    let metrics = appender
-        .commit_with(
-            &meta,
-            vec![(
-                LANDED_FILES_KEY.to_string(),
-                serde_json::Value::Array(landed_files),
-            )],
-        )
-        .await
-        .map_err(delta_err)?;
+            .collect();
+        vec![(LANDED_FILES_KEY.to_string(), serde_json::Value::Array(files))]
+    };
+    // Rows carry the version of their commit (`_batch_id`), so the commit may not be rebased: when
+    // another writer commits to the table first, the files are landed again at the next version.
+    let mut attempts = 1;
+    let metrics = loop {
+        match appender.commit_with(&meta, landed_files(&rows)).await {
+            Ok(metrics) => break metrics,
+            Err(delta::DeltaError::Conflict { table }) if attempts < MAX_INGEST_ATTEMPTS => {
+                attempts += 1;
+                warn!(table = %table, attempts, "another writer committed first; landing again at the next version");
+                (appender, batch_id, rows) =
+                    land_files(context, stage, &path, &layout, &meta, &new_files, progress)
+                        .await
+                        .map_err(|failure| match failure {
+                            LandFailure::Landing(error) => landing_err(error),
+                            LandFailure::Run(error) => error,
+                        })?;
+            }
+            Err(error) => return Err(delta_err(error)),
+        }
+    };
     crate::crash::point("after_bronze_commit");
-    if let Some(version) = metrics.version
-        && version as i64 != batch_id
-    {
-        warn!(
-            batch_id,
-            version, "another writer committed to this Bronze table during the ingest"
-        );
-    }
     let entries: Vec<LedgerEntry> = new_files
         .iter()
         .zip(&rows)
@@ -329,7 +337,8 @@ async fn land_files(
     };
     let mut appender = BatchAppender::open(path, &layout.schema(), &table_options(stage), meta)
         .await
-        .map_err(delta_err)?;
+        .map_err(delta_err)?
+        .at_next_version();
     // Rows carry the version their commit will get: the watermark that incremental readers use.
     let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
     let lineage = Lineage {

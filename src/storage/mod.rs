@@ -18,7 +18,7 @@ use object_store::{
 };
 use url::Url;
 
-pub use remote::{Listed, RemoteFile, StreamRead, list, read_all, write_all};
+pub use remote::{Listed, RemoteFile, StreamRead, any_under, list, read_all, write_all};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

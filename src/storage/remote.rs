@@ -184,3 +184,14 @@ pub async fn list(location: &Location) -> Result<Vec<Listed>, StorageError> {
     }
     Ok(listed)
 }
+
+/// Whether any object exists under the object-storage `location` (one LIST of at most a page).
+pub async fn any_under(location: &Location) -> Result<bool, StorageError> {
+    let (store, path) = split(location)?;
+    let mut objects = store.list(Some(&path));
+    match objects.next().await {
+        None => Ok(false),
+        Some(Ok(_)) => Ok(true),
+        Some(Err(e)) => Err(location.error(&e)),
+    }
+}

@@ -260,7 +260,7 @@ pub fn drop_refunds(sql: String) -> String {
     )
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
         let path = entry.expect("entry").path();

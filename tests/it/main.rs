@@ -14,5 +14,6 @@ mod notify;
 mod python_reader;
 mod quality;
 mod robustness;
+mod s3;
 mod schedule;
 mod validate;

@@ -1,0 +1,531 @@
+//! The lake and the landing files on a real S3-compatible server on 127.0.0.1 (moto's S3 with IAM
+//! authentication, serialized so that conditional PUTs are atomic: `tests/servers/s3.py`), reached through
+//! a TCP proxy that the tests stop and restart to play an unreachable endpoint.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use medallion::storage::{Location, Storage};
+
+use crate::common::{Scratch, assert_success, python, query, repo, text, BIN};
+
+/// moto's server with IAM auth, behind a proxy; both stopped when dropped.
+struct S3Server {
+    child: Child,
+    key_id: String,
+    secret: String,
+    proxy: Proxy,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let port = free_port();
+        let mut child = Command::new(python())
+            .arg(repo().join("tests/servers/s3.py"))
+            .arg(port.to_string())
+            .arg("--auth")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tests/servers/s3.py (moto from .ci/setup-python.sh)");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("server banner");
+        let banner: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("banner `{line}`: {e}"));
+        let proxy = Proxy::start(port);
+        S3Server {
+            child,
+            key_id: banner["access_key_id"].as_str().expect("key").to_string(),
+            secret: banner["secret_access_key"]
+                .as_str()
+                .expect("secret")
+                .to_string(),
+            proxy,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy.port)
+    }
+
+    /// The environment a user sets for a MinIO-style endpoint.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// Storage options for reading the lake from the test itself.
+    fn location(&self, url: &str) -> Location {
+        let options = BTreeMap::from([
+            ("aws_endpoint".to_string(), self.endpoint()),
+            ("aws_access_key_id".to_string(), self.key_id.clone()),
+            ("aws_secret_access_key".to_string(), self.secret.clone()),
+            ("aws_region".to_string(), "us-east-1".to_string()),
+            ("aws_allow_http".to_string(), "true".to_string()),
+        ]);
+        Location::parse(url, Path::new("."), Arc::new(Storage::new(options, false)))
+            .expect("location")
+    }
+
+    /// Runs a boto3 snippet against the server (`s3` is the client; `argv` the extra arguments).
+    fn boto(&self, snippet: &str, args: &[&str]) -> String {
+        let script = format!(
+            "import sys, os, boto3\n\
+             s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id=sys.argv[2], \
+             aws_secret_access_key=sys.argv[3], region_name='us-east-1')\n\
+             argv = sys.argv[4:]\n{snippet}\nsys.stdout.flush()\nos._exit(0)\n"
+        );
+        let output = Command::new(python())
+            .args(["-c", &script, &self.endpoint(), &self.key_id, &self.secret])
+            .args(args)
+            .output()
+            .expect("python");
+        assert!(output.status.success(), "boto3: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn create_bucket(&self, name: &str) {
+        self.boto("s3.create_bucket(Bucket=argv[0])", &[name]);
+    }
+
+    /// Uploads every file under `dir` to `s3://bucket/prefix/`.
+    fn upload(&self, dir: &Path, bucket: &str, prefix: &str) {
+        self.boto(
+            "for root, _, files in os.walk(argv[0]):\n    for f in files:\n        p = os.path.join(root, f)\n        s3.upload_file(p, argv[1], argv[2] + '/' + os.path.relpath(p, argv[0]))",
+            &[&dir.to_string_lossy(), bucket, prefix],
+        );
+    }
+
+    /// Keys under `s3://bucket/prefix`.
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.boto(
+            "p = s3.get_paginator('list_objects_v2')\nfor page in p.paginate(Bucket=argv[0], Prefix=argv[1]):\n    for o in page.get('Contents', []):\n        print(o['Key'])",
+            &[bucket, prefix],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// `medallion args...` from the repository with the lake and landing on this server.
+    fn medallion(&self, lake: &str, landing: &str, args: &[&str]) -> Output {
+        self.medallion_in(&repo(), lake, landing, args, &[])
+    }
+
+    fn medallion_in(
+        &self,
+        dir: &Path,
+        lake: &str,
+        landing: &str,
+        args: &[&str],
+        overrides: &[(&str, &str)],
+    ) -> Output {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .current_dir(dir)
+            .env("MEDALLION_LAKE", lake)
+            .env("MEDALLION_LANDING", landing)
+            .env("RUST_LOG", "warn")
+            .envs(self.env());
+        for (name, value) in overrides {
+            command.env(name, value);
+        }
+        command.output().expect("run medallion")
+    }
+}
+
+/// A TCP proxy on its own port in front of the server: stopping it makes the endpoint unreachable
+/// (connection refused) while the server keeps its data; starting it again on the same port brings it
+/// back.
+struct Proxy {
+    port: u16,
+    target: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(target: u16) -> Proxy {
+        let mut proxy = Proxy {
+            port: free_port(),
+            target,
+            stop: None,
+            thread: None,
+        };
+        proxy.resume();
+        proxy
+    }
+
+    fn resume(&mut self) {
+        let (port, target) = (self.port, self.target);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready, listening) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .expect("proxy bind");
+                ready.send(()).expect("ready");
+                let serve = async {
+                    loop {
+                        let Ok((mut client, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        tokio::spawn(async move {
+                            if let Ok(mut server) =
+                                tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                            {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime closes the listener and every proxied connection.
+        });
+        listening
+            .recv_timeout(Duration::from_secs(10))
+            .expect("proxy listening");
+        self.stop = Some(stop);
+        self.thread = Some(thread);
+    }
+
+    fn pause(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.pause();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Row counts and money sums of every Silver and Gold table, as text.
+async fn fingerprint(lake: impl Into<Location>) -> Vec<Vec<String>> {
+    let tables = [
+        "silver.transactions",
+        "silver.cards",
+        "silver.users",
+        "gold.daily_kpis",
+        "gold.fact_transactions",
+        "gold.merchant_daily",
+        "gold.dim_card",
+        "gold.dim_user",
+        "gold.dim_merchant",
+        "gold.dim_date",
+    ];
+    let lake = lake.into();
+    query(
+        lake,
+        &tables,
+        "SELECT 'silver', COUNT(*), CAST(SUM(amount) AS VARCHAR), COUNT(DISTINCT dms_id) FROM silver.transactions \
+         UNION ALL SELECT 'kpis', COUNT(*), CAST(SUM(total_amount) AS VARCHAR), SUM(txn_count) FROM gold.daily_kpis \
+         UNION ALL SELECT 'fact', COUNT(*), CAST(SUM(amount) AS VARCHAR), COUNT(DISTINCT transaction_id) FROM gold.fact_transactions \
+         UNION ALL SELECT 'merchant_daily', COUNT(*), CAST(SUM(total_amount) AS VARCHAR), SUM(txn_count) FROM gold.merchant_daily \
+         UNION ALL SELECT 'cards', COUNT(*), '', 0 FROM silver.cards \
+         UNION ALL SELECT 'users', COUNT(*), '', 0 FROM silver.users \
+         UNION ALL SELECT 'dims', (SELECT COUNT(*) FROM gold.dim_card) + (SELECT COUNT(*) FROM gold.dim_user), \
+           CAST((SELECT COUNT(*) FROM gold.dim_merchant) AS VARCHAR), (SELECT COUNT(*) FROM gold.dim_date) \
+         ORDER BY 1",
+    )
+    .await
+}
+
+const PYTHON_READER: &str = r#"
+import os, sys
+try:
+    from deltalake import DeltaTable
+    endpoint, key, secret, lake = sys.argv[1:5]
+    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+               "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    for name in ["daily_kpis", "fact_transactions", "merchant_daily"]:
+        table = DeltaTable(f"{lake}/gold/{name}", storage_options=options).to_pyarrow_table()
+        amount = "amount" if name == "fact_transactions" else "total_amount"
+        print(name, table.num_rows, sum(table.column(amount).to_pylist()))
+    sys.stdout.flush()
+    os._exit(0)
+except Exception as error:
+    print(error, file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_pipeline_on_s3_equals_the_local_run_and_python_reads_it() {
+    let scratch = Scratch::new();
+    scratch.generate(4_000, 20, 4, 21);
+    assert_success(&scratch.run());
+    let local = fingerprint(&scratch.lake()).await;
+
+    let server = S3Server::start();
+    server.create_bucket("landing");
+    server.create_bucket("lake");
+    server.upload(&scratch.landing(), "landing", "dms");
+    let (lake, landing) = ("s3://lake/medallion", "s3://landing/dms");
+    let first = server.medallion(lake, landing, &["run", "pipelines/transactions.yaml"]);
+    assert_success(&first);
+    let remote = fingerprint(&server.location(lake)).await;
+    assert_eq!(remote, local, "same rows and sums on S3 as on local disk");
+    assert!(
+        server
+            .keys("lake", "medallion/gold/daily_kpis/_delta_log/")
+            .iter()
+            .any(|k| k.ends_with("00000000000000000000.json")),
+        "Delta log on the server"
+    );
+    assert!(
+        server.keys("lake", "medallion/_medallion/locks/").is_empty(),
+        "the run lock object is removed at the end of the run"
+    );
+
+    // A second run finds nothing new and changes nothing.
+    let second = server.medallion(lake, landing, &["run", "pipelines/transactions.yaml"]);
+    assert_success(&second);
+    assert_eq!(fingerprint(&server.location(lake)).await, local);
+
+    // Python `deltalake` reads Gold from the server with storage options.
+    let output = Command::new(python())
+        .args(["-c", PYTHON_READER, &server.endpoint(), &server.key_id])
+        .args([&server.secret, lake])
+        .output()
+        .expect("python");
+    assert!(output.status.success(), "python: {}", text(&output));
+    let expected = query(
+        &scratch.lake(),
+        &["gold.daily_kpis", "gold.fact_transactions", "gold.merchant_daily"],
+        "SELECT 'daily_kpis', COUNT(*), CAST(SUM(total_amount) AS VARCHAR) FROM gold.daily_kpis \
+         UNION ALL SELECT 'fact_transactions', COUNT(*), CAST(SUM(amount) AS VARCHAR) FROM gold.fact_transactions \
+         UNION ALL SELECT 'merchant_daily', COUNT(*), CAST(SUM(total_amount) AS VARCHAR) FROM gold.merchant_daily",
+    )
+    .await;
+    let mut expected: Vec<String> = expected.iter().map(|r| r.join(" ")).collect();
+    expected.sort();
+    let mut seen: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, expected, "Python deltalake on S3 = medallion on disk");
+
+    // The CLI reads the S3 lake too.
+    let sql = server.medallion(
+        lake,
+        landing,
+        &[
+            "sql",
+            "--lake",
+            lake,
+            "--format",
+            "csv",
+            "SELECT SUM(txn_count) AS n FROM gold.daily_kpis",
+        ],
+    );
+    assert_success(&sql);
+    let silver_rows = &local.iter().find(|r| r[0] == "silver").expect("silver")[1];
+    assert_eq!(
+        String::from_utf8_lossy(&sql.stdout).trim(),
+        format!("n\n{silver_rows}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writers_to_one_table_on_s3_lose_no_commit() {
+    let scratch = Scratch::new();
+    let server = S3Server::start();
+    server.create_bucket("lake");
+    let writers = 4;
+    let rounds = 3;
+    let project = scratch.dir.path().join("project");
+    std::fs::create_dir_all(project.join("pipelines")).expect("project");
+    // Pipelines of different names (so the run lock does not serialize them) that all append their own
+    // landing files to one Bronze table.
+    for writer in 0..writers {
+        let yaml = format!(
+            "name: writer{writer}\nlake: ${{MEDALLION_LAKE}}\nsources:\n  - name: events{writer}\n    path: {landing}/w{writer}\n    columns: [id, value]\n\
+             stages:\n  - name: land\n    layer: bronze\n    ingest: events{writer}\n    target: bronze.events\n",
+            landing = scratch.landing().display(),
+        );
+        std::fs::write(project.join(format!("pipelines/w{writer}.yaml")), yaml).expect("yaml");
+    }
+    let mut expected_rows = 0u64;
+    let mut relanded = 0;
+    for round in 0..rounds {
+        for writer in 0..writers {
+            let dir = scratch.landing().join(format!("w{writer}"));
+            std::fs::create_dir_all(&dir).expect("landing");
+            let rows = 50 + writer * 7 + round;
+            let mut csv = String::from("id,value\n");
+            for row in 0..rows {
+                csv.push_str(&format!("{writer}-{round}-{row},{row}\n"));
+            }
+            std::fs::write(dir.join(format!("part-{round}.csv")), csv).expect("file");
+            expected_rows += rows as u64;
+        }
+        let children: Vec<Child> = (0..writers)
+            .map(|writer| {
+                Command::new(BIN)
+                    .args(["run", &format!("pipelines/w{writer}.yaml")])
+                    .current_dir(&project)
+                    .env("MEDALLION_LAKE", "s3://lake/shared")
+                    .env("RUST_LOG", "warn")
+                    .envs(server.env())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn")
+            })
+            .collect();
+        for child in children {
+            let output = child.wait_with_output().expect("wait");
+            assert_success(&output);
+            relanded += String::from_utf8_lossy(&output.stderr)
+                .matches("landing again at the next version")
+                .count();
+        }
+    }
+    // Bronze rows carry their commit's version, so a writer that lost a race lands again rather than
+    // being rebased; the state tables' appends are rebased by delta-rs. Either way nothing is lost.
+    println!("bronze landings repeated after losing a commit race: {relanded}");
+    let lake = server.location("s3://lake/shared");
+    let rows = query(
+        &lake,
+        &["bronze.events"],
+        "SELECT COUNT(*), COUNT(DISTINCT id), COUNT(DISTINCT _source_file || _run_id), \
+         COUNT(DISTINCT _batch_id) FROM bronze.events",
+    )
+    .await;
+    assert_eq!(
+        rows[0],
+        vec![
+            expected_rows.to_string(),
+            expected_rows.to_string(),
+            (writers * rounds).to_string(),
+            (writers * rounds).to_string()
+        ],
+        "every writer's every commit landed, none twice, each with its own batch id"
+    );
+    assert!(relanded > 0, "the writers raced for commits");
+    // One commit per landing (plus the table's creation), numbered without gaps.
+    let log = server.keys("lake", "shared/bronze/events/_delta_log/");
+    let mut versions: Vec<u64> = log
+        .iter()
+        .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".json")?.parse().ok())
+        .collect();
+    versions.sort();
+    let commits = versions.len() as u64;
+    assert_eq!(versions, (0..commits).collect::<Vec<_>>(), "no gap in the log");
+    assert!(
+        commits > (writers * rounds) as u64,
+        "{commits} commits for {} landings",
+        writers * rounds
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 12, 3, 8);
+    let held = scratch.hold_back_changes(2);
+    let mut server = S3Server::start();
+    server.create_bucket("lake");
+    let landing = scratch.landing();
+    let landing = landing.to_string_lossy();
+    let run = ["run", "pipelines/transactions.yaml"];
+
+    // Wrong credentials: refused before anything is written, exit 3.
+    let wrong = server.medallion_in(
+        &repo(),
+        "s3://lake/l",
+        &landing,
+        &run,
+        &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
+    );
+    let message = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
+    assert!(message.contains("`s3://lake/l`"), "names the lake: {message}");
+    assert!(message.contains("access denied"), "{message}");
+    assert!(!message.contains(&server.secret) && !message.contains("not-the-secret"));
+    assert!(server.keys("lake", "l/").is_empty(), "nothing written");
+
+    // A bucket that does not exist.
+    let missing = server.medallion(&"s3://no-such-bucket/l".to_string(), &landing, &run);
+    let message = String::from_utf8_lossy(&missing.stderr).into_owned();
+    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing));
+    assert!(message.contains("`s3://no-such-bucket/l`"), "{message}");
+    assert!(message.contains("bucket does not exist"), "{message}");
+
+    // A good first run, then the server goes away: exit 3, named, with few retries configured.
+    assert_success(&server.medallion("s3://lake/l", &landing, &run));
+    let before = fingerprint(&server.location("s3://lake/l")).await;
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("deliver held files");
+    }
+    server.proxy.pause();
+    let project = scratch.dir.path().join("project");
+    std::fs::create_dir_all(project.join("pipelines")).expect("project");
+    crate::common::copy_dir(&repo().join("sql"), &project.join("sql"));
+    let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
+    let yaml = yaml.replacen(
+        "\nvars:",
+        "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
+        1,
+    );
+    std::fs::write(project.join("pipelines/t.yaml"), yaml).expect("yaml");
+    let clock = std::time::Instant::now();
+    let down = server.medallion_in(&project, "s3://lake/l", &landing, &["run", "pipelines/t.yaml"], &[]);
+    let message = String::from_utf8_lossy(&down.stderr).into_owned();
+    assert_eq!(down.status.code(), Some(3), "{}", text(&down));
+    assert!(message.contains("`s3://lake/l`"), "{message}");
+    assert!(message.contains("cannot reach"), "{message}");
+    assert!(clock.elapsed() < Duration::from_secs(60), "gave up after the configured retries");
+
+    // The server is back: the tables are as the first run left them, and the next run converges to
+    // the result of one local run over all the files.
+    server.proxy.resume();
+    assert_eq!(fingerprint(&server.location("s3://lake/l")).await, before);
+    assert_success(&server.medallion_in(&project, "s3://lake/l", &landing, &["run", "pipelines/t.yaml"], &[]));
+    assert_success(&scratch.run());
+    assert_eq!(
+        fingerprint(&server.location("s3://lake/l")).await,
+        fingerprint(&scratch.lake()).await
+    );
+}
