@@ -261,7 +261,10 @@ async fn ingest(
                 })
             })
             .collect();
-        vec![(LANDED_FILES_KEY.to_string(), serde_json::Value::Array(files))]
+        vec![(
+            LANDED_FILES_KEY.to_string(),
+            serde_json::Value::Array(files),
+        )]
     };
     // Rows carry the version of their commit (`_batch_id`), so the commit may not be rebased: when
     // another writer commits to the table first, the files are landed again at the next version.

@@ -90,7 +90,8 @@ impl Storage {
 /// A folder on local disk or a prefix in an S3 bucket, with the storage options to reach it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Location {
-    place: Place,
+    /// Shared, so that locations stay small to pass around and to put in errors.
+    place: Arc<Place>,
     storage: Arc<Storage>,
 }
 
@@ -103,7 +104,7 @@ enum Place {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.place {
+        match self.place.as_ref() {
             Place::Local(path) => write!(f, "{}", path.display()),
             Place::S3(url) => write!(f, "{url}"),
         }
@@ -138,7 +139,7 @@ impl Location {
     /// A local folder with default storage options.
     pub fn local(path: impl Into<PathBuf>) -> Location {
         Location {
-            place: Place::Local(path.into()),
+            place: Arc::new(Place::Local(path.into())),
             storage: Arc::default(),
         }
     }
@@ -191,7 +192,10 @@ impl Location {
             }
             None => Place::Local(clean(&base.join(text))),
         };
-        Ok(Location { place, storage })
+        Ok(Location {
+            place: Arc::new(place),
+            storage,
+        })
     }
 
     /// The same place reached with other storage options.
@@ -207,7 +211,7 @@ impl Location {
     /// `part` (one or more `/`-separated segments) under this location.
     pub fn join(&self, part: impl AsRef<str>) -> Location {
         let part = part.as_ref().trim_matches('/');
-        let place = match &self.place {
+        let place = match self.place.as_ref() {
             Place::Local(path) => Place::Local(path.join(part)),
             Place::S3(url) => {
                 let mut url = url.clone();
@@ -217,14 +221,14 @@ impl Location {
             }
         };
         Location {
-            place,
+            place: Arc::new(place),
             storage: self.storage.clone(),
         }
     }
 
     /// The folder on local disk, or `None` for object storage.
     pub fn local_path(&self) -> Option<&Path> {
-        match &self.place {
+        match self.place.as_ref() {
             Place::Local(path) => Some(path),
             Place::S3(_) => None,
         }
@@ -236,7 +240,7 @@ impl Location {
 
     /// The last segment of the location, e.g. the table's folder name.
     pub fn name(&self) -> Option<String> {
-        match &self.place {
+        match self.place.as_ref() {
             Place::Local(path) => path.file_name().map(|n| n.to_string_lossy().into_owned()),
             Place::S3(url) => url
                 .path_segments()
@@ -248,7 +252,7 @@ impl Location {
 
     /// The URL delta-rs opens (`file:///...` for local folders).
     pub fn url(&self) -> Result<Url, StorageError> {
-        match &self.place {
+        match self.place.as_ref() {
             Place::Local(path) => {
                 let absolute =
                     std::path::absolute(path).map_err(|e| StorageError::InvalidLocation {
@@ -277,7 +281,7 @@ impl Location {
     /// An object store rooted at this location (paths in it are relative to the location). Stores are
     /// cached per bucket and options, so a run builds one HTTP client and resolves credentials once.
     pub fn store(&self) -> Result<Arc<dyn ObjectStore>, StorageError> {
-        let Place::S3(url) = &self.place else {
+        let Place::S3(url) = self.place.as_ref() else {
             let path = self.local_path().unwrap_or(Path::new("."));
             std::fs::create_dir_all(path).map_err(|e| self.access(e.to_string()))?;
             let local = object_store::local::LocalFileSystem::new_with_prefix(path)
@@ -440,7 +444,8 @@ pub async fn preflight(lake: &Location) -> Result<Preflight, StorageError> {
     }
     let storage = &lake.storage;
     if !storage.allow_unsafe_writes {
-        let unsafe_options: [(&str, &'static str, fn(&str) -> bool); 3] = [
+        type IsUnsafe = fn(&str) -> bool;
+        let unsafe_options: [(&str, &'static str, IsUnsafe); 3] = [
             (
                 "AWS_S3_ALLOW_UNSAFE_RENAME",
                 "commits by copy and delete, which concurrent writers can overwrite",

@@ -13,7 +13,7 @@ use std::{
 
 use medallion::storage::{Location, Storage};
 
-use crate::common::{Scratch, assert_success, python, query, repo, text, BIN};
+use crate::common::{BIN, Scratch, assert_success, python, query, repo, text};
 
 /// moto's server with IAM auth, behind a proxy; both stopped when dropped.
 struct S3Server {
@@ -234,6 +234,17 @@ impl Drop for Proxy {
     }
 }
 
+/// A copy of the reference project under the scratch folder with its YAML rewritten by `edit`.
+fn project(scratch: &Scratch, edit: &dyn Fn(String) -> String) -> std::path::PathBuf {
+    let project = scratch.dir.path().join("project");
+    let _ = std::fs::remove_dir_all(&project);
+    std::fs::create_dir_all(project.join("pipelines")).expect("project");
+    crate::common::copy_dir(&repo().join("sql"), &project.join("sql"));
+    let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
+    std::fs::write(project.join("pipelines/t.yaml"), edit(yaml)).expect("yaml");
+    project
+}
+
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
@@ -313,7 +324,9 @@ async fn the_reference_pipeline_on_s3_equals_the_local_run_and_python_reads_it()
         "Delta log on the server"
     );
     assert!(
-        server.keys("lake", "medallion/_medallion/locks/").is_empty(),
+        server
+            .keys("lake", "medallion/_medallion/locks/")
+            .is_empty(),
         "the run lock object is removed at the end of the run"
     );
 
@@ -452,7 +465,11 @@ async fn concurrent_writers_to_one_table_on_s3_lose_no_commit() {
         .collect();
     versions.sort();
     let commits = versions.len() as u64;
-    assert_eq!(versions, (0..commits).collect::<Vec<_>>(), "no gap in the log");
+    assert_eq!(
+        versions,
+        (0..commits).collect::<Vec<_>>(),
+        "no gap in the log"
+    );
     assert!(
         commits > (writers * rounds) as u64,
         "{commits} commits for {} landings",
@@ -481,13 +498,16 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
     );
     let message = String::from_utf8_lossy(&wrong.stderr).into_owned();
     assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
-    assert!(message.contains("`s3://lake/l`"), "names the lake: {message}");
+    assert!(
+        message.contains("`s3://lake/l`"),
+        "names the lake: {message}"
+    );
     assert!(message.contains("access denied"), "{message}");
     assert!(!message.contains(&server.secret) && !message.contains("not-the-secret"));
     assert!(server.keys("lake", "l/").is_empty(), "nothing written");
 
     // A bucket that does not exist.
-    let missing = server.medallion(&"s3://no-such-bucket/l".to_string(), &landing, &run);
+    let missing = server.medallion("s3://no-such-bucket/l", &landing, &run);
     let message = String::from_utf8_lossy(&missing.stderr).into_owned();
     assert_eq!(missing.status.code(), Some(3), "{}", text(&missing));
     assert!(message.contains("`s3://no-such-bucket/l`"), "{message}");
@@ -500,32 +520,107 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
         std::fs::rename(aside, original).expect("deliver held files");
     }
     server.proxy.pause();
-    let project = scratch.dir.path().join("project");
-    std::fs::create_dir_all(project.join("pipelines")).expect("project");
-    crate::common::copy_dir(&repo().join("sql"), &project.join("sql"));
-    let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
-    let yaml = yaml.replacen(
-        "\nvars:",
-        "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
-        1,
-    );
-    std::fs::write(project.join("pipelines/t.yaml"), yaml).expect("yaml");
+    let project = project(&scratch, &|yaml| {
+        yaml.replacen(
+            "\nvars:",
+            "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
+            1,
+        )
+    });
     let clock = std::time::Instant::now();
-    let down = server.medallion_in(&project, "s3://lake/l", &landing, &["run", "pipelines/t.yaml"], &[]);
+    let down = server.medallion_in(
+        &project,
+        "s3://lake/l",
+        &landing,
+        &["run", "pipelines/t.yaml"],
+        &[],
+    );
     let message = String::from_utf8_lossy(&down.stderr).into_owned();
     assert_eq!(down.status.code(), Some(3), "{}", text(&down));
     assert!(message.contains("`s3://lake/l`"), "{message}");
     assert!(message.contains("cannot reach"), "{message}");
-    assert!(clock.elapsed() < Duration::from_secs(60), "gave up after the configured retries");
+    assert!(
+        clock.elapsed() < Duration::from_secs(60),
+        "gave up after the configured retries"
+    );
 
     // The server is back: the tables are as the first run left them, and the next run converges to
     // the result of one local run over all the files.
     server.proxy.resume();
     assert_eq!(fingerprint(&server.location("s3://lake/l")).await, before);
-    assert_success(&server.medallion_in(&project, "s3://lake/l", &landing, &["run", "pipelines/t.yaml"], &[]));
+    assert_success(&server.medallion_in(
+        &project,
+        "s3://lake/l",
+        &landing,
+        &["run", "pipelines/t.yaml"],
+        &[],
+    ));
     assert_success(&scratch.run());
     assert_eq!(
         fingerprint(&server.location("s3://lake/l")).await,
         fingerprint(&scratch.lake()).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_landing_files_in_date_folders_on_s3_land_like_local_ones() {
+    let scratch = Scratch::new();
+    medallion::generate::generate(&medallion::generate::GenerateOptions {
+        out: scratch.landing(),
+        transactions: 3_000,
+        days: 15,
+        change_days: 4,
+        seed: 13,
+        style: medallion::generate::FileStyle {
+            header: true,
+            parquet: true,
+            gzip: false,
+        },
+        date_folders: true,
+        change_seq: true,
+        rows_per_load_file: 1_000,
+    })
+    .expect("generate");
+    let project = project(&scratch, &|yaml| {
+        yaml.replace("    format: csv\n", "    format: parquet\n")
+            .replace(
+                "      timestamp_column: dms_commit_ts\n",
+                "      timestamp_column: dms_commit_ts\n      change_seq: true\n",
+            )
+    });
+    let args = ["run", "pipelines/t.yaml"];
+    assert_success(&scratch.command_in(&project, &args));
+    let server = S3Server::start();
+    server.create_bucket("data");
+    server.upload(&scratch.landing(), "data", "landing");
+    assert!(
+        server
+            .keys("data", "landing/public/transactions/")
+            .iter()
+            .any(|k| k.split('/').count() > 6 && k.ends_with(".parquet")),
+        "change files sit in YYYY/MM/DD folders"
+    );
+    let (lake, landing) = ("s3://data/lake", "s3://data/landing");
+    let run = server.medallion_in(&project, lake, landing, &args, &[]);
+    assert_success(&run);
+    assert_eq!(
+        fingerprint(&server.location(lake)).await,
+        fingerprint(&scratch.lake()).await
+    );
+    let ledger = query(
+        &server.location(lake),
+        &["_medallion.ingested_files"],
+        "SELECT COUNT(*) FROM _medallion.ingested_files",
+    )
+    .await;
+    let files = server
+        .keys("data", "landing/")
+        .iter()
+        .filter(|k| k.ends_with(".parquet") || k.ends_with(".json"))
+        .count();
+    assert_eq!(
+        ledger[0][0],
+        files.to_string(),
+        "every landing file in the ledger once"
     );
 }
