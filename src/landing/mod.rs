@@ -22,7 +22,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum LandingError {
     #[error(
-        "source `{source_name}`: landing folder `{path}` does not exist (check `path:` in the pipeline)"
+        "source `{source_name}`: landing folder `{path}` does not exist or holds no file (check `path:` in the pipeline)"
     )]
     MissingFolder { source_name: String, path: Location },
     #[error("cannot read landing file `{path}`: {source}")]

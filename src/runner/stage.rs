@@ -147,6 +147,14 @@ async fn ingest(
     }
     let path = context.pipeline.table_path(&stage.target);
     let mut ledger = context.state.ingested_files(source_name).await?;
+    // Object storage has no folders: a prefix that never held a file is most likely a wrong `path:`.
+    // (Once files were landed, an empty prefix is fine: lifecycle rules expire old DMS files.)
+    if files.is_empty() && ledger.is_empty() && source.path.is_remote() {
+        return Err(landing_err(landing::LandingError::MissingFolder {
+            source_name: source_name.to_string(),
+            path: source.path.clone(),
+        }));
+    }
     repair_ledger(context, stage, source_name, &path, &mut ledger).await?;
     // Content already landed under another name is a re-delivery: DMS or a copy job sent it again.
     let mut known_content: BTreeMap<String, String> = ledger

@@ -367,7 +367,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// Turns an object-store failure into what happened and what to do. The raw text is kept at the end
 /// (it names the request), with option values removed.
 pub fn explain(raw: &str, storage: &Storage) -> String {
-    let mut raw = raw.to_string();
+    let mut raw = compact_xml(raw);
     for value in storage.options.values().filter(|v| v.len() >= 4) {
         raw = raw.replace(value.as_str(), "***");
     }
@@ -422,6 +422,24 @@ pub fn explain(raw: &str, storage: &Storage) -> String {
         return raw;
     };
     format!("{advice} ({raw})")
+}
+
+/// S3 error bodies are XML documents over several lines; a message keeps their code and text only.
+fn compact_xml(raw: &str) -> String {
+    let Some(start) = raw.find("<?xml") else {
+        return raw.to_string();
+    };
+    let between = |open: &str, close: &str| {
+        let from = raw[start..].find(open)? + start + open.len();
+        let to = raw[from..].find(close)? + from;
+        Some(raw[from..to].to_string())
+    };
+    let code = between("<Code>", "</Code>").unwrap_or_default();
+    let message = between("<Message>", "</Message>").unwrap_or_default();
+    let end = raw[start..]
+        .find("</Error>")
+        .map_or(raw.len(), |i| start + i + "</Error>".len());
+    format!("{}{code}: {message}{}", &raw[..start], &raw[end..])
 }
 
 /// What [`preflight`] found about a lake.
@@ -531,6 +549,13 @@ mod tests {
         assert_eq!(table.name().as_deref(), Some("daily_kpis"));
         assert!(table.is_remote());
         assert!(!format!("{table:?} {:?}", table.storage()).contains("hunter22"));
+        let xml = "PUT failed: 404 Not Found: <?xml version=\"1.0\"?>\n<Error><Code>NoSuchBucket</Code>\
+                   <Message>The specified bucket does not exist</Message></Error>)";
+        assert_eq!(
+            explain(xml, table.storage()),
+            "the bucket does not exist: create it, or fix the bucket name in `lake:` / `path:` \
+             (PUT failed: 404 Not Found: NoSuchBucket: The specified bucket does not exist))"
+        );
         let explained = explain("403 Forbidden: key hunter22", table.storage());
         assert!(explained.starts_with("access denied"), "{explained}");
         assert!(!explained.contains("hunter22"));

@@ -513,6 +513,18 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
     assert!(message.contains("`s3://no-such-bucket/l`"), "{message}");
     assert!(message.contains("bucket does not exist"), "{message}");
 
+    // A landing prefix that holds nothing: the stage fails naming the source and the prefix.
+    let empty = server.medallion("s3://lake/other", "s3://lake/no-landing", &run);
+    assert_eq!(empty.status.code(), Some(1), "{}", text(&empty));
+    assert!(
+        text(&empty).contains(
+            "source `transactions`: landing folder `s3://lake/no-landing/public/transactions` does not \
+             exist or holds no file"
+        ),
+        "{}",
+        text(&empty)
+    );
+
     // A good first run, then the server goes away: exit 3, named, with few retries configured.
     assert_success(&server.medallion("s3://lake/l", &landing, &run));
     let before = fingerprint(&server.location("s3://lake/l")).await;
