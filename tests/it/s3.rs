@@ -32,11 +32,15 @@ impl Drop for S3Server {
 
 impl S3Server {
     fn start() -> S3Server {
+        S3Server::start_with(&["--auth"])
+    }
+
+    fn start_with(flags: &[&str]) -> S3Server {
         let port = free_port();
         let mut child = Command::new(python())
             .arg(repo().join("tests/servers/s3.py"))
             .arg(port.to_string())
-            .arg("--auth")
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -634,5 +638,70 @@ async fn parquet_landing_files_in_date_folders_on_s3_land_like_local_ones() {
         ledger[0][0],
         files.to_string(),
         "every landing file in the ledger once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsafe_commit_configurations_are_refused_unless_the_user_opts_in() {
+    let scratch = Scratch::new();
+    scratch.generate(1_000, 6, 2, 3);
+    let landing = scratch.landing();
+    let landing = landing.to_string_lossy();
+    let run = ["run", "pipelines/transactions.yaml"];
+
+    // An option that turns commits into copy-and-delete: refused as invalid (exit 2), nothing written.
+    let server = S3Server::start();
+    server.create_bucket("lake");
+    let renamed = server.medallion_in(
+        &repo(),
+        "s3://lake/l",
+        &landing,
+        &run,
+        &[("AWS_S3_ALLOW_UNSAFE_RENAME", "true")],
+    );
+    assert_eq!(renamed.status.code(), Some(2), "{}", text(&renamed));
+    assert!(
+        text(&renamed).contains("`AWS_S3_ALLOW_UNSAFE_RENAME` is set"),
+        "{}",
+        text(&renamed)
+    );
+    assert!(server.keys("lake", "l/").is_empty());
+
+    // A server that ignores `If-None-Match: *` (the header is dropped before moto sees it, so this one
+    // runs without signature checks): the probe finds out and the run stops (exit 3).
+    let careless = S3Server::start_with(&["--ignore-conditional-writes"]);
+    careless.create_bucket("lake");
+    let refused = careless.medallion("s3://lake/l", &landing, &run);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("does not refuse a second create of the same object"),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        careless.keys("lake", "l/").is_empty(),
+        "the probe cleans up"
+    );
+
+    // Opting in runs it, with a warning.
+    let project = project(&scratch, &|yaml| {
+        yaml.replacen(
+            "\nvars:",
+            "\nstorage:\n  allow_unsafe_writes: true\n\nvars:",
+            1,
+        )
+    });
+    let opted = careless.medallion_in(
+        &project,
+        "s3://lake/l",
+        &landing,
+        &["run", "pipelines/t.yaml"],
+        &[],
+    );
+    assert_success(&opted);
+    assert!(
+        text(&opted).contains("ignores conditional writes"),
+        "{}",
+        text(&opted)
     );
 }

@@ -8,7 +8,7 @@ and so every conditional PUT, atomic.
 With `--auth`, requests are checked against IAM like AWS does: the server creates one user with full
 access and prints its keys; any other key is refused with InvalidAccessKeyId.
 
-Usage: python s3.py PORT [--auth]. Prints one JSON line when it listens: {"port": ..., "access_key_id": ...,
+Usage: python s3.py PORT [--auth] [--ignore-conditional-writes]. Prints one JSON line when it listens: {"port": ..., "access_key_id": ...,
 "secret_access_key": ...}.
 """
 
@@ -18,6 +18,9 @@ import sys
 import threading
 
 AUTH = "--auth" in sys.argv
+# Plays a server that ignores conditional writes (as garage and s3rver do), for the refusal test. The
+# header is signed, so use it without --auth.
+IGNORE_CONDITIONAL = "--ignore-conditional-writes" in sys.argv
 if AUTH:
     # Read by moto at import: authenticate and authorize every request.
     os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
@@ -59,6 +62,8 @@ class Serialized:
         self.lock = threading.Lock()
 
     def __call__(self, environ, start_response):
+        if IGNORE_CONDITIONAL:
+            environ.pop("HTTP_IF_NONE_MATCH", None)
         with self.lock:
             result = self.app(environ, start_response)
             try:
