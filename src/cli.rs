@@ -341,7 +341,9 @@ pub fn init_tracing(cli: &Cli) {
         EnvFilter::new(format!(
             "warn,medallion={level}{}",
             match cli.verbose {
-                0 => ",deltalake_core=error",
+                // A lost commit race is logged there as an error although it is retried (or reported
+                // by medallion itself when it is not).
+                0 => ",deltalake_core=error,deltalake_core::kernel::transaction=off",
                 1 => "",
                 _ => ",datafusion=debug,deltalake_core=debug",
             }

@@ -98,11 +98,22 @@ pub fn load_with_env(
         path: path.to_path_buf(),
         source,
     })?;
+    load_text(path, &text, lookup, vars)
+}
+
+/// Validates `text` as the pipeline file at `path` (SQL files are looked up beside it), exactly as
+/// [`load_with_env`] does after reading the file.
+pub fn load_text(
+    path: &Path,
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+    vars: &std::collections::BTreeMap<String, String>,
+) -> Result<Pipeline, ConfigError> {
     let invalid = |issues| ConfigError::Invalid {
         path: path.to_path_buf(),
         issues,
     };
-    let text = env::interpolate(&text, lookup).map_err(invalid)?;
+    let text = env::interpolate(text, lookup).map_err(invalid)?;
     let pipeline = validate::compile(path, &text, vars).map_err(invalid)?;
     Ok(pipeline)
 }

@@ -10,8 +10,8 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 pub use reader::{
-    BATCH_ID, BronzeLayout, FILE_ORDER, FileBatches, INGESTED_AT, Lineage, RUN_ID, SOURCE_FILE,
-    SOURCE_ROW,
+    BATCH_ID, BronzeLayout, FILE_ORDER, FileBatches, INGESTED_AT, Input, Lineage, RUN_ID,
+    SOURCE_FILE, SOURCE_ROW,
 };
 
 use crate::{

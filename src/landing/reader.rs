@@ -172,6 +172,44 @@ enum Inner {
 /// JSON sources are lookup files read whole; anything larger belongs in CSV or Parquet.
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
+/// Where a landing file's bytes come from.
+pub enum Input {
+    File(File),
+    Remote(RemoteFile),
+    /// Bytes in memory (fuzzing, tests).
+    Bytes(bytes::Bytes),
+}
+
+impl Input {
+    /// The local file, or the object on object storage (read lazily).
+    fn of(file: &LandingFile) -> Result<Input, LandingError> {
+        let io = |source| LandingError::Io {
+            path: file.path.clone(),
+            source,
+        };
+        match file.path.local_path() {
+            Some(path) => Ok(Input::File(File::open(path).map_err(io)?)),
+            None => RemoteFile::open(&file.path, file.size)
+                .map(Input::Remote)
+                .map_err(|e| io(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// All the bytes as a blocking reader: one streaming GET on object storage.
+    fn into_read(self, file: &LandingFile) -> Result<Box<dyn Read + Send>, LandingError> {
+        Ok(match self {
+            Input::File(handle) => Box::new(handle),
+            Input::Remote(remote) => {
+                Box::new(remote.reader_from(0).map_err(|source| LandingError::Io {
+                    path: file.path.clone(),
+                    source,
+                })?)
+            }
+            Input::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+        })
+    }
+}
+
 impl FileBatches {
     pub fn open(
         layout: &BronzeLayout,
@@ -179,9 +217,20 @@ impl FileBatches {
         lineage: Lineage,
         batch_size: usize,
     ) -> Result<FileBatches, LandingError> {
+        FileBatches::from_input(layout, file, lineage, batch_size, Input::of(file)?)
+    }
+
+    /// Reads `file`'s content from `input` (its name, kind, format and compression come from `file`).
+    pub fn from_input(
+        layout: &BronzeLayout,
+        file: &LandingFile,
+        lineage: Lineage,
+        batch_size: usize,
+        input: Input,
+    ) -> Result<FileBatches, LandingError> {
         let inner = match file.format {
             FileFormat::Csv => {
-                let handle = open_read(file)?;
+                let handle = input.into_read(file)?;
                 let raw: Box<dyn Read + Send> = match file.compression {
                     Compression::None => Box::new(BufReader::with_capacity(1 << 20, handle)),
                     Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
@@ -214,23 +263,10 @@ impl FileBatches {
             }
             FileFormat::Parquet => {
                 // On object storage, Parquet is read with ranged GETs: the footer, then the column chunks.
-                let (reader, mapping) = match file.path.local_path() {
-                    Some(path) => {
-                        let handle = File::open(path).map_err(|source| LandingError::Io {
-                            path: file.path.clone(),
-                            source,
-                        })?;
-                        parquet_reader(layout, file, handle, batch_size)?
-                    }
-                    None => {
-                        let remote = RemoteFile::open(&file.path, file.size).map_err(|e| {
-                            LandingError::Io {
-                                path: file.path.clone(),
-                                source: std::io::Error::other(e.to_string()),
-                            }
-                        })?;
-                        parquet_reader(layout, file, remote, batch_size)?
-                    }
+                let (reader, mapping) = match input {
+                    Input::File(handle) => parquet_reader(layout, file, handle, batch_size)?,
+                    Input::Remote(remote) => parquet_reader(layout, file, remote, batch_size)?,
+                    Input::Bytes(bytes) => parquet_reader(layout, file, bytes, batch_size)?,
                 };
                 Inner::Parquet { reader, mapping }
             }
@@ -244,7 +280,7 @@ impl FileBatches {
                         ),
                     });
                 }
-                let handle = open_read(file)?;
+                let handle = input.into_read(file)?;
                 let raw: Box<dyn Read> = match file.compression {
                     Compression::None => Box::new(BufReader::new(handle)),
                     Compression::Gzip => Box::new(MultiGzDecoder::new(BufReader::new(handle))),
@@ -529,22 +565,6 @@ fn csv_error(file: &str, error: csv::Error, row: Option<u64>) -> LandingError {
         },
     }
 }
-/// The file's bytes as a blocking reader: the local file, or one streaming GET of the object.
-fn open_read(file: &LandingFile) -> Result<Box<dyn Read + Send>, LandingError> {
-    let io = |source| LandingError::Io {
-        path: file.path.clone(),
-        source,
-    };
-    match file.path.local_path() {
-        Some(path) => Ok(Box::new(File::open(path).map_err(io)?)),
-        None => {
-            let remote = RemoteFile::open(&file.path, file.size)
-                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-            Ok(Box::new(remote.reader_from(0).map_err(io)?))
-        }
-    }
-}
-
 /// A Parquet reader over `input` and the mapping of its columns onto the Bronze layout.
 fn parquet_reader<T: ChunkReader + 'static>(
     layout: &BronzeLayout,

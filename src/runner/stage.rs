@@ -584,7 +584,10 @@ async fn sql_stage(
         inputs.push((table, path, delta_table));
     }
     let target_path = context.pipeline.table_path(&stage.target);
-    let last = context.state.last_success(&stage.name).await?;
+    let last = context
+        .state
+        .last_success(&context.pipeline.name, &stage.name)
+        .await?;
     let target_exists = delta::open(&target_path)
         .await
         .map_err(delta_err)?
@@ -783,7 +786,10 @@ async fn sql_stage(
             .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
         ctx.register_table("candidate", candidate.into_view())
             .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
-        let previous = context.state.last_check_values(&stage.name).await?;
+        let previous = context
+            .state
+            .last_check_values(&context.pipeline.name, &stage.name)
+            .await?;
         let results = checks::evaluate_checks(&ctx, &stage.checks, &previous)
             .await
             .map_err(engine_err)?;

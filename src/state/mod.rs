@@ -193,14 +193,16 @@ impl StateStore {
     /// Input versions of the stage's latest successful run that wrote or checked its target.
     pub async fn last_success(
         &self,
+        pipeline: &str,
         stage: &str,
     ) -> Result<Option<BTreeMap<String, u64>>, StateError> {
         let rows = self
             .query(
                 "stage_runs",
                 &format!(
-                    "SELECT input_versions FROM state WHERE stage = {} AND status = 'succeeded' \
-                     ORDER BY finished_at DESC LIMIT 1",
+                    "SELECT input_versions FROM state WHERE pipeline = {} AND stage = {} \
+                     AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1",
+                    literal(pipeline),
                     literal(stage)
                 ),
             )
@@ -218,14 +220,16 @@ impl StateStore {
     /// Each check's observed value in the stage's latest successful run (for day-over-day checks).
     pub async fn last_check_values(
         &self,
+        pipeline: &str,
         stage: &str,
     ) -> Result<BTreeMap<String, String>, StateError> {
         let runs = self
             .query(
                 "stage_runs",
                 &format!(
-                    "SELECT run_id FROM state WHERE stage = {} AND status = 'succeeded' \
-                     ORDER BY finished_at DESC LIMIT 1",
+                    "SELECT run_id FROM state WHERE pipeline = {} AND stage = {} \
+                     AND status = 'succeeded' ORDER BY finished_at DESC LIMIT 1",
+                    literal(pipeline),
                     literal(stage)
                 ),
             )

@@ -6,6 +6,7 @@ mod bad_input;
 mod cdc_property;
 mod cdc_reference;
 mod common;
+mod concurrency;
 mod crash;
 mod end_to_end;
 mod interop;

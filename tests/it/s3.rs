@@ -389,96 +389,21 @@ async fn concurrent_writers_to_one_table_on_s3_lose_no_commit() {
     let scratch = Scratch::new();
     let server = S3Server::start();
     server.create_bucket("lake");
-    let writers = 4;
-    let rounds = 3;
-    let project = scratch.dir.path().join("project");
-    std::fs::create_dir_all(project.join("pipelines")).expect("project");
-    // Pipelines of different names (so the run lock does not serialize them) that all append their own
-    // landing files to one Bronze table.
-    for writer in 0..writers {
-        let yaml = format!(
-            "name: writer{writer}\nlake: ${{MEDALLION_LAKE}}\nsources:\n  - name: events{writer}\n    path: {landing}/w{writer}\n    columns: [id, value]\n\
-             stages:\n  - name: land\n    layer: bronze\n    ingest: events{writer}\n    target: bronze.events\n",
-            landing = scratch.landing().display(),
-        );
-        std::fs::write(project.join(format!("pipelines/w{writer}.yaml")), yaml).expect("yaml");
-    }
-    let mut expected_rows = 0u64;
-    let mut relanded = 0;
-    for round in 0..rounds {
-        for writer in 0..writers {
-            let dir = scratch.landing().join(format!("w{writer}"));
-            std::fs::create_dir_all(&dir).expect("landing");
-            let rows = 50 + writer * 7 + round;
-            let mut csv = String::from("id,value\n");
-            for row in 0..rows {
-                csv.push_str(&format!("{writer}-{round}-{row},{row}\n"));
-            }
-            std::fs::write(dir.join(format!("part-{round}.csv")), csv).expect("file");
-            expected_rows += rows as u64;
-        }
-        let children: Vec<Child> = (0..writers)
-            .map(|writer| {
-                Command::new(BIN)
-                    .args(["run", &format!("pipelines/w{writer}.yaml")])
-                    .current_dir(&project)
-                    .env("MEDALLION_LAKE", "s3://lake/shared")
-                    .env("RUST_LOG", "warn")
-                    .envs(server.env())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("spawn")
-            })
-            .collect();
-        for child in children {
-            let output = child.wait_with_output().expect("wait");
-            assert_success(&output);
-            relanded += String::from_utf8_lossy(&output.stderr)
-                .matches("landing again at the next version")
-                .count();
-        }
-    }
-    // Bronze rows carry their commit's version, so a writer that lost a race lands again rather than
-    // being rebased; the state tables' appends are rebased by delta-rs. Either way nothing is lost.
-    println!("bronze landings repeated after losing a commit race: {relanded}");
-    let lake = server.location("s3://lake/shared");
-    let rows = query(
-        &lake,
-        &["bronze.events"],
-        "SELECT COUNT(*), COUNT(DISTINCT id), COUNT(DISTINCT _source_file || _run_id), \
-         COUNT(DISTINCT _batch_id) FROM bronze.events",
+    let log = || {
+        server
+            .keys("lake", "shared/bronze/events/_delta_log/")
+            .iter()
+            .filter_map(|k| k.rsplit('/').next().map(str::to_string))
+            .collect()
+    };
+    crate::concurrency::race_writers(
+        &scratch,
+        "s3://lake/shared",
+        &server.env(),
+        &server.location("s3://lake/shared"),
+        &log,
     )
     .await;
-    assert_eq!(
-        rows[0],
-        vec![
-            expected_rows.to_string(),
-            expected_rows.to_string(),
-            (writers * rounds).to_string(),
-            (writers * rounds).to_string()
-        ],
-        "every writer's every commit landed, none twice, each with its own batch id"
-    );
-    assert!(relanded > 0, "the writers raced for commits");
-    // One commit per landing (plus the table's creation), numbered without gaps.
-    let log = server.keys("lake", "shared/bronze/events/_delta_log/");
-    let mut versions: Vec<u64> = log
-        .iter()
-        .filter_map(|k| k.rsplit('/').next()?.strip_suffix(".json")?.parse().ok())
-        .collect();
-    versions.sort();
-    let commits = versions.len() as u64;
-    assert_eq!(
-        versions,
-        (0..commits).collect::<Vec<_>>(),
-        "no gap in the log"
-    );
-    assert!(
-        commits > (writers * rounds) as u64,
-        "{commits} commits for {} landings",
-        writers * rounds
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
