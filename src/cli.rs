@@ -151,6 +151,10 @@ pub struct RunArgs {
     /// Seconds to wait for another run of the same pipeline to finish before giving up (exit code 4).
     #[arg(long, default_value_t = 0)]
     pub lock_timeout: u64,
+    /// Memory for query execution per stage (`512M`, `4G`): sorts, joins and aggregations spill to disk
+    /// past it, and a stage that cannot fit fails with a clear error instead of being killed.
+    #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_bytes)]
+    pub memory_limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -180,12 +184,44 @@ pub struct BackfillArgs {
     /// Seconds to wait for another run of the same pipeline (exit code 4 after).
     #[arg(long, default_value_t = 0)]
     pub lock_timeout: u64,
+    /// Memory for query execution per stage, as for `run`.
+    #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_bytes)]
+    pub memory_limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum StagesArg {
     All,
     Gold,
+}
+
+/// `512M`, `4G`, `1.5G`, `1048576`: a size in bytes (K, M, G, T are powers of 1024).
+fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, ""),
+    };
+    let scale: f64 = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches(['B', 'I'])
+    {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown unit `{other}`: use K, M, G or T")),
+    };
+    let number: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like 512M or 4G"))?;
+    if !(number > 0.0) {
+        return Err(format!("`{text}` must be more than zero"));
+    }
+    Ok((number * scale) as usize)
 }
 
 fn parse_date(text: &str) -> std::result::Result<chrono::NaiveDate, String> {
@@ -411,6 +447,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 select: resolve_select(&pipeline, &args.select)?,
                 rebuild: None,
                 lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
+                memory_limit: args.memory_limit,
             };
             let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
             let json = match args.output {
@@ -443,6 +480,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                     max_parallel: args.max_parallel.max(1),
                     progress,
                     lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
+                    memory_limit: args.memory_limit,
                     ..RunOptions::default()
                 },
             };

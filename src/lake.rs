@@ -169,7 +169,7 @@ pub async fn query(
         return Err(LakeError::Empty(lake.clone()));
     }
     let named: Vec<String> = engine::sql::table_references(sql).unwrap_or_default();
-    let ctx = delta::session()?;
+    let ctx = delta::session(None)?;
     engine::prepare(&ctx);
     for table in &all {
         let path = table.path_in(lake);

@@ -235,18 +235,47 @@ pub async fn provider(
 }
 
 /// The session used for Delta writes: DataFusion with delta-rs's planner, SQL identifiers folded to lower
-/// case as in standard SQL.
-pub fn session() -> Result<datafusion::prelude::SessionContext, DeltaError> {
+/// case as in standard SQL. With `memory_limit` (bytes), execution memory is bounded: operators that can
+/// spill (sorts, joins, aggregations) spill to disk past it, the others fail with "Resources exhausted".
+pub fn session(
+    memory_limit: Option<usize>,
+) -> Result<datafusion::prelude::SessionContext, DeltaError> {
+    let Some(limit) = memory_limit else {
+        return session_on(None);
+    };
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(limit, 1.0)
+        .build_arc()
+        .map_err(|e| session_failed(&e))?;
+    session_on(Some(runtime))
+}
+
+/// As [`session`], executing on `runtime` (a query's own, so that a write keeps its memory bound).
+pub(crate) fn session_on(
+    runtime: Option<Arc<datafusion::execution::runtime_env::RuntimeEnv>>,
+) -> Result<datafusion::prelude::SessionContext, DeltaError> {
     let overrides = HashMap::from([(
         "datafusion.sql_parser.enable_ident_normalization".to_string(),
         "true".to_string(),
     )]);
-    deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
-        .map(Into::into)
-        .map_err(|e| DeltaError::Invalid {
-            table: "-".into(),
-            message: format!("cannot set up the query session: {e}"),
-        })
+    let ctx: datafusion::prelude::SessionContext =
+        deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
+            .map_err(|e| session_failed(&e))?
+            .into();
+    let Some(runtime) = runtime else {
+        return Ok(ctx);
+    };
+    let state = datafusion::execution::SessionStateBuilder::new_from_existing(ctx.state())
+        .with_runtime_env(runtime)
+        .build();
+    Ok(datafusion::prelude::SessionContext::new_with_state(state))
+}
+
+fn session_failed(error: &dyn std::fmt::Display) -> DeltaError {
+    DeltaError::Invalid {
+        table: "-".into(),
+        message: format!("cannot set up the query session: {error}"),
+    }
 }
 
 /// Lineage written into every commit's info, so `DESCRIBE HISTORY` shows which run and stage made it.

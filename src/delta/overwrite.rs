@@ -84,7 +84,6 @@ pub async fn overwrite(
     };
     let schema = Arc::new(data.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
-    let session = super::session()?;
     let predicate = scope
         .map(|s| s.predicate(&data))
         .transpose()
@@ -96,6 +95,8 @@ pub async fn overwrite(
         None => data,
     };
     let (state, plan) = data.into_parts();
+    // The write runs on the query's runtime, so the stage's memory limit holds for it too.
+    let session = super::session_on(Some(state.runtime_env().clone()))?;
     drop(state);
     let mut builder = table
         .write(Vec::new())

@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub rebuild: Option<BTreeSet<String>>,
     /// How long to wait for another run of the pipeline to finish.
     pub lock_timeout: std::time::Duration,
+    /// Memory pool of each stage's query execution (spilling past it), in bytes; `None`: unbounded.
+    pub memory_limit: Option<usize>,
 }
 
 impl Default for RunOptions {
@@ -84,6 +86,7 @@ impl Default for RunOptions {
             select: None,
             rebuild: None,
             lock_timeout: std::time::Duration::ZERO,
+            memory_limit: None,
         }
     }
 }

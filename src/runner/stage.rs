@@ -43,10 +43,22 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
         };
         let (mut report, input_versions) = match result {
             Ok(done) => done,
-            Err(error) => (
-                StageReport::new(stage, StageOutcome::Failed(error.to_string())),
-                BTreeMap::new(),
-            ),
+            Err(error) => {
+                let mut message = error.to_string();
+                if let Some(limit) = context.options.memory_limit
+                    && message.contains("Resources exhausted")
+                {
+                    message = format!(
+                        "{message}\nthe stage needs more than the {} MiB of `--memory-limit`; raise it \
+                         (nothing was written)",
+                        limit >> 20
+                    );
+                }
+                (
+                    StageReport::new(stage, StageOutcome::Failed(message)),
+                    BTreeMap::new(),
+                )
+            }
         };
         report.elapsed = clock.elapsed();
         drop(progress);
@@ -623,7 +635,7 @@ async fn sql_stage(
         return Ok((report, versions));
     }
 
-    let ctx = delta::session().map_err(delta_err)?;
+    let ctx = delta::session(context.options.memory_limit).map_err(delta_err)?;
     engine::prepare(&ctx);
     for (table, path, delta_table) in &inputs {
         let provider = delta::provider(path, delta_table)

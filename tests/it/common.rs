@@ -194,7 +194,7 @@ pub async fn query(
     sql: &str,
 ) -> Vec<Vec<String>> {
     let lake = lake.into();
-    let ctx = medallion::delta::session().expect("session");
+    let ctx = medallion::delta::session(None).expect("session");
     for name in tables {
         let table = TableName::parse(name).expect("table name");
         let path = table.path_in(&lake);

@@ -14,6 +14,7 @@ mod malformed;
 mod notify;
 mod python_reader;
 mod quality;
+mod resources;
 mod robustness;
 mod s3;
 mod schedule;
