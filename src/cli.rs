@@ -218,7 +218,7 @@ fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a size like 512M or 4G"))?;
-    if !(number > 0.0) {
+    if number.is_nan() || number <= 0.0 {
         return Err(format!("`{text}` must be more than zero"));
     }
     Ok((number * scale) as usize)
