@@ -648,3 +648,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()
         .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_read_with_binary_units() {
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_bytes("2gib"), Ok(2 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12X").unwrap_err().contains("unknown unit"));
+    }
+}
