@@ -38,6 +38,8 @@ pub enum MaintainError {
     Open(#[from] DeltaError),
     #[error(transparent)]
     Lake(Box<lake::LakeError>),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 impl From<lake::LakeError> for MaintainError {
@@ -106,6 +108,10 @@ pub async fn maintain(
             backfill: settings.backfill_days,
             minimum: settings.minimum_retention_days(),
         });
+    }
+    if !options.dry_run {
+        // Compaction and vacuum commit like a run does: the same storage checks first.
+        crate::storage::preflight(&pipeline.lake).await?;
     }
     let mut done = Vec::new();
     for (table, zorder) in pipeline_tables(pipeline).await? {

@@ -339,6 +339,28 @@ async fn the_reference_pipeline_on_s3_equals_the_local_run_and_python_reads_it()
     assert_success(&second);
     assert_eq!(fingerprint(&server.location(lake)).await, local);
 
+    // Upkeep on the server: compaction, vacuum within the promised windows and checkpoints change no data.
+    let maintained = server.medallion(
+        lake,
+        landing,
+        &[
+            "maintain",
+            "--optimize",
+            "--vacuum",
+            "--checkpoint",
+            "pipelines/transactions.yaml",
+        ],
+    );
+    assert_success(&maintained);
+    assert_eq!(fingerprint(&server.location(lake)).await, local);
+    assert!(
+        server
+            .keys("lake", "medallion/silver/transactions/_delta_log/")
+            .iter()
+            .any(|k| k.ends_with(".checkpoint.parquet")),
+        "a checkpoint on the server"
+    );
+
     // Python `deltalake` reads Gold from the server with storage options.
     let output = Command::new(python())
         .args(["-c", PYTHON_READER, &server.endpoint(), &server.key_id])
