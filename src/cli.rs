@@ -218,10 +218,11 @@ fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("`{text}` is not a size like 512M or 4G"))?;
-    if number.is_nan() || number <= 0.0 {
-        return Err(format!("`{text}` must be more than zero"));
+    let bytes = number * scale;
+    if bytes.is_nan() || bytes < 1.0 {
+        return Err(format!("`{text}` must be at least one byte"));
     }
-    Ok((number * scale) as usize)
+    Ok(bytes as usize)
 }
 
 fn parse_date(text: &str) -> std::result::Result<chrono::NaiveDate, String> {
@@ -387,10 +388,18 @@ pub fn init_tracing(cli: &Cli) {
     });
     // These targets print object stores and storage options with `{:?}` at debug level, credentials
     // included; capped whatever RUST_LOG says so that secrets never reach a log.
-    let filter = ["deltalake_aws=info", "deltalake_core::logstore=info"]
-        .into_iter()
-        .filter_map(|d| d.parse().ok())
-        .fold(filter, |f, d| f.add_directive(d));
+    let filter = [
+        "deltalake_aws=info",
+        "deltalake_aws::storage=info",
+        "deltalake_aws::credentials=info",
+        "deltalake_aws::logstore=info",
+        "deltalake_core::logstore=info",
+        "deltalake_core::logstore::config=info",
+        "deltalake_core::logstore::factories=info",
+    ]
+    .into_iter()
+    .filter_map(|d| d.parse().ok())
+    .fold(filter, |f, d| f.add_directive(d));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

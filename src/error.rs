@@ -109,6 +109,9 @@ impl Error {
                 if matches!(
                     **e,
                     crate::maintain::MaintainError::RetentionTooShort { .. }
+                        | crate::maintain::MaintainError::Storage(
+                            StorageError::UnsafeOption { .. }
+                        )
                 ) =>
             {
                 exit_code::INVALID

@@ -316,6 +316,8 @@ impl PreparedChanges {
             let properties = meta.properties_with(extra);
             let (table, merge) = table
                 .merge(source, key_predicate(&spec.keys))
+                // The stage's session: its memory limit holds for the merge's join too.
+                .with_session_state(Arc::new(ctx.state()))
                 .with_source_alias("s")
                 .with_writer_properties(super::writer_properties())
                 .with_target_alias("t")
@@ -624,6 +626,7 @@ async fn write_tombstones(
     let insert_columns = set_columns.clone();
     tombstones
         .merge(source, key_predicate(&spec.keys))
+        .with_session_state(Arc::new(ctx.state()))
         .with_source_alias("s")
         .with_writer_properties(super::writer_properties())
         .with_target_alias("t")

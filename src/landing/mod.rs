@@ -44,6 +44,10 @@ pub enum LandingError {
     },
     #[error("landing file `{file}`: {message}")]
     BadFile { file: String, message: String },
+    #[error(
+        "landing file `{file}` could not be read from storage ({message}); it is not set aside: the next run reads it again"
+    )]
+    Unreachable { file: String, message: String },
 }
 
 impl LandingError {
@@ -55,7 +59,9 @@ impl LandingError {
                 *name == file.relative || *name == file.path.to_string()
             }
             LandingError::Io { path, .. } => *path == file.path,
-            LandingError::MissingFolder { .. } | LandingError::Storage { .. } => false,
+            LandingError::MissingFolder { .. }
+            | LandingError::Storage { .. }
+            | LandingError::Unreachable { .. } => false,
         }
     }
 }

@@ -22,7 +22,7 @@ use parquet::{
 use super::{Compression, FileKind, LandingError, LandingFile};
 use crate::{
     config::{DmsLayout, FileFormat, Source},
-    storage::RemoteFile,
+    storage::{ReadFailure, RemoteFile},
 };
 
 /// Lineage columns appended to every Bronze row.
@@ -154,6 +154,8 @@ pub struct FileBatches {
     batch_size: usize,
     rows: u64,
     inner: Inner,
+    /// Storage failures while reading an object (none for local files and bytes).
+    failure: Option<ReadFailure>,
 }
 
 enum Inner {
@@ -191,7 +193,7 @@ impl Input {
             Some(path) => Ok(Input::File(File::open(path).map_err(io)?)),
             None => RemoteFile::open(&file.path, file.size)
                 .map(Input::Remote)
-                .map_err(|e| io(std::io::Error::other(e.to_string()))),
+                .map_err(|e| unreachable(file, e.to_string())),
         }
     }
 
@@ -199,12 +201,11 @@ impl Input {
     fn into_read(self, file: &LandingFile) -> Result<Box<dyn Read + Send>, LandingError> {
         Ok(match self {
             Input::File(handle) => Box::new(handle),
-            Input::Remote(remote) => {
-                Box::new(remote.reader_from(0).map_err(|source| LandingError::Io {
-                    path: file.path.clone(),
-                    source,
-                })?)
-            }
+            Input::Remote(remote) => Box::new(
+                remote
+                    .reader_from(0)
+                    .map_err(|e| unreachable(file, e.to_string()))?,
+            ),
             Input::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
         })
     }
@@ -228,7 +229,30 @@ impl FileBatches {
         batch_size: usize,
         input: Input,
     ) -> Result<FileBatches, LandingError> {
-        let inner = match file.format {
+        let failure = match &input {
+            Input::Remote(remote) => Some(remote.failure()),
+            _ => None,
+        };
+        let inner = Self::inner(layout, file, batch_size, input)
+            .map_err(|e| blame_storage(e, failure.as_ref(), file))?;
+        Ok(FileBatches {
+            layout: layout.clone(),
+            file: file.clone(),
+            lineage,
+            batch_size,
+            rows: 0,
+            inner,
+            failure,
+        })
+    }
+
+    fn inner(
+        layout: &BronzeLayout,
+        file: &LandingFile,
+        batch_size: usize,
+        input: Input,
+    ) -> Result<Inner, LandingError> {
+        Ok(match file.format {
             FileFormat::Csv => {
                 let handle = input.into_read(file)?;
                 let raw: Box<dyn Read + Send> = match file.compression {
@@ -287,14 +311,6 @@ impl FileBatches {
                 };
                 Inner::Rows(json_rows(layout, &file.relative, raw)?.into_iter())
             }
-        };
-        Ok(FileBatches {
-            layout: layout.clone(),
-            file: file.clone(),
-            lineage,
-            batch_size,
-            rows: 0,
-            inner,
         })
     }
 
@@ -468,7 +484,8 @@ impl Iterator for FileBatches {
             Inner::Parquet { .. } => self.next_parquet(),
             Inner::Rows(_) => self.next_rows(),
         };
-        next.transpose()
+        next.map_err(|e| blame_storage(e, self.failure.as_ref(), &self.file))
+            .transpose()
     }
 }
 
@@ -565,6 +582,27 @@ fn csv_error(file: &str, error: csv::Error, row: Option<u64>) -> LandingError {
         },
     }
 }
+/// The file could not be read from storage (not a fault of its content).
+fn unreachable(file: &LandingFile, message: String) -> LandingError {
+    LandingError::Unreachable {
+        file: file.path.to_string(),
+        message,
+    }
+}
+
+/// `error`, unless reading the object failed in storage underneath it: then that, so that a throttled
+/// or dropped connection never gets a good file set aside as bad.
+fn blame_storage(
+    error: LandingError,
+    failure: Option<&ReadFailure>,
+    file: &LandingFile,
+) -> LandingError {
+    match failure.and_then(ReadFailure::get) {
+        Some(message) => unreachable(file, message),
+        None => error,
+    }
+}
+
 /// A Parquet reader over `input` and the mapping of its columns onto the Bronze layout.
 fn parquet_reader<T: ChunkReader + 'static>(
     layout: &BronzeLayout,

@@ -163,25 +163,61 @@ async fn acquire_object(
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => {
-                let owner = match store.get(&path).await {
-                    Ok(found) => found
-                        .bytes()
-                        .await
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default(),
+                let (owner, version) = match store.get(&path).await {
+                    Ok(found) => {
+                        let version = object_store::UpdateVersion {
+                            e_tag: found.meta.e_tag.clone(),
+                            version: found.meta.version.clone(),
+                        };
+                        let owner = found
+                            .bytes()
+                            .await
+                            .map(|b| String::from_utf8_lossy(&b).into_owned())
+                            .unwrap_or_default();
+                        (owner, version)
+                    }
                     // Released between our create and this read: try again at once.
                     Err(object_store::Error::NotFound { .. }) => continue,
                     Err(e) => return Err(LockError::Storage(shown.error(&e))),
                 };
                 if is_stale(&owner) {
-                    tracing::warn!(owner = %owner.trim(), "broke a stale run lock");
-                    let _ = store.delete(&path).await;
-                    continue;
+                    // Taken over only if it is still the stale owner's lock: of several waiters that
+                    // judged it stale, one replaces it and the others see the new owner.
+                    let take_over = PutOptions::from(PutMode::Update(version));
+                    match store
+                        .put_opts(&path, owner_line().into_bytes().into(), take_over)
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::warn!(owner = %owner.trim(), "broke a stale run lock");
+                            return Ok(RunLock {
+                                held: Held::Object { store, path },
+                            });
+                        }
+                        Err(
+                            object_store::Error::Precondition { .. }
+                            | object_store::Error::NotFound { .. },
+                        ) => continue,
+                        Err(e) => return Err(LockError::Storage(shown.error(&e))),
+                    }
                 }
                 if clock.elapsed() >= timeout {
                     return Err(held(pipeline, shown, &owner, clock.elapsed()));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            // A store without conditional writes, which the user accepted (`allow_unsafe_writes`): the lock
+            // is written plainly and excludes nothing, as the preflight warned.
+            Err(object_store::Error::NotImplemented { .. })
+                if lake.storage().allow_unsafe_writes =>
+            {
+                store
+                    .put(&path, owner_line().into_bytes().into())
+                    .await
+                    .map_err(|e| LockError::Storage(shown.error(&e)))?;
+                return Ok(RunLock {
+                    held: Held::Object { store, path },
+                });
             }
             Err(e) => return Err(LockError::Storage(shown.error(&e))),
         }
@@ -203,8 +239,12 @@ fn is_stale(owner: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    // Another host's process cannot be checked from here: never stale.
-    owner_host == host() && !Path::new(&format!("/proc/{pid}")).exists()
+    // Another host's process cannot be checked from here: never stale; nor can anything without /proc.
+    let here = host();
+    here != "unknown"
+        && owner_host == here
+        && Path::new("/proc/self").exists()
+        && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn acquire_file(

@@ -112,144 +112,158 @@ pub async fn run(pipeline: &Pipeline, options: &RunOptions) -> Result<RunReport,
         // writers (see `storage::preflight`).
         crate::storage::preflight(&pipeline.lake).await?;
         let lock = lock::acquire(&pipeline.lake, &pipeline.name, options.lock_timeout).await?;
-        let context = Arc::new(RunContext {
-            options: options.clone(),
-            pipeline: pipeline.clone(),
-            state: StateStore::new(&pipeline.lake),
-            run_id: run_id.clone(),
-            progress: progress::Progress::new(options.progress),
-        });
-        let mut reports: Vec<Option<StageReport>> = vec![None; pipeline.stages.len()];
-        let mut queue = ReadyQueue::new(&pipeline.graph);
-        let mut blocked: BTreeSet<usize> = BTreeSet::new();
-        let mut running = JoinSet::new();
-        loop {
-            while running.len() < options.max_parallel.max(1) {
-                let Some(index) = queue.pop() else { break };
-                let selected = options
-                    .select
-                    .as_ref()
-                    .is_none_or(|s| s.contains(&pipeline.stages[index].name));
-                if !selected {
-                    queue.complete(index);
-                    continue;
-                }
-                if blocked.contains(&index) {
-                    let failed_upstream = pipeline
-                        .graph
-                        .all_upstream(index)
-                        .into_iter()
-                        .find(|u| {
-                            reports[*u]
-                                .as_ref()
-                                .is_some_and(|r| matches!(r.outcome, StageOutcome::Failed(_)))
-                        })
-                        .map(|u| pipeline.stages[u].name.clone())
-                        .unwrap_or_default();
-                    reports[index] = Some(StageReport::skipped(
-                        &pipeline.stages[index],
-                        failed_upstream,
-                    ));
-                    queue.complete(index);
-                    continue;
-                }
-                let context = context.clone();
-                running.spawn(async move { (index, stage::run(&context, index).await) });
-            }
-            let Some(joined) = running.join_next().await else {
-                break;
-            };
-            let (index, report) = joined.map_err(|e| RunError::Internal {
-                stage: "-".into(),
-                message: format!("stage task panicked or was cancelled: {e}"),
-            })?;
-            if let StageOutcome::Failed(message) = &report.outcome {
-                error!(stage = %report.stage, "{message}");
-                blocked.extend(pipeline.graph.all_downstream(index));
-            }
-            reports[index] = Some(report);
-            queue.complete(index);
-        }
-        let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
-        let mut report = RunReport {
-            run_id: run_id.clone(),
-            pipeline: pipeline.name.clone(),
-            stages,
-            elapsed: clock.elapsed(),
-            started_micros: started,
-            notifications: Vec::new(),
-            maintained: Vec::new(),
-        };
-        // Tables that crossed the small-file threshold are compacted now, so daily runs do not pile up
-        // files (compaction commits change no data, so readers and incremental stages are unaffected).
-        let threshold = pipeline.maintenance.optimize_after_files;
-        let mut written: Vec<crate::config::TableName> = report
-            .stages
-            .iter()
-            .filter(|s| s.output_version.is_some())
-            .filter_map(|s| crate::config::TableName::parse(&s.target))
-            .collect();
-        match crate::lake::tables(&pipeline.lake).await {
-            Ok(all) => written.extend(all.into_iter().filter(|t| t.schema == "_medallion")),
-            Err(error) => warn!("could not list the state tables to compact: {error}"),
-        }
-        for table in written {
-            match crate::maintain::optimize_if_needed(pipeline, &table, threshold).await {
-                Ok(Some(done)) => {
-                    info!(table = %table, files = done.files_before, compacted = done.files_compacted, "compacted small files");
-                    report.maintained.push(done);
-                }
-                Ok(None) => {}
-                Err(error) => warn!("could not compact `{table}`: {error}"),
-            }
-        }
-        if !pipeline.notify.is_empty() {
-            let event = if report.stages_succeeded() {
-                notify::Event::Success
-            } else {
-                notify::Event::Failure
-            };
-            report.notifications = notify::send_all(
-                &pipeline.notify,
-                event,
-                &pipeline.name,
-                report.status(),
-                &report.to_json(),
-            )
-            .await;
-        }
-        let meta = CommitMeta {
-            run_id: run_id.clone(),
-            stage: "_run".into(),
-        };
-        let record = RunRecord {
-            run_id: run_id.clone(),
-            pipeline: pipeline.name.clone(),
-            status: report.status().to_string(),
-            started_micros: started,
-            finished_micros: state::now_micros(),
-            stages_succeeded: report.count(|o| matches!(o, StageOutcome::Succeeded)),
-            stages_up_to_date: report.count(|o| matches!(o, StageOutcome::UpToDate(_))),
-            stages_failed: report.count(|o| matches!(o, StageOutcome::Failed(_))),
-            stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
-        };
-        crate::crash::point("before_run_history");
-        context.state.record_run(&record, &meta).await?;
-        if let Err(error) = context
-            .state
-            .record_notifications(&run_id, &report.notifications, &meta)
-            .await
-        {
-            warn!("could not record the notifications: {error}");
-        }
-        info!(
-            status = report.status(),
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "run finished"
-        );
+        // Whatever happens inside, the lock is released before returning.
+        let result = run_locked(pipeline, options, &run_id, started, clock).await;
         lock.release().await;
-        Ok(report)
+        result
     }
     .instrument(span)
     .await
+}
+
+/// The run itself, while it holds the pipeline's run lock.
+async fn run_locked(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    run_id: &str,
+    started: i64,
+    clock: Instant,
+) -> Result<RunReport, RunError> {
+    let run_id = run_id.to_string();
+    let context = Arc::new(RunContext {
+        options: options.clone(),
+        pipeline: pipeline.clone(),
+        state: StateStore::new(&pipeline.lake),
+        run_id: run_id.clone(),
+        progress: progress::Progress::new(options.progress),
+    });
+    let mut reports: Vec<Option<StageReport>> = vec![None; pipeline.stages.len()];
+    let mut queue = ReadyQueue::new(&pipeline.graph);
+    let mut blocked: BTreeSet<usize> = BTreeSet::new();
+    let mut running = JoinSet::new();
+    loop {
+        while running.len() < options.max_parallel.max(1) {
+            let Some(index) = queue.pop() else { break };
+            let selected = options
+                .select
+                .as_ref()
+                .is_none_or(|s| s.contains(&pipeline.stages[index].name));
+            if !selected {
+                queue.complete(index);
+                continue;
+            }
+            if blocked.contains(&index) {
+                let failed_upstream = pipeline
+                    .graph
+                    .all_upstream(index)
+                    .into_iter()
+                    .find(|u| {
+                        reports[*u]
+                            .as_ref()
+                            .is_some_and(|r| matches!(r.outcome, StageOutcome::Failed(_)))
+                    })
+                    .map(|u| pipeline.stages[u].name.clone())
+                    .unwrap_or_default();
+                reports[index] = Some(StageReport::skipped(
+                    &pipeline.stages[index],
+                    failed_upstream,
+                ));
+                queue.complete(index);
+                continue;
+            }
+            let context = context.clone();
+            running.spawn(async move { (index, stage::run(&context, index).await) });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        let (index, report) = joined.map_err(|e| RunError::Internal {
+            stage: "-".into(),
+            message: format!("stage task panicked or was cancelled: {e}"),
+        })?;
+        if let StageOutcome::Failed(message) = &report.outcome {
+            error!(stage = %report.stage, "{message}");
+            blocked.extend(pipeline.graph.all_downstream(index));
+        }
+        reports[index] = Some(report);
+        queue.complete(index);
+    }
+    let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
+    let mut report = RunReport {
+        run_id: run_id.clone(),
+        pipeline: pipeline.name.clone(),
+        stages,
+        elapsed: clock.elapsed(),
+        started_micros: started,
+        notifications: Vec::new(),
+        maintained: Vec::new(),
+    };
+    // Tables that crossed the small-file threshold are compacted now, so daily runs do not pile up
+    // files (compaction commits change no data, so readers and incremental stages are unaffected).
+    let threshold = pipeline.maintenance.optimize_after_files;
+    let mut written: Vec<crate::config::TableName> = report
+        .stages
+        .iter()
+        .filter(|s| s.output_version.is_some())
+        .filter_map(|s| crate::config::TableName::parse(&s.target))
+        .collect();
+    match crate::lake::tables(&pipeline.lake).await {
+        Ok(all) => written.extend(all.into_iter().filter(|t| t.schema == "_medallion")),
+        Err(error) => warn!("could not list the state tables to compact: {error}"),
+    }
+    for table in written {
+        match crate::maintain::optimize_if_needed(pipeline, &table, threshold).await {
+            Ok(Some(done)) => {
+                info!(table = %table, files = done.files_before, compacted = done.files_compacted, "compacted small files");
+                report.maintained.push(done);
+            }
+            Ok(None) => {}
+            Err(error) => warn!("could not compact `{table}`: {error}"),
+        }
+    }
+    if !pipeline.notify.is_empty() {
+        let event = if report.stages_succeeded() {
+            notify::Event::Success
+        } else {
+            notify::Event::Failure
+        };
+        report.notifications = notify::send_all(
+            &pipeline.notify,
+            event,
+            &pipeline.name,
+            report.status(),
+            &report.to_json(),
+        )
+        .await;
+    }
+    let meta = CommitMeta {
+        run_id: run_id.clone(),
+        stage: "_run".into(),
+    };
+    let record = RunRecord {
+        run_id: run_id.clone(),
+        pipeline: pipeline.name.clone(),
+        status: report.status().to_string(),
+        started_micros: started,
+        finished_micros: state::now_micros(),
+        stages_succeeded: report.count(|o| matches!(o, StageOutcome::Succeeded)),
+        stages_up_to_date: report.count(|o| matches!(o, StageOutcome::UpToDate(_))),
+        stages_failed: report.count(|o| matches!(o, StageOutcome::Failed(_))),
+        stages_skipped: report.count(|o| matches!(o, StageOutcome::Skipped(_))),
+    };
+    crate::crash::point("before_run_history");
+    context.state.record_run(&record, &meta).await?;
+    if let Err(error) = context
+        .state
+        .record_notifications(&run_id, &report.notifications, &meta)
+        .await
+    {
+        warn!("could not record the notifications: {error}");
+    }
+    info!(
+        status = report.status(),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "run finished"
+    );
+    Ok(report)
 }

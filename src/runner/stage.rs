@@ -153,6 +153,7 @@ async fn ingest(
         })?
         .clone();
     let mut files = landing::discover(&source).await.map_err(landing_err)?;
+    let prefix_empty = files.is_empty();
     if let Some(date) = context.options.logical_date {
         // A logical date ingests what DMS had delivered by then; undated (full-load) files count as early.
         files.retain(|f| f.date().is_none_or(|d| d <= date));
@@ -161,7 +162,7 @@ async fn ingest(
     let mut ledger = context.state.ingested_files(source_name).await?;
     // Object storage has no folders: a prefix that never held a file is most likely a wrong `path:`.
     // (Once files were landed, an empty prefix is fine: lifecycle rules expire old DMS files.)
-    if files.is_empty() && ledger.is_empty() && source.path.is_remote() {
+    if prefix_empty && ledger.is_empty() && source.path.is_remote() {
         return Err(landing_err(landing::LandingError::MissingFolder {
             source_name: source_name.to_string(),
             path: source.path.clone(),
@@ -273,6 +274,7 @@ async fn ingest(
             .zip(rows)
             .map(|((file, checksum, modified), rows)| {
                 serde_json::json!({
+                    "source": source_name,
                     "file": file.relative,
                     "size": file.size,
                     "modified_micros": modified,
@@ -435,10 +437,7 @@ async fn set_aside(
                 .join("files")
                 .join(&source.name)
                 .join(&file.relative);
-            let copied = match storage::read_all(&file.path).await {
-                Ok(bytes) => storage::write_all(&to, bytes).await,
-                Err(e) => Err(e),
-            };
+            let copied = storage::copy(&file.path, &to).await;
             match copied {
                 Ok(()) => kept_at = Some(to.to_string()),
                 Err(e) => {
@@ -530,7 +529,13 @@ async fn repair_ledger(
             };
             let int = |k: &str| file.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
             let name = text("file");
-            if name.is_empty() || ledger.contains_key(&name) {
+            // Another source's files in a Bronze table that several sources land into (commits
+            // before the source was recorded name no source: they belong to the only one there was).
+            let source = text("source");
+            if name.is_empty()
+                || ledger.contains_key(&name)
+                || !(source.is_empty() || source == source_name)
+            {
                 continue;
             }
             missing.push(LedgerEntry {

@@ -18,7 +18,9 @@ use object_store::{
 };
 use url::Url;
 
-pub use remote::{Listed, RemoteFile, StreamRead, any_under, list, read_all, write_all};
+pub use remote::{
+    Listed, ReadFailure, RemoteFile, StreamRead, any_under, copy, list, read_all, write_all,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -75,6 +77,27 @@ impl Storage {
     /// Option names (never values), for `validate` and logs.
     pub fn option_names(&self) -> impl Iterator<Item = &str> {
         self.options.keys().map(String::as_str)
+    }
+
+    /// Values of options that hold secrets (keys, tokens, passwords), to mask in error text.
+    fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.options
+            .iter()
+            .filter(|(key, value)| {
+                let key = key.to_ascii_lowercase();
+                !value.is_empty()
+                    && [
+                        "secret",
+                        "token",
+                        "password",
+                        "key_id",
+                        "access_key",
+                        "credential",
+                    ]
+                    .iter()
+                    .any(|word| key.contains(word))
+            })
+            .map(|(_, value)| value.as_str())
     }
 
     /// Options and the environment merged as delta-rs reads them, for the safety checks.
@@ -149,9 +172,15 @@ impl Location {
     pub fn parse(text: &str, base: &Path, storage: Arc<Storage>) -> Result<Location, StorageError> {
         // A location with credentials in it is shown without them.
         let shown = match Url::parse(text) {
-            Ok(mut url) if !url.username().is_empty() || url.password().is_some() => {
+            Ok(mut url)
+                if !url.username().is_empty()
+                    || url.password().is_some()
+                    || url.query().is_some() =>
+            {
                 let _ = url.set_username("");
                 let _ = url.set_password(None);
+                url.set_query(None);
+                url.set_fragment(None);
                 url.to_string()
             }
             _ => text.to_string(),
@@ -289,8 +318,10 @@ impl Location {
             return Ok(Arc::new(local));
         };
         let root = self.bucket_store(url)?;
-        let prefix = url.path().trim_matches('/');
-        if prefix.is_empty() {
+        // The URL's path is percent-encoded; the object path is not.
+        let prefix = object_store::path::Path::from_url_path(url.path())
+            .map_err(|e| self.access(e.to_string()))?;
+        if prefix.as_ref().is_empty() {
             return Ok(root);
         }
         Ok(Arc::new(PrefixStore::new(root, prefix)))
@@ -368,8 +399,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// (it names the request), with option values removed.
 pub fn explain(raw: &str, storage: &Storage) -> String {
     let mut raw = compact_xml(raw);
-    for value in storage.options.values().filter(|v| v.len() >= 4) {
-        raw = raw.replace(value.as_str(), "***");
+    for value in storage.secret_values() {
+        raw = raw.replace(value, "***");
     }
     let has = |needles: &[&str]| needles.iter().any(|n| raw.contains(n));
     let endpoint = storage
@@ -389,8 +420,8 @@ pub fn explain(raw: &str, storage: &Storage) -> String {
         "InvalidClientTokenId",
         "AccessDenied",
         "403 Forbidden",
-        "Forbidden",
         "ExpiredToken",
+        "lacked the necessary privileges",
     ]) {
         "access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and \
          that they allow the actions listed in the README's S3 section"
@@ -401,7 +432,6 @@ pub fn explain(raw: &str, storage: &Storage) -> String {
         "connection refused",
         "dns error",
         "timed out",
-        "Timeout",
         "connect error",
         "tcp connect",
     ]) {
@@ -413,7 +443,7 @@ pub fn explain(raw: &str, storage: &Storage) -> String {
         "SlowDown",
         "503 Service Unavailable",
         "TooManyRequests",
-        "429",
+        "429 Too Many Requests",
     ]) {
         "the server kept throttling requests (SlowDown) after the retries with backoff; run again later or \
          raise `storage: max_retries`"
@@ -460,6 +490,22 @@ pub async fn preflight(lake: &Location) -> Result<Preflight, StorageError> {
             conditional_writes: true,
         });
     }
+    // Once per lake and process: a backfill runs the pipeline once per date.
+    type Checked = Mutex<HashMap<String, Preflight>>;
+    static CHECKED: OnceLock<Checked> = OnceLock::new();
+    let checked = CHECKED.get_or_init(Checked::default);
+    let key = format!("{lake} {:?}", lake.storage);
+    if let Some(known) = checked.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(known);
+    }
+    let found = probe(lake).await?;
+    if let Ok(mut checked) = checked.lock() {
+        checked.insert(key, found.clone());
+    }
+    Ok(found)
+}
+
+async fn probe(lake: &Location) -> Result<Preflight, StorageError> {
     let storage = &lake.storage;
     if !storage.allow_unsafe_writes {
         type IsUnsafe = fn(&str) -> bool;
@@ -496,19 +542,33 @@ pub async fn preflight(lake: &Location) -> Result<Preflight, StorageError> {
         uuid::Uuid::new_v4().simple()
     ));
     let create = PutOptions::from(PutMode::Create);
-    store
+    let conditional_writes = match store
         .put_opts(&probe, PutPayload::from_static(b"probe"), create.clone())
         .await
-        .map_err(|e| lake.error(&e))?;
-    let second = store
-        .put_opts(&probe, PutPayload::from_static(b"probe"), create)
-        .await;
-    let _ = store.delete(&probe).await;
-    let conditional_writes = match second {
-        Err(
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
-        ) => true,
-        Ok(_) => false,
+    {
+        Ok(_) => {
+            let second = store
+                .put_opts(&probe, PutPayload::from_static(b"probe"), create)
+                .await;
+            let _ = store.delete(&probe).await;
+            match second {
+                Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                ) => true,
+                Ok(_) => false,
+                Err(e) => return Err(lake.error(&e)),
+            }
+        }
+        // Conditional puts turned off in the client (`aws_conditional_put: disabled`, opted in).
+        Err(object_store::Error::NotImplemented { .. }) => {
+            store
+                .put(&probe, PutPayload::from_static(b"probe"))
+                .await
+                .map_err(|e| lake.error(&e))?;
+            let _ = store.delete(&probe).await;
+            false
+        }
         Err(e) => return Err(lake.error(&e)),
     };
     if !conditional_writes {

@@ -14,6 +14,25 @@ use parquet::file::reader::{ChunkReader, Length};
 
 use super::{Location, StorageError};
 
+/// The first storage failure seen while reading one object. Parsers wrap I/O errors in their own (CSV,
+/// Parquet), so the reader notes the failure here: the caller can then tell "storage did not answer"
+/// (run again later) from "the file is bad" (set it aside).
+#[derive(Clone, Default)]
+pub struct ReadFailure(Arc<std::sync::Mutex<Option<String>>>);
+
+impl ReadFailure {
+    fn record(&self, error: &object_store::Error) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.get_or_insert_with(|| super::error_chain(error));
+        }
+    }
+
+    /// What failed, if storage failed.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
 /// One object, read from a blocking thread of the tokio runtime.
 #[derive(Clone)]
 pub struct RemoteFile {
@@ -21,6 +40,7 @@ pub struct RemoteFile {
     path: ObjectPath,
     size: u64,
     runtime: tokio::runtime::Handle,
+    failure: ReadFailure,
 }
 
 impl RemoteFile {
@@ -36,7 +56,13 @@ impl RemoteFile {
             path,
             size,
             runtime,
+            failure: ReadFailure::default(),
         })
+    }
+
+    /// Storage failures of every read from this object (and its clones).
+    pub fn failure(&self) -> ReadFailure {
+        self.failure.clone()
     }
 
     /// The object's bytes as an async stream (for callers on the runtime).
@@ -54,11 +80,15 @@ impl RemoteFile {
         let result = self
             .runtime
             .block_on(self.store.get_opts(&self.path, options))
-            .map_err(io::Error::other)?;
+            .map_err(|e| {
+                self.failure.record(&e);
+                io::Error::other(e)
+            })?;
         Ok(StreamRead {
             stream: result.into_stream(),
             current: Bytes::new(),
             runtime: self.runtime.clone(),
+            failure: self.failure.clone(),
         })
     }
 }
@@ -83,7 +113,10 @@ impl ChunkReader for RemoteFile {
                 self.store
                     .get_range(&self.path, start..start + length as u64),
             )
-            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+            .map_err(|e| {
+                self.failure.record(&e);
+                parquet::errors::ParquetError::External(Box::new(e))
+            })
     }
 }
 
@@ -92,13 +125,18 @@ pub struct StreamRead {
     stream: BoxStream<'static, object_store::Result<Bytes>>,
     current: Bytes,
     runtime: tokio::runtime::Handle,
+    failure: ReadFailure,
 }
 
 impl Read for StreamRead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
             match self.runtime.block_on(self.stream.next()) {
-                Some(chunk) => self.current = chunk.map_err(io::Error::other)?,
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => {
+                    self.failure.record(&e);
+                    return Err(io::Error::other(e));
+                }
                 None => return Ok(0),
             }
         }
@@ -116,7 +154,8 @@ fn split(location: &Location) -> Result<(Arc<dyn ObjectStore>, ObjectPath), Stor
         std::path::Path::new("."),
         location.storage.clone(),
     )?;
-    let path = ObjectPath::from(url.path().trim_start_matches('/'));
+    // The URL's path is percent-encoded; the object path is not.
+    let path = ObjectPath::from_url_path(url.path()).map_err(|e| location.access(e.to_string()))?;
     Ok((bucket.store()?, path))
 }
 
@@ -194,4 +233,21 @@ pub async fn any_under(location: &Location) -> Result<bool, StorageError> {
         Some(Ok(_)) => Ok(true),
         Some(Err(e)) => Err(location.error(&e)),
     }
+}
+
+/// Copies the object or file at `from` to `to` (a local copy on disk; otherwise read whole and written,
+/// which is how bad landing files reach quarantine, across stores if need be).
+pub async fn copy(from: &Location, to: &Location) -> Result<(), StorageError> {
+    if let (Some(source), Some(target)) = (from.local_path(), to.local_path()) {
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| to.access(e.to_string()))?;
+        }
+        return tokio::fs::copy(source, target)
+            .await
+            .map(|_| ())
+            .map_err(|e| from.access(e.to_string()));
+    }
+    write_all(to, read_all(from).await?).await
 }
