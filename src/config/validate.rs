@@ -225,22 +225,8 @@ impl Compiler<'_> {
     }
 
     fn resolve(&self, path: &str) -> PathBuf {
-        let path = Path::new(path);
-        let joined = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.project_dir.join(path)
-        };
-        // `./lake` under project `.` reads better as `lake`.
-        let clean: PathBuf = joined
-            .components()
-            .filter(|c| !matches!(c, std::path::Component::CurDir))
-            .collect();
-        if clean.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            clean
-        }
+        // An absolute path replaces the project directory in `join`.
+        crate::storage::clean_path(&self.project_dir.join(path))
     }
 
     /// A local path (relative to the project), `file://` or `s3://` location; `what` names it in issues.

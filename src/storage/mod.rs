@@ -219,7 +219,7 @@ impl Location {
                     "`{scheme}://` is not supported; use a local path, `file://` or `s3://bucket/prefix`"
                 )));
             }
-            None => Place::Local(clean(&base.join(text))),
+            None => Place::Local(clean_path(&base.join(text))),
         };
         Ok(Location {
             place: Arc::new(place),
@@ -361,8 +361,8 @@ impl Location {
     }
 }
 
-/// `path` without `.` segments (`./lake` reads better as `lake`).
-fn clean(path: &Path) -> PathBuf {
+/// `path` without `.` segments (`./lake` under project `.` reads better as `lake`).
+pub(crate) fn clean_path(path: &Path) -> PathBuf {
     let clean: PathBuf = path
         .components()
         .filter(|c| !matches!(c, std::path::Component::CurDir))
