@@ -168,6 +168,9 @@ struct Proxy {
     target: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Bytes the server may still send to clients; past them every connection is cut mid-response.
+    /// Negative: no limit.
+    budget: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Proxy {
@@ -177,13 +180,14 @@ impl Proxy {
             target,
             stop: None,
             thread: None,
+            budget: Arc::new(std::sync::atomic::AtomicI64::new(-1)),
         };
         proxy.resume();
         proxy
     }
 
     fn resume(&mut self) {
-        let (port, target) = (self.port, self.target);
+        let (port, target, budget) = (self.port, self.target, self.budget.clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready, listening) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -198,12 +202,12 @@ impl Proxy {
                         let Ok((mut client, _)) = listener.accept().await else {
                             continue;
                         };
+                        let budget = budget.clone();
                         tokio::spawn(async move {
-                            if let Ok(mut server) =
+                            if let Ok(server) =
                                 tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                             {
-                                let _ =
-                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                                relay(&mut client, server, &budget).await;
                             }
                         });
                     }
@@ -247,6 +251,44 @@ fn project(scratch: &Scratch, edit: &dyn Fn(String) -> String) -> std::path::Pat
     let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
     std::fs::write(project.join("pipelines/t.yaml"), edit(yaml)).expect("yaml");
     project
+}
+
+/// Copies both ways; the server's bytes count against `budget` (when it is not negative), and the
+/// connection is cut once it runs out.
+async fn relay(
+    client: &mut tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    budget: &std::sync::atomic::AtomicI64,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let upstream = tokio::io::copy(&mut from_client, &mut to_server);
+    let downstream = async {
+        let mut buffer = vec![0u8; 8192];
+        loop {
+            let n = match from_server.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let left = budget.load(Ordering::SeqCst);
+            let allowed = if left < 0 {
+                n
+            } else {
+                let allowed = n.min(left as usize);
+                budget.fetch_sub(allowed as i64, Ordering::SeqCst);
+                allowed
+            };
+            if to_client.write_all(&buffer[..allowed]).await.is_err() || allowed < n {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
 }
 
 fn free_port() -> u16 {
@@ -650,5 +692,73 @@ async fn unsafe_commit_configurations_are_refused_unless_the_user_opts_in() {
         text(&opted).contains("ignores conditional writes"),
         "{}",
         text(&opted)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_landing_file_cut_off_by_storage_is_not_set_aside_and_lands_on_the_next_run() {
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 10, 2, 29);
+    let server = S3Server::start();
+    server.create_bucket("landing");
+    let transactions = scratch.transactions_dir();
+    server.upload(&transactions, "landing", "dms/public/transactions");
+    // Only transactions come from S3 (and may be quarantined if bad); the rest stays on disk.
+    let project = project(&scratch, &|yaml| {
+        yaml.replacen(
+            "${MEDALLION_LANDING:-data/landing}/public/transactions",
+            "s3://landing/dms/public/transactions\n    on_bad_file: quarantine",
+            1,
+        )
+        .replacen(
+            "\nvars:",
+            "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
+            1,
+        )
+    });
+    let bytes: u64 = std::fs::read_dir(&transactions)
+        .expect("landing")
+        .map(|e| e.expect("entry").metadata().expect("size").len())
+        .sum();
+    // Enough for the listing and the checksum reads, not for reading everything once more to land it.
+    server.proxy.budget.store(
+        (bytes + bytes / 2) as i64,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let lake = scratch.lake();
+    let lake = lake.to_string_lossy();
+    let landing = scratch.landing();
+    let landing = landing.to_string_lossy();
+    let args = ["run", "pipelines/t.yaml"];
+    let cut = server.medallion_in(&project, &lake, &landing, &args, &[]);
+    assert_eq!(cut.status.code(), Some(1), "{}", text(&cut));
+    assert!(
+        text(&cut).contains("could not be read from storage"),
+        "{}",
+        text(&cut)
+    );
+    assert!(
+        !text(&cut).contains("bad landing file set aside"),
+        "no file taken for a bad one: {}",
+        text(&cut)
+    );
+    assert!(
+        !scratch.lake().join("quarantine/files").exists()
+            && !scratch.lake().join("_medallion/bad_files").exists(),
+        "nothing set aside as bad: {}",
+        text(&cut)
+    );
+    // Storage answers again: the same files land, as in a run from disk.
+    server
+        .proxy
+        .budget
+        .store(-1, std::sync::atomic::Ordering::SeqCst);
+    assert_success(&server.medallion_in(&project, &lake, &landing, &args, &[]));
+    let local = Scratch::new();
+    std::fs::rename(scratch.landing(), local.landing()).expect("move landing");
+    assert_success(&local.run());
+    assert_eq!(
+        fingerprint(&scratch.lake()).await,
+        fingerprint(&local.lake()).await
     );
 }
