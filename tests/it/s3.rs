@@ -242,6 +242,22 @@ impl Drop for Proxy {
     }
 }
 
+/// Asserts that a command exited with `code` and that its output says each of `needles`.
+fn assert_fails_with(output: &Output, code: i32, needles: &[&str]) {
+    let said = text(output);
+    assert_eq!(output.status.code(), Some(code), "{said}");
+    for needle in needles {
+        assert!(said.contains(needle), "expected `{needle}` in: {said}");
+    }
+}
+
+/// The reference YAML with a `storage:` block (`body`: its indented lines) before `vars:`.
+fn with_storage(yaml: String, body: &str) -> String {
+    yaml.replacen("\nvars:", &format!("\nstorage:\n{body}\nvars:"), 1)
+}
+
+const FEW_RETRIES: &str = "  max_retries: 2\n  retry_timeout_secs: 10\n";
+
 /// A copy of the reference project under the scratch folder with its YAML rewritten by `edit`.
 fn project(scratch: &Scratch, edit: &dyn Fn(String) -> String) -> std::path::PathBuf {
     let project = scratch.dir.path().join("project");
@@ -489,33 +505,28 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
         &run,
         &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
     );
-    let message = String::from_utf8_lossy(&wrong.stderr).into_owned();
-    assert_eq!(wrong.status.code(), Some(3), "{}", text(&wrong));
-    assert!(
-        message.contains("`s3://lake/l`"),
-        "names the lake: {message}"
-    );
-    assert!(message.contains("access denied"), "{message}");
+    assert_fails_with(&wrong, 3, &["`s3://lake/l`", "access denied"]);
+    let message = text(&wrong);
     assert!(!message.contains(&server.secret) && !message.contains("not-the-secret"));
     assert!(server.keys("lake", "l/").is_empty(), "nothing written");
 
     // A bucket that does not exist.
     let missing = server.medallion("s3://no-such-bucket/l", &landing, &run);
-    let message = String::from_utf8_lossy(&missing.stderr).into_owned();
-    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing));
-    assert!(message.contains("`s3://no-such-bucket/l`"), "{message}");
-    assert!(message.contains("bucket does not exist"), "{message}");
+    assert_fails_with(
+        &missing,
+        3,
+        &["`s3://no-such-bucket/l`", "bucket does not exist"],
+    );
 
     // A landing prefix that holds nothing: the stage fails naming the source and the prefix.
     let empty = server.medallion("s3://lake/other", "s3://lake/no-landing", &run);
-    assert_eq!(empty.status.code(), Some(1), "{}", text(&empty));
-    assert!(
-        text(&empty).contains(
+    assert_fails_with(
+        &empty,
+        1,
+        &[
             "source `transactions`: landing folder `s3://lake/no-landing/public/transactions` does not \
-             exist or holds no file"
-        ),
-        "{}",
-        text(&empty)
+             exist or holds no file",
+        ],
     );
 
     // A good first run, then the server goes away: exit 3, named, with few retries configured.
@@ -525,13 +536,7 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
         std::fs::rename(aside, original).expect("deliver held files");
     }
     server.proxy.pause();
-    let project = project(&scratch, &|yaml| {
-        yaml.replacen(
-            "\nvars:",
-            "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
-            1,
-        )
-    });
+    let project = project(&scratch, &|yaml| with_storage(yaml, FEW_RETRIES));
     let clock = std::time::Instant::now();
     let down = server.medallion_in(
         &project,
@@ -540,10 +545,7 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
         &["run", "pipelines/t.yaml"],
         &[],
     );
-    let message = String::from_utf8_lossy(&down.stderr).into_owned();
-    assert_eq!(down.status.code(), Some(3), "{}", text(&down));
-    assert!(message.contains("`s3://lake/l`"), "{message}");
-    assert!(message.contains("cannot reach"), "{message}");
+    assert_fails_with(&down, 3, &["`s3://lake/l`", "cannot reach"]);
     assert!(
         clock.elapsed() < Duration::from_secs(60),
         "gave up after the configured retries"
@@ -648,12 +650,7 @@ async fn unsafe_commit_configurations_are_refused_unless_the_user_opts_in() {
         &run,
         &[("AWS_S3_ALLOW_UNSAFE_RENAME", "true")],
     );
-    assert_eq!(renamed.status.code(), Some(2), "{}", text(&renamed));
-    assert!(
-        text(&renamed).contains("`AWS_S3_ALLOW_UNSAFE_RENAME` is set"),
-        "{}",
-        text(&renamed)
-    );
+    assert_fails_with(&renamed, 2, &["`AWS_S3_ALLOW_UNSAFE_RENAME` is set"]);
     assert!(server.keys("lake", "l/").is_empty());
 
     // A server that ignores `If-None-Match: *` (the header is dropped before moto sees it, so this one
@@ -661,11 +658,10 @@ async fn unsafe_commit_configurations_are_refused_unless_the_user_opts_in() {
     let careless = S3Server::start_with(&["--ignore-conditional-writes"]);
     careless.create_bucket("lake");
     let refused = careless.medallion("s3://lake/l", &landing, &run);
-    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
-    assert!(
-        text(&refused).contains("does not refuse a second create of the same object"),
-        "{}",
-        text(&refused)
+    assert_fails_with(
+        &refused,
+        3,
+        &["does not refuse a second create of the same object"],
     );
     assert!(
         careless.keys("lake", "l/").is_empty(),
@@ -674,11 +670,7 @@ async fn unsafe_commit_configurations_are_refused_unless_the_user_opts_in() {
 
     // Opting in runs it, with a warning.
     let project = project(&scratch, &|yaml| {
-        yaml.replacen(
-            "\nvars:",
-            "\nstorage:\n  allow_unsafe_writes: true\n\nvars:",
-            1,
-        )
+        with_storage(yaml, "  allow_unsafe_writes: true\n")
     });
     let opted = careless.medallion_in(
         &project,
@@ -705,16 +697,12 @@ async fn a_landing_file_cut_off_by_storage_is_not_set_aside_and_lands_on_the_nex
     server.upload(&transactions, "landing", "dms/public/transactions");
     // Only transactions come from S3 (and may be quarantined if bad); the rest stays on disk.
     let project = project(&scratch, &|yaml| {
-        yaml.replacen(
+        let yaml = yaml.replacen(
             "${MEDALLION_LANDING:-data/landing}/public/transactions",
             "s3://landing/dms/public/transactions\n    on_bad_file: quarantine",
             1,
-        )
-        .replacen(
-            "\nvars:",
-            "\nstorage:\n  max_retries: 2\n  retry_timeout_secs: 10\n\nvars:",
-            1,
-        )
+        );
+        with_storage(yaml, FEW_RETRIES)
     });
     let bytes: u64 = std::fs::read_dir(&transactions)
         .expect("landing")
@@ -731,12 +719,7 @@ async fn a_landing_file_cut_off_by_storage_is_not_set_aside_and_lands_on_the_nex
     let landing = landing.to_string_lossy();
     let args = ["run", "pipelines/t.yaml"];
     let cut = server.medallion_in(&project, &lake, &landing, &args, &[]);
-    assert_eq!(cut.status.code(), Some(1), "{}", text(&cut));
-    assert!(
-        text(&cut).contains("could not be read from storage"),
-        "{}",
-        text(&cut)
-    );
+    assert_fails_with(&cut, 1, &["could not be read from storage"]);
     assert!(
         !text(&cut).contains("bad landing file set aside"),
         "no file taken for a bad one: {}",
