@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Creates the Python environment that the interop tests read Delta tables with (deltalake, pyarrow).
-# Idempotent: reinstalls only when .ci/requirements-python.txt changed. Prints the interpreter's path.
+# Creates the Python environment that the interop tests read Delta tables with (deltalake, pyarrow), or,
+# given a requirements file, another one (bench/run.sh: the benchmark peers, with MEDALLION_VENV set).
+# Idempotent: reinstalls only when the requirements file changed. Prints the interpreter's path.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="${MEDALLION_VENV:-$HOME/.cache/medallion/venv}"
-requirements="$here/requirements-python.txt"
+requirements="${1:-$here/requirements-python.txt}"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$requirements" | cut -d' ' -f1)"
 if [[ ! -x "$venv/bin/python" ]]; then

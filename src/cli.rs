@@ -361,6 +361,11 @@ pub struct GenerateArgs {
     /// Rows per full-load file.
     #[arg(long, default_value_t = 500_000)]
     pub rows_per_load_file: u64,
+    /// Also write one extra change file of this many changes (half updates of keys over all dates, 1%
+    /// deletes, the rest inserts) under `<out>/batch/public/transactions/`, apart from the landing
+    /// files: move it in to deliver it (the benchmarks' incremental run).
+    #[arg(long, default_value_t = 0)]
+    pub change_batch: u64,
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -634,6 +639,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 date_folders: args.date_folders,
                 change_seq: args.change_seq,
                 rows_per_load_file: args.rows_per_load_file.max(1),
+                change_batch: args.change_batch,
             };
             let report = generate::generate(&options)?;
             println!(

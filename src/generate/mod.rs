@@ -46,6 +46,8 @@ pub struct GenerateOptions {
     pub change_seq: bool,
     /// Rows per full-load file.
     pub rows_per_load_file: u64,
+    /// Rows of one extra change file under `<out>/batch/` (0: none), for benchmarks.
+    pub change_batch: u64,
 }
 
 /// Counts of what was written, for the CLI summary.
@@ -120,13 +122,75 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateErr
     }
     report.files += load.finish()?;
 
+    let mut changes = ChangeWriter {
+        options,
+        catalog: &catalog,
+        rng: &mut rng,
+        live: &mut live,
+        next_id: &mut next_id,
+        seq: &mut seq,
+        report: &mut report,
+    };
     for day in load_days..options.days {
         let count = per_day + u64::from(u64::from(day) < extra);
         let date = first_day + Duration::days(i64::from(day));
         // The day's changes are committed the next morning, in one file named by its first commit.
-        let commit_start = (date + Duration::days(1))
-            .and_hms_opt(2, 0, 0)
-            .unwrap_or_default();
+        let mix = Mix {
+            inserts: count,
+            updates: count / 10,
+            deletes: (count / 100).max(1),
+        };
+        changes.write_file(&dir, date, date + Duration::days(1), mix)?;
+    }
+    if options.change_batch > 0 {
+        // One more change file, a day after the last, kept apart under `<out>/batch/` for benchmarks:
+        // half updates of keys picked over all dates, 1% deletes, the rest new transactions.
+        let rows = options.change_batch;
+        let mix = Mix {
+            updates: rows / 2,
+            deletes: rows / 100,
+            inserts: rows - rows / 2 - rows / 100,
+        };
+        let batch_dir = options
+            .out
+            .join("batch")
+            .join("public")
+            .join("transactions");
+        changes.write_file(&batch_dir, last_day, last_day + Duration::days(2), mix)?;
+    }
+    Ok(report)
+}
+
+/// How many changes of each kind a change file holds.
+struct Mix {
+    inserts: u64,
+    updates: u64,
+    deletes: u64,
+}
+
+/// Writes transaction change files, keeping the live ids in step so updates and deletes hit real keys.
+struct ChangeWriter<'a> {
+    options: &'a GenerateOptions,
+    catalog: &'a Catalog,
+    rng: &'a mut ChaCha8Rng,
+    live: &'a mut Live,
+    next_id: &'a mut i64,
+    seq: &'a mut ChangeSeq,
+    report: &'a mut GenerateReport,
+}
+
+impl ChangeWriter<'_> {
+    /// One change file in `dir` (or its `YYYY/MM/DD/` folder), committed from 02:00 on `commit_day`:
+    /// inserts dated `date`, updates and deletes of live keys, in random order.
+    fn write_file(
+        &mut self,
+        dir: &Path,
+        date: NaiveDate,
+        commit_day: NaiveDate,
+        mix: Mix,
+    ) -> Result<(), GenerateError> {
+        let options = self.options;
+        let commit_start = commit_day.and_hms_opt(2, 0, 0).unwrap_or_default();
         let name = commit_start.format("%Y%m%d-%H%M%S0000").to_string();
         let path = if options.date_folders {
             dir.join(commit_start.format("%Y/%m/%d").to_string())
@@ -141,52 +205,56 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateErr
         }
         let mut sink = RowSink::create(&path, options.style, &columns)?;
         let mut clock = Clock::new(commit_start);
-        let (mut inserts, mut updates, mut deletes) = (count, count / 10, (count / 100).max(1));
+        let Mix {
+            mut inserts,
+            mut updates,
+            mut deletes,
+        } = mix;
         let mut version: u32 = 1;
         while inserts + updates + deletes > 0 {
-            let pick = rng.random_range(0..inserts + updates + deletes);
-            let commit = clock.tick(&mut rng);
-            if pick < inserts || live.is_empty() {
+            let pick = self.rng.random_range(0..inserts + updates + deletes);
+            let commit = clock.tick(self.rng);
+            if pick < inserts || self.live.is_empty() {
                 inserts = inserts.saturating_sub(1);
-                let id = next_id;
-                next_id += 1 + i64::from(rng.random_range(0..3u8));
-                let minute = day_minute(&mut rng, date);
-                let row = catalog.transaction(options.seed, id, minute, 0);
-                write_change(&mut sink, "I", &commit, &row, options, &mut seq)?;
-                live.push(id, minute);
-                report.inserts += 1;
+                let id = *self.next_id;
+                *self.next_id += 1 + i64::from(self.rng.random_range(0..3u8));
+                let minute = day_minute(self.rng, date);
+                let row = self.catalog.transaction(options.seed, id, minute, 0);
+                write_change(&mut sink, "I", &commit, &row, options, self.seq)?;
+                self.live.push(id, minute);
+                self.report.inserts += 1;
             } else if pick < inserts + updates {
                 updates -= 1;
                 // An update carries the full new row; some keys change twice in one file.
-                let index = rng.random_range(0..live.len());
-                let (id, mut minute) = live.get(index);
-                let repeats = if rng.random_ratio(1, 10) { 2 } else { 1 };
+                let index = self.rng.random_range(0..self.live.len());
+                let (id, mut minute) = self.live.get(index);
+                let repeats = if self.rng.random_ratio(1, 10) { 2 } else { 1 };
                 for _ in 0..repeats {
                     version += 1;
-                    if rng.random_ratio(1, 20) {
+                    if self.rng.random_ratio(1, 20) {
                         // A correction that moves the transaction to another day.
-                        minute = minute.saturating_add(rng.random_range(1..=2) * 1440);
-                        live.set_minute(index, minute);
+                        minute = minute.saturating_add(self.rng.random_range(1..=2) * 1440);
+                        self.live.set_minute(index, minute);
                     }
-                    let row = catalog.transaction(options.seed, id, minute, version);
-                    write_change(&mut sink, "U", &commit, &row, options, &mut seq)?;
-                    report.updates += 1;
+                    let row = self.catalog.transaction(options.seed, id, minute, version);
+                    write_change(&mut sink, "U", &commit, &row, options, self.seq)?;
+                    self.report.updates += 1;
                 }
             } else {
                 deletes -= 1;
                 // A delete from PostgreSQL carries only the key.
-                let index = rng.random_range(0..live.len());
-                let (id, _) = live.remove(index);
+                let index = self.rng.random_range(0..self.live.len());
+                let (id, _) = self.live.remove(index);
                 let mut row = vec![String::new(); TXN_COLUMNS.len()];
                 row[0] = id.to_string();
-                write_change(&mut sink, "D", &commit, &row, options, &mut seq)?;
-                report.deletes += 1;
+                write_change(&mut sink, "D", &commit, &row, options, self.seq)?;
+                self.report.deletes += 1;
             }
         }
         sink.finish()?;
-        report.files += 1;
+        self.report.files += 1;
+        Ok(())
     }
-    Ok(report)
 }
 
 fn write_change(

@@ -141,6 +141,7 @@ fn generate_sample(scratch: &Scratch, parquet: bool) {
         date_folders: false,
         change_seq: false,
         rows_per_load_file: 1_000,
+        change_batch: 0,
     })
     .expect("generate");
 }

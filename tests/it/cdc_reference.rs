@@ -22,6 +22,7 @@ fn generate_into(out: &Path, style: FileStyle, date_folders: bool, change_seq: b
         date_folders,
         change_seq,
         rows_per_load_file: 2_000,
+        change_batch: 0,
     })
     .expect("generate");
 }

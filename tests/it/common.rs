@@ -58,6 +58,7 @@ impl Scratch {
             date_folders: false,
             change_seq: false,
             rows_per_load_file: 5_000,
+            change_batch: 0,
         })
         .expect("generate");
     }
