@@ -276,7 +276,7 @@ class Bench:
                 "gold_fact_transactions",
             }[stages]
             env = {"MEDALLION_LAKE": str(out), "MEDALLION_LANDING": str(landing)}
-            return [self.args.medallion, "-q", "run", "pipelines/transactions.yaml", "--stages", names], env
+            return [self.args.medallion, "-q", "run", "pipelines/transactions.yaml", "--select", names], env
         script = PEERS / f"{engine}_peer.py"
         return [self.python, str(script), stages, "--landing", str(landing), "--out", str(out)], {}
 

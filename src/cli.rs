@@ -660,6 +660,8 @@ pub fn run(cli: Cli) -> Result<u8> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // DataFusion plans and optimizes by recursion; a big query wants more than tokio's 2 MiB.
+        .thread_stack_size(8 << 20)
         .build()
         .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))
 }

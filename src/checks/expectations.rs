@@ -48,39 +48,74 @@ impl ExpectationResult {
     }
 }
 
-/// Evaluates every expectation on `output`.
+/// What one pass over a stage's output found.
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    pub results: Vec<ExpectationResult>,
+    /// Rows of the output.
+    pub rows: u64,
+    /// Rows failing a quarantine expectation, and rows failing only drop expectations (see [`split`]).
+    pub quarantined: u64,
+    pub dropped: u64,
+}
+
+/// Evaluates every expectation on `output` and counts its rows, in one pass over it: the stage's SQL
+/// (file scan, parsing UDFs) runs once here, not once per expectation. The first offending row of a
+/// failing expectation is looked up afterwards, only for those that fail.
 pub async fn evaluate(
     ctx: &SessionContext,
     output: &DataFrame,
     expectations: &[Expectation],
-) -> Result<Vec<ExpectationResult>, EngineError> {
-    if expectations.is_empty() {
-        return Ok(Vec::new());
-    }
+) -> Result<Evaluation, EngineError> {
     ctx.register_table(VIEW, output.clone().into_view())
         .map_err(|e| EngineError::query("cannot check expectations", e))?;
+    let violating = |e: &Expectation| format!("NOT COALESCE(({}), FALSE)", e.expr);
+    let (quarantines, drops) = (
+        all_pass(expectations, ExpectationAction::Quarantine),
+        all_pass(expectations, ExpectationAction::Drop),
+    );
+    let mut columns = vec![
+        "COUNT(*)".to_string(),
+        format!("COUNT(*) FILTER (WHERE NOT ({quarantines}))"),
+        format!("COUNT(*) FILTER (WHERE ({quarantines}) AND NOT ({drops}))"),
+    ];
+    columns.extend(
+        expectations
+            .iter()
+            .map(|e| format!("COUNT(*) FILTER (WHERE {})", violating(e))),
+    );
+    let what = if expectations.is_empty() {
+        "counting the stage's rows".to_string()
+    } else {
+        let names: Vec<String> = expectations
+            .iter()
+            .map(|e| format!("`{}`", e.name))
+            .collect();
+        format!("expectations {}", names.join(", "))
+    };
+    let counts = ctx
+        .sql(&format!("SELECT {} FROM {VIEW}", columns.join(", ")))
+        .await
+        .map_err(|e| EngineError::query(what.clone(), e))?
+        .collect()
+        .await
+        .map_err(|e| EngineError::query(what.clone(), e))?;
+    let count = |index: usize| nth_int(&counts, index).unwrap_or(0) as u64;
     let has = |c: &str| output.schema().field_with_unqualified_name(c).is_ok();
     let lineage = has("_source_file") && has("_source_row");
     let mut results = Vec::new();
-    for expectation in expectations {
-        let what = format!(
-            "expectation `{}` (`{}`)",
-            expectation.name, expectation.expr
-        );
-        let violating = format!("NOT COALESCE(({}), FALSE)", expectation.expr);
-        let count = ctx
-            .sql(&format!("SELECT COUNT(*) FROM {VIEW} WHERE {violating}"))
-            .await
-            .map_err(|e| EngineError::query(what.clone(), e))?
-            .collect()
-            .await
-            .map_err(|e| EngineError::query(what.clone(), e))?;
-        let violations = first_int(&count).unwrap_or(0) as u64;
+    for (index, expectation) in expectations.iter().enumerate() {
+        let violations = count(3 + index);
         let mut first = None;
         if violations > 0 && lineage {
+            let what = format!(
+                "expectation `{}` (`{}`)",
+                expectation.name, expectation.expr
+            );
             let sql = format!(
-                "SELECT _source_file, _source_row FROM {VIEW} WHERE {violating} \
-                 ORDER BY _source_file, _source_row LIMIT 1"
+                "SELECT _source_file, _source_row FROM {VIEW} WHERE {} \
+                 ORDER BY _source_file, _source_row LIMIT 1",
+                violating(expectation)
             );
             let batches = ctx
                 .sql(&sql)
@@ -100,13 +135,33 @@ pub async fn evaluate(
         });
     }
     let _ = ctx.deregister_table(VIEW);
-    Ok(results)
+    Ok(Evaluation {
+        results,
+        rows: count(0),
+        quarantined: count(1),
+        dropped: count(2),
+    })
 }
 
-fn first_int(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Option<i64> {
+/// `(e1) AND (e2) ...` over the expectations with `action`, each NULL counted as failing; `TRUE` if none.
+fn all_pass(expectations: &[Expectation], action: ExpectationAction) -> String {
+    let list: Vec<String> = expectations
+        .iter()
+        .filter(|e| e.action == action)
+        .map(|e| format!("COALESCE(({}), FALSE)", e.expr))
+        .collect();
+    if list.is_empty() {
+        "TRUE".into()
+    } else {
+        list.join(" AND ")
+    }
+}
+
+/// The integer in column `index` of the first row.
+fn nth_int(batches: &[datafusion::arrow::record_batch::RecordBatch], index: usize) -> Option<i64> {
     use datafusion::arrow::{array::Int64Array, compute::cast, datatypes::DataType};
     let batch = batches.iter().find(|b| b.num_rows() > 0)?;
-    let column = cast(batch.column(0), &DataType::Int64).ok()?;
+    let column = cast(batch.columns().get(index)?, &DataType::Int64).ok()?;
     column
         .as_any()
         .downcast_ref::<Int64Array>()
@@ -143,21 +198,26 @@ pub struct Split {
     pub quarantined: u64,
 }
 
-/// Divides `output` by the expectations that remove rows. A row failing both kinds is quarantined.
+/// Divides `output` by the expectations that remove rows (counted by [`evaluate`]). A row failing both
+/// kinds is quarantined.
 pub async fn split(
     ctx: &SessionContext,
     output: DataFrame,
     expectations: &[Expectation],
+    evaluation: &Evaluation,
 ) -> Result<Split, EngineError> {
     let passes = |e: &Expectation| format!("COALESCE(({}), FALSE)", e.expr);
-    let of = |action: ExpectationAction| -> Vec<&Expectation> {
-        expectations.iter().filter(|e| e.action == action).collect()
-    };
-    let (drops, quarantines) = (
-        of(ExpectationAction::Drop),
-        of(ExpectationAction::Quarantine),
-    );
-    if drops.is_empty() && quarantines.is_empty() {
+    let quarantines: Vec<&Expectation> = expectations
+        .iter()
+        .filter(|e| e.action == ExpectationAction::Quarantine)
+        .collect();
+    let removes_rows = expectations.iter().any(|e| {
+        matches!(
+            e.action,
+            ExpectationAction::Drop | ExpectationAction::Quarantine
+        )
+    });
+    if !removes_rows {
         return Ok(Split {
             kept: output,
             rejected: None,
@@ -169,52 +229,15 @@ pub async fn split(
     let err = |e| EngineError::query("expectations that drop or quarantine rows", e);
     ctx.register_table(SPLIT_VIEW, output.into_view())
         .map_err(err)?;
-    let all_pass = |list: &[&Expectation]| {
-        if list.is_empty() {
-            "TRUE".to_string()
-        } else {
-            list.iter()
-                .map(|e| passes(e))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        }
-    };
-    let keep = format!("{} AND {}", all_pass(&drops), all_pass(&quarantines));
+    let keep = format!(
+        "{} AND {}",
+        all_pass(expectations, ExpectationAction::Drop),
+        all_pass(expectations, ExpectationAction::Quarantine)
+    );
     let kept = ctx
         .sql(&format!("SELECT * FROM {SPLIT_VIEW} WHERE {keep}"))
         .await
         .map_err(err)?;
-    let counts = ctx
-        .sql(&format!(
-            "SELECT COUNT(*) FILTER (WHERE NOT ({q})) AS quarantined, \
-                    COUNT(*) FILTER (WHERE ({q}) AND NOT ({d})) AS dropped FROM {SPLIT_VIEW}",
-            q = all_pass(&quarantines),
-            d = all_pass(&drops),
-        ))
-        .await
-        .map_err(err)?
-        .collect()
-        .await
-        .map_err(err)?;
-    let count = |index: usize| {
-        counts
-            .iter()
-            .find(|b| b.num_rows() > 0)
-            .and_then(|b| {
-                datafusion::arrow::compute::cast(
-                    b.column(index),
-                    &datafusion::arrow::datatypes::DataType::Int64,
-                )
-                .ok()
-            })
-            .and_then(|c| {
-                c.as_any()
-                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
-                    .map(|a| a.value(0) as u64)
-            })
-            .unwrap_or(0)
-    };
-    let (quarantined, dropped) = (count(0), count(1));
     let rejected = if quarantines.is_empty() {
         None
     } else {
@@ -232,7 +255,7 @@ pub async fn split(
             ctx.sql(&format!(
                 "SELECT *, concat_ws('; ', {}) AS _reason FROM {SPLIT_VIEW} WHERE NOT ({})",
                 reasons.join(", "),
-                all_pass(&quarantines)
+                all_pass(expectations, ExpectationAction::Quarantine)
             ))
             .await
             .map_err(err)?,
@@ -241,7 +264,7 @@ pub async fn split(
     Ok(Split {
         kept,
         rejected,
-        dropped,
-        quarantined,
+        dropped: evaluation.dropped,
+        quarantined: evaluation.quarantined,
     })
 }

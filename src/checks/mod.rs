@@ -6,6 +6,6 @@ mod expectations;
 mod kpi;
 mod quarantine;
 
-pub use expectations::{ExpectationResult, Split, evaluate, split};
+pub use expectations::{Evaluation, ExpectationResult, Split, evaluate, split};
 pub use kpi::{CheckResult, evaluate as evaluate_checks};
 pub use quarantine::{quarantine_table, write_quarantine};

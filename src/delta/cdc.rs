@@ -110,18 +110,25 @@ pub async fn apply_changes(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<CdcMetrics, DeltaError> {
-    match prepare_changes(path, ctx, changes, spec, options).await? {
+    let rows = changes
+        .clone()
+        .count()
+        .await
+        .map_err(|e| DeltaError::query(path, e))? as u64;
+    match prepare_changes(path, ctx, changes, rows, spec, options).await? {
         Some(prepared) => prepared.commit(ctx, meta).await,
         None => Ok(CdcMetrics::default()),
     }
 }
 
-/// Steps 1 to 3: checks, deduplicates and classifies the batch; `None` when it is empty. The batch's
-/// tables stay registered in `ctx` for the commit.
+/// Steps 1 to 3: checks, deduplicates and classifies the batch of `rows_read` rows (counted by the
+/// caller, which has read it once already); `None` when it is empty. The batch's tables stay registered
+/// in `ctx` for the commit.
 pub async fn prepare_changes(
     path: &Location,
     ctx: &SessionContext,
     changes: DataFrame,
+    rows_read: u64,
     spec: &CdcSpec,
     options: &TableOptions,
 ) -> Result<Option<PreparedChanges>, DeltaError> {
@@ -144,7 +151,6 @@ pub async fn prepare_changes(
             )));
         }
     }
-    let rows_read = changes.clone().count().await.map_err(query)? as u64;
     if rows_read == 0 {
         return Ok(None);
     }

@@ -5,7 +5,9 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use crate::storage::Location;
 
+use chrono::Datelike;
 use datafusion::{
+    arrow::datatypes::DataType,
     common::ScalarValue,
     prelude::{DataFrame, Expr, col, lit},
 };
@@ -20,19 +22,85 @@ pub struct Scope {
     pub values: BTreeSet<Option<String>>,
 }
 
+/// A scope written with more terms (single values and runs) than this is not worth a predicate: the
+/// stage rebuilds the whole table instead. DataFusion's planner also recurses once per term, so a
+/// predicate of thousands overflows the stack (seen with 3,650 touched dates).
+pub const MAX_SCOPE_TERMS: usize = 256;
+
+/// One part of a scope's predicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Term {
+    One(String),
+    /// Every value from the first to the last, both included: consecutive dates or integers.
+    Run(String, String),
+}
+
 impl Scope {
-    /// The predicate as SQL text: `"col" IN ('a', 'b') OR "col" IS NULL`.
-    pub fn sql(&self) -> String {
+    /// The values as terms, with runs of consecutive dates or integers (for a column of that type) as
+    /// one range each: ten years of touched dates are one term.
+    fn terms(&self, data_type: &DataType) -> Vec<Term> {
+        let values: Vec<&String> = self.values.iter().flatten().collect();
+        let ordinals: Option<Vec<i64>> = match data_type {
+            DataType::Date32 | DataType::Date64 => values
+                .iter()
+                .map(|v| {
+                    chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                        .ok()
+                        .map(|d| i64::from(d.num_days_from_ce()))
+                })
+                .collect(),
+            t if t.is_integer() => values.iter().map(|v| v.parse::<i64>().ok()).collect(),
+            _ => None,
+        };
+        let Some(ordinals) = ordinals else {
+            return values.into_iter().cloned().map(Term::One).collect();
+        };
+        let mut pairs: Vec<(i64, &String)> = ordinals.into_iter().zip(values).collect();
+        pairs.sort();
+        let mut terms = Vec::new();
+        let mut index = 0;
+        while index < pairs.len() {
+            let mut last = index;
+            while last + 1 < pairs.len() && pairs[last + 1].0 == pairs[last].0 + 1 {
+                last += 1;
+            }
+            terms.push(if last == index {
+                Term::One(pairs[index].1.clone())
+            } else {
+                Term::Run(pairs[index].1.clone(), pairs[last].1.clone())
+            });
+            index = last + 1;
+        }
+        terms
+    }
+
+    /// Whether the scope is small enough to write as a predicate on `data` (see [`MAX_SCOPE_TERMS`]).
+    pub fn fits(&self, data: &DataFrame) -> bool {
+        match data.schema().as_arrow().field_with_name(&self.column) {
+            Ok(field) => self.terms(field.data_type()).len() <= MAX_SCOPE_TERMS,
+            Err(_) => true,
+        }
+    }
+
+    /// The predicate as SQL text, e.g. `("col" IN ('a', 'b') OR "col" BETWEEN 'c' AND 'f' OR "col" IS
+    /// NULL)`, for a column of `data_type`.
+    pub fn sql(&self, data_type: &DataType) -> String {
         let column = format!("\"{}\"", self.column.replace('"', "\"\""));
-        let values: Vec<String> = self
-            .values
-            .iter()
-            .flatten()
-            .map(|v| format!("'{}'", v.replace('\'', "''")))
-            .collect();
+        let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
+        let mut ones = Vec::new();
         let mut parts = Vec::new();
-        if !values.is_empty() {
-            parts.push(format!("{column} IN ({})", values.join(", ")));
+        for term in self.terms(data_type) {
+            match term {
+                Term::One(value) => ones.push(quote(&value)),
+                Term::Run(low, high) => parts.push(format!(
+                    "{column} BETWEEN {} AND {}",
+                    quote(&low),
+                    quote(&high)
+                )),
+            }
+        }
+        if !ones.is_empty() {
+            parts.insert(0, format!("{column} IN ({})", ones.join(", ")));
         }
         if self.values.contains(&None) {
             parts.push(format!("{column} IS NULL"));
@@ -44,7 +112,7 @@ impl Scope {
         }
     }
 
-    /// `column IN (values) [OR column IS NULL]`, with the values typed like the column of `data`.
+    /// The same predicate as [`Scope::sql`], with the values typed like the column of `data`.
     pub fn predicate(&self, data: &DataFrame) -> Result<Expr, String> {
         let field = data
             .schema()
@@ -52,23 +120,49 @@ impl Scope {
             .field_with_name(&self.column)
             .map_err(|_| format!("the stage's SQL has no column `{}`", self.column))?
             .clone();
-        let mut list = Vec::new();
-        for value in self.values.iter().flatten() {
-            let scalar = ScalarValue::try_from_string(value.clone(), field.data_type())
-                .map_err(|e| format!("value `{value}` of `{}`: {e}", self.column))?;
-            list.push(lit(scalar));
-        }
-        let column = col(datafusion::common::Column::new_unqualified(&self.column));
-        let mut predicate = if list.is_empty() {
-            lit(false)
-        } else {
-            column.clone().in_list(list, false)
+        let typed = |value: &String| {
+            ScalarValue::try_from_string(value.clone(), field.data_type())
+                .map(lit)
+                .map_err(|e| format!("value `{value}` of `{}`: {e}", self.column))
         };
-        if self.values.contains(&None) {
-            predicate = predicate.or(column.is_null());
+        let column = col(datafusion::common::Column::new_unqualified(&self.column));
+        let mut ones = Vec::new();
+        let mut parts = Vec::new();
+        for term in self.terms(field.data_type()) {
+            match term {
+                Term::One(value) => ones.push(typed(&value)?),
+                Term::Run(low, high) => {
+                    parts.push(column.clone().between(typed(&low)?, typed(&high)?))
+                }
+            }
         }
-        Ok(predicate)
+        if !ones.is_empty() {
+            parts.insert(0, column.clone().in_list(ones, false));
+        }
+        if self.values.contains(&None) {
+            parts.push(column.is_null());
+        }
+        Ok(any_of(parts))
     }
+}
+
+/// `a OR b OR ...` as a balanced tree, so that its depth grows with the log of the number of parts.
+fn any_of(mut parts: Vec<Expr>) -> Expr {
+    if parts.is_empty() {
+        return lit(false);
+    }
+    while parts.len() > 1 {
+        let mut next = Vec::with_capacity(parts.len().div_ceil(2));
+        let mut pairs = parts.into_iter();
+        while let Some(left) = pairs.next() {
+            next.push(match pairs.next() {
+                Some(right) => left.or(right),
+                None => left,
+            });
+        }
+        parts = next;
+    }
+    parts.pop().unwrap_or_else(|| lit(false))
 }
 
 pub async fn overwrite(
@@ -137,4 +231,65 @@ async fn last_write_metrics(table: &deltalake::DeltaTable) -> (u64, u64) {
             .unwrap_or(0)
     };
     (get("num_added_rows"), get("num_added_files"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope(values: &[&str]) -> Scope {
+        Scope {
+            column: "d".into(),
+            values: values.iter().map(|v| Some(v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn consecutive_dates_and_integers_become_ranges() {
+        let dates = scope(&[
+            "2019-01-01",
+            "2019-01-02",
+            "2019-01-03",
+            "2019-01-05",
+            "2018-12-31",
+        ]);
+        assert_eq!(
+            dates.sql(&DataType::Date32),
+            "(\"d\" IN ('2019-01-05') OR \"d\" BETWEEN '2018-12-31' AND '2019-01-03')"
+        );
+        // 10 sorts before 9 as text; as integers 8, 9, 10 are one run.
+        let ints = scope(&["10", "9", "8", "12"]);
+        assert_eq!(
+            ints.sql(&DataType::Int64),
+            "(\"d\" IN ('12') OR \"d\" BETWEEN '8' AND '10')"
+        );
+        // Strings are never ranges: 'a' to 'c' holds more than a, b and c.
+        let text = scope(&["a", "b", "c"]);
+        assert_eq!(text.sql(&DataType::Utf8), "(\"d\" IN ('a', 'b', 'c'))");
+    }
+
+    #[test]
+    fn ten_years_of_dates_is_one_term() {
+        let start = chrono::NaiveDate::from_ymd_opt(2010, 1, 1).expect("date");
+        let days: Vec<String> = (0..3650)
+            .map(|i| (start + chrono::Duration::days(i)).to_string())
+            .collect();
+        let all = scope(&days.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(all.terms(&DataType::Date32).len(), 1);
+        // Every other day: no runs, too many terms for a predicate.
+        let sparse: Vec<&str> = days.iter().step_by(2).map(String::as_str).collect();
+        assert!(scope(&sparse).terms(&DataType::Date32).len() > MAX_SCOPE_TERMS);
+    }
+
+    #[test]
+    fn many_terms_make_a_shallow_predicate() {
+        let many: Vec<Expr> = (0..4096).map(|i| col("x").eq(lit(i))).collect();
+        fn depth(expr: &Expr) -> usize {
+            match expr {
+                Expr::BinaryExpr(b) => 1 + depth(&b.left).max(depth(&b.right)),
+                _ => 0,
+            }
+        }
+        assert!(depth(&any_of(many)) <= 14);
+    }
 }

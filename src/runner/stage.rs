@@ -658,6 +658,15 @@ async fn sql_stage(
     let mut output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
         .await
         .map_err(engine_err)?;
+    let mut rebuilt_in_full = None;
+    if let Some(wide) = scope.take_if(|s| !s.fits(&output)) {
+        // So many values touched that a predicate would cost more than it saves: rebuild it all.
+        rebuilt_in_full = Some(format!(
+            "{} `{}` values touched: rebuilt in full",
+            wide.values.len(),
+            wide.column
+        ));
+    }
     if let Some(scope) = &scope {
         // Checks see exactly the rows that will be written.
         let predicate = scope
@@ -672,13 +681,19 @@ async fn sql_stage(
     }
 
     progress.message("checking expectations");
-    let results = checks::evaluate(&ctx, &output, &stage.expectations)
-        .await
-        .map_err(engine_err)?;
+    // One pass over the output for all expectations and the row count; none when neither is needed.
+    let evaluation = if stage.expectations.is_empty() && !stage.write.is_incremental() {
+        checks::Evaluation::default()
+    } else {
+        checks::evaluate(&ctx, &output, &stage.expectations)
+            .await
+            .map_err(engine_err)?
+    };
+    let results = &evaluation.results;
     let mut warnings = Vec::new();
     let mut failures = Vec::new();
     let mut check_results = Vec::new();
-    for result in &results {
+    for result in results {
         check_results.push(CheckResult {
             name: result.name.clone(),
             kind: "expectation".into(),
@@ -712,15 +727,11 @@ async fn sql_stage(
         });
     }
     let rows_out = if stage.write.is_incremental() {
-        output
-            .clone()
-            .count()
-            .await
-            .map_err(|e| engine_err(engine::EngineError::query("stage query", e)))? as u64
+        evaluation.rows
     } else {
         0
     };
-    let split = checks::split(&ctx, output, &stage.expectations)
+    let split = checks::split(&ctx, output, &stage.expectations, &evaluation)
         .await
         .map_err(engine_err)?;
     let output = split.kept;
@@ -749,7 +760,8 @@ async fn sql_stage(
                 track: track.clone(),
                 tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
             };
-            delta::prepare_changes(&target_path, &ctx, output.clone(), &spec, &options)
+            let kept = evaluation.rows - split.dropped - split.quarantined;
+            delta::prepare_changes(&target_path, &ctx, output.clone(), kept, &spec, &options)
                 .await
                 .map_err(delta_err)?
         }
@@ -842,6 +854,7 @@ async fn sql_stage(
                     scope.column
                 ));
             }
+            report.scope = rebuilt_in_full.or(report.scope.take());
             report.rows_read = metrics.rows_written;
             apply_write(&mut report, &metrics);
         }
@@ -932,10 +945,17 @@ async fn candidate_sql(
     ctx.register_table(CURRENT, current).map_err(query)?;
     Ok(match (&stage.write, scope) {
         (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
-        (WriteMode::Overwrite, Some(scope)) => format!(
-            "SELECT {cols} FROM {CURRENT} WHERE NOT COALESCE({}, FALSE) UNION ALL SELECT {cols} FROM batch",
-            scope.sql()
-        ),
+        (WriteMode::Overwrite, Some(scope)) => {
+            let schema = output.schema().as_arrow();
+            let data_type = schema
+                .field_with_name(&scope.column)
+                .map(|f| f.data_type().clone())
+                .unwrap_or(datafusion::arrow::datatypes::DataType::Utf8);
+            format!(
+                "SELECT {cols} FROM {CURRENT} WHERE NOT COALESCE({}, FALSE) UNION ALL SELECT {cols} FROM batch",
+                scope.sql(&data_type)
+            )
+        }
         (WriteMode::Append, _) => {
             format!("SELECT {cols} FROM {CURRENT} UNION ALL SELECT {cols} FROM batch")
         }
