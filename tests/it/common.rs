@@ -44,6 +44,19 @@ impl Scratch {
 
     /// Generates the reference workload into `landing`.
     pub fn generate(&self, transactions: u64, days: u32, change_days: u32, seed: u64) {
+        self.generate_with_batch(transactions, days, change_days, seed, 0);
+    }
+
+    /// Like [`Scratch::generate`], plus one change file of `batch` changes kept under
+    /// `landing/batch/` until [`Scratch::deliver_batch`] moves it in.
+    pub fn generate_with_batch(
+        &self,
+        transactions: u64,
+        days: u32,
+        change_days: u32,
+        seed: u64,
+        batch: u64,
+    ) {
         generate(&GenerateOptions {
             out: self.landing(),
             transactions,
@@ -58,9 +71,19 @@ impl Scratch {
             date_folders: false,
             change_seq: false,
             rows_per_load_file: 5_000,
-            change_batch: 0,
+            change_batch: batch,
         })
         .expect("generate");
+    }
+
+    /// Moves the change batch of [`Scratch::generate_with_batch`] into the landing folder.
+    pub fn deliver_batch(&self) {
+        let held = self.landing().join("batch/public/transactions");
+        for entry in std::fs::read_dir(&held).expect("batch folder") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().expect("file name").to_owned();
+            std::fs::rename(&path, self.transactions_dir().join(name)).expect("deliver batch");
+        }
     }
 
     pub fn transactions_dir(&self) -> PathBuf {

@@ -279,3 +279,30 @@ async fn contract_tables_have_the_contract_types() {
         "{cards:?}"
     );
 }
+
+/// A change batch whose updates touch hundreds of scattered dates: Gold is rebuilt in full instead of
+/// through a predicate of hundreds of terms (3,650 dates used to overflow the stack), and still equals
+/// the replay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_touching_hundreds_of_scattered_dates_rebuilds_gold_in_full() {
+    let scratch = Scratch::new();
+    scratch.generate_with_batch(4_000, 2_000, 0, 11, 1_500);
+    assert_success(&scratch.run());
+    assert_matches_replay(&scratch).await;
+    let gold_before = delta_version(&scratch.table("gold", "daily_kpis"));
+
+    scratch.deliver_batch();
+    let second = scratch.run();
+    assert_success(&second);
+    let report = crate::common::text(&second);
+    assert!(
+        report.contains("`txn_date` values touched: rebuilt in full"),
+        "the report says why Gold was rebuilt whole:\n{report}"
+    );
+    assert_eq!(
+        delta_version(&scratch.table("gold", "daily_kpis")),
+        gold_before.map(|v| v + 1),
+        "one new Gold version"
+    );
+    assert_matches_replay(&scratch).await;
+}
