@@ -31,10 +31,14 @@ sample:
     rm -rf data/landing
     cargo run -- generate --out data/landing --transactions 15000 --days 60 --change-days 5 --seed 42
 
-# Generate a large workload for benchmarks.
+# Generate a large workload (the benchmarks: `bench/run.sh --scale 10m`).
 generate out="/tmp/medallion-landing" n="1000000":
     cargo run --release -- generate --out {{out}} --transactions {{n}} --days 120
 
 # Remove the local lake (tables written by `just run`).
 clean-lake:
     rm -rf lake
+
+# Benchmarks against Python deltalake, Polars, DuckDB and PySpark (see BENCHMARKS.md).
+bench scale="1m" *args:
+    bash bench/run.sh --scale {{scale}} {{args}}
