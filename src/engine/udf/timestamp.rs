@@ -29,7 +29,7 @@ fn dms_shape(b: &[u8]) -> Option<i64> {
     let (second, nanos) = match b.len() {
         16 if b[10] == b' ' => (0, 0),
         19 if b[16] == b':' => (number(17, 19)?, 0),
-        n if n >= 21 && n <= 29 && b[16] == b':' && b[19] == b'.' => {
+        n if (21..=29).contains(&n) && b[16] == b':' && b[19] == b'.' => {
             let digits = &b[20..];
             let fraction = number(20, n)?;
             (
