@@ -201,6 +201,17 @@ pub async fn append_frame(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<WriteMetrics, DeltaError> {
+    append_frame_with(path, frame, options, meta, Vec::new()).await
+}
+
+/// As [`append_frame`], with `extra` entries in the commit info.
+pub async fn append_frame_with(
+    path: &Location,
+    frame: datafusion::prelude::DataFrame,
+    options: &TableOptions,
+    meta: &CommitMeta,
+    extra: Vec<(String, serde_json::Value)>,
+) -> Result<WriteMetrics, DeltaError> {
     use futures::StreamExt;
     let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
     let mut appender = BatchAppender::open(path, &schema, options, meta).await?;
@@ -213,5 +224,5 @@ pub async fn append_frame(
             .write(batch.map_err(|e| DeltaError::query(path, e))?)
             .await?;
     }
-    appender.commit().await
+    appender.commit_with(meta, extra).await
 }

@@ -24,14 +24,13 @@ use std::{
     sync::Arc,
 };
 
-use crate::storage::Location;
+use crate::{engine::scratch::Scratch, storage::Location};
 use datafusion::{
     arrow::{
         array::{Array, AsArray},
         datatypes::{DataType, Field, Schema},
     },
     common::ScalarValue,
-    datasource::MemTable,
     prelude::{DataFrame, SessionContext},
 };
 
@@ -82,6 +81,8 @@ pub struct CdcMetrics {
 
 const CHANGES: &str = "__medallion_changes";
 const LATEST: &str = "__medallion_latest";
+const REPEATED: &str = "__medallion_repeated";
+const REPEATED_CHANGES: &str = "__medallion_repeated_changes";
 const TARGET: &str = "__medallion_target";
 const TOMBSTONES: &str = "__medallion_tombstones";
 const CLASSIFIED: &str = "__medallion_classified";
@@ -97,6 +98,7 @@ pub struct PreparedChanges {
     table: deltalake::DeltaTable,
     tombstones: deltalake::DeltaTable,
     stored_names: Vec<String>,
+    options: TableOptions,
     counts: BTreeMap<String, u64>,
     metrics: CdcMetrics,
 }
@@ -110,12 +112,16 @@ pub async fn apply_changes(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<CdcMetrics, DeltaError> {
+    let scratch = Scratch::new().map_err(|e| DeltaError::Invalid {
+        table: path.to_string(),
+        message: e.to_string(),
+    })?;
     let rows = changes
         .clone()
         .count()
         .await
         .map_err(|e| DeltaError::query(path, e))? as u64;
-    match prepare_changes(path, ctx, changes, rows, spec, options).await? {
+    match prepare_changes(path, ctx, &scratch, changes, rows, spec, options).await? {
         Some(prepared) => prepared.commit(ctx, meta).await,
         None => Ok(CdcMetrics::default()),
     }
@@ -123,10 +129,11 @@ pub async fn apply_changes(
 
 /// Steps 1 to 3: checks, deduplicates and classifies the batch of `rows_read` rows (counted by the
 /// caller, which has read it once already); `None` when it is empty. The batch's tables stay registered
-/// in `ctx` for the commit.
+/// in `ctx` for the commit, materialized in `scratch`, which must outlive the commit.
 pub async fn prepare_changes(
     path: &Location,
     ctx: &SessionContext,
+    scratch: &Scratch,
     changes: DataFrame,
     rows_read: u64,
     spec: &CdcSpec,
@@ -156,27 +163,7 @@ pub async fn prepare_changes(
     }
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
-    reject_ties(path, ctx, spec).await?;
-
-    // 2. The last change per key within the batch, held in memory: it is read twice.
-    let columns: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
-    let order: Vec<String> = spec
-        .sequence_by
-        .iter()
-        .map(|c| format!("{} DESC NULLS LAST", quote(c)))
-        .collect();
-    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
-    let latest = ctx
-        .sql(&format!(
-            "SELECT {cols} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {order}) \
-             AS __medallion_rank FROM {CHANGES}) WHERE __medallion_rank = 1",
-            cols = columns.join(", "),
-            keys = keys.join(", "),
-            order = order.join(", "),
-        ))
-        .await
-        .map_err(query)?;
-    let latest_rows = register_collected(ctx, LATEST, latest, path).await?;
+    let latest_rows = latest_per_key(path, ctx, scratch, spec, &schema).await?;
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
     let stored: Vec<Field> = schema
@@ -211,6 +198,11 @@ pub async fn prepare_changes(
         &tombstone_options,
     )
     .await?;
+    // A table without files holds no live rows to compare with (the first load): no join needed.
+    let holds_files =
+        |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
+    let with_target = holds_files(&table);
+    let with_tombstones = holds_files(&tombstones);
     ctx.register_table(TARGET, super::provider(path, &table).await?)
         .map_err(query)?;
     ctx.register_table(
@@ -221,10 +213,17 @@ pub async fn prepare_changes(
 
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
     // read) and the tombstones.
-    let prune = key_range_filter(ctx, spec, &schema).await.map_err(query)?;
-    let classify = classify_sql(spec, &prune);
+    let prune = if with_target {
+        key_range_filter(ctx, spec, &schema).await.map_err(query)?
+    } else {
+        String::new()
+    };
+    let classify = classify_sql(spec, &prune, with_target, with_tombstones);
     let classified = ctx.sql(&classify).await.map_err(query)?;
-    register_collected(ctx, CLASSIFIED, classified, path).await?;
+    scratch
+        .materialize(ctx, CLASSIFIED, classified)
+        .await
+        .map_err(|e| engine_error(path, e))?;
     let counts = action_counts(ctx).await.map_err(query)?;
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let touched = touched_values(ctx, spec).await.map_err(query)?;
@@ -246,6 +245,7 @@ pub async fn prepare_changes(
             .iter()
             .map(|f| f.name().clone())
             .collect(),
+        options: table_options,
         counts,
         metrics,
     }))
@@ -296,29 +296,45 @@ impl PreparedChanges {
             table,
             tombstones,
             stored_names: names,
+            options,
             counts,
             mut metrics,
         } = self;
         let path = &path;
         let query = |e| DeltaError::query(path, e);
         let count = |action: &str| counts.get(action).copied().unwrap_or(0);
-        if count("insert") + count("update") + count("delete") > 0 {
+        let rewrites = count("update") + count("delete");
+        let mut extra = Vec::new();
+        if !spec.track.is_empty() {
+            extra.push((
+                TOUCHED_KEY.to_string(),
+                serde_json::to_value(&metrics.touched).unwrap_or_default(),
+            ));
+        }
+        let cols = names
+            .iter()
+            .map(|n| quote(n))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if rewrites == 0 && count("insert") > 0 {
+            // Only keys the table does not hold (a first load, new rows): appended without a join.
             let source = ctx
                 .sql(&format!(
-                    "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')",
-                    cols = names.iter().map(|n| quote(n)).collect::<Vec<_>>().join(", "),
+                    "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} = 'insert'"
+                ))
+                .await
+                .map_err(query)?;
+            metrics.write =
+                super::append::append_frame_with(path, source, &options, meta, extra).await?;
+        } else if rewrites > 0 {
+            let source = ctx
+                .sql(&format!(
+                    "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')"
                 ))
                 .await
                 .map_err(query)?;
             let newer = newer_predicate("s", "t", &spec.sequence_by);
             let update_names = names.clone();
-            let mut extra = Vec::new();
-            if !spec.track.is_empty() {
-                extra.push((
-                    TOUCHED_KEY.to_string(),
-                    serde_json::to_value(&metrics.touched).unwrap_or_default(),
-                ));
-            }
             let properties = meta.properties_with(extra);
             let (table, merge) = table
                 .merge(source, key_predicate(&spec.keys))
@@ -373,11 +389,88 @@ impl PreparedChanges {
     }
 }
 
-/// Fails when two changes of one key share the full sequence: which one wins would be arbitrary.
+/// Steps 1 and 2: registers as [`LATEST`] the last change per key of the batch; returns its row count.
+/// Only keys changed more than once in the batch need ordering (and can tie), so only their changes are
+/// sorted; in a full load, usually none.
+async fn latest_per_key(
+    path: &Location,
+    ctx: &SessionContext,
+    scratch: &Scratch,
+    spec: &CdcSpec,
+    schema: &Schema,
+) -> Result<u64, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
+    let repeated = ctx
+        .sql(&format!(
+            "SELECT {keys} FROM {CHANGES} GROUP BY {keys} HAVING COUNT(*) > 1",
+            keys = keys.join(", ")
+        ))
+        .await
+        .map_err(query)?;
+    let repeated = scratch
+        .materialize(ctx, REPEATED, repeated)
+        .await
+        .map_err(|e| engine_error(path, e))?;
+    let columns: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("c.{}", quote(f.name())))
+        .collect();
+    let columns = columns.join(", ");
+    let latest = if repeated == 0 {
+        format!("SELECT {columns} FROM {CHANGES} c")
+    } else {
+        // Keys are compared as GROUP BY compares them: NULL equal to NULL.
+        let join: Vec<String> = keys
+            .iter()
+            .map(|k| format!("c.{k} IS NOT DISTINCT FROM r.{k}"))
+            .collect();
+        let join = join.join(" AND ");
+        let of_repeated = ctx
+            .sql(&format!(
+                "SELECT {columns} FROM {CHANGES} c LEFT SEMI JOIN {REPEATED} r ON {join}"
+            ))
+            .await
+            .map_err(query)?;
+        ctx.register_table(REPEATED_CHANGES, of_repeated.into_view())
+            .map_err(query)?;
+        reject_ties(path, ctx, spec, REPEATED_CHANGES).await?;
+        let order: Vec<String> = spec
+            .sequence_by
+            .iter()
+            .map(|c| format!("{} DESC NULLS LAST", quote(c)))
+            .collect();
+        format!(
+            "SELECT {columns} FROM {CHANGES} c LEFT ANTI JOIN {REPEATED} r ON {join} \
+             UNION ALL \
+             SELECT {columns} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {order}) \
+               AS __medallion_rank FROM {REPEATED_CHANGES}) c WHERE __medallion_rank = 1",
+            keys = keys.join(", "),
+            order = order.join(", "),
+        )
+    };
+    let latest = ctx.sql(&latest).await.map_err(query)?;
+    scratch
+        .materialize(ctx, LATEST, latest)
+        .await
+        .map_err(|e| engine_error(path, e))
+}
+
+fn engine_error(path: &Location, error: crate::engine::EngineError) -> DeltaError {
+    DeltaError::Invalid {
+        table: path.to_string(),
+        message: error.to_string(),
+    }
+}
+
+/// Fails when two changes of one key in `changes` share the full sequence: which one wins would be
+/// arbitrary.
 async fn reject_ties(
     path: &Location,
     ctx: &SessionContext,
     spec: &CdcSpec,
+    changes: &str,
 ) -> Result<(), DeltaError> {
     let group: Vec<String> = spec
         .keys
@@ -393,7 +486,7 @@ async fn reject_ties(
         .collect();
     let ties = ctx
         .sql(&format!(
-            "SELECT {shown}, COUNT(*) AS __medallion_n FROM {CHANGES} GROUP BY {group} \
+            "SELECT {shown}, COUNT(*) AS __medallion_n FROM {changes} GROUP BY {group} \
              HAVING COUNT(*) > 1 ORDER BY __medallion_n DESC LIMIT 3",
             shown = shown.join(", "),
             group = group.join(", "),
@@ -484,7 +577,11 @@ async fn key_range_filter(
     })
 }
 
-fn classify_sql(spec: &CdcSpec, prune: &str) -> String {
+/// Classification SQL; `prune` limits the live rows read. Without a target (or tombstones) to compare
+/// with, its join side is `WHERE FALSE`, which the optimizer turns into no join at all.
+fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones: bool) -> String {
+    let prune = if with_target { prune } else { " WHERE FALSE" };
+    let tombstones_filter = if with_tombstones { "" } else { " WHERE FALSE" };
     let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
     let state_columns: Vec<String> = spec
         .keys
@@ -538,7 +635,7 @@ fn classify_sql(spec: &CdcSpec, prune: &str) -> String {
            {is_delete} AS {IS_DELETE}{tracked} \
          FROM {LATEST} c \
          LEFT JOIN (SELECT {target_columns}, TRUE AS __present FROM {TARGET}{prune}) tg ON {join_tg} \
-         LEFT JOIN (SELECT {state_columns}, TRUE AS __present FROM {TOMBSTONES}) tb ON {join_tb}",
+         LEFT JOIN (SELECT {state_columns}, TRUE AS __present FROM {TOMBSTONES}{tombstones_filter}) tb ON {join_tb}",
         newer_tb = newer_predicate("c", "tb", &spec.sequence_by),
         newer_tg = newer_predicate("c", "tg", &spec.sequence_by),
         target_columns = target_columns.join(", "),
@@ -660,24 +757,6 @@ async fn write_tombstones(
         .await
         .map_err(|e| DeltaError::table(path, e))?;
     Ok(())
-}
-
-/// Collects `frame` and registers it in memory as `name`; returns its row count.
-async fn register_collected(
-    ctx: &SessionContext,
-    name: &str,
-    frame: DataFrame,
-    path: &Location,
-) -> Result<u64, DeltaError> {
-    let query = |e| DeltaError::query(path, e);
-    let planned = Arc::new(frame.schema().as_arrow().clone());
-    let batches = frame.collect().await.map_err(query)?;
-    // The batches' schema can differ from the planned one in nullability; theirs is the truth.
-    let schema = batches.first().map_or(planned, |b| b.schema());
-    let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    let table = MemTable::try_new(schema, vec![batches]).map_err(query)?;
-    ctx.register_table(name, Arc::new(table)).map_err(query)?;
-    Ok(rows)
 }
 
 /// Lexicographic `a.seq > b.seq` over the sequence columns.

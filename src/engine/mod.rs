@@ -1,6 +1,7 @@
 //! DataFusion: the query session a stage runs in (UDFs, `bronze`/`silver`/`gold` schemas, the tables it
 //! reads), and stage SQL files. Reading only: commits belong to `delta/`.
 
+pub mod scratch;
 pub mod sql;
 pub mod udf;
 

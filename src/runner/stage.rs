@@ -13,7 +13,7 @@ use crate::{
     checks,
     config::{BadFilePolicy, ExpectationAction, Incremental, Stage, StageInput, WriteMode},
     delta::{self, BatchAppender, CdcSpec, CommitMeta, TableOptions, WriteMetrics},
-    engine,
+    engine::{self, scratch::Scratch},
     landing::{self, BATCH_ID, BronzeLayout, FileBatches, LandingFile, Lineage},
     state::{self, LedgerEntry, StageRecord},
     storage::{self, Location},
@@ -24,6 +24,9 @@ const MAX_INGEST_ATTEMPTS: u32 = 10;
 
 /// Rows per Bronze batch while streaming landing files.
 const INGEST_BATCH_ROWS: usize = 16 * 1024;
+
+/// The name a SQL stage's materialized output is registered under.
+const STAGE_OUTPUT: &str = "__medallion_stage_output";
 
 /// Runs stage `index`; never fails: errors become a failed [`StageReport`].
 pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
@@ -680,6 +683,21 @@ async fn sql_stage(
             .map_err(|e| engine_err(engine::EngineError::query("incremental scope", e)))?;
     }
 
+    // The output is read several times (expectations, the split, the cdc steps, the quarantine): it is
+    // computed once, into scratch files, and every later step reads typed rows from there.
+    let scratch = Scratch::new().map_err(engine_err)?;
+    if stage.write.is_incremental() || !stage.expectations.is_empty() {
+        progress.message("computing");
+        scratch
+            .materialize(&ctx, STAGE_OUTPUT, output)
+            .await
+            .map_err(engine_err)?;
+        output = ctx
+            .table(STAGE_OUTPUT)
+            .await
+            .map_err(|e| engine_err(engine::EngineError::query("stage output", e)))?;
+    }
+
     progress.message("checking expectations");
     // One pass over the output for all expectations and the row count; none when neither is needed.
     let evaluation = if stage.expectations.is_empty() && !stage.write.is_incremental() {
@@ -761,9 +779,17 @@ async fn sql_stage(
                 tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
             };
             let kept = evaluation.rows - split.dropped - split.quarantined;
-            delta::prepare_changes(&target_path, &ctx, output.clone(), kept, &spec, &options)
-                .await
-                .map_err(delta_err)?
+            delta::prepare_changes(
+                &target_path,
+                &ctx,
+                &scratch,
+                output.clone(),
+                kept,
+                &spec,
+                &options,
+            )
+            .await
+            .map_err(delta_err)?
         }
         _ => None,
     };
