@@ -439,11 +439,25 @@ class Bench:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.platform()}"
 
+    def command(self) -> str:
+        """The `bench/run.sh` command line that reproduces this run, from the parsed options."""
+        a = self.args
+        parts = ["bench/run.sh", "--scale", a.scale]
+        defaults = {"engines": ",".join(ENGINES), "workloads": ",".join(WORKLOADS), "cap": "2G",
+                    "days": 3650, "rows_per_file": 1_000_000}
+        for name, default in defaults.items():
+            value = getattr(a, name)
+            if value != default:
+                parts += [f"--{name.replace('_', '-')}", str(value)]
+        if a.no_floor:
+            parts.append("--no-floor")
+        return " ".join(parts)
+
     def write_results(self, started: dt.datetime) -> Path:
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
         path = results / f"{started:%Y-%m-%d}-{human(self.n)}.md"
-        command = "bench/run.sh " + " ".join(sys.argv[1:][4:] if sys.argv[1:2] == ["--medallion"] else sys.argv[1:])
+        command = self.command()
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         text = (
             f"# Benchmarks, N = {self.n:,} transactions ({started:%Y-%m-%d %H:%M} UTC)\n\n"

@@ -31,6 +31,37 @@ ERRORS_PATTERN = (
 )
 
 
+# Silver's computed columns from its typed ones, as sql/silver/transactions.sql computes them.
+SILVER_SELECT = ", ".join(
+    [c for c in SILVER_COLUMNS if c not in ("is_refund", "amount_category")]
+    + [
+        "amount < 0 AS is_refund",
+        "CASE WHEN abs(amount) >= 1000 THEN 'high_value' WHEN abs(amount) >= 100 THEN 'medium_value' "
+        "ELSE 'standard' END AS amount_category",
+    ]
+)
+
+# The Gold SQL of sql/gold/*.sql over `{source}` (Silver, or the part of it in scope), in the SQL that
+# DataFusion, DuckDB and Spark all read.
+GOLD = {
+    "daily_kpis": """
+        SELECT txn_date, COUNT(*) AS txn_count, CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount,
+               COUNT(*) FILTER (WHERE amount < 0) AS refund_count,
+               CAST(COALESCE(-SUM(amount) FILTER (WHERE amount < 0), 0) AS DECIMAL(18, 2)) AS refund_amount,
+               COUNT(errors) AS error_count, COUNT(*) FILTER (WHERE channel = 'ONLINE') AS online_count,
+               COUNT(DISTINCT card_id) AS distinct_cards
+        FROM {source} GROUP BY txn_date ORDER BY txn_date""",
+    "merchant_daily": """
+        SELECT merchant_id, txn_date, COUNT(*) AS txn_count,
+               CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount
+        FROM {source} GROUP BY merchant_id, txn_date ORDER BY txn_date, merchant_id""",
+    "fact_transactions": """
+        SELECT dms_id AS transaction_id, txn_ts, txn_date, CAST(date_part('year', txn_date) AS INT) AS txn_year,
+               card_id, client_id AS user_id, merchant_id, mcc, amount, channel, is_refund, amount_category,
+               errors, errors IS NOT NULL AS has_errors
+        FROM {source}""",
+}
+
 class Peer:
     def __init__(self) -> None:
         parser = argparse.ArgumentParser()

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as csv
 from deltalake import DeltaTable, QueryBuilder, write_deltalake
 
-from common import ERRORS_PATTERN, SILVER_COLUMNS, TXN_COLUMNS, Peer
+from common import ERRORS_PATTERN, GOLD, SILVER_COLUMNS, TXN_COLUMNS, Peer
 
 TYPED = f"""
 SELECT {", ".join(SILVER_COLUMNS)}, _op FROM (
@@ -49,26 +49,6 @@ SELECT {", ".join(SILVER_COLUMNS)}, _op FROM (
 ) ranked
 WHERE _rank = 1
 """
-
-GOLD = {
-    "daily_kpis": """
-        SELECT txn_date, COUNT(*) AS txn_count, CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount,
-               COUNT(*) FILTER (WHERE amount < 0) AS refund_count,
-               CAST(COALESCE(-SUM(amount) FILTER (WHERE amount < 0), 0) AS DECIMAL(18, 2)) AS refund_amount,
-               COUNT(errors) AS error_count, COUNT(*) FILTER (WHERE channel = 'ONLINE') AS online_count,
-               COUNT(DISTINCT card_id) AS distinct_cards
-        FROM silver {where} GROUP BY txn_date ORDER BY txn_date""",
-    "merchant_daily": """
-        SELECT merchant_id, txn_date, COUNT(*) AS txn_count,
-               CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount
-        FROM silver {where} GROUP BY merchant_id, txn_date ORDER BY txn_date, merchant_id""",
-    "fact_transactions": """
-        SELECT dms_id AS transaction_id, txn_ts, txn_date, CAST(date_part('year', txn_date) AS INT) AS txn_year,
-               card_id, client_id AS user_id, merchant_id, mcc, amount, channel, is_refund, amount_category,
-               errors, errors IS NOT NULL AS has_errors
-        FROM silver {where}""",
-}
-
 
 def plain(table: pa.Table) -> pa.Table:
     """DataFusion answers with string views, which pyarrow's compute functions mostly do not take."""
@@ -132,7 +112,7 @@ def gold(peer: Peer, dates: set | None) -> None:
         predicate = "txn_date IN (" + ", ".join(f"'{d.isoformat()}'" for d in sorted(dates)) + ")"
     silver = DeltaTable(str(peer.table("silver/transactions")))
     for name, query in GOLD.items():
-        result = QueryBuilder().register("silver", silver).execute(query.format(where=where))
+        result = QueryBuilder().register("silver", silver).execute(query.format(source=f"silver {where}"))
         target = peer.table(f"gold/{name}")
         partition = ["txn_year"] if name == "fact_transactions" else None
         exists = (target / "_delta_log").exists()

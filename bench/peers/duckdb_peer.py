@@ -11,7 +11,7 @@ from pathlib import Path
 
 import duckdb
 
-from common import ERRORS_PATTERN, SILVER_COLUMNS, Peer
+from common import ERRORS_PATTERN, GOLD, SILVER_COLUMNS, SILVER_SELECT, Peer
 
 TYPED = f"""
 SELECT * FROM (
@@ -40,35 +40,6 @@ WHERE dms_id IS NOT NULL AND (_op = 'D' OR (amount IS NOT NULL AND txn_ts IS NOT
       AND (errors IS NULL OR regexp_matches(errors, '{ERRORS_PATTERN}'))))
 QUALIFY row_number() OVER (PARTITION BY dms_id ORDER BY _commit_ts DESC, _file_order DESC, _source_row DESC) = 1
 """
-
-SILVER_SELECT = ", ".join(
-    [c for c in SILVER_COLUMNS if c not in ("is_refund", "amount_category")]
-    + [
-        "amount < 0 AS is_refund",
-        "CASE WHEN abs(amount) >= 1000 THEN 'high_value' WHEN abs(amount) >= 100 THEN 'medium_value' "
-        "ELSE 'standard' END AS amount_category",
-    ]
-)
-
-GOLD = {
-    "daily_kpis": """
-        SELECT txn_date, COUNT(*) AS txn_count, CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount,
-               COUNT(*) FILTER (WHERE amount < 0) AS refund_count,
-               CAST(COALESCE(-SUM(amount) FILTER (WHERE amount < 0), 0) AS DECIMAL(18, 2)) AS refund_amount,
-               COUNT(errors) AS error_count, COUNT(*) FILTER (WHERE channel = 'ONLINE') AS online_count,
-               COUNT(DISTINCT card_id) AS distinct_cards
-        FROM silver_scope GROUP BY txn_date""",
-    "merchant_daily": """
-        SELECT merchant_id, txn_date, COUNT(*) AS txn_count,
-               CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount
-        FROM silver_scope GROUP BY merchant_id, txn_date""",
-    "fact_transactions": """
-        SELECT dms_id AS transaction_id, txn_ts, txn_date, CAST(date_part('year', txn_date) AS INT) AS txn_year,
-               card_id, client_id AS user_id, merchant_id, mcc, amount, channel, is_refund, amount_category,
-               errors, errors IS NOT NULL AS has_errors
-        FROM silver_scope""",
-}
-
 
 def parquet(path: Path) -> str:
     return f"read_parquet('{path}/**/*.parquet', hive_partitioning = true)"
@@ -138,6 +109,7 @@ def gold(peer: Peer, db, incremental: bool) -> None:
         scope += " WHERE txn_date IN (SELECT txn_date FROM touched)"
     db.execute(f"CREATE OR REPLACE TEMP TABLE silver_scope AS {scope}")
     for name, query in GOLD.items():
+        query = query.format(source="silver_scope")
         folder = peer.table(f"gold/{name}")
         if incremental:
             kept = f"SELECT * FROM {parquet(folder)} WHERE txn_date NOT IN (SELECT txn_date FROM touched)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from common import ERRORS_PATTERN, SILVER_COLUMNS, Peer
+from common import ERRORS_PATTERN, GOLD, SILVER_COLUMNS, SILVER_SELECT, Peer
 
 TYPED = f"""
 SELECT * FROM (
@@ -42,35 +42,6 @@ SELECT * FROM (
 ) ranked
 WHERE _rank = 1
 """
-
-SILVER_SELECT = ", ".join(
-    [c for c in SILVER_COLUMNS if c not in ("is_refund", "amount_category")]
-    + [
-        "amount < 0 AS is_refund",
-        "CASE WHEN abs(amount) >= 1000 THEN 'high_value' WHEN abs(amount) >= 100 THEN 'medium_value' "
-        "ELSE 'standard' END AS amount_category",
-    ]
-)
-
-GOLD = {
-    "daily_kpis": """
-        SELECT txn_date, COUNT(*) AS txn_count, CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount,
-               COUNT(*) FILTER (WHERE amount < 0) AS refund_count,
-               CAST(COALESCE(-SUM(amount) FILTER (WHERE amount < 0), 0) AS DECIMAL(18, 2)) AS refund_amount,
-               COUNT(errors) AS error_count, COUNT(*) FILTER (WHERE channel = 'ONLINE') AS online_count,
-               COUNT(DISTINCT card_id) AS distinct_cards
-        FROM silver_scope GROUP BY txn_date""",
-    "merchant_daily": """
-        SELECT merchant_id, txn_date, COUNT(*) AS txn_count,
-               CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount
-        FROM silver_scope GROUP BY merchant_id, txn_date""",
-    "fact_transactions": """
-        SELECT dms_id AS transaction_id, txn_ts, txn_date, CAST(year(txn_date) AS INT) AS txn_year,
-               card_id, client_id AS user_id, merchant_id, mcc, amount, channel, is_refund, amount_category,
-               errors, errors IS NOT NULL AS has_errors
-        FROM silver_scope""",
-}
-
 
 def session(peer: Peer) -> SparkSession:
     memory = f"{int(peer.memory_cap * 0.6) // 2**20}m" if peer.memory_cap else "6g"
@@ -154,7 +125,7 @@ def gold(peer: Peer, spark: SparkSession, incremental: bool) -> None:
     spark.sql(scope).createOrReplaceTempView("silver_scope")
     for name, query in GOLD.items():
         folder = peer.table(f"gold/{name}")
-        frame = spark.sql(query)
+        frame = spark.sql(query.format(source="silver_scope"))
         if incremental:
             kept = spark.read.parquet(str(folder)).where("txn_date NOT IN (SELECT txn_date FROM touched)")
             kept.createOrReplaceTempView("kept")

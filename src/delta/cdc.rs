@@ -112,7 +112,7 @@ pub async fn apply_changes(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<CdcMetrics, DeltaError> {
-    let scratch = Scratch::new().map_err(|e| DeltaError::Invalid {
+    let scratch = Scratch::new(None).map_err(|e| DeltaError::Invalid {
         table: path.to_string(),
         message: e.to_string(),
     })?;
@@ -163,7 +163,7 @@ pub async fn prepare_changes(
     }
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
-    let latest_rows = latest_per_key(path, ctx, scratch, spec, &schema).await?;
+    let latest_rows = latest_per_key(path, ctx, scratch, spec, &schema, rows_read).await?;
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
     let stored: Vec<Field> = schema
@@ -220,10 +220,16 @@ pub async fn prepare_changes(
     };
     let classify = classify_sql(spec, &prune, with_target, with_tombstones);
     let classified = ctx.sql(&classify).await.map_err(query)?;
-    scratch
-        .materialize(ctx, CLASSIFIED, classified)
-        .await
-        .map_err(|e| engine_error(path, e))?;
+    if with_target || with_tombstones {
+        // The joins are read by every later step: computed once.
+        scratch
+            .materialize(ctx, CLASSIFIED, classified)
+            .await
+            .map_err(|e| engine_error(path, e))?;
+    } else {
+        ctx.register_table(CLASSIFIED, classified.into_view())
+            .map_err(query)?;
+    }
     let counts = action_counts(ctx).await.map_err(query)?;
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let touched = touched_values(ctx, spec).await.map_err(query)?;
@@ -398,6 +404,7 @@ async fn latest_per_key(
     scratch: &Scratch,
     spec: &CdcSpec,
     schema: &Schema,
+    rows_read: u64,
 ) -> Result<u64, DeltaError> {
     let query = |e| DeltaError::query(path, e);
     let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
@@ -418,9 +425,14 @@ async fn latest_per_key(
         .map(|f| format!("c.{}", quote(f.name())))
         .collect();
     let columns = columns.join(", ");
-    let latest = if repeated == 0 {
-        format!("SELECT {columns} FROM {CHANGES} c")
-    } else {
+    if repeated == 0 {
+        // Every key once: the batch is its own latest.
+        let latest = ctx.table(CHANGES).await.map_err(query)?;
+        ctx.register_table(LATEST, latest.into_view())
+            .map_err(query)?;
+        return Ok(rows_read);
+    }
+    let latest = {
         // Keys are compared as GROUP BY compares them: NULL equal to NULL.
         let join: Vec<String> = keys
             .iter()

@@ -1,14 +1,24 @@
-//! A stage's scratch space: query results written once to local Arrow IPC files and read back as
-//! tables. A stage reads its output several times (expectations, the split into kept and quarantined
-//! rows, the cdc steps); materialized here, the expensive plan behind it (file scans, parsing UDFs) runs
-//! once, and the rows wait in the page cache rather than in the process's memory.
+//! A stage's scratch space: query results computed once and read back as tables. A stage reads its
+//! output several times (expectations, the split into kept and quarantined rows, the cdc steps);
+//! materialized here, the expensive plan behind it (file scans, parsing UDFs) runs once. A result up to
+//! the scratch's memory budget stays in memory; a larger one goes in full to local Arrow IPC files, where
+//! it waits in the page cache rather than in the process's memory.
 
-use std::{fs::File, io::BufWriter, path::PathBuf};
+use std::{
+    fs::File,
+    io::BufWriter,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
 
 use datafusion::{
-    arrow::ipc::writer::FileWriter,
-    datasource::file_format::options::ArrowReadOptions,
+    arrow::{datatypes::SchemaRef, ipc::writer::FileWriter, record_batch::RecordBatch},
+    datasource::{MemTable, file_format::options::ArrowReadOptions},
     error::DataFusionError,
+    execution::SendableRecordBatchStream,
     prelude::{DataFrame, SessionContext},
 };
 use futures::StreamExt;
@@ -18,14 +28,22 @@ use super::EngineError;
 /// Environment variable naming the directory scratch files go under (default: the system's temp dir).
 pub const SCRATCH_DIR_ENV: &str = "MEDALLION_SCRATCH_DIR";
 
+/// Environment variable setting the bytes one result may hold in memory (`0`: always on disk).
+pub const SCRATCH_MEMORY_ENV: &str = "MEDALLION_SCRATCH_MEMORY";
+
+/// Bytes one result may hold in memory when the run has no memory limit.
+const DEFAULT_BUDGET: usize = 256 * 1024 * 1024;
+
 /// A directory of materialized results, removed with everything in it when dropped.
 pub struct Scratch {
     dir: tempfile::TempDir,
+    budget: usize,
 }
 
 impl Scratch {
-    /// A new directory under `$MEDALLION_SCRATCH_DIR`, or the system's temp dir.
-    pub fn new() -> Result<Scratch, EngineError> {
+    /// A new directory under `$MEDALLION_SCRATCH_DIR`, or the system's temp dir. A result holds at most
+    /// `$MEDALLION_SCRATCH_MEMORY` bytes in memory; by default an eighth of the memory limit, or 256 MiB.
+    pub fn new(memory_limit: Option<usize>) -> Result<Scratch, EngineError> {
         let parent = std::env::var_os(SCRATCH_DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -41,11 +59,25 @@ impl Scratch {
             .prefix("medallion-")
             .tempdir_in(&parent)
             .map_err(invalid)?;
-        Ok(Scratch { dir })
+        let budget = match std::env::var(SCRATCH_MEMORY_ENV) {
+            Ok(value) => value.trim().parse().map_err(|_| EngineError::Invalid {
+                what: format!("${SCRATCH_MEMORY_ENV}"),
+                message: format!("`{value}` is not a number of bytes"),
+            })?,
+            Err(_) => memory_limit.map_or(DEFAULT_BUDGET, |limit| limit / 8),
+        };
+        Ok(Scratch { dir, budget })
     }
 
-    /// Runs `frame`, writes its result as one file per partition (the partitions run in parallel) and
-    /// registers it in `ctx` as `name`; returns its row count. `name` must be new to this scratch.
+    /// As [`Scratch::new`], with an explicit memory budget per result (0: always on disk).
+    pub fn with_budget(budget: usize) -> Result<Scratch, EngineError> {
+        let mut scratch = Scratch::new(None)?;
+        scratch.budget = budget;
+        Ok(scratch)
+    }
+
+    /// Runs `frame` (its partitions in parallel) and registers its result in `ctx` as `name`; returns its
+    /// row count. `name` must be new to this scratch.
     pub async fn materialize(
         &self,
         ctx: &SessionContext,
@@ -55,53 +87,136 @@ impl Scratch {
         let what = || format!("materializing `{name}`");
         let err = |e: DataFusionError| EngineError::query(what(), e);
         let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| err(e.into()))?;
         let streams = frame.execute_stream_partitioned().await.map_err(err)?;
         let Some(schema) = streams.first().map(|s| s.schema()) else {
             return Err(err(DataFusionError::Internal(
                 "a plan without partitions".into(),
             )));
         };
-        let mut writers = Vec::with_capacity(streams.len());
-        for (index, mut stream) in streams.into_iter().enumerate() {
+        let shared = Arc::new(Shared {
+            budget: self.budget,
+            held: AtomicUsize::new(0),
+            spilled: AtomicBool::new(false),
+        });
+        let mut tasks = Vec::with_capacity(streams.len());
+        for (index, stream) in streams.into_iter().enumerate() {
             let file = dir.join(format!("part-{index}.arrow"));
-            // Each partition on its own task, so that the partitions' plans run on all workers. The file
-            // writes are buffered writes to local disk, short enough to make in place.
-            writers.push(tokio::spawn(async move {
-                let mut writer =
-                    FileWriter::try_new(BufWriter::new(File::create(&file)?), &stream.schema())?;
-                let mut rows = 0u64;
-                while let Some(batch) = stream.next().await {
-                    let batch = batch?;
-                    rows += batch.num_rows() as u64;
-                    writer.write(&batch)?;
-                }
-                writer.finish()?;
-                Ok::<u64, DataFusionError>(rows)
-            }));
+            // Each partition on its own task, so that the partitions' plans run on all workers.
+            tasks.push(tokio::spawn(drain(stream, file, shared.clone())));
         }
-        let mut rows = 0;
-        for writer in writers {
-            rows += writer
+        let mut parts = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            parts.push(
+                task.await
+                    .map_err(|e| err(DataFusionError::External(Box::new(e))))?
+                    .map_err(err)?,
+            );
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        if shared.spilled.load(Ordering::SeqCst) {
+            // On disk in full: the partitions that finished within the budget join the others there.
+            for part in parts {
+                part.into_file(&schema).map_err(err)?;
+            }
+            let location = format!("{}/", dir.display());
+            let options = ArrowReadOptions {
+                schema: Some(schema.as_ref()),
+                ..ArrowReadOptions::default()
+            };
+            ctx.register_arrow(name, &location, options)
                 .await
-                .map_err(|e| err(DataFusionError::External(Box::new(e))))?
                 .map_err(err)?;
+        } else {
+            let batches = parts.into_iter().map(|p| p.held).collect();
+            let table = MemTable::try_new(schema, batches).map_err(err)?;
+            ctx.register_table(name, Arc::new(table)).map_err(err)?;
         }
-        let location = format!("{}/", dir.display());
-        let options = ArrowReadOptions {
-            schema: Some(schema.as_ref()),
-            ..ArrowReadOptions::default()
-        };
-        ctx.register_arrow(name, &location, options)
-            .await
-            .map_err(err)?;
         Ok(rows)
     }
 
     /// The scratch directory (for tests and diagnostics).
-    pub fn path(&self) -> &std::path::Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// What the partitions of one result share: the bytes they hold in memory, and whether they went to disk.
+struct Shared {
+    budget: usize,
+    held: AtomicUsize,
+    spilled: AtomicBool,
+}
+
+/// One partition of a result: in memory (`held`), or in its file (`writer`, open until [`Part::into_file`]).
+struct Part {
+    rows: u64,
+    held: Vec<RecordBatch>,
+    file: PathBuf,
+    writer: Option<FileWriter<BufWriter<File>>>,
+}
+
+impl Part {
+    /// Moves what is held in memory to the file, which stays open for more.
+    fn spill(
+        &mut self,
+        schema: &SchemaRef,
+    ) -> Result<&mut FileWriter<BufWriter<File>>, DataFusionError> {
+        let writer = match self.writer.take() {
+            Some(writer) => writer,
+            None => {
+                if let Some(dir) = self.file.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                FileWriter::try_new(BufWriter::new(File::create(&self.file)?), schema)?
+            }
+        };
+        let writer = self.writer.insert(writer);
+        for batch in self.held.drain(..) {
+            writer.write(&batch)?;
+        }
+        Ok(writer)
+    }
+
+    /// Writes the partition to its file in full and closes it.
+    fn into_file(mut self, schema: &SchemaRef) -> Result<(), DataFusionError> {
+        self.spill(schema)?.finish()?;
+        Ok(())
+    }
+}
+
+/// Reads one partition's stream, holding its batches in memory while the result fits the budget, and
+/// writing them to `file` from the moment any partition finds that it does not. The writes are buffered
+/// writes to local disk, short enough to make on the runtime's worker.
+async fn drain(
+    mut stream: SendableRecordBatchStream,
+    file: PathBuf,
+    shared: Arc<Shared>,
+) -> Result<Part, DataFusionError> {
+    let schema = stream.schema();
+    let mut part = Part {
+        rows: 0,
+        held: Vec::new(),
+        file,
+        writer: None,
+    };
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        part.rows += batch.num_rows() as u64;
+        if part.writer.is_none() && !shared.spilled.load(Ordering::SeqCst) {
+            let size = batch.get_array_memory_size();
+            let held = shared.held.fetch_add(size, Ordering::SeqCst) + size;
+            if held <= shared.budget {
+                part.held.push(batch);
+                continue;
+            }
+            shared.spilled.store(true, Ordering::SeqCst);
+        }
+        part.spill(&schema)?.write(&batch)?;
+    }
+    Ok(part)
 }
 
 #[cfg(test)]
@@ -110,9 +225,17 @@ mod tests {
     use datafusion::arrow::array::AsArray;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_result_is_read_back_unchanged_and_removed_with_the_scratch() {
+    async fn a_result_within_the_budget_is_read_back_unchanged() {
+        round_trip(Scratch::new(None).unwrap(), false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_over_the_budget_goes_to_disk_and_is_read_back_unchanged() {
+        round_trip(Scratch::with_budget(4096).unwrap(), true).await;
+    }
+
+    async fn round_trip(scratch: Scratch, on_disk: bool) {
         let ctx = SessionContext::new();
-        let scratch = Scratch::new().unwrap();
         let frame = ctx
             .sql(
                 "SELECT v AS id, CAST(v AS DECIMAL(18,2)) AS amount, \
@@ -152,7 +275,7 @@ mod tests {
             6_667
         );
         let dir = scratch.path().to_path_buf();
-        assert!(dir.join("t").is_dir());
+        assert_eq!(dir.join("t").is_dir(), on_disk);
         drop(scratch);
         assert!(!dir.exists(), "the scratch directory outlived its owner");
     }

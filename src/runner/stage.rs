@@ -685,7 +685,7 @@ async fn sql_stage(
 
     // The output is read several times (expectations, the split, the cdc steps, the quarantine): it is
     // computed once, into scratch files, and every later step reads typed rows from there.
-    let scratch = Scratch::new().map_err(engine_err)?;
+    let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
     if stage.write.is_incremental() || !stage.expectations.is_empty() {
         progress.message("computing");
         scratch

@@ -149,13 +149,16 @@ impl Scratch {
         self.command_in(&project, &["run", "pipelines/t.yaml"])
     }
 
-    /// Runs medallion with `args` from `dir` against this scratch landing and lake.
+    /// Runs medallion with `args` from `dir` against this scratch landing and lake. Stages here keep no
+    /// intermediate result in memory (`MEDALLION_SCRATCH_MEMORY=0`), so that the tests running edited
+    /// projects cover the on-disk path and those running the reference one the in-memory path.
     pub fn command_in(&self, dir: &Path, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
             .current_dir(dir)
             .env("MEDALLION_LANDING", self.landing())
             .env("MEDALLION_LAKE", self.lake())
+            .env("MEDALLION_SCRATCH_MEMORY", "0")
             .env("RUST_LOG", "warn")
             .output()
             .expect("run medallion")
