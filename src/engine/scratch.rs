@@ -31,6 +31,9 @@ pub const SCRATCH_DIR_ENV: &str = "MEDALLION_SCRATCH_DIR";
 /// Environment variable setting the bytes one result may hold in memory (`0`: always on disk).
 pub const SCRATCH_MEMORY_ENV: &str = "MEDALLION_SCRATCH_MEMORY";
 
+/// Scratch directories are named `medallion-<pid>-<random>`.
+const PREFIX: &str = "medallion-";
+
 /// Bytes one result may hold in memory when the run has no memory limit.
 const DEFAULT_BUDGET: usize = 256 * 1024 * 1024;
 
@@ -47,18 +50,6 @@ impl Scratch {
         let parent = std::env::var_os(SCRATCH_DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
-        let invalid = |e: std::io::Error| EngineError::Invalid {
-            what: format!(
-                "cannot create a scratch directory under {}",
-                parent.display()
-            ),
-            message: e.to_string(),
-        };
-        std::fs::create_dir_all(&parent).map_err(invalid)?;
-        let dir = tempfile::Builder::new()
-            .prefix("medallion-")
-            .tempdir_in(&parent)
-            .map_err(invalid)?;
         let budget = match std::env::var(SCRATCH_MEMORY_ENV) {
             Ok(value) => value.trim().parse().map_err(|_| EngineError::Invalid {
                 what: format!("${SCRATCH_MEMORY_ENV}"),
@@ -66,14 +57,26 @@ impl Scratch {
             })?,
             Err(_) => memory_limit.map_or(DEFAULT_BUDGET, |limit| limit / 8),
         };
-        Ok(Scratch { dir, budget })
+        Scratch::new_in(&parent, budget)
     }
 
-    /// As [`Scratch::new`], with an explicit memory budget per result (0: always on disk).
-    pub fn with_budget(budget: usize) -> Result<Scratch, EngineError> {
-        let mut scratch = Scratch::new(None)?;
-        scratch.budget = budget;
-        Ok(scratch)
+    /// A new directory under `parent` holding up to `budget` bytes of a result in memory (0: always on
+    /// disk). The directories of processes that ended without removing theirs (killed, crashed) go first.
+    pub fn new_in(parent: &Path, budget: usize) -> Result<Scratch, EngineError> {
+        let invalid = |e: std::io::Error| EngineError::Invalid {
+            what: format!(
+                "cannot create a scratch directory under {}",
+                parent.display()
+            ),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(parent).map_err(invalid)?;
+        remove_orphans(parent);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{PREFIX}{}-", std::process::id()))
+            .tempdir_in(parent)
+            .map_err(invalid)?;
+        Ok(Scratch { dir, budget })
     }
 
     /// Runs `frame` (its partitions in parallel) and registers its result in `ctx` as `name`; returns its
@@ -137,6 +140,32 @@ impl Scratch {
     /// The scratch directory (for tests and diagnostics).
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Removes the scratch directories under `parent` whose process is gone. Only where `/proc` tells
+/// which processes live (Linux); best effort, as a directory left behind costs only disk.
+fn remove_orphans(parent: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -231,7 +260,26 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_result_over_the_budget_goes_to_disk_and_is_read_back_unchanged() {
-        round_trip(Scratch::with_budget(4096).unwrap(), true).await;
+        let parent = tempfile::tempdir().unwrap();
+        round_trip(Scratch::new_in(parent.path(), 4096).unwrap(), true).await;
+    }
+
+    #[test]
+    fn the_directories_of_ended_processes_are_removed_and_live_ones_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        // Linux pids stay below 2^22: this one never lives.
+        let orphan = parent.path().join("medallion-999999999-abc");
+        let live = parent
+            .path()
+            .join(format!("medallion-{}-xyz", std::process::id()));
+        let other = parent.path().join("medallion-notes");
+        for dir in [&orphan, &live, &other] {
+            std::fs::create_dir_all(dir.join("t")).unwrap();
+        }
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert!(!orphan.exists(), "an ended process's scratch was kept");
+        assert!(live.exists() && other.exists());
+        assert!(scratch.path().starts_with(parent.path()));
     }
 
     async fn round_trip(scratch: Scratch, on_disk: bool) {
