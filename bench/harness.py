@@ -439,7 +439,7 @@ class Bench:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.platform()}"
 
-    def command(self) -> str:
+    def reproduce_command(self) -> str:
         """The `bench/run.sh` command line that reproduces this run, from the parsed options."""
         a = self.args
         parts = ["bench/run.sh", "--scale", a.scale]
@@ -457,7 +457,7 @@ class Bench:
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
         path = results / f"{started:%Y-%m-%d}-{human(self.n)}.md"
-        command = self.command()
+        command = self.reproduce_command()
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         text = (
             f"# Benchmarks, N = {self.n:,} transactions ({started:%Y-%m-%d %H:%M} UTC)\n\n"
