@@ -20,7 +20,7 @@ QUERIES = {
                COUNT(errors) AS errors, SUM(mcc) AS sum_mcc, COUNT(*) FILTER (WHERE is_refund) AS refunds,
                COUNT(*) FILTER (WHERE channel = 'ONLINE') AS online,
                COUNT(*) FILTER (WHERE amount_category = 'high_value') AS high_value,
-               SUM(epoch(txn_ts))::BIGINT AS sum_txn_ts, SUM(epoch(_commit_ts))::BIGINT AS sum_commit_ts,
+               SUM(epoch_us(txn_ts)::HUGEINT) AS sum_txn_ts, SUM(epoch_us(_commit_ts)::HUGEINT) AS sum_commit_ts,
                COUNT(DISTINCT txn_date) AS dates
         FROM t""",
     "gold/daily_kpis": """

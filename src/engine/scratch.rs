@@ -6,7 +6,7 @@
 
 use std::{
     fs::File,
-    io::BufWriter,
+    io::{BufReader, BufWriter},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -15,10 +15,16 @@ use std::{
 };
 
 use datafusion::{
-    arrow::{datatypes::SchemaRef, ipc::writer::FileWriter, record_batch::RecordBatch},
-    datasource::{MemTable, file_format::options::ArrowReadOptions},
+    arrow::{
+        datatypes::SchemaRef,
+        ipc::{reader::FileReader, writer::FileWriter},
+        record_batch::RecordBatch,
+    },
+    catalog::streaming::StreamingTable,
+    datasource::MemTable,
     error::DataFusionError,
-    execution::SendableRecordBatchStream,
+    execution::{SendableRecordBatchStream, TaskContext},
+    physical_plan::{stream::RecordBatchStreamAdapter, streaming::PartitionStream},
     prelude::{DataFrame, SessionContext},
 };
 use futures::StreamExt;
@@ -118,17 +124,16 @@ impl Scratch {
         let rows = parts.iter().map(|p| p.rows).sum();
         if shared.spilled.load(Ordering::SeqCst) {
             // On disk in full: the partitions that finished within the budget join the others there.
+            let mut files: Vec<Arc<dyn PartitionStream>> = Vec::with_capacity(parts.len());
             for part in parts {
+                files.push(Arc::new(ScratchFile {
+                    path: part.file.clone(),
+                    schema: schema.clone(),
+                }));
                 part.into_file(&schema).map_err(err)?;
             }
-            let location = format!("{}/", dir.display());
-            let options = ArrowReadOptions {
-                schema: Some(schema.as_ref()),
-                ..ArrowReadOptions::default()
-            };
-            ctx.register_arrow(name, &location, options)
-                .await
-                .map_err(err)?;
+            let table = StreamingTable::try_new(schema, files).map_err(err)?;
+            ctx.register_table(name, Arc::new(table)).map_err(err)?;
         } else {
             let batches = parts.into_iter().map(|p| p.held).collect();
             let table = MemTable::try_new(schema, batches).map_err(err)?;
@@ -166,6 +171,36 @@ fn remove_orphans(parent: &Path) {
         if !proc.join(pid.to_string()).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
+    }
+}
+
+/// One scratch file as a partition of its table, read batch by batch: DataFusion's own Arrow file
+/// reader loads each file range whole, which for a large result means the result in memory again.
+/// The reads are of local files just written (mostly from the page cache), made in place.
+#[derive(Debug)]
+struct ScratchFile {
+    path: PathBuf,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for ScratchFile {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _context: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let opened = File::open(&self.path)
+            .map_err(DataFusionError::from)
+            .and_then(|file| {
+                FileReader::try_new(BufReader::new(file), None).map_err(DataFusionError::from)
+            });
+        let batches = match opened {
+            Ok(reader) => futures::stream::iter(reader)
+                .map(|batch| batch.map_err(DataFusionError::from))
+                .boxed(),
+            Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
+        };
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), batches))
     }
 }
 
