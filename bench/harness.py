@@ -416,7 +416,7 @@ class Bench:
 
     def collect_versions(self) -> None:
         medallion = subprocess.run([self.args.medallion, "--version"], capture_output=True, text=True)
-        self.versions["medallion"] = medallion.stdout.strip()
+        self.versions["medallion"] = medallion.stdout.strip().removeprefix("medallion ")
         probe = (
             "import importlib.metadata as m, json; "
             "print(json.dumps({p: m.version(p) for p in ['deltalake','pyarrow','polars','duckdb','pyspark']}))"
@@ -447,6 +447,8 @@ class Bench:
                     "days": 3650, "rows_per_file": 1_000_000}
         for name, default in defaults.items():
             value = getattr(a, name)
+            if isinstance(value, list):
+                value = ",".join(value)
             if value != default:
                 parts += [f"--{name.replace('_', '-')}", str(value)]
         if a.no_floor:
