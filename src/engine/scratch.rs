@@ -16,6 +16,7 @@ use std::{
 
 use datafusion::{
     arrow::{
+        array::ArrayRef,
         datatypes::SchemaRef,
         ipc::{reader::FileReader, writer::FileWriter},
         record_batch::RecordBatch,
@@ -236,7 +237,7 @@ impl Part {
         };
         let writer = self.writer.insert(writer);
         for batch in self.held.drain(..) {
-            writer.write(&batch)?;
+            writer.write(&compact(&batch)?)?;
         }
         Ok(writer)
     }
@@ -246,6 +247,29 @@ impl Part {
         self.spill(schema)?.finish()?;
         Ok(())
     }
+}
+
+/// `batch` with its string and binary views holding only their own bytes. A view array made by a slice,
+/// a filter or a join's take shares its parent's data buffers, and the IPC writer writes them whole:
+/// written as they come, a 3M-row join result took 22 GB of scratch instead of 0.8 GB.
+fn compact(batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
+    use datafusion::arrow::{array::AsArray, datatypes::DataType};
+    let needs = |t: &DataType| matches!(t, DataType::Utf8View | DataType::BinaryView);
+    if !batch.schema().fields().iter().any(|f| needs(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|column| -> ArrayRef {
+            match column.data_type() {
+                DataType::Utf8View => Arc::new(column.as_string_view().gc()),
+                DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
+                _ => column.clone(),
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// Reads one partition's stream, holding its batches in memory while the result fits the budget, and
@@ -278,7 +302,7 @@ async fn drain(
             }
             shared.spilled.store(true, Ordering::SeqCst);
         }
-        part.spill(&schema)?.write(&batch)?;
+        part.spill(&schema)?.write(&compact(&batch)?)?;
     }
     Ok(part)
 }
@@ -297,6 +321,53 @@ mod tests {
     async fn a_result_over_the_budget_goes_to_disk_and_is_read_back_unchanged() {
         let parent = tempfile::tempdir().unwrap();
         round_trip(Scratch::new_in(parent.path(), 4096).unwrap(), true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slices_of_one_string_view_array_are_written_with_only_their_own_bytes() {
+        use datafusion::arrow::{
+            array::{Array, StringViewArray},
+            datatypes::{DataType, Field, Schema},
+        };
+        let values: StringViewArray = (0..100_000)
+            .map(|i| Some(format!("a string longer than twelve bytes, number {i:08}")))
+            .collect();
+        let bytes: usize = values.data_buffers().iter().map(|b| b.len()).sum();
+        let schema = Arc::new(Schema::new(vec![Field::new("s", DataType::Utf8View, true)]));
+        let whole = RecordBatch::try_new(schema.clone(), vec![Arc::new(values)]).unwrap();
+        // A hundred slices, each sharing all of the array's data buffers.
+        let slices: Vec<RecordBatch> = (0..100).map(|i| whole.slice(i * 1000, 1000)).collect();
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(schema, vec![slices]).unwrap();
+        let frame = ctx.read_table(Arc::new(table)).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert_eq!(
+            scratch.materialize(&ctx, "t", frame).await.unwrap(),
+            100_000
+        );
+        let written: u64 = std::fs::read_dir(scratch.path().join("t"))
+            .unwrap()
+            .map(|f| f.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            written < 2 * bytes as u64,
+            "{written} bytes written for {bytes} bytes of strings"
+        );
+        let counted = ctx
+            .sql("SELECT COUNT(DISTINCT s) FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            counted[0]
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0),
+            100_000
+        );
     }
 
     #[test]
