@@ -326,7 +326,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slices_of_one_string_view_array_are_written_with_only_their_own_bytes() {
         use datafusion::arrow::{
-            array::{Array, StringViewArray},
+            array::StringViewArray,
             datatypes::{DataType, Field, Schema},
         };
         let values: StringViewArray = (0..100_000)
