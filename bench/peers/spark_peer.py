@@ -59,10 +59,12 @@ def session(peer: Peer) -> SparkSession:
     )
 
 
-def replace(folder: Path, frame) -> None:
+def replace(folder: Path, frame, partition_by: str | None = None) -> None:
+    """Writes `frame` next to `folder`, then swaps it in."""
     fresh = folder.with_name(folder.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
-    frame.write.parquet(str(fresh))
+    writer = frame.write.partitionBy(partition_by) if partition_by else frame.write
+    writer.parquet(str(fresh))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(old)
@@ -130,17 +132,7 @@ def gold(peer: Peer, spark: SparkSession, incremental: bool) -> None:
             kept = spark.read.parquet(str(folder)).where("txn_date NOT IN (SELECT txn_date FROM touched)")
             kept.createOrReplaceTempView("kept")
             frame = spark.sql("SELECT * FROM kept").unionByName(frame)
-        if name == "fact_transactions":
-            fresh = folder.with_name(folder.name + ".new")
-            shutil.rmtree(fresh, ignore_errors=True)
-            frame.write.partitionBy("txn_year").parquet(str(fresh))
-            old = folder.with_name(folder.name + ".old")
-            if folder.exists():
-                folder.rename(old)
-            fresh.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            replace(folder, frame)
+        replace(folder, frame, "txn_year" if name == "fact_transactions" else None)
 
 
 def main() -> None:
