@@ -16,8 +16,7 @@ use deltalake::{
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
 
-/// Parquet files are cut at about this size while streaming.
-const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+use super::files::TARGET_FILE_SIZE;
 
 /// A streaming append into one table, committed once by [`BatchAppender::commit`]. Dropping it without
 /// committing leaves the table unchanged (the written files are unreferenced and vacuumed later).
@@ -204,7 +203,8 @@ pub async fn append_frame(
     append_frame_with(path, frame, options, meta, Vec::new()).await
 }
 
-/// As [`append_frame`], with `extra` entries in the commit info.
+/// As [`append_frame`], with `extra` entries in the commit info. The result's partitions are written in
+/// parallel ([`super::files::write_files`]).
 pub async fn append_frame_with(
     path: &Location,
     frame: datafusion::prelude::DataFrame,
@@ -212,17 +212,43 @@ pub async fn append_frame_with(
     meta: &CommitMeta,
     extra: Vec<(String, serde_json::Value)>,
 ) -> Result<WriteMetrics, DeltaError> {
-    use futures::StreamExt;
     let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
-    let mut appender = BatchAppender::open(path, &schema, options, meta).await?;
-    let mut stream = frame
-        .execute_stream()
-        .await
-        .map_err(|e| DeltaError::query(path, e))?;
-    while let Some(batch) = stream.next().await {
-        appender
-            .write(batch.map_err(|e| DeltaError::query(path, e))?)
-            .await?;
+    let table = create_if_missing(path, &schema, options).await?;
+    let written = super::files::write_files(path, &table, frame).await?;
+    if written.rows == 0 {
+        return Ok(WriteMetrics::default());
     }
-    appender.commit_with(meta, extra).await
+    let partition_columns: Vec<String> = table
+        .snapshot()
+        .map_err(|e| DeltaError::table(path, e))?
+        .metadata()
+        .partition_columns()
+        .to_vec();
+    let operation = deltalake::protocol::DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+        predicate: None,
+    };
+    let files_added = written.adds.len() as u64;
+    let actions = written
+        .adds
+        .into_iter()
+        .map(deltalake::kernel::Action::Add)
+        .collect();
+    let version = super::files::commit(
+        path,
+        &table,
+        actions,
+        operation,
+        meta.properties_with(extra),
+    )
+    .await?;
+    Ok(WriteMetrics {
+        version: Some(version),
+        rows_source: None,
+        rows_written: written.rows,
+        rows_inserted: written.rows,
+        files_added,
+        ..WriteMetrics::default()
+    })
 }

@@ -11,8 +11,11 @@
 //! 3. Classify each remaining change against the live row and the tombstone of its key: older than or
 //!    equal to either is *stale* (a late or re-delivered change); otherwise it is an insert, update,
 //!    delete, or a delete of a key the table does not hold (*tombstone* only).
-//! 4. Merge the effective changes into the table in one commit, then record tombstones (added for deletes,
-//!    removed by newer upserts) in the companion table.
+//! 4. Write the effective changes into the table in one commit, then record tombstones (added for
+//!    deletes, removed by newer upserts) in the companion table. Only inserts: appended. Otherwise
+//!    copy-on-write: the files holding a key the batch updates or deletes (found by the classification's
+//!    join, which reads each live row's file) are rewritten without those rows, the inserts and updates
+//!    are written beside them, and the commit removes the old files.
 //!
 //! Step 4 commits the table first: a crash before the tombstones commit leaves the watermark unmoved, and
 //! the re-run classifies the same batch again, finds the table changes stale, and writes the tombstones.
@@ -20,7 +23,7 @@
 //! change older than the delete bring the row back.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
 };
 
@@ -32,6 +35,10 @@ use datafusion::{
     },
     common::ScalarValue,
     prelude::{DataFrame, SessionContext},
+};
+use deltalake::{
+    kernel::Action,
+    protocol::{DeltaOperation, MergePredicate},
 };
 
 use super::{
@@ -84,6 +91,12 @@ const LATEST: &str = "__medallion_latest";
 const REPEATED: &str = "__medallion_repeated";
 const REPEATED_CHANGES: &str = "__medallion_repeated_changes";
 const TARGET: &str = "__medallion_target";
+/// The target's files that hold keys the batch updates or deletes, read for the rewrite.
+const REWRITTEN: &str = "__medallion_rewritten";
+/// In [`TARGET`], the file of each row (its full URL, as delta-rs's scans name files).
+const FILE_ID: &str = "__medallion_file";
+/// In [`CLASSIFIED`], the file holding the live row a change replaces or deletes.
+const TARGET_FILE: &str = "__medallion_target_file";
 const TOMBSTONES: &str = "__medallion_tombstones";
 const CLASSIFIED: &str = "__medallion_classified";
 const ACTION: &str = "__medallion_action";
@@ -203,8 +216,12 @@ pub async fn prepare_changes(
         |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
     let with_target = holds_files(&table);
     let with_tombstones = holds_files(&tombstones);
-    ctx.register_table(TARGET, super::provider(path, &table).await?)
+    let target = table
+        .table_provider()
+        .with_file_column(FILE_ID)
+        .await
         .map_err(query)?;
+    ctx.register_table(TARGET, target).map_err(query)?;
     ctx.register_table(
         TOMBSTONES,
         super::provider(&spec.tombstones, &tombstones).await?,
@@ -333,57 +350,10 @@ impl PreparedChanges {
             metrics.write =
                 super::append::append_frame_with(path, source, &options, meta, extra).await?;
         } else if rewrites > 0 {
-            let source = ctx
-                .sql(&format!(
-                    "SELECT {cols}, {ACTION} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update', 'delete')"
-                ))
-                .await
-                .map_err(query)?;
-            let newer = newer_predicate("s", "t", &spec.sequence_by);
-            let update_names = names.clone();
-            let properties = meta.properties_with(extra);
-            let (table, merge) = table
-                .merge(source, key_predicate(&spec.keys))
-                // The stage's session: its memory limit holds for the merge's join too.
-                .with_session_state(Arc::new(ctx.state()))
-                .with_source_alias("s")
-                .with_writer_properties(super::writer_properties())
-                .with_target_alias("t")
-                .when_matched_delete(|d| d.predicate(format!("s.{ACTION} = 'delete' AND {newer}")))
-                .and_then(|m| {
-                    m.when_matched_update(|mut u| {
-                        u = u.predicate(format!("s.{ACTION} = 'update' AND {newer}"));
-                        for c in &update_names {
-                            u = u.update(c.as_str(), format!("s.{}", quote(c)));
-                        }
-                        u
-                    })
-                })
-                .and_then(|m| {
-                    m.when_not_matched_insert(|mut i| {
-                        i = i.predicate(format!("s.{ACTION} = 'insert'"));
-                        for c in &names {
-                            i = i.set(c.as_str(), format!("s.{}", quote(c)));
-                        }
-                        i
-                    })
-                })
-                .map_err(|e| DeltaError::table(path, e))?
-                .with_commit_properties(properties)
-                .await
-                .map_err(|e| DeltaError::table(path, e))?;
-            metrics.write = WriteMetrics {
-                rows_source: None,
-                version: table.version(),
-                rows_written: (merge.num_target_rows_inserted + merge.num_target_rows_updated)
-                    as u64,
-                rows_inserted: merge.num_target_rows_inserted as u64,
-                rows_updated: merge.num_target_rows_updated as u64,
-                rows_deleted: merge.num_target_rows_deleted as u64,
-                files_added: merge.num_target_files_added as u64,
-            };
-            metrics.files_scanned = merge.num_target_files_scanned as u64;
-            metrics.files_removed = merge.num_target_files_removed as u64;
+            let (write, files) = rewrite(ctx, path, &spec, &table, &cols, &counts, meta, extra).await?;
+            metrics.write = write;
+            metrics.files_scanned = files;
+            metrics.files_removed = files;
         }
 
         // Tombstones: added or moved forward by deletes, removed by upserts newer than them.
@@ -644,9 +614,9 @@ fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones:
              ELSE 'insert' \
            END AS {ACTION}, \
            COALESCE(tb.__present, FALSE) AS {HAD_TOMBSTONE}, \
-           {is_delete} AS {IS_DELETE}{tracked} \
+           {is_delete} AS {IS_DELETE}, tg.{FILE_ID} AS {TARGET_FILE}{tracked} \
          FROM {LATEST} c \
-         LEFT JOIN (SELECT {target_columns}, TRUE AS __present FROM {TARGET}{prune}) tg ON {join_tg} \
+         LEFT JOIN (SELECT {target_columns}, {FILE_ID}, TRUE AS __present FROM {TARGET}{prune}) tg ON {join_tg} \
          LEFT JOIN (SELECT {state_columns}, TRUE AS __present FROM {TOMBSTONES}{tombstones_filter}) tb ON {join_tb}",
         newer_tb = newer_predicate("c", "tb", &spec.sequence_by),
         newer_tg = newer_predicate("c", "tg", &spec.sequence_by),
@@ -711,6 +681,106 @@ async fn touched_values(
         }
     }
     Ok(touched)
+}
+
+/// Step 4 for a batch that updates or deletes rows, copy-on-write: the files holding those rows are
+/// rewritten without them, the batch's inserts and updates are written beside them, and one commit swaps
+/// the new files for the old. Files holding no changed key are not read. Returns the write's metrics
+/// and the number of files rewritten.
+#[allow(clippy::too_many_arguments)]
+async fn rewrite(
+    ctx: &SessionContext,
+    path: &Location,
+    spec: &CdcSpec,
+    table: &deltalake::DeltaTable,
+    cols: &str,
+    counts: &BTreeMap<String, u64>,
+    meta: &CommitMeta,
+    extra: Vec<(String, serde_json::Value)>,
+) -> Result<(WriteMetrics, u64), DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let count = |action: &str| counts.get(action).copied().unwrap_or(0);
+    let files = touched_files(ctx).await.map_err(query)?;
+    let rewritten = table
+        .table_provider()
+        .with_file_paths(files.iter().cloned())
+        .await
+        .map_err(query)?;
+    ctx.register_table(REWRITTEN, rewritten).map_err(query)?;
+    let join: Vec<String> = spec
+        .keys
+        .iter()
+        .map(|k| format!("c.{0} = t.{0}", quote(k)))
+        .collect();
+    let rows = ctx
+        .sql(&format!(
+            "SELECT {cols} FROM {REWRITTEN} t WHERE NOT EXISTS (SELECT 1 FROM {CLASSIFIED} c \
+               WHERE {join} AND c.{ACTION} IN ('update', 'delete')) \
+             UNION ALL SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
+            join = join.join(" AND "),
+        ))
+        .await
+        .map_err(query)?;
+    let written = super::files::write_files(path, table, rows).await?;
+    let files_added = written.adds.len() as u64;
+    let mut actions = super::files::removes(path, table, &files)?;
+    actions.extend(written.adds.into_iter().map(Action::Add));
+    let predicate = |action: &str, predicate: &str| MergePredicate {
+        action_type: action.to_string(),
+        predicate: Some(predicate.to_string()),
+    };
+    let operation = DeltaOperation::Merge {
+        // No predicate: the commit conflicts with any concurrent change to the table.
+        predicate: None,
+        merge_predicate: Some(key_predicate(&spec.keys)),
+        matched_predicates: vec![
+            predicate("delete", "the change is a newer delete"),
+            predicate("update", "the change is a newer update"),
+        ],
+        not_matched_predicates: vec![predicate("insert", "the change is an insert")],
+        not_matched_by_source_predicates: Vec::new(),
+    };
+    let version = super::files::commit(
+        path,
+        table,
+        actions,
+        operation,
+        meta.properties_with(extra),
+    )
+    .await?;
+    let write = WriteMetrics {
+        rows_source: None,
+        version: Some(version),
+        rows_written: count("insert") + count("update"),
+        rows_inserted: count("insert"),
+        rows_updated: count("update"),
+        rows_deleted: count("delete"),
+        files_added,
+    };
+    Ok((write, files.len() as u64))
+}
+
+/// The files (scan file ids) holding the live rows that the batch updates or deletes.
+async fn touched_files(ctx: &SessionContext) -> datafusion::error::Result<HashSet<String>> {
+    let batches = ctx
+        .sql(&format!(
+            "SELECT DISTINCT CAST({TARGET_FILE} AS VARCHAR) FROM {CLASSIFIED} \
+             WHERE {ACTION} IN ('update', 'delete')"
+        ))
+        .await?
+        .collect()
+        .await?;
+    let mut files = HashSet::new();
+    for batch in &batches {
+        let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let names = cast.as_string::<i32>();
+        for row in 0..batch.num_rows() {
+            if names.is_valid(row) {
+                files.insert(names.value(row).to_string());
+            }
+        }
+    }
+    Ok(files)
 }
 
 async fn write_tombstones(

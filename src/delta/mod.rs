@@ -4,6 +4,7 @@
 
 mod append;
 mod cdc;
+mod files;
 mod merge;
 mod overwrite;
 
