@@ -6,7 +6,8 @@ the options. Workloads, in the order they run for each engine:
   ingest       full load of N transactions (CSV) into Bronze + Silver
   gold         the full Gold build (daily_kpis, merchant_daily, fact_transactions) from that Silver
   incremental  a change batch of N/10 (half updates of keys over all dates, 1% deletes, the rest
-               inserts) into Bronze, merged into Silver, Gold rebuilt for the touched dates
+               inserts) into Bronze, merged into Silver, Gold rebuilt for the touched dates; --batch
+               sets its size, --batch-days keeps its updates and deletes to keys of the last days
   capped       the same incremental run from the same starting state, inside a memory cgroup
   pipeline     ingest + gold in one run from an empty lake (the whole job as a user schedules it)
 
@@ -241,11 +242,45 @@ class Bench:
         )
         marker.write_text("")
 
+    @property
+    def batch(self) -> int:
+        """Changes in the incremental batch."""
+        return self.args.batch or self.n // 10
+
+    @property
+    def batch_dir(self) -> Path:
+        """Where the incremental batch is: generated with the load (the default), or apart."""
+        if self.batch == self.n // 10 and not self.args.batch_days:
+            return self.data / "batch"
+        return self.work / f"batch-{human(self.batch)}-{self.args.batch_days or 'all'}d"
+
+    def generate_batch(self) -> None:
+        """A batch other than the default: the same seed makes the same load (discarded) and this batch."""
+        marker = self.batch_dir / ".generated"
+        if self.batch_dir == self.data / "batch" or marker.exists():
+            return
+        scratch = self.work / "batch-scratch"
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(self.batch_dir, ignore_errors=True)
+        print(f"data: generating a batch of {self.batch:,} changes into {self.batch_dir} ...", flush=True)
+        subprocess.run(
+            [
+                self.args.medallion, "generate", "--out", str(scratch),
+                "--transactions", str(self.n), "--days", str(self.args.days), "--change-days", "0",
+                "--change-batch", str(self.batch), "--change-batch-days", str(self.args.batch_days),
+                "--rows-per-load-file", str(self.args.rows_per_file), "--seed", "42",
+            ],
+            check=True,
+        )
+        (scratch / "batch").rename(self.batch_dir)
+        shutil.rmtree(scratch)
+        marker.write_text("")
+
     def load_files(self) -> list[Path]:
         return sorted((self.data / "public/transactions").glob("LOAD*.csv"))
 
     def batch_files(self) -> list[Path]:
-        return sorted((self.data / "batch/public/transactions").glob("*.csv"))
+        return sorted((self.batch_dir / "public/transactions").glob("*.csv"))
 
     def landing(self, engine: str) -> Path:
         """A landing folder of hard links to the generated files (no copy), with the full load only."""
@@ -288,7 +323,7 @@ class Bench:
         log = base / "log.txt"
         base.mkdir(parents=True, exist_ok=True)
         log.write_text("")
-        n, batch = self.n, self.n // 10
+        n, batch = self.n, self.batch
 
         def run(workload: str, stages: str, landing: Path, rows: int, cap: int | None = None) -> Measure:
             command, env = self.command(engine, stages, landing, out)
@@ -444,13 +479,14 @@ class Bench:
         a = self.args
         parts = ["bench/run.sh", "--scale", a.scale]
         defaults = {"engines": ",".join(ENGINES), "workloads": ",".join(WORKLOADS), "cap": "2G",
-                    "days": 3650, "rows_per_file": 1_000_000}
+                    "days": 3650, "rows_per_file": 1_000_000, "batch": 0, "batch_days": 0}
         for name, default in defaults.items():
             value = getattr(a, name)
             if isinstance(value, list):
                 value = ",".join(value)
             if value != default:
-                parts += [f"--{name.replace('_', '-')}", str(value)]
+                shown = human(value) if name == "batch" else str(value)
+                parts += [f"--{name.replace('_', '-')}", shown]
         if a.no_floor:
             parts.append("--no-floor")
         return " ".join(parts)
@@ -458,7 +494,8 @@ class Bench:
     def write_results(self, started: dt.datetime) -> Path:
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        path = results / f"{started:%Y-%m-%d}-{human(self.n)}.md"
+        suffix = "" if self.batch_dir == self.data / "batch" else f"-{self.batch_dir.name}"
+        path = results / f"{started:%Y-%m-%d}-{human(self.n)}{suffix}.md"
         command = self.reproduce_command()
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         text = (
@@ -467,9 +504,11 @@ class Bench:
             f"- Versions: {versions}\n"
             f"- Command: `{command.strip()}`\n"
             f"- Data: `medallion generate --transactions {self.n} --days {self.args.days} --change-days 0 "
-            f"--change-batch {self.n // 10} --seed 42` ({len(self.load_files())} full-load files, "
+            f"--change-batch {self.batch} --change-batch-days {self.args.batch_days} --seed 42` "
+            f"({len(self.load_files())} full-load files, "
             f"{sum(p.stat().st_size for p in self.load_files()) / 2**20:,.0f} MiB of CSV; "
-            f"batch of {self.n // 10:,} changes)\n"
+            f"batch of {self.batch:,} changes, updates and deletes over "
+            f"{f'the last {self.args.batch_days} days' if self.args.batch_days else 'all dates'})\n"
             f"- Memory cap of `capped`: {self.args.cap} (cgroup v1 memory.limit_in_bytes; medallion also gets "
             f"`MEDALLION_MEMORY_LIMIT` = half of it)\n\n"
             f"{self.table()}\n\n"
@@ -493,6 +532,10 @@ def main() -> int:
     parser.add_argument("--cap", default="2G", help="memory cap of the `capped` workload")
     parser.add_argument("--days", type=int, default=3650, help="days the transactions spread over")
     parser.add_argument("--rows-per-file", type=int, default=1_000_000, help="rows per full-load CSV file")
+    parser.add_argument("--batch", type=parse_scale, default=0,
+                        help="changes in the incremental batch, e.g. 100k (default N/10)")
+    parser.add_argument("--batch-days", type=int, default=0,
+                        help="the batch's updates and deletes hit keys of the last this many days (default: all)")
     parser.add_argument("--work", help="working folder (default ~/.cache/medallion/bench/<scale>)")
     parser.add_argument("--keep", action="store_true", help="keep every engine's tables afterwards")
     parser.add_argument("--no-floor", action="store_true", help="skip the CSV->Parquet floor")
@@ -513,6 +556,7 @@ def main() -> int:
     started = dt.datetime.now(dt.timezone.utc)
     bench = Bench(args)
     bench.generate()
+    bench.generate_batch()
     bench.collect_versions()
     if "ingest" in args.workloads and not args.no_floor:
         print("floor:", flush=True)

@@ -366,6 +366,10 @@ pub struct GenerateArgs {
     /// files: move it in to deliver it (the benchmarks' incremental run).
     #[arg(long, default_value_t = 0)]
     pub change_batch: u64,
+    /// The change batch's updates and deletes hit keys of its last this many days (default: all days);
+    /// new rows are dated the last day either way.
+    #[arg(long, default_value_t = 0, requires = "change_batch")]
+    pub change_batch_days: u32,
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -640,6 +644,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 change_seq: args.change_seq,
                 rows_per_load_file: args.rows_per_load_file.max(1),
                 change_batch: args.change_batch,
+                change_batch_days: args.change_batch_days,
             };
             let report = generate::generate(&options)?;
             println!(

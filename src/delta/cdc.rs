@@ -34,7 +34,8 @@ use datafusion::{
         datatypes::{DataType, Field, Schema},
     },
     common::ScalarValue,
-    prelude::{DataFrame, SessionContext},
+    logical_expr::JoinType,
+    prelude::{DataFrame, Expr, SessionContext, ident},
 };
 use deltalake::{
     kernel::Action,
@@ -707,20 +708,41 @@ async fn rewrite(
         .await
         .map_err(query)?;
     ctx.register_table(REWRITTEN, rewritten).map_err(query)?;
-    let join: Vec<String> = spec
+    // The rows of those files whose key the batch does not update or delete. The batch's keys are the
+    // join's build side (a right anti join): hashing the files' rows instead would hold them all.
+    let changed_keys: Vec<String> = spec
         .keys
         .iter()
-        .map(|k| format!("c.{0} = t.{0}", quote(k)))
+        .enumerate()
+        .map(|(i, k)| format!("{} AS __medallion_key_{i}", quote(k)))
         .collect();
-    let rows = ctx
+    let changed = ctx
         .sql(&format!(
-            "SELECT {cols} FROM {REWRITTEN} t WHERE NOT EXISTS (SELECT 1 FROM {CLASSIFIED} c \
-               WHERE {join} AND c.{ACTION} IN ('update', 'delete')) \
-             UNION ALL SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
-            join = join.join(" AND "),
+            "SELECT {} FROM {CLASSIFIED} WHERE {ACTION} IN ('update', 'delete')",
+            changed_keys.join(", ")
         ))
         .await
         .map_err(query)?;
+    let files_rows = ctx
+        .sql(&format!("SELECT {cols} FROM {REWRITTEN}"))
+        .await
+        .map_err(query)?;
+    let on: Vec<Expr> = spec
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| ident(format!("__medallion_key_{i}")).eq(ident(k)))
+        .collect();
+    let kept = changed
+        .join_on(files_rows, JoinType::RightAnti, on)
+        .map_err(query)?;
+    let upserts = ctx
+        .sql(&format!(
+            "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')"
+        ))
+        .await
+        .map_err(query)?;
+    let rows = kept.union(upserts).map_err(query)?;
     let written = super::files::write_files(path, table, rows).await?;
     let files_added = written.adds.len() as u64;
     let mut actions = super::files::removes(path, table, &files)?;

@@ -48,6 +48,8 @@ pub struct GenerateOptions {
     pub rows_per_load_file: u64,
     /// Rows of one extra change file under `<out>/batch/` (0: none), for benchmarks.
     pub change_batch: u64,
+    /// The batch's updates and deletes hit keys of its last this many days (0: of all days).
+    pub change_batch_days: u32,
 }
 
 /// Counts of what was written, for the CLI summary.
@@ -130,6 +132,7 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateErr
         next_id: &mut next_id,
         seq: &mut seq,
         report: &mut report,
+        recent: None,
     };
     for day in load_days..options.days {
         let count = per_day + u64::from(u64::from(day) < extra);
@@ -144,8 +147,15 @@ pub fn generate(options: &GenerateOptions) -> Result<GenerateReport, GenerateErr
     }
     if options.change_batch > 0 {
         // One more change file, a day after the last, kept apart under `<out>/batch/` for benchmarks:
-        // half updates of keys picked over all dates, 1% deletes, the rest new transactions.
+        // half updates of keys picked over all dates (or the last `change_batch_days`), 1% deletes, the
+        // rest new transactions.
         let rows = options.change_batch;
+        if options.change_batch_days > 0 {
+            // Live keys are in date order but for the few that deletes moved: the last ones are recent.
+            let share = u64::from(options.change_batch_days.min(options.days));
+            let live = changes.live.len() as u64;
+            changes.recent = Some((live * share / u64::from(options.days)).max(1) as usize);
+        }
         let mix = Mix {
             updates: rows / 2,
             deletes: rows / 100,
@@ -177,9 +187,19 @@ struct ChangeWriter<'a> {
     next_id: &'a mut i64,
     seq: &'a mut ChangeSeq,
     report: &'a mut GenerateReport,
+    /// Updates and deletes pick among the this many most recent live keys (all when `None`).
+    recent: Option<usize>,
 }
 
 impl ChangeWriter<'_> {
+    /// A live key for an update or delete: any, or one of the most recent. The caller checks that
+    /// there is one.
+    fn pick(&mut self) -> usize {
+        let len = self.live.len();
+        let low = self.recent.map_or(0, |recent| len.saturating_sub(recent));
+        self.rng.random_range(low..len)
+    }
+
     /// One change file in `dir` (or its `YYYY/MM/DD/` folder), committed from 02:00 on `commit_day`:
     /// inserts dated `date`, updates and deletes of live keys, in random order.
     fn write_file(
@@ -226,7 +246,7 @@ impl ChangeWriter<'_> {
             } else if pick < inserts + updates {
                 updates -= 1;
                 // An update carries the full new row; some keys change twice in one file.
-                let index = self.rng.random_range(0..self.live.len());
+                let index = self.pick();
                 let (id, mut minute) = self.live.get(index);
                 let repeats = if self.rng.random_ratio(1, 10) { 2 } else { 1 };
                 for _ in 0..repeats {
@@ -243,7 +263,7 @@ impl ChangeWriter<'_> {
             } else {
                 deletes -= 1;
                 // A delete from PostgreSQL carries only the key.
-                let index = self.rng.random_range(0..self.live.len());
+                let index = self.pick();
                 let (id, _) = self.live.remove(index);
                 let mut row = vec![String::new(); TXN_COLUMNS.len()];
                 row[0] = id.to_string();
@@ -454,4 +474,77 @@ fn write_load_table(
     }
     sink.finish()?;
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Keys and their date in the full load, and the keys the batch updates or deletes.
+    fn batch_targets(days_back: u32) -> (HashMap<i64, NaiveDate>, Vec<i64>) {
+        let out = tempfile::tempdir().expect("temp dir");
+        let options = GenerateOptions {
+            out: out.path().to_path_buf(),
+            transactions: 20_000,
+            days: 100,
+            change_days: 0,
+            seed: 7,
+            style: FileStyle {
+                header: true,
+                parquet: false,
+                gzip: false,
+            },
+            date_folders: false,
+            change_seq: false,
+            rows_per_load_file: 50_000,
+            change_batch: 2_000,
+            change_batch_days: days_back,
+        };
+        generate(&options).expect("generate");
+        let read = |dir: &Path| -> Vec<csv::StringRecord> {
+            let mut rows = Vec::new();
+            for entry in std::fs::read_dir(dir).expect("folder") {
+                let mut reader = csv::Reader::from_path(entry.expect("entry").path()).expect("csv");
+                rows.extend(reader.records().map(|r| r.expect("record")));
+            }
+            rows
+        };
+        let loaded = read(&out.path().join("public/transactions"))
+            .iter()
+            .map(|r| {
+                let id = r[1].parse::<i64>().expect("id");
+                let date = NaiveDate::parse_from_str(&r[2][..10], "%Y-%m-%d").expect("date");
+                (id, date)
+            })
+            .collect();
+        let changed = read(&out.path().join("batch/public/transactions"))
+            .iter()
+            .filter(|r| &r[0] != "I")
+            .map(|r| r[2].parse::<i64>().expect("id"))
+            .collect();
+        (loaded, changed)
+    }
+
+    #[test]
+    fn a_recent_change_batch_updates_and_deletes_only_keys_of_its_last_days() {
+        let last = NaiveDate::from_ymd_opt(2019, 10, 31).expect("date");
+        let (loaded, changed) = batch_targets(5);
+        assert!(changed.len() > 900, "{} updates and deletes", changed.len());
+        let oldest = changed
+            .iter()
+            .filter_map(|id| loaded.get(id))
+            .min()
+            .expect("changed keys of the load");
+        // Five days back, and a day of slack for the keys that deletes moved.
+        assert!(*oldest >= last - Duration::days(6), "oldest {oldest}");
+
+        let (loaded, changed) = batch_targets(0);
+        let oldest = changed
+            .iter()
+            .filter_map(|id| loaded.get(id))
+            .min()
+            .expect("changed keys of the load");
+        assert!(*oldest <= last - Duration::days(90), "oldest {oldest}");
+    }
 }

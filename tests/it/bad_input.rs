@@ -142,6 +142,7 @@ fn generate_sample(scratch: &Scratch, parquet: bool) {
         change_seq: false,
         rows_per_load_file: 1_000,
         change_batch: 0,
+        change_batch_days: 0,
     })
     .expect("generate");
 }

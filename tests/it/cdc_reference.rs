@@ -23,6 +23,7 @@ fn generate_into(out: &Path, style: FileStyle, date_folders: bool, change_seq: b
         change_seq,
         rows_per_load_file: 2_000,
         change_batch: 0,
+        change_batch_days: 0,
     })
     .expect("generate");
 }

@@ -72,6 +72,7 @@ impl Scratch {
             change_seq: false,
             rows_per_load_file: 5_000,
             change_batch: batch,
+            change_batch_days: 0,
         })
         .expect("generate");
     }

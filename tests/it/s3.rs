@@ -587,6 +587,7 @@ async fn parquet_landing_files_in_date_folders_on_s3_land_like_local_ones() {
         change_seq: true,
         rows_per_load_file: 1_000,
         change_batch: 0,
+        change_batch_days: 0,
     })
     .expect("generate");
     let project = project(&scratch, &|yaml| {
