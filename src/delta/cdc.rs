@@ -351,7 +351,8 @@ impl PreparedChanges {
             metrics.write =
                 super::append::append_frame_with(path, source, &options, meta, extra).await?;
         } else if rewrites > 0 {
-            let (write, files) = rewrite(ctx, path, &spec, &table, &cols, &counts, meta, extra).await?;
+            let (write, files) =
+                rewrite(ctx, path, &spec, &table, &cols, &counts, meta, extra).await?;
             metrics.write = write;
             metrics.files_scanned = files;
             metrics.files_removed = files;
@@ -762,14 +763,8 @@ async fn rewrite(
         not_matched_predicates: vec![predicate("insert", "the change is an insert")],
         not_matched_by_source_predicates: Vec::new(),
     };
-    let version = super::files::commit(
-        path,
-        table,
-        actions,
-        operation,
-        meta.properties_with(extra),
-    )
-    .await?;
+    let version =
+        super::files::commit(path, table, actions, operation, meta.properties_with(extra)).await?;
     let write = WriteMetrics {
         rows_source: None,
         version: Some(version),

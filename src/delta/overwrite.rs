@@ -167,7 +167,7 @@ fn any_of(mut parts: Vec<Expr>) -> Expr {
 
 pub async fn overwrite(
     path: &Location,
-    data: DataFrame,
+    mut data: DataFrame,
     options: &TableOptions,
     meta: &CommitMeta,
     scope: Option<&Scope>,
@@ -178,10 +178,23 @@ pub async fn overwrite(
     };
     let schema = Arc::new(data.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
-    let predicate = scope
+    let mut full_by_scope = false;
+    let mut predicate = scope
         .map(|s| s.predicate(&data))
         .transpose()
         .map_err(invalid)?;
+    if let Some(scope_predicate) = &predicate
+        && !holds_rows_outside(path, &table, scope_predicate).await?
+    {
+        // Every row of the table is in the scope (a batch touching all its dates): replacing the whole
+        // table is the same write, without the replace-where's reading of every file to find the rows
+        // to keep, of which there are none.
+        data = data
+            .filter(scope_predicate.clone())
+            .map_err(|e| DeltaError::query(path, e))?;
+        predicate = None;
+        full_by_scope = true;
+    }
     let data = match &predicate {
         Some(predicate) => data
             .filter(predicate.clone())
@@ -202,6 +215,8 @@ pub async fn overwrite(
         .with_commit_properties(meta.properties());
     builder = match predicate {
         Some(predicate) => builder.with_replace_where(predicate),
+        // A scoped write keeps the table's schema, as the replace-where would.
+        None if full_by_scope => builder,
         None => builder.with_schema_mode(SchemaMode::Overwrite),
     };
     let table = builder.await.map_err(|e| DeltaError::table(path, e))?;
@@ -214,6 +229,34 @@ pub async fn overwrite(
         files_added: metrics.1,
         ..WriteMetrics::default()
     })
+}
+
+/// Whether `table` holds a row for which `predicate` is not true (reads until it finds one).
+async fn holds_rows_outside(
+    path: &Location,
+    table: &deltalake::DeltaTable,
+    predicate: &Expr,
+) -> Result<bool, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let has_files = table
+        .snapshot()
+        .map_or(true, |s| s.log_data().num_files() > 0);
+    if !has_files {
+        return Ok(false);
+    }
+    let ctx = super::session(None)?;
+    let provider = super::provider(path, table).await?;
+    let outside = ctx
+        .read_table(provider)
+        .map_err(query)?
+        .filter(predicate.clone().is_not_true())
+        .map_err(query)?
+        .limit(0, Some(1))
+        .map_err(query)?
+        .count()
+        .await
+        .map_err(query)?;
+    Ok(outside > 0)
 }
 
 /// (rows, files) added by the table's latest commit, from its commit info.
@@ -242,6 +285,84 @@ mod tests {
             column: "d".into(),
             values: values.iter().map(|v| Some(v.to_string())).collect(),
         }
+    }
+
+    /// Overwrites `d` in `scope` with `(d, v)` rows; returns the table's rows and the commit's operation
+    /// parameters (a replace-where names its predicate there).
+    async fn overwrite_scoped(
+        path: &Location,
+        rows: &str,
+        scope_values: &[&str],
+    ) -> (Vec<String>, serde_json::Value) {
+        use futures::StreamExt;
+        let ctx = crate::delta::session(None).unwrap();
+        let data = ctx
+            .sql(&format!("SELECT * FROM (VALUES {rows}) AS t(d, v)"))
+            .await
+            .unwrap();
+        let scope = (!scope_values.is_empty()).then(|| scope(scope_values));
+        overwrite(
+            path,
+            data,
+            &TableOptions::default(),
+            &CommitMeta::default(),
+            scope.as_ref(),
+        )
+        .await
+        .unwrap();
+        let table = crate::delta::open(path).await.unwrap().unwrap();
+        let mut history = table.history(Some(1));
+        let info = history.next().await.unwrap().unwrap();
+        let ctx = crate::delta::session(None).unwrap();
+        ctx.register_table("t", crate::delta::provider(path, &table).await.unwrap())
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT d || '=' || CAST(v AS VARCHAR) AS r FROM t ORDER BY d")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let rows = batches
+            .iter()
+            .flat_map(|b| {
+                let strings =
+                    datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                let strings = datafusion::arrow::array::AsArray::as_string::<i32>(&strings).clone();
+                (0..b.num_rows())
+                    .map(move |i| strings.value(i).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let parameters = serde_json::to_value(&info.operation_parameters).unwrap_or_default();
+        (rows, parameters)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scope_holding_every_row_replaces_the_table_and_a_smaller_one_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        overwrite_scoped(&path, "('a', 1), ('b', 1), ('c', 1)", &[]).await;
+        // Every row is in the scope: the whole table is replaced, with no predicate.
+        let (rows, parameters) = overwrite_scoped(
+            &path,
+            "('a', 2), ('b', 2), ('c', 2), ('x', 2)",
+            &["a", "b", "c"],
+        )
+        .await;
+        assert_eq!(
+            rows,
+            ["a=2", "b=2", "c=2"],
+            "rows outside the scope are not written"
+        );
+        let predicate =
+            |p: &serde_json::Value| p.get("predicate").filter(|v| !v.is_null()).cloned();
+        assert_eq!(predicate(&parameters), None, "{parameters}");
+        // Row `c` is outside the scope: a replace-where keeps it.
+        let (rows, parameters) =
+            overwrite_scoped(&path, "('a', 3), ('b', 3), ('c', 3)", &["a", "b"]).await;
+        assert_eq!(rows, ["a=3", "b=3", "c=2"]);
+        assert!(predicate(&parameters).is_some(), "{parameters}");
     }
 
     #[test]

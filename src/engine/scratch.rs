@@ -124,6 +124,7 @@ impl Scratch {
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         if shared.spilled.load(Ordering::SeqCst) {
+            let schema = file_schema(&schema);
             // On disk in full: the partitions that finished within the budget join the others there.
             let mut files: Vec<Arc<dyn PartitionStream>> = Vec::with_capacity(parts.len());
             for part in parts {
@@ -232,7 +233,10 @@ impl Part {
                 if let Some(dir) = self.file.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                FileWriter::try_new(BufWriter::new(File::create(&self.file)?), schema)?
+                FileWriter::try_new(
+                    BufWriter::new(File::create(&self.file)?),
+                    &file_schema(schema),
+                )?
             }
         };
         let writer = self.writer.insert(writer);
@@ -249,27 +253,57 @@ impl Part {
     }
 }
 
-/// `batch` with its string and binary views holding only their own bytes. A view array made by a slice,
-/// a filter or a join's take shares its parent's data buffers, and the IPC writer writes them whole:
-/// written as they come, a 3M-row join result took 22 GB of scratch instead of 0.8 GB.
+/// `schema` as its scratch files hold it: dictionary columns as their values. An IPC file holds one
+/// dictionary per column, and each batch of a result can bring its own (delta-rs's file and partition
+/// columns do).
+fn file_schema(schema: &SchemaRef) -> SchemaRef {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Dictionary(..)))
+    {
+        return schema.clone();
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Dictionary(_, values) => f.as_ref().clone().with_data_type(*values.clone()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// `batch` as its scratch file holds it ([`file_schema`]), with its string and binary views holding only
+/// their own bytes. A view array made by a slice, a filter or a join's take shares its parent's data
+/// buffers, and the IPC writer writes them whole: written as they come, a 3M-row join result took 22 GB
+/// of scratch instead of 0.8 GB.
 fn compact(batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
-    use datafusion::arrow::{array::AsArray, datatypes::DataType};
-    let needs = |t: &DataType| matches!(t, DataType::Utf8View | DataType::BinaryView);
+    use datafusion::arrow::{array::AsArray, compute::cast, datatypes::DataType};
+    let needs = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Utf8View | DataType::BinaryView | DataType::Dictionary(..)
+        )
+    };
     if !batch.schema().fields().iter().any(|f| needs(f.data_type())) {
         return Ok(batch.clone());
     }
     let columns = batch
         .columns()
         .iter()
-        .map(|column| -> ArrayRef {
-            match column.data_type() {
+        .map(|column| -> Result<ArrayRef, DataFusionError> {
+            Ok(match column.data_type() {
                 DataType::Utf8View => Arc::new(column.as_string_view().gc()),
                 DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
+                DataType::Dictionary(_, values) => cast(column, values)?,
                 _ => column.clone(),
-            }
+            })
         })
-        .collect();
-    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(file_schema(&batch.schema()), columns)?)
 }
 
 /// Reads one partition's stream, holding its batches in memory while the result fits the budget, and
@@ -368,6 +402,55 @@ mod tests {
                 .value(0),
             100_000
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dictionary_columns_with_a_dictionary_per_batch_go_to_disk_as_their_values() {
+        use datafusion::arrow::{
+            array::{DictionaryArray, Int64Array},
+            datatypes::{DataType, Field, Int16Type, Schema},
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new(
+                "file",
+                DataType::Dictionary(Box::new(DataType::Int16), Box::new(DataType::Utf8)),
+                true,
+            ),
+        ]));
+        // Each batch with its own dictionary, as a Delta scan's file column comes.
+        let batches: Vec<RecordBatch> = (0..10)
+            .map(|b| {
+                let names: Vec<Option<String>> = (0..100)
+                    .map(|i| (i % 7 != 0).then(|| format!("part-{b}-{}.parquet", i % 3)))
+                    .collect();
+                let files: DictionaryArray<Int16Type> =
+                    names.iter().map(|n| n.as_deref()).collect();
+                let numbers = Int64Array::from_iter_values(0..100);
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(numbers), Arc::new(files)])
+                    .unwrap()
+            })
+            .collect();
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(schema, vec![batches]).unwrap();
+        let frame = ctx.read_table(Arc::new(table)).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert_eq!(scratch.materialize(&ctx, "t", frame).await.unwrap(), 1_000);
+        let counted = ctx
+            .sql("SELECT COUNT(file), COUNT(DISTINCT file) FROM t WHERE file LIKE 'part-3-%'")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let count = |c: usize| {
+            counted[0]
+                .column(c)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0)
+        };
+        assert_eq!((count(0), count(1)), (85, 3));
     }
 
     #[test]

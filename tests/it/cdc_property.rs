@@ -405,4 +405,30 @@ async fn a_small_change_batch_rewrites_few_files() {
     );
     let json = report.to_json();
     assert_eq!(json["stages"][1]["files_removed"], 1);
+
+    // The rewritten file lost the deleted row and holds the update; the other files' rows are intact.
+    let lake = scratch.path().join("lake");
+    let rows = query(
+        &lake,
+        &["silver.items"],
+        "SELECT COUNT(*), COUNT(DISTINCT id), SUM(CAST(id AS BIGINT)), \
+           MAX(CASE WHEN id = 3007 THEN val END), COUNT(CASE WHEN id = 3100 THEN 1 END), \
+           COUNT(CASE WHEN val = 'v3' THEN 1 END) \
+         FROM silver.items",
+    )
+    .await;
+    let all_ids: u64 = (0..10u64)
+        .flat_map(|f| (0..500u64).map(move |i| f * 1000 + i))
+        .sum();
+    assert_eq!(
+        rows,
+        vec![vec![
+            "4999".to_string(),
+            "4999".to_string(),
+            (all_ids - 3_100).to_string(),
+            "changed".to_string(),
+            "0".to_string(),
+            "498".to_string(),
+        ]]
+    );
 }
