@@ -10,9 +10,11 @@ use datafusion::arrow::{
 };
 use deltalake::{
     DeltaTable,
-    protocol::SaveMode,
+    kernel::{Action, Add},
+    protocol::{DeltaOperation, SaveMode},
     writer::{DeltaWriter, RecordBatchWriter},
 };
+use tokio::{sync::mpsc, task::JoinSet};
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
 
@@ -20,14 +22,21 @@ use super::files::TARGET_FILE_SIZE;
 
 /// A streaming append into one table, committed once by [`BatchAppender::commit`]. Dropping it without
 /// committing leaves the table unchanged (the written files are unreferenced and vacuumed later).
+///
+/// Batches go in turn to one Parquet writer per runtime worker, each on its own task: encoding and
+/// compression, most of an append's work, run on every core while the caller produces the next batch.
 pub struct BatchAppender {
     path: Location,
     table: DeltaTable,
-    writer: RecordBatchWriter,
     schema: SchemaRef,
+    writers: Vec<mpsc::Sender<RecordBatch>>,
+    tasks: JoinSet<Result<Vec<Add>, DeltaError>>,
+    next: usize,
     rows: u64,
     /// Commit at exactly the version after [`BatchAppender::base_version`] or not at all.
     exact_version: bool,
+    /// The lineage of [`BatchAppender::commit`].
+    meta: CommitMeta,
 }
 
 impl BatchAppender {
@@ -39,19 +48,50 @@ impl BatchAppender {
         meta: &CommitMeta,
     ) -> Result<BatchAppender, DeltaError> {
         let table = create_if_missing(path, schema, options).await?;
-        let writer = RecordBatchWriter::for_table(&table)
-            .map_err(|e| DeltaError::table(path, e))?
-            .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(super::writer_properties())
-            .with_commit_properties(meta.properties());
-        let schema = writer.arrow_schema();
+        let count = tokio::runtime::Handle::current()
+            .metrics()
+            .num_workers()
+            .max(1);
+        let mut writers = Vec::with_capacity(count);
+        let mut tasks = JoinSet::new();
+        let mut table_schema = None;
+        for _ in 0..count {
+            let mut writer = RecordBatchWriter::for_table(&table)
+                .map_err(|e| DeltaError::table(path, e))?
+                .with_target_file_size(TARGET_FILE_SIZE)
+                .with_writer_properties(super::writer_properties());
+            table_schema.get_or_insert_with(|| writer.arrow_schema());
+            // One batch waiting per writer: memory stays bounded when the writers are slower.
+            let (sender, mut receiver) = mpsc::channel::<RecordBatch>(1);
+            let path = path.clone();
+            tasks.spawn(async move {
+                while let Some(batch) = receiver.recv().await {
+                    writer
+                        .write(batch)
+                        .await
+                        .map_err(|e| DeltaError::table(&path, e))?;
+                }
+                writer
+                    .flush()
+                    .await
+                    .map_err(|e| DeltaError::table(&path, e))
+            });
+            writers.push(sender);
+        }
+        let schema = table_schema.ok_or_else(|| DeltaError::Invalid {
+            table: path.to_string(),
+            message: "no writer for the append".into(),
+        })?;
         Ok(BatchAppender {
             path: path.clone(),
             table,
-            writer,
             schema,
+            writers,
+            tasks,
+            next: 0,
             rows: 0,
             exact_version: false,
+            meta: meta.clone(),
         })
     }
 
@@ -74,15 +114,39 @@ impl BatchAppender {
         }
         let batch = conform(&self.path, batch, &self.schema)?;
         self.rows += batch.num_rows() as u64;
-        self.writer
-            .write(batch)
-            .await
-            .map_err(|e| DeltaError::table(&self.path, e))
+        let writer = &self.writers[self.next % self.writers.len()];
+        self.next += 1;
+        if writer.send(batch).await.is_err() {
+            // The writer stopped: its error says why.
+            return Err(self.stopped_writer_error().await);
+        }
+        Ok(())
     }
 
-    /// Commits everything written; with no rows, commits nothing.
+    /// The error of the first writer task that failed.
+    async fn stopped_writer_error(&mut self) -> DeltaError {
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(Err(error)) => return error,
+                Err(error) => return self.writer_stopped(&error.to_string()),
+                Ok(Ok(_)) => {}
+            }
+        }
+        self.writer_stopped("it ended early")
+    }
+
+    fn writer_stopped(&self, why: &str) -> DeltaError {
+        DeltaError::Invalid {
+            table: self.path.to_string(),
+            message: format!("a file writer stopped: {why}"),
+        }
+    }
+
+    /// Commits everything written, with the lineage given to [`BatchAppender::open`]; with no rows,
+    /// commits nothing.
     pub async fn commit(self) -> Result<WriteMetrics, DeltaError> {
-        self.commit_with(&CommitMeta::default(), Vec::new()).await
+        let meta = self.meta.clone();
+        self.commit_with(&meta, Vec::new()).await
     }
 
     /// As [`BatchAppender::commit`], with `extra` entries in the commit info (and `meta`'s lineage
@@ -92,6 +156,15 @@ impl BatchAppender {
         meta: &CommitMeta,
         extra: Vec<(String, serde_json::Value)>,
     ) -> Result<WriteMetrics, DeltaError> {
+        // Closing the channels ends the writers, which flush their last files.
+        self.writers.clear();
+        let mut adds = Vec::new();
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(written) => adds.extend(written?),
+                Err(error) => return Err(self.writer_stopped(&error.to_string())),
+            }
+        }
         if self.rows == 0 {
             return Ok(WriteMetrics::default());
         }
@@ -99,10 +172,21 @@ impl BatchAppender {
         if self.exact_version {
             properties = properties.with_max_retries(0);
         }
-        self.writer = self.writer.with_commit_properties(properties);
-        let version = self
-            .writer
-            .flush_and_commit(&mut self.table)
+        let partition_columns: Vec<String> = self
+            .table
+            .snapshot()
+            .map_err(|e| DeltaError::table(&self.path, e))?
+            .metadata()
+            .partition_columns()
+            .to_vec();
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+            predicate: None,
+        };
+        let files_added = adds.len() as u64;
+        let actions = adds.into_iter().map(Action::Add).collect();
+        let version = super::files::commit_raw(&self.table, actions, operation, properties)
             .await
             .map_err(|e| match e {
                 deltalake::DeltaTableError::VersionAlreadyExists(_)
@@ -118,6 +202,7 @@ impl BatchAppender {
             rows_source: None,
             rows_written: self.rows,
             rows_inserted: self.rows,
+            files_added,
             ..WriteMetrics::default()
         })
     }

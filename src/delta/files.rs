@@ -6,8 +6,11 @@ use std::collections::HashSet;
 
 use datafusion::prelude::DataFrame;
 use deltalake::{
-    DeltaTable,
-    kernel::{Action, Add, transaction::CommitBuilder},
+    DeltaTable, DeltaTableError,
+    kernel::{
+        Action, Add,
+        transaction::{CommitBuilder, CommitProperties},
+    },
     protocol::DeltaOperation,
     writer::{DeltaWriter, RecordBatchWriter},
 };
@@ -125,13 +128,24 @@ pub(super) async fn commit(
     table: &DeltaTable,
     actions: Vec<Action>,
     operation: DeltaOperation,
-    properties: deltalake::kernel::transaction::CommitProperties,
+    properties: CommitProperties,
 ) -> Result<u64, DeltaError> {
-    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    commit_raw(table, actions, operation, properties)
+        .await
+        .map_err(|e| DeltaError::table(path, e))
+}
+
+/// As [`commit`], with delta-rs's error, for callers that tell conflicts apart.
+pub(super) async fn commit_raw(
+    table: &DeltaTable,
+    actions: Vec<Action>,
+    operation: DeltaOperation,
+    properties: CommitProperties,
+) -> Result<u64, DeltaTableError> {
+    let snapshot = table.snapshot()?;
     let finalized = CommitBuilder::from(properties)
         .with_actions(actions)
         .build(Some(snapshot), table.log_store(), operation)
-        .await
-        .map_err(|e| DeltaError::table(path, e))?;
+        .await?;
     Ok(finalized.version() as u64)
 }
