@@ -663,26 +663,38 @@ async fn touched_values(
 ) -> datafusion::error::Result<Touched> {
     let mut touched = Touched::new();
     for (i, column) in spec.track.iter().enumerate() {
-        let batches = ctx
-            .sql(&format!(
+        let values = distinct_strings(
+            ctx,
+            &format!(
                 "SELECT DISTINCT v FROM ( \
                    SELECT __medallion_before_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('update', 'delete') \
                    UNION ALL \
                    SELECT __medallion_after_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update'))"
-            ))
-            .await?
-            .collect()
-            .await?;
-        let values = touched.entry(column.clone()).or_default();
-        for batch in &batches {
-            let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
-            let strings = cast.as_string::<i32>();
-            for row in 0..batch.num_rows() {
-                values.insert((!strings.is_null(row)).then(|| strings.value(row).to_string()));
-            }
-        }
+            ),
+        )
+        .await?;
+        touched.entry(column.clone()).or_default().extend(values);
     }
     Ok(touched)
+}
+
+/// The values of the first column of `sql`'s result, as text (`None` for NULL).
+async fn distinct_strings(
+    ctx: &SessionContext,
+    sql: &str,
+) -> datafusion::error::Result<Vec<Option<String>>> {
+    let batches = ctx.sql(sql).await?.collect().await?;
+    let mut values = Vec::new();
+    for batch in &batches {
+        let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let strings = cast.as_string::<i32>();
+        values.extend((0..batch.num_rows()).map(|row| {
+            strings
+                .is_valid(row)
+                .then(|| strings.value(row).to_string())
+        }));
+    }
+    Ok(values)
 }
 
 /// Step 4 for a batch that updates or deletes rows, copy-on-write: the files holding those rows are
@@ -703,6 +715,13 @@ async fn rewrite(
     let query = |e| DeltaError::query(path, e);
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let files = touched_files(ctx).await.map_err(query)?;
+    if files.is_empty() {
+        // Updates and deletes are classified so because a live row matched: its file is known.
+        return Err(DeltaError::Invalid {
+            table: path.to_string(),
+            message: "the batch updates or deletes rows, but no file holding them was found".into(),
+        });
+    }
     let rewritten = table
         .table_provider()
         .with_file_paths(files.iter().cloned())
@@ -779,25 +798,15 @@ async fn rewrite(
 
 /// The files (scan file ids) holding the live rows that the batch updates or deletes.
 async fn touched_files(ctx: &SessionContext) -> datafusion::error::Result<HashSet<String>> {
-    let batches = ctx
-        .sql(&format!(
+    let files = distinct_strings(
+        ctx,
+        &format!(
             "SELECT DISTINCT CAST({TARGET_FILE} AS VARCHAR) FROM {CLASSIFIED} \
              WHERE {ACTION} IN ('update', 'delete')"
-        ))
-        .await?
-        .collect()
-        .await?;
-    let mut files = HashSet::new();
-    for batch in &batches {
-        let cast = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
-        let names = cast.as_string::<i32>();
-        for row in 0..batch.num_rows() {
-            if names.is_valid(row) {
-                files.insert(names.value(row).to_string());
-            }
-        }
-    }
-    Ok(files)
+        ),
+    )
+    .await?;
+    Ok(files.into_iter().flatten().collect())
 }
 
 async fn write_tombstones(
