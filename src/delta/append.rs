@@ -11,7 +11,7 @@ use datafusion::arrow::{
 use deltalake::{
     DeltaTable,
     kernel::{Action, Add},
-    protocol::{DeltaOperation, SaveMode},
+    protocol::SaveMode,
     writer::{DeltaWriter, RecordBatchWriter},
 };
 use tokio::{sync::mpsc, task::JoinSet};
@@ -172,18 +172,7 @@ impl BatchAppender {
         if self.exact_version {
             properties = properties.with_max_retries(0);
         }
-        let partition_columns: Vec<String> = self
-            .table
-            .snapshot()
-            .map_err(|e| DeltaError::table(&self.path, e))?
-            .metadata()
-            .partition_columns()
-            .to_vec();
-        let operation = DeltaOperation::Write {
-            mode: SaveMode::Append,
-            partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
-            predicate: None,
-        };
+        let operation = super::files::append_operation(&self.path, &self.table)?;
         let files_added = adds.len() as u64;
         let actions = adds.into_iter().map(Action::Add).collect();
         let version = super::files::commit_raw(&self.table, actions, operation, properties)
@@ -303,17 +292,7 @@ pub async fn append_frame_with(
     if written.rows == 0 {
         return Ok(WriteMetrics::default());
     }
-    let partition_columns: Vec<String> = table
-        .snapshot()
-        .map_err(|e| DeltaError::table(path, e))?
-        .metadata()
-        .partition_columns()
-        .to_vec();
-    let operation = deltalake::protocol::DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
-        predicate: None,
-    };
+    let operation = super::files::append_operation(path, &table)?;
     let files_added = written.adds.len() as u64;
     let actions = written
         .adds

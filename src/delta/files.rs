@@ -121,6 +121,24 @@ pub(super) fn removes(
     Ok(actions)
 }
 
+/// The operation recorded for an append of new files to `table`.
+pub(super) fn append_operation(
+    path: &Location,
+    table: &DeltaTable,
+) -> Result<DeltaOperation, DeltaError> {
+    let partition_columns: Vec<String> = table
+        .snapshot()
+        .map_err(|e| DeltaError::table(path, e))?
+        .metadata()
+        .partition_columns()
+        .to_vec();
+    Ok(DeltaOperation::Write {
+        mode: deltalake::protocol::SaveMode::Append,
+        partition_by: (!partition_columns.is_empty()).then_some(partition_columns),
+        predicate: None,
+    })
+}
+
 /// Commits `actions` (added and removed files) to `table` as one version, checked for conflicts with
 /// any commit made since the table was loaded; returns the version.
 pub(super) async fn commit(
