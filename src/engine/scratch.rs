@@ -2,7 +2,8 @@
 //! output several times (expectations, the split into kept and quarantined rows, the cdc steps);
 //! materialized here, the expensive plan behind it (file scans, parsing UDFs) runs once. A result up to
 //! the scratch's memory budget stays in memory; a larger one goes in full to local Arrow IPC files, where
-//! it waits in the page cache rather than in the process's memory.
+//! it waits in the page cache rather than in the process's memory. On disk each column has its own file,
+//! so that a query reads only the columns it names: most steps need a key or two of a wide result.
 
 use std::{
     fs::File,
@@ -17,15 +18,21 @@ use std::{
 use datafusion::{
     arrow::{
         array::ArrayRef,
-        datatypes::SchemaRef,
+        datatypes::{Schema, SchemaRef},
         ipc::{reader::FileReader, writer::FileWriter},
-        record_batch::RecordBatch,
+        record_batch::{RecordBatch, RecordBatchOptions},
     },
-    catalog::streaming::StreamingTable,
-    datasource::MemTable,
+    catalog::{Session, TableProvider},
+    datasource::{MemTable, TableType},
     error::DataFusionError,
     execution::{SendableRecordBatchStream, TaskContext},
-    physical_plan::{stream::RecordBatchStreamAdapter, streaming::PartitionStream},
+    logical_expr::Expr,
+    physical_expr::LexOrdering,
+    physical_plan::{
+        ExecutionPlan,
+        stream::RecordBatchStreamAdapter,
+        streaming::{PartitionStream, StreamingTableExec},
+    },
     prelude::{DataFrame, SessionContext},
 };
 use futures::StreamExt;
@@ -110,9 +117,12 @@ impl Scratch {
         });
         let mut tasks = Vec::with_capacity(streams.len());
         for (index, stream) in streams.into_iter().enumerate() {
-            let file = dir.join(format!("part-{index}.arrow"));
+            let files = PartFiles {
+                dir: dir.clone(),
+                index,
+            };
             // Each partition on its own task, so that the partitions' plans run on all workers.
-            tasks.push(tokio::spawn(drain(stream, file, shared.clone())));
+            tasks.push(tokio::spawn(drain(stream, files, shared.clone())));
         }
         let mut parts = Vec::with_capacity(tasks.len());
         for task in tasks {
@@ -126,15 +136,12 @@ impl Scratch {
         if shared.spilled.load(Ordering::SeqCst) {
             let schema = file_schema(&schema);
             // On disk in full: the partitions that finished within the budget join the others there.
-            let mut files: Vec<Arc<dyn PartitionStream>> = Vec::with_capacity(parts.len());
+            let mut files = Vec::with_capacity(parts.len());
             for part in parts {
-                files.push(Arc::new(ScratchFile {
-                    path: part.file.clone(),
-                    schema: schema.clone(),
-                }));
-                part.into_file(&schema).map_err(err)?;
+                files.push(part.files.clone());
+                part.into_files(&schema).map_err(err)?;
             }
-            let table = StreamingTable::try_new(schema, files).map_err(err)?;
+            let table = ScratchTable { schema, files };
             ctx.register_table(name, Arc::new(table)).map_err(err)?;
         } else {
             let batches = parts.into_iter().map(|p| p.held).collect();
@@ -176,33 +183,153 @@ fn remove_orphans(parent: &Path) {
     }
 }
 
-/// One scratch file as a partition of its table, read batch by batch: DataFusion's own Arrow file
-/// reader loads each file range whole, which for a large result means the result in memory again.
-/// The reads are of local files just written (mostly from the page cache), made in place.
-#[derive(Debug)]
-struct ScratchFile {
-    path: PathBuf,
-    schema: SchemaRef,
+/// Where one partition of a result goes on disk: a file per column, `part-<index>-col-<column>.arrow`,
+/// written in step (batch k of every file holds the same rows).
+#[derive(Debug, Clone)]
+struct PartFiles {
+    dir: PathBuf,
+    index: usize,
 }
 
-impl PartitionStream for ScratchFile {
+impl PartFiles {
+    fn column(&self, column: usize) -> PathBuf {
+        self.dir
+            .join(format!("part-{}-col-{column}.arrow", self.index))
+    }
+}
+
+/// A result on disk, as a table whose scans read only the columns they project.
+#[derive(Debug)]
+struct ScratchTable {
+    schema: SchemaRef,
+    files: Vec<PartFiles>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for ScratchTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let columns: Vec<usize> = match projection {
+            Some(columns) => columns.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let schema = Arc::new(self.schema.project(&columns)?);
+        let partitions = self
+            .files
+            .iter()
+            .map(|files| {
+                Arc::new(ScratchPartition {
+                    files: files.clone(),
+                    schema: schema.clone(),
+                    columns: columns.clone(),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            partitions,
+            None,
+            Vec::<LexOrdering>::new(),
+            false,
+            limit,
+        )?))
+    }
+}
+
+/// One partition of a [`ScratchTable`] scan, read batch by batch (DataFusion's own Arrow file reader
+/// loads each file range whole, which for a large result means the result in memory again). The reads
+/// are of local files just written (mostly from the page cache), made in place.
+#[derive(Debug)]
+struct ScratchPartition {
+    files: PartFiles,
+    /// The projected schema.
+    schema: SchemaRef,
+    /// The columns read, by their index in the result; none for a scan that only counts rows.
+    columns: Vec<usize>,
+}
+
+impl PartitionStream for ScratchPartition {
     fn schema(&self) -> &SchemaRef {
         &self.schema
     }
 
     fn execute(&self, _context: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let opened = File::open(&self.path)
-            .map_err(DataFusionError::from)
-            .and_then(|file| {
-                FileReader::try_new(BufReader::new(file), None).map_err(DataFusionError::from)
-            });
+        // A scan without columns reads the first column's file for the row counts.
+        let read = if self.columns.is_empty() {
+            vec![0]
+        } else {
+            self.columns.clone()
+        };
+        let opened = read
+            .iter()
+            .map(|&column| {
+                let file = File::open(self.files.column(column))?;
+                Ok(FileReader::try_new(BufReader::new(file), None)?)
+            })
+            .collect::<Result<Vec<_>, DataFusionError>>();
         let batches = match opened {
-            Ok(reader) => futures::stream::iter(reader)
-                .map(|batch| batch.map_err(DataFusionError::from))
-                .boxed(),
+            Ok(readers) => futures::stream::iter(InStep {
+                readers,
+                schema: self.schema.clone(),
+                counting: self.columns.is_empty(),
+            })
+            .boxed(),
             Err(error) => futures::stream::once(async move { Err(error) }).boxed(),
         };
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), batches))
+    }
+}
+
+/// The column files of one partition read together, each batch made of the k-th batch of every file.
+struct InStep {
+    readers: Vec<FileReader<BufReader<File>>>,
+    schema: SchemaRef,
+    /// Batches with the rows' count and no columns.
+    counting: bool,
+}
+
+impl Iterator for InStep {
+    type Item = Result<RecordBatch, DataFusionError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut columns = Vec::with_capacity(self.readers.len());
+        for reader in &mut self.readers {
+            match reader.next() {
+                Some(Ok(batch)) => columns.push(batch.column(0).clone()),
+                Some(Err(error)) => return Some(Err(error.into())),
+                None => break,
+            }
+        }
+        if columns.is_empty() {
+            return None;
+        }
+        if columns.len() != self.readers.len() {
+            return Some(Err(DataFusionError::Internal(
+                "the column files of a scratch result hold different numbers of batches".into(),
+            )));
+        }
+        let rows = columns[0].len();
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        if self.counting {
+            columns.clear();
+        }
+        Some(
+            RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)
+                .map_err(DataFusionError::from),
+        )
     }
 }
 
@@ -213,42 +340,61 @@ struct Shared {
     spilled: AtomicBool,
 }
 
-/// One partition of a result: in memory (`held`), or in its file (`writer`, open until [`Part::into_file`]).
+/// One partition of a result: in memory (`held`), or in its files (`writers`, one per column, open
+/// until [`Part::into_files`]).
 struct Part {
     rows: u64,
     held: Vec<RecordBatch>,
-    file: PathBuf,
-    writer: Option<FileWriter<BufWriter<File>>>,
+    files: PartFiles,
+    writers: Vec<FileWriter<BufWriter<File>>>,
 }
 
 impl Part {
-    /// Moves what is held in memory to the file, which stays open for more.
-    fn spill(
-        &mut self,
-        schema: &SchemaRef,
-    ) -> Result<&mut FileWriter<BufWriter<File>>, DataFusionError> {
-        let writer = match self.writer.take() {
-            Some(writer) => writer,
-            None => {
-                if let Some(dir) = self.file.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                FileWriter::try_new(
-                    BufWriter::new(File::create(&self.file)?),
-                    &file_schema(schema),
-                )?
+    /// Moves what is held in memory to the files, which stay open for more.
+    fn spill(&mut self, schema: &SchemaRef) -> Result<(), DataFusionError> {
+        if self.writers.is_empty() {
+            std::fs::create_dir_all(&self.files.dir)?;
+            let schema = file_schema(schema);
+            for (column, field) in schema.fields().iter().enumerate() {
+                let file = File::create(self.files.column(column))?;
+                let single =
+                    Schema::new_with_metadata(vec![field.clone()], schema.metadata().clone());
+                self.writers
+                    .push(FileWriter::try_new(BufWriter::new(file), &single)?);
             }
-        };
-        let writer = self.writer.insert(writer);
-        for batch in self.held.drain(..) {
-            writer.write(&compact(&batch)?)?;
         }
-        Ok(writer)
+        let held: Vec<RecordBatch> = self.held.drain(..).collect();
+        for batch in held {
+            self.write(&batch)?;
+        }
+        Ok(())
     }
 
-    /// Writes the partition to its file in full and closes it.
-    fn into_file(mut self, schema: &SchemaRef) -> Result<(), DataFusionError> {
-        self.spill(schema)?.finish()?;
+    /// Writes each column of `batch` to its file.
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), DataFusionError> {
+        let batch = compact(batch)?;
+        let schema = batch.schema();
+        for ((writer, column), field) in self
+            .writers
+            .iter_mut()
+            .zip(batch.columns())
+            .zip(schema.fields())
+        {
+            let single = Arc::new(Schema::new_with_metadata(
+                vec![field.clone()],
+                schema.metadata().clone(),
+            ));
+            writer.write(&RecordBatch::try_new(single, vec![column.clone()])?)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the partition to its files in full and closes them.
+    fn into_files(mut self, schema: &SchemaRef) -> Result<(), DataFusionError> {
+        self.spill(schema)?;
+        for writer in &mut self.writers {
+            writer.finish()?;
+        }
         Ok(())
     }
 }
@@ -311,23 +457,29 @@ fn compact(batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
 /// writes to local disk, short enough to make on the runtime's worker.
 async fn drain(
     mut stream: SendableRecordBatchStream,
-    file: PathBuf,
+    files: PartFiles,
     shared: Arc<Shared>,
 ) -> Result<Part, DataFusionError> {
     let schema = stream.schema();
     let mut part = Part {
         rows: 0,
         held: Vec::new(),
-        file,
-        writer: None,
+        files,
+        writers: Vec::new(),
     };
+    // A result without columns has nothing to write: it stays in memory (its batches are row counts).
+    let in_memory = schema.fields().is_empty();
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         if batch.num_rows() == 0 {
             continue;
         }
         part.rows += batch.num_rows() as u64;
-        if part.writer.is_none() && !shared.spilled.load(Ordering::SeqCst) {
+        if in_memory {
+            part.held.push(batch);
+            continue;
+        }
+        if part.writers.is_empty() && !shared.spilled.load(Ordering::SeqCst) {
             let size = batch.get_array_memory_size();
             let held = shared.held.fetch_add(size, Ordering::SeqCst) + size;
             if held <= shared.budget {
@@ -336,7 +488,8 @@ async fn drain(
             }
             shared.spilled.store(true, Ordering::SeqCst);
         }
-        part.spill(&schema)?.write(&compact(&batch)?)?;
+        part.spill(&schema)?;
+        part.write(&batch)?;
     }
     Ok(part)
 }
@@ -451,6 +604,51 @@ mod tests {
                 .value(0)
         };
         assert_eq!((count(0), count(1)), (85, 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_reads_the_files_of_the_columns_it_names_and_no_other() {
+        let ctx = SessionContext::new();
+        let frame = ctx
+            .sql(
+                "SELECT v AS id, CAST(v AS VARCHAR) AS label, v * 2 AS twice \
+                 FROM generate_series(1, 50000) AS t(v)",
+            )
+            .await
+            .unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert_eq!(scratch.materialize(&ctx, "t", frame).await.unwrap(), 50_000);
+        // Without the label's files, queries that do not name it still read the result.
+        let mut removed = 0;
+        for file in std::fs::read_dir(scratch.path().join("t")).unwrap() {
+            let path = file.unwrap().path();
+            if path.to_string_lossy().ends_with("-col-1.arrow") {
+                std::fs::remove_file(path).unwrap();
+                removed += 1;
+            }
+        }
+        assert!(removed > 0, "no file of the second column");
+        let int = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let batches = ctx.sql(sql).await?.collect().await?;
+                Ok::<i64, DataFusionError>(
+                    batches[0]
+                        .column(0)
+                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                        .value(0),
+                )
+            }
+        };
+        assert_eq!(int("SELECT COUNT(*) FROM t").await.unwrap(), 50_000);
+        assert_eq!(
+            int("SELECT SUM(twice - id) FROM t WHERE id > 25000")
+                .await
+                .unwrap(),
+            (25_001..=50_000).sum::<i64>()
+        );
+        assert!(int("SELECT COUNT(label) FROM t").await.is_err());
     }
 
     #[test]
