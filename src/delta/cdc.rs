@@ -601,7 +601,7 @@ fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones:
     let mut tracked = String::new();
     for (i, column) in spec.track.iter().enumerate() {
         tracked.push_str(&format!(
-            ", CAST(tg.{c} AS VARCHAR) AS __medallion_before_{i}, CAST(c.{c} AS VARCHAR) AS __medallion_after_{i}",
+            ", tg.{c} AS __medallion_before_{i}, c.{c} AS __medallion_after_{i}",
             c = quote(column)
         ));
     }
@@ -666,10 +666,11 @@ async fn touched_values(
         let values = distinct_strings(
             ctx,
             &format!(
-                "SELECT DISTINCT v FROM ( \
+                // Distinct first: casting every row to text costs more than the rest of the query.
+                "SELECT CAST(v AS VARCHAR) FROM (SELECT DISTINCT v FROM ( \
                    SELECT __medallion_before_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('update', 'delete') \
                    UNION ALL \
-                   SELECT __medallion_after_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update'))"
+                   SELECT __medallion_after_{i} AS v FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')))"
             ),
         )
         .await?;
