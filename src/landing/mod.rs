@@ -137,15 +137,23 @@ impl LandingFile {
         };
         let mut hasher = Sha256::new();
         if let Some(path) = self.path.local_path() {
-            let mut file = std::fs::File::open(path).map_err(io)?;
-            let mut buffer = vec![0u8; 1 << 16];
-            loop {
-                let n = file.read(&mut buffer).map_err(io)?;
-                if n == 0 {
-                    break;
+            // Read on a blocking thread, so that several files are hashed at once.
+            let path = path.to_path_buf();
+            let hashed = tokio::task::spawn_blocking(move || {
+                let mut file = std::fs::File::open(path)?;
+                let mut buffer = vec![0u8; 1 << 16];
+                loop {
+                    let n = file.read(&mut buffer)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
                 }
-                hasher.update(&buffer[..n]);
-            }
+                Ok::<_, std::io::Error>(hasher)
+            })
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?;
+            hasher = hashed.map_err(io)?;
         } else {
             let file = storage::RemoteFile::open(&self.path, self.size)
                 .map_err(|e| io(std::io::Error::other(e.to_string())))?;

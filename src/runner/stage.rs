@@ -3,7 +3,17 @@
 //! mode. Either way the target gets at most one commit, and the stage's run is recorded with the input
 //! versions it consumed, which are the watermarks of its next run.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::{StreamExt, TryStreamExt};
 
 use tracing::{Instrument, info, info_span, warn};
 
@@ -181,12 +191,28 @@ async fn ingest(
     let known_bad = context.state.bad_files(source_name).await?;
     let mut redelivered = Vec::new();
     let mut new_files: Vec<(LandingFile, String, i64)> = Vec::new();
-    for file in files {
+    // The checksums of files new or changed since the ledger saw them, computed side by side.
+    let unchanged = |file: &LandingFile| {
+        ledger.get(&file.relative).is_some_and(|known| {
+            known.size == file.size && known.modified_micros == file.modified_micros
+        })
+    };
+    let hashing: Vec<_> = files
+        .iter()
+        .map(|file| checksum_unless(file, unchanged(file)))
+        .collect();
+    let checksums: Vec<Option<String>> = futures::stream::iter(hashing)
+        .buffered(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .try_collect()
+        .await
+        .map_err(landing_err)?;
+    for (file, checksum) in files.into_iter().zip(checksums) {
         let modified = file.modified_micros;
+        let Some(checksum) = checksum else {
+            continue; // landed before, unchanged since
+        };
         match ledger.get(&file.relative) {
-            Some(known) if known.size == file.size && known.modified_micros == modified => {}
             Some(known) => {
-                let checksum = file.checksum().await.map_err(landing_err)?;
                 if known.size != file.size || known.checksum != checksum {
                     return Err(RunError::ChangedFile {
                         source_name: source_name.to_string(),
@@ -202,7 +228,6 @@ async fn ingest(
                 }
             }
             None => {
-                let checksum = file.checksum().await.map_err(landing_err)?;
                 if known_bad.contains(&(file.relative.clone(), checksum.clone())) {
                     continue;
                 }
@@ -340,6 +365,17 @@ async fn ingest(
     Ok((report, BTreeMap::new()))
 }
 
+/// The checksum of `file`, unless it is `unchanged` since it was landed.
+async fn checksum_unless(
+    file: &LandingFile,
+    unchanged: bool,
+) -> Result<Option<String>, landing::LandingError> {
+    match unchanged {
+        true => Ok(None),
+        false => file.checksum().await.map(Some),
+    }
+}
+
 /// Why landing files did not land.
 enum LandFailure {
     /// A landing file could not be read.
@@ -375,23 +411,26 @@ async fn land_files(
         ingested_at_micros: state::now_micros(),
     };
 
-    // Files are parsed on a blocking thread and streamed through a small channel to the Delta writer.
+    // Files are parsed on blocking threads, one file at a time each, and streamed through a small channel
+    // to the Delta writer. A reader that fails stops the others at their next batch.
     let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
-    let producer_files: Vec<LandingFile> = files.iter().map(|(f, _, _)| f.clone()).collect();
-    let layout = layout.clone();
-    let producer = tokio::task::spawn_blocking(move || {
-        let mut rows = Vec::with_capacity(producer_files.len());
-        for file in &producer_files {
-            let mut batches = FileBatches::open(&layout, file, lineage.clone(), INGEST_BATCH_ROWS)?;
-            for batch in batches.by_ref() {
-                if sender.blocking_send(batch?).is_err() {
-                    return Ok(rows);
-                }
-            }
-            rows.push(batches.rows());
-        }
-        Ok::<_, landing::LandingError>(rows)
+    let readers = Arc::new(FileReaders {
+        files: files.iter().map(|(f, _, _)| f.clone()).collect(),
+        next: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
     });
+    let count = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, files.len().max(1));
+    let mut producers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (readers, sender, layout) = (readers.clone(), sender.clone(), layout.clone());
+        let lineage = lineage.clone();
+        producers.push(tokio::task::spawn_blocking(move || {
+            readers.read(&layout, &lineage, &sender)
+        }));
+    }
+    drop(sender);
     let mut write_error = None;
     let mut landed = 0u64;
     while let Some(batch) = receiver.recv().await {
@@ -403,19 +442,76 @@ async fn land_files(
         progress.rows("landed", landed);
     }
     drop(receiver);
-    let rows = producer
-        .await
-        .map_err(|e| {
+    let mut rows = vec![0u64; files.len()];
+    let mut first_error: Option<(usize, landing::LandingError)> = None;
+    for producer in producers {
+        let read = producer.await.map_err(|e| {
             LandFailure::Run(RunError::Internal {
                 stage: stage.name.clone(),
                 message: format!("file reader stopped: {e}"),
             })
-        })?
-        .map_err(LandFailure::Landing)?;
+        })?;
+        match read {
+            Ok(counted) => {
+                for (index, count) in counted {
+                    rows[index] = count;
+                }
+            }
+            // The error of the first file in DMS order, whichever reader met it first.
+            Err((index, error)) => {
+                if first_error.as_ref().is_none_or(|(first, _)| index < *first) {
+                    first_error = Some((index, error));
+                }
+            }
+        }
+    }
+    if let Some((_, error)) = first_error {
+        return Err(LandFailure::Landing(error));
+    }
     if let Some(error) = write_error {
         return Err(delta_err(error));
     }
     Ok((appender, batch_id, rows))
+}
+
+/// Landing files shared by the reader threads of one ingest: each takes the next file not yet taken.
+struct FileReaders {
+    files: Vec<LandingFile>,
+    next: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl FileReaders {
+    /// Reads files until none is left, a reader failed or the writer stopped; returns the rows of each
+    /// file read (by index), or the index of the file that failed and why.
+    fn read(
+        &self,
+        layout: &BronzeLayout,
+        lineage: &Lineage,
+        sender: &tokio::sync::mpsc::Sender<RecordBatch>,
+    ) -> Result<Vec<(usize, u64)>, (usize, landing::LandingError)> {
+        let mut rows = Vec::new();
+        loop {
+            let index = self.next.fetch_add(1, Ordering::SeqCst);
+            let Some(file) = self.files.get(index) else {
+                return Ok(rows);
+            };
+            let fail = |error| {
+                self.failed.store(true, Ordering::SeqCst);
+                (index, error)
+            };
+            let mut batches = FileBatches::open(layout, file, lineage.clone(), INGEST_BATCH_ROWS)
+                .map_err(fail)?;
+            for batch in batches.by_ref() {
+                if self.failed.load(Ordering::SeqCst)
+                    || sender.blocking_send(batch.map_err(fail)?).is_err()
+                {
+                    return Ok(rows);
+                }
+            }
+            rows.push((index, batches.rows()));
+        }
+    }
 }
 
 /// Records the files an ingest set aside (and copies them under `<lake>/quarantine/files/<source>/` for
