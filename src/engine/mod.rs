@@ -74,50 +74,9 @@ pub fn register_table(
     .map_err(|e| EngineError::query(what(), e))
 }
 
-/// Whether running `frame` again costs more than storing its result: its plan aggregates, joins, sorts
-/// or computes windows, rather than only reading, filtering and projecting.
-pub async fn plan_is_costly(frame: &DataFrame) -> Result<bool, DataFusionError> {
-    let plan = frame.clone().create_physical_plan().await?;
-    let mut pending = vec![plan];
-    while let Some(node) = pending.pop() {
-        let name = node.name();
-        if name.contains("Aggregate")
-            || name.contains("Join")
-            || name.contains("Window")
-            || name == "SortExec"
-        {
-            return Ok(true);
-        }
-        pending.extend(node.children().into_iter().cloned());
-    }
-    Ok(false)
-}
-
 /// Plans one SELECT.
 pub async fn query(ctx: &SessionContext, what: &str, sql: &str) -> Result<DataFrame, EngineError> {
     ctx.sql(sql)
         .await
         .map_err(|e| EngineError::query(what.to_string(), e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn plans_that_aggregate_join_or_sort_are_costly_and_projections_are_not() {
-        let ctx = SessionContext::new();
-        let costly = |sql: &'static str| {
-            let ctx = ctx.clone();
-            async move { plan_is_costly(&ctx.sql(sql).await.unwrap()).await.unwrap() }
-        };
-        ctx.sql("CREATE VIEW t AS SELECT v, v % 7 AS k FROM generate_series(1, 1000) AS s(v)")
-            .await
-            .unwrap();
-        assert!(!costly("SELECT v * 2 AS w, k FROM t WHERE v > 3").await);
-        assert!(costly("SELECT k, SUM(v) FROM t GROUP BY k").await);
-        assert!(costly("SELECT v FROM t ORDER BY k").await);
-        assert!(costly("SELECT a.v FROM t a JOIN t b ON a.v = b.k").await);
-        assert!(costly("SELECT v, ROW_NUMBER() OVER (PARTITION BY k ORDER BY v) FROM t").await);
-    }
 }

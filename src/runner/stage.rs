@@ -782,13 +782,7 @@ async fn sql_stage(
     // The output is read several times (expectations, the split, the cdc steps, the quarantine): it is
     // computed once, into scratch files, and every later step reads typed rows from there.
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
-    // Checks on the candidate read the output once more: worth storing when it aggregates, joins or
-    // sorts, cheaper to compute again when it only reads and projects.
-    let checked_costly = !stage.checks.is_empty()
-        && engine::plan_is_costly(&output)
-            .await
-            .map_err(|e| engine_err(engine::EngineError::query("stage output", e)))?;
-    if stage.write.is_incremental() || !stage.expectations.is_empty() || checked_costly {
+    if stage.write.is_incremental() || !stage.expectations.is_empty() {
         progress.message("computing");
         scratch
             .materialize(&ctx, STAGE_OUTPUT, output)
