@@ -3,14 +3,21 @@
 //! compared with a threshold, another query, or the previous run's value. Values compare as exact
 //! decimals, so money reconciles to the cent.
 
-use std::{collections::BTreeMap, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    str::FromStr,
+    sync::Arc,
+};
 
 use datafusion::{
     arrow::{
         array::{Array, AsArray},
         compute::cast,
-        datatypes::DataType,
+        datatypes::{DataType, SchemaRef},
     },
+    common::tree_node::TreeNodeRecursion,
+    datasource::MemTable,
+    logical_expr::LogicalPlan,
     prelude::SessionContext,
 };
 use rust_decimal::Decimal;
@@ -118,6 +125,51 @@ pub async fn evaluate(
     Ok(results)
 }
 
+/// The columns of `schema` that `checks` read from `tables` (names of the candidate result), by index
+/// in `schema`, found by planning every query against empty tables of that schema. `None` when a query
+/// does not plan here: its evaluation reports why.
+pub async fn columns_read(
+    ctx: &SessionContext,
+    checks: &[Check],
+    schema: SchemaRef,
+    tables: &[&str],
+) -> Option<Vec<usize>> {
+    let mut read = BTreeSet::new();
+    for table in tables {
+        let empty = MemTable::try_new(schema.clone(), vec![vec![]]).ok()?;
+        ctx.register_table(*table, Arc::new(empty)).ok()?;
+    }
+    let mut planned = true;
+    let queries = checks.iter().flat_map(|check| match &check.rule {
+        CheckRule::Equals { query, .. } => vec![&check.query, query],
+        _ => vec![&check.query],
+    });
+    for query in queries {
+        let plan = match ctx.sql(query).await.map(|q| q.into_optimized_plan()) {
+            Ok(Ok(plan)) => plan,
+            _ => {
+                planned = false;
+                break;
+            }
+        };
+        let _ = plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && tables.iter().any(|t| scan.table_name.table() == *t)
+            {
+                match &scan.projection {
+                    Some(columns) => read.extend(columns.iter().copied()),
+                    None => read.extend(0..schema.fields().len()),
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        });
+    }
+    for table in tables {
+        let _ = ctx.deregister_table(*table);
+    }
+    planned.then(|| read.into_iter().collect())
+}
+
 /// The first value of the first row of `sql`, as an exact decimal (`None` for NULL or no row).
 async fn scalar(
     ctx: &SessionContext,
@@ -177,6 +229,56 @@ mod tests {
             })
         );
         assert!(parse_expect("about 3").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_columns_checks_read_are_found_by_planning_their_queries() {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        let ctx = SessionContext::new();
+        ctx.sql("CREATE TABLE other AS VALUES (1)").await.unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+            Field::new("c", DataType::Utf8, true),
+        ]));
+        let check = |query: &str, rule: CheckRule| Check {
+            name: "c".into(),
+            query: query.into(),
+            rule,
+            severity: Severity::Error,
+        };
+        let positive = || CheckRule::Compare {
+            op: crate::config::CompareOp::Gt,
+            value: Decimal::ZERO,
+        };
+        let read = |checks: Vec<Check>| {
+            let ctx = ctx.clone();
+            let schema = schema.clone();
+            async move { columns_read(&ctx, &checks, schema, &["candidate", "batch"]).await }
+        };
+        assert_eq!(
+            read(vec![check("SELECT COUNT(*) FROM candidate", positive())]).await,
+            Some(vec![])
+        );
+        let sums = check(
+            "SELECT SUM(b) FROM candidate",
+            CheckRule::Equals {
+                query: "SELECT COUNT(DISTINCT c) FROM batch WHERE c IN (SELECT 'x' FROM other)"
+                    .into(),
+                tolerance: Decimal::ZERO,
+            },
+        );
+        assert_eq!(read(vec![sums]).await, Some(vec![1, 2]));
+        assert_eq!(
+            read(vec![check("SELECT * FROM candidate", positive())]).await,
+            Some(vec![0, 1, 2])
+        );
+        // A query that does not plan (its evaluation will say why) tells nothing.
+        assert_eq!(
+            read(vec![check("SELECT nope FROM candidate", positive())]).await,
+            None
+        );
+        assert!(ctx.table_exist("candidate").is_ok_and(|exists| !exists));
     }
 
     #[tokio::test]

@@ -7,5 +7,5 @@ mod kpi;
 mod quarantine;
 
 pub use expectations::{Evaluation, ExpectationResult, Split, evaluate, split};
-pub use kpi::{CheckResult, evaluate as evaluate_checks};
+pub use kpi::{CheckResult, columns_read, evaluate as evaluate_checks};
 pub use quarantine::{quarantine_table, write_quarantine};

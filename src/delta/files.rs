@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use datafusion::prelude::DataFrame;
+use datafusion::{execution::SendableRecordBatchStream, prelude::DataFrame};
 use deltalake::{
     DeltaTable, DeltaTableError,
     kernel::{
@@ -15,6 +15,7 @@ use deltalake::{
     writer::{DeltaWriter, RecordBatchWriter},
 };
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use tokio::task::JoinSet;
 
 use super::{DeltaError, append::conform};
@@ -42,9 +43,19 @@ pub(super) async fn write_files(
         .execute_stream_partitioned()
         .await
         .map_err(|e| DeltaError::query(path, e))?;
+    write_streams(path, || RecordBatchWriter::for_table(table), streams).await
+}
+
+/// As [`write_files`], for the partitions of a result already running, each written by a writer from
+/// `new_writer` (for a table, or for one not created yet).
+pub(super) async fn write_streams(
+    path: &Location,
+    new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaTableError>,
+    streams: Vec<SendableRecordBatchStream>,
+) -> Result<Written, DeltaError> {
     let mut tasks = JoinSet::new();
     for mut stream in streams {
-        let mut writer = RecordBatchWriter::for_table(table)
+        let mut writer = new_writer()
             .map_err(|e| DeltaError::table(path, e))?
             .with_target_file_size(TARGET_FILE_SIZE)
             .with_writer_properties(super::writer_properties());
@@ -119,6 +130,32 @@ pub(super) fn removes(
         });
     }
     Ok(actions)
+}
+
+/// The remove actions for every file of `table`'s loaded version.
+pub(super) fn remove_all(path: &Location, table: &DeltaTable) -> Result<Vec<Action>, DeltaError> {
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    Ok(snapshot
+        .log_data()
+        .into_iter()
+        .map(|file| Action::Remove(file.remove_action(true)))
+        .collect())
+}
+
+/// Deletes files written and never committed (best effort: a file left behind is invisible to
+/// readers, and `medallion maintain` vacuums it). `table` may be one not created yet.
+pub(super) async fn discard(path: &Location, table: &DeltaTable, adds: &[Add]) {
+    let store = table.log_store().object_store(None);
+    for add in adds {
+        let file = deltalake::Path::from_url_path(&add.path)
+            .unwrap_or_else(|_| deltalake::Path::from(add.path.as_str()));
+        if let Err(error) = store.delete(&file).await {
+            tracing::warn!(
+                "{path}: could not remove the unpublished file `{}`: {error}",
+                add.path
+            );
+        }
+    }
 }
 
 /// The operation recorded for an append of new files to `table`.

@@ -23,7 +23,7 @@ pub use cdc::{
     CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, prepare_changes, touched_since,
 };
 pub use merge::upsert;
-pub use overwrite::{Scope, overwrite};
+pub use overwrite::{Replacement, Scope, Staged, overwrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
@@ -139,15 +139,12 @@ pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProper
         .build()
 }
 
-/// Creates an empty table with `schema`, unless one exists; returns it either way.
-pub async fn create_if_missing(
-    path: &Location,
+/// `schema` as a new table stores it: strings as one type, the column comments in the fields'
+/// metadata, nullable unless named in `options.not_null`.
+fn stored_schema(
     schema: &SchemaRef,
     options: &TableOptions,
-) -> Result<DeltaTable, DeltaError> {
-    if let Some(table) = open(path).await? {
-        return Ok(table);
-    }
+) -> datafusion::arrow::datatypes::Schema {
     let fields: Vec<_> = schema
         .fields()
         .iter()
@@ -159,14 +156,22 @@ pub async fn create_if_missing(
                 metadata.insert("comment".to_string(), comment.clone());
                 field = field.with_metadata(metadata);
             }
-            if options.not_null.contains(f.name()) {
-                field.with_nullable(false)
-            } else {
-                field.with_nullable(true)
-            }
+            field.with_nullable(!options.not_null.contains(f.name()))
         })
         .collect();
-    let arrow_schema = datafusion::arrow::datatypes::Schema::new(fields);
+    datafusion::arrow::datatypes::Schema::new(fields)
+}
+
+/// Creates an empty table with `schema`, unless one exists; returns it either way.
+pub async fn create_if_missing(
+    path: &Location,
+    schema: &SchemaRef,
+    options: &TableOptions,
+) -> Result<DeltaTable, DeltaError> {
+    if let Some(table) = open(path).await? {
+        return Ok(table);
+    }
+    let arrow_schema = stored_schema(schema, options);
     let kernel: deltalake::kernel::StructType =
         (&arrow_schema)
             .try_into_kernel()

@@ -7,11 +7,17 @@ use crate::storage::Location;
 
 use chrono::Datelike;
 use datafusion::{
-    arrow::datatypes::DataType,
+    arrow::datatypes::{DataType, SchemaRef},
     common::ScalarValue,
+    execution::SendableRecordBatchStream,
     prelude::{DataFrame, Expr, col, lit},
 };
-use deltalake::{operations::write::SchemaMode, protocol::SaveMode};
+use deltalake::{
+    kernel::Action,
+    operations::write::SchemaMode,
+    protocol::{DeltaOperation, SaveMode},
+    writer::RecordBatchWriter,
+};
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
 
@@ -229,6 +235,190 @@ pub async fn overwrite(
         files_added: metrics.1,
         ..WriteMetrics::default()
     })
+}
+
+/// An overwrite that replaces every row of the table with the same columns, written in two steps so
+/// that checks can read what is written before it is published: [`Replacement::write`] writes the new
+/// files, [`Staged::commit`] swaps them for the old ones in one commit (creating the table if it does
+/// not exist yet), or [`Staged::discard`] deletes them. Until the commit, readers see the table as it
+/// was, or no table.
+pub struct Replacement {
+    target: Target,
+    data: DataFrame,
+}
+
+/// Where a replacement goes.
+struct Target {
+    path: Location,
+    /// `None` while the table does not exist.
+    table: Option<deltalake::DeltaTable>,
+    /// The data's schema, which a new table gets.
+    schema: SchemaRef,
+    options: TableOptions,
+}
+
+impl Replacement {
+    /// The replacement for an overwrite of `data` in `scope`, when it replaces the whole table (a new
+    /// table, no scope, or a scope that holds every row) and keeps its columns and types; `None`
+    /// otherwise (an overwrite of part of the table, or one that changes its schema, goes through
+    /// [`overwrite`]).
+    pub async fn plan(
+        path: &Location,
+        data: DataFrame,
+        options: &TableOptions,
+        scope: Option<&Scope>,
+    ) -> Result<Option<Replacement>, DeltaError> {
+        let schema = Arc::new(data.schema().as_arrow().clone());
+        let table = super::open(path).await?;
+        let data = match scope {
+            None => data,
+            Some(scope) => {
+                let predicate = scope
+                    .predicate(&data)
+                    .map_err(|message| DeltaError::Invalid {
+                        table: path.to_string(),
+                        message,
+                    })?;
+                if let Some(table) = &table
+                    && holds_rows_outside(path, table, &predicate).await?
+                {
+                    return Ok(None);
+                }
+                data.filter(predicate)
+                    .map_err(|e| DeltaError::query(path, e))?
+            }
+        };
+        if let Some(table) = &table {
+            let stored = RecordBatchWriter::for_table(table)
+                .map_err(|e| DeltaError::table(path, e))?
+                .arrow_schema();
+            let same =
+                |a: &DataType, b: &DataType| super::normalize_type(a) == super::normalize_type(b);
+            let keeps_schema = stored.fields().len() == schema.fields().len()
+                && stored
+                    .fields()
+                    .iter()
+                    .zip(schema.fields())
+                    .all(|(s, d)| s.name() == d.name() && same(s.data_type(), d.data_type()));
+            if !keeps_schema {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Replacement {
+            target: Target {
+                path: path.clone(),
+                table,
+                schema,
+                options: options.clone(),
+            },
+            data,
+        }))
+    }
+
+    /// Starts the query: the partitions of its result, to hand to [`Replacement::write`].
+    pub async fn execute(&self) -> Result<Vec<SendableRecordBatchStream>, DeltaError> {
+        self.data
+            .clone()
+            .execute_stream_partitioned()
+            .await
+            .map_err(|e| DeltaError::query(&self.target.path, e))
+    }
+
+    /// Writes `streams` (from [`Replacement::execute`]) as the table's new files, uncommitted.
+    pub async fn write(
+        self,
+        streams: Vec<SendableRecordBatchStream>,
+    ) -> Result<Staged, DeltaError> {
+        let target = self.target;
+        let path = &target.path;
+        let written = match &target.table {
+            Some(table) => {
+                super::files::write_streams(path, || RecordBatchWriter::for_table(table), streams)
+                    .await?
+            }
+            None => {
+                let url = path.url().map_err(|source| DeltaError::Storage {
+                    table: path.to_string(),
+                    source,
+                })?;
+                let schema = Arc::new(super::stored_schema(&target.schema, &target.options));
+                let partition_by = &target.options.partition_by;
+                let partitions = (!partition_by.is_empty()).then(|| partition_by.clone());
+                let storage = path.delta_options();
+                let new_writer = || {
+                    RecordBatchWriter::try_new(
+                        url.as_str(),
+                        schema.clone(),
+                        partitions.clone(),
+                        Some(storage.clone()),
+                    )
+                };
+                super::files::write_streams(path, new_writer, streams).await?
+            }
+        };
+        Ok(Staged { target, written })
+    }
+}
+
+/// A replacement's files, written and not yet committed.
+pub struct Staged {
+    target: Target,
+    written: super::files::Written,
+}
+
+impl Staged {
+    /// Publishes the new files in place of every file of the table, in one commit that conflicts with
+    /// any commit made since the table was read.
+    pub async fn commit(self, meta: &CommitMeta) -> Result<WriteMetrics, DeltaError> {
+        let Target {
+            path,
+            table,
+            schema,
+            options,
+        } = self.target;
+        let table = match table {
+            Some(table) => table,
+            None => create_if_missing(&path, &schema, &options).await?,
+        };
+        let mut actions = super::files::remove_all(&path, &table)?;
+        let files_added = self.written.adds.len() as u64;
+        actions.extend(self.written.adds.into_iter().map(Action::Add));
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Overwrite,
+            partition_by: (!options.partition_by.is_empty()).then_some(options.partition_by),
+            predicate: None,
+        };
+        let version =
+            super::files::commit(&path, &table, actions, operation, meta.properties()).await?;
+        Ok(WriteMetrics {
+            version: Some(version),
+            rows_source: None,
+            rows_written: self.written.rows,
+            rows_inserted: self.written.rows,
+            files_added,
+            ..WriteMetrics::default()
+        })
+    }
+
+    /// Deletes the written files: nothing is published.
+    pub async fn discard(self) {
+        let path = &self.target.path;
+        let table = match self.target.table {
+            Some(table) => Ok(table),
+            None => path.url().map_err(|e| e.to_string()).and_then(|url| {
+                deltalake::DeltaTableBuilder::from_url(url)
+                    .and_then(|b| b.with_storage_options(path.delta_options()).build())
+                    .map_err(|e| e.to_string())
+            }),
+        };
+        match table {
+            Ok(table) => super::files::discard(path, &table, &self.written.adds).await,
+            Err(error) => tracing::warn!(
+                "{path}: could not remove {} unpublished file(s): {error}",
+                self.written.adds.len()
+            ),
+        }
+    }
 }
 
 /// Whether `table` holds a row for which `predicate` is not true (reads until it finds one).

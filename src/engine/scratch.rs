@@ -101,10 +101,23 @@ impl Scratch {
         name: &str,
         frame: DataFrame,
     ) -> Result<u64, EngineError> {
+        let streams = frame
+            .execute_stream_partitioned()
+            .await
+            .map_err(|e| EngineError::query(format!("materializing `{name}`"), e))?;
+        self.materialize_streams(ctx, name, streams).await
+    }
+
+    /// As [`Scratch::materialize`], for the partitions of a result already running.
+    pub async fn materialize_streams(
+        &self,
+        ctx: &SessionContext,
+        name: &str,
+        streams: Vec<SendableRecordBatchStream>,
+    ) -> Result<u64, EngineError> {
         let what = || format!("materializing `{name}`");
         let err = |e: DataFusionError| EngineError::query(what(), e);
         let dir = self.dir.path().join(name);
-        let streams = frame.execute_stream_partitioned().await.map_err(err)?;
         let Some(schema) = streams.first().map(|s| s.schema()) else {
             return Err(err(DataFusionError::Internal(
                 "a plan without partitions".into(),
@@ -155,6 +168,46 @@ impl Scratch {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Splits each of `streams` in two: the first of each pair passes every batch on; the second receives
+/// the same rows with only the `columns` (by index; none keeps the row counts), as the first is read.
+/// The copies go through a short queue, so the first stream waits while its copy is not read: both
+/// sides must be read together. A copy ends when its original does, or ends early when it fails.
+pub fn tee(
+    streams: Vec<SendableRecordBatchStream>,
+    columns: &[usize],
+) -> Result<
+    (
+        Vec<SendableRecordBatchStream>,
+        Vec<SendableRecordBatchStream>,
+    ),
+    DataFusionError,
+> {
+    let mut originals = Vec::with_capacity(streams.len());
+    let mut copies = Vec::with_capacity(streams.len());
+    for stream in streams {
+        let schema = stream.schema();
+        let copy_schema = Arc::new(schema.project(columns)?);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<RecordBatch>(4);
+        let columns = columns.to_vec();
+        let passed = stream.then(move |batch| {
+            let sender = sender.clone();
+            let columns = columns.clone();
+            async move {
+                let batch = batch?;
+                // A copy nobody reads any more (its reader failed) is no reason to stop the original.
+                let _ = sender.send(batch.project(&columns)?).await;
+                Ok(batch)
+            }
+        });
+        originals.push(Box::pin(RecordBatchStreamAdapter::new(schema, passed)) as _);
+        let received = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|batch| (Ok(batch), receiver))
+        });
+        copies.push(Box::pin(RecordBatchStreamAdapter::new(copy_schema, received)) as _);
+    }
+    Ok((originals, copies))
 }
 
 /// Removes the scratch directories under `parent` whose process is gone. Only where `/proc` tells
@@ -498,6 +551,52 @@ async fn drain(
 mod tests {
     use super::*;
     use datafusion::arrow::array::AsArray;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tee_passes_every_row_on_and_copies_the_columns_asked_for() {
+        let ctx = SessionContext::new();
+        let frame = ctx
+            .sql("SELECT v AS a, v * 2 AS b, CAST(v AS VARCHAR) AS c FROM generate_series(1, 100000) AS t(v)")
+            .await
+            .unwrap()
+            .repartition(datafusion::logical_expr::Partitioning::RoundRobinBatch(2))
+            .unwrap();
+        let streams = frame.execute_stream_partitioned().await.unwrap();
+        let (originals, copies) = tee(streams, &[1]).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        let read_all = async {
+            let mut rows = 0;
+            for mut stream in originals {
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.unwrap();
+                    assert_eq!(batch.num_columns(), 3);
+                    rows += batch.num_rows();
+                }
+            }
+            rows
+        };
+        // Both sides are read together, or the first waits on its full queue.
+        let (rows, copied) =
+            tokio::join!(read_all, scratch.materialize_streams(&ctx, "copy", copies));
+        assert_eq!(rows, 100_000);
+        assert_eq!(copied.unwrap(), 100_000);
+        let sums = ctx
+            .sql("SELECT SUM(b) FROM copy")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let sum = sums[0]
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0);
+        assert_eq!(sum, 100_000 * 100_001);
+        let schema = ctx.table("copy").await.unwrap().schema().as_arrow().clone();
+        assert_eq!(schema.fields().len(), 1);
+        assert_eq!(schema.field(0).name(), "b");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_result_within_the_budget_is_read_back_unchanged() {

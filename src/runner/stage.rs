@@ -915,28 +915,69 @@ async fn sql_stage(
             passed: accounted == rows_out && m.rows_read == kept,
         });
     }
+    // A whole-table overwrite is written before its checks run: they read a copy of the columns they
+    // name, taken as the rows go to the new files, which are published only if the checks pass. Other
+    // writes are checked on the candidate as a query, and written after.
+    let mut staged = None;
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
-        let candidate = candidate_sql(
-            &ctx,
-            stage,
-            &target_path,
-            target_exists,
-            &output,
-            scope.as_ref(),
-            prepared.as_ref(),
-        )
-        .await
-        .map_err(delta_err)?;
         register_check_tables(context, &ctx, stage)
             .await
             .map_err(delta_err)?;
-        let candidate = ctx
-            .sql(&candidate)
+        let candidate_err = |e| engine_err(engine::EngineError::query("candidate result", e));
+        let replacement = match &stage.write {
+            WriteMode::Overwrite => {
+                delta::Replacement::plan(&target_path, output.clone(), &options, scope.as_ref())
+                    .await
+                    .map_err(delta_err)?
+            }
+            _ => None,
+        };
+        let columns = match &replacement {
+            Some(_) => {
+                let schema = Arc::new(output.schema().as_arrow().clone());
+                checks::columns_read(&ctx, &stage.checks, schema, &["candidate", "batch"]).await
+            }
+            None => None,
+        };
+        if let (Some(replacement), Some(columns)) = (replacement, columns) {
+            progress.message("writing the candidate");
+            let streams = replacement.execute().await.map_err(delta_err)?;
+            let (streams, copies) =
+                engine::scratch::tee(streams, &columns).map_err(candidate_err)?;
+            let (written, _) = tokio::try_join!(
+                async { replacement.write(streams).await.map_err(delta_err) },
+                async {
+                    scratch
+                        .materialize_streams(&ctx, "candidate", copies)
+                        .await
+                        .map_err(engine_err)
+                },
+            )?;
+            staged = Some(written);
+            let candidate = ctx
+                .table_provider("candidate")
+                .await
+                .map_err(candidate_err)?;
+            ctx.register_table("batch", candidate)
+                .map_err(candidate_err)?;
+            progress.message("checking the candidate");
+        } else {
+            let candidate = candidate_sql(
+                &ctx,
+                stage,
+                &target_path,
+                target_exists,
+                &output,
+                scope.as_ref(),
+                prepared.as_ref(),
+            )
             .await
-            .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
-        ctx.register_table("candidate", candidate.into_view())
-            .map_err(|e| engine_err(engine::EngineError::query("candidate result", e)))?;
+            .map_err(delta_err)?;
+            let candidate = ctx.sql(&candidate).await.map_err(candidate_err)?;
+            ctx.register_table("candidate", candidate.into_view())
+                .map_err(candidate_err)?;
+        }
         let previous = context
             .state
             .last_check_values(&context.pipeline.name, &stage.name)
@@ -957,6 +998,9 @@ async fn sql_stage(
         .collect();
     report.checks = check_results;
     if !blocking.is_empty() {
+        if let Some(staged) = staged {
+            staged.discard().await;
+        }
         report.outcome =
             StageOutcome::Failed(format!("{}; nothing was published", blocking.join("; ")));
         return Ok((report, BTreeMap::new()));
@@ -966,9 +1010,13 @@ async fn sql_stage(
     match &stage.write {
         WriteMode::Overwrite => {
             crate::crash::point("before_gold_commit");
-            let metrics = delta::overwrite(&target_path, output, &options, &meta, scope.as_ref())
-                .await
-                .map_err(delta_err)?;
+            let metrics = match staged {
+                Some(staged) => staged.commit(&meta).await,
+                None => {
+                    delta::overwrite(&target_path, output, &options, &meta, scope.as_ref()).await
+                }
+            }
+            .map_err(delta_err)?;
             if let Some(scope) = &scope {
                 report.scope = Some(format!(
                     "{} `{}` value(s) recomputed",

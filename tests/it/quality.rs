@@ -111,6 +111,12 @@ async fn broken_reconciliation_stops_gold_before_it_is_published() {
         "other Gold stages ran"
     );
 
+    // A rebuilt table is written before its checks run: its files go when they fail.
+    assert_eq!(
+        data_files(&scratch.table("gold", "daily_kpis")),
+        Vec::<String>::new()
+    );
+
     // With the SQL fixed the same data publishes, and the numbers reconcile.
     assert_success(&scratch.run_edited(&|y| y, None));
     let sums = query(
@@ -118,6 +124,80 @@ async fn broken_reconciliation_stops_gold_before_it_is_published() {
         &["silver.transactions", "gold.daily_kpis"],
         "SELECT (SELECT CAST(SUM(total_amount) AS VARCHAR) FROM gold.daily_kpis) AS g, \
                 (SELECT CAST(SUM(amount) AS VARCHAR) FROM silver.transactions) AS s",
+    )
+    .await;
+    assert_eq!(sums[0][0], sums[0][1]);
+}
+
+/// The Parquet files under a table's folder, published or not, sorted.
+fn data_files(table: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(table, &mut found);
+    found.sort();
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_check_on_a_table_rebuilt_in_full_publishes_nothing_and_leaves_no_files() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 10, 3, 8);
+    let held = scratch.hold_back_changes(1);
+    // merchant_daily without its incremental scope: every run rebuilds it in full.
+    let in_full = |yaml: String| {
+        yaml.replacen(
+            "target: gold.merchant_daily\n    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n",
+            "target: gold.merchant_daily\n    mode: overwrite\n",
+            1,
+        )
+    };
+    assert_success(&scratch.run_edited(&in_full, None));
+    let table = scratch.table("gold", "merchant_daily");
+    let published = (delta_version(&table), data_files(&table));
+    assert!(!published.1.is_empty());
+    let contents = "SELECT CAST(SUM(total_amount) AS VARCHAR), CAST(COUNT(*) AS VARCHAR) \
+                    FROM gold.merchant_daily";
+    let before = query(&scratch.lake(), &["gold.merchant_daily"], contents).await;
+
+    // New changes arrive and the Gold SQL loses the refunds: the reconciliation fails.
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("restore change file");
+    }
+    let output = scratch.run_edited(
+        &in_full,
+        Some(("gold/merchant_daily.sql", &crate::common::drop_refunds)),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("check `total_amount_matches_silver` failed"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(
+        (delta_version(&table), data_files(&table)),
+        published,
+        "no new version and no file left behind"
+    );
+    let after = query(&scratch.lake(), &["gold.merchant_daily"], contents).await;
+    assert_eq!(after, before);
+
+    // Fixed, the rebuild publishes and reconciles.
+    assert_success(&scratch.run_edited(&in_full, None));
+    assert!(delta_version(&table) > published.0);
+    let sums = query(
+        &scratch.lake(),
+        &["silver.transactions", "gold.merchant_daily"],
+        "SELECT (SELECT CAST(SUM(total_amount) AS VARCHAR) FROM gold.merchant_daily), \
+                (SELECT CAST(SUM(amount) AS VARCHAR) FROM silver.transactions)",
     )
     .await;
     assert_eq!(sums[0][0], sums[0][1]);
