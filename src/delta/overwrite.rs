@@ -10,6 +10,10 @@ use datafusion::{
     arrow::datatypes::{DataType, SchemaRef},
     common::ScalarValue,
     execution::SendableRecordBatchStream,
+    physical_plan::{
+        ExecutionPlan, filter::FilterExec, projection::ProjectionExec, sorts::sort::SortExec,
+        sorts::sort_preserving_merge::SortPreservingMergeExec,
+    },
     prelude::{DataFrame, Expr, col, lit},
 };
 use deltalake::{
@@ -315,13 +319,20 @@ impl Replacement {
         }))
     }
 
-    /// Starts the query: the partitions of its result, to hand to [`Replacement::write`].
+    /// Starts the query: the partitions of its result, to hand to [`Replacement::write`]. A Delta table
+    /// has no row order, so a final `ORDER BY` is not run (delta-rs's writer drops it too): sorting
+    /// ten million Gold rows cost more than the rest of the stage, and more memory than a 1 GiB limit.
     pub async fn execute(&self) -> Result<Vec<SendableRecordBatchStream>, DeltaError> {
-        self.data
+        let query = |e| DeltaError::query(&self.target.path, e);
+        let task = Arc::new(self.data.task_ctx());
+        let plan = self
+            .data
             .clone()
-            .execute_stream_partitioned()
+            .create_physical_plan()
             .await
-            .map_err(|e| DeltaError::query(&self.target.path, e))
+            .map_err(query)?;
+        datafusion::physical_plan::execute_stream_partitioned(without_final_sort(plan), task)
+            .map_err(query)
     }
 
     /// Writes `streams` (from [`Replacement::execute`]) as the table's new files, uncommitted.
@@ -358,6 +369,39 @@ impl Replacement {
         };
         Ok(Staged { target, written })
     }
+}
+
+/// `plan` without the sort (and the merge of sorted partitions) at its top, unless it keeps only the
+/// first rows: its partitions, unordered.
+fn without_final_sort(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    match plan.downcast_ref::<SortPreservingMergeExec>() {
+        Some(merge) if merge.fetch().is_none() => without_sort(merge.input().clone()),
+        _ => without_sort(plan),
+    }
+}
+
+/// `plan` without its topmost sort, looked for under projections and filters (which keep no order of
+/// their own).
+fn without_sort(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+    if let Some(sort) = plan.downcast_ref::<SortExec>() {
+        return match sort.fetch() {
+            None => sort.input().clone(),
+            Some(_) => plan,
+        };
+    }
+    let passes_through = plan.downcast_ref::<ProjectionExec>().is_some()
+        || plan.downcast_ref::<FilterExec>().is_some();
+    let children = plan.children();
+    if !passes_through || children.len() != 1 {
+        return plan;
+    }
+    let child = children[0].clone();
+    let stripped = without_sort(child.clone());
+    if Arc::ptr_eq(&stripped, &child) {
+        return plan;
+    }
+    datafusion::physical_plan::replace_children_if_necessary(plan.clone(), vec![stripped])
+        .unwrap_or(plan)
 }
 
 /// A replacement's files, written and not yet committed.
@@ -553,6 +597,42 @@ mod tests {
             overwrite_scoped(&path, "('a', 3), ('b', 3), ('c', 3)", &["a", "b"]).await;
         assert_eq!(rows, ["a=3", "b=3", "c=2"]);
         assert!(predicate(&parameters).is_some(), "{parameters}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_final_sort_is_not_run_unless_it_keeps_the_first_rows() {
+        let ctx = crate::delta::session(None).unwrap();
+        let sorts = |plan: &Arc<dyn ExecutionPlan>| {
+            datafusion::physical_plan::displayable(plan.as_ref())
+                .indent(false)
+                .to_string()
+                .contains("Sort")
+        };
+        let plan = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                ctx.sql(sql)
+                    .await
+                    .unwrap()
+                    .create_physical_plan()
+                    .await
+                    .unwrap()
+            }
+        };
+        let grouped = "SELECT v % 7 AS k, COUNT(*) AS n FROM generate_series(1, 1000) AS t(v) \
+                       GROUP BY v % 7";
+        let ordered = plan(Box::leak(format!("{grouped} ORDER BY k").into_boxed_str())).await;
+        assert!(
+            sorts(&ordered),
+            "{}",
+            datafusion::physical_plan::displayable(ordered.as_ref()).indent(false)
+        );
+        assert!(!sorts(&without_final_sort(ordered)));
+        let first = plan(Box::leak(
+            format!("{grouped} ORDER BY k LIMIT 3").into_boxed_str(),
+        ))
+        .await;
+        assert!(sorts(&without_final_sort(first)));
     }
 
     #[test]
