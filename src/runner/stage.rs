@@ -978,14 +978,25 @@ async fn sql_stage(
             ctx.register_table("candidate", candidate.into_view())
                 .map_err(candidate_err)?;
         }
-        let previous = context
-            .state
-            .last_check_values(&context.pipeline.name, &stage.name)
-            .await?;
-        let results = checks::evaluate_checks(&ctx, &stage.checks, &previous)
-            .await
-            .map_err(engine_err)?;
-        check_results.extend(results);
+        let evaluated = async {
+            let previous = context
+                .state
+                .last_check_values(&context.pipeline.name, &stage.name)
+                .await?;
+            checks::evaluate_checks(&ctx, &stage.checks, &previous)
+                .await
+                .map_err(engine_err)
+        };
+        match evaluated.await {
+            Ok(results) => check_results.extend(results),
+            Err(error) => {
+                // Files written for a check that could not run are not published either.
+                if let Some(staged) = staged {
+                    staged.discard().await;
+                }
+                return Err(error);
+            }
+        }
     }
     for result in check_results.iter().filter(|r| !r.passed && !r.blocks()) {
         warn!("{}", result.describe());

@@ -190,6 +190,21 @@ async fn a_failed_check_on_a_table_rebuilt_in_full_publishes_nothing_and_leaves_
     let after = query(&scratch.lake(), &["gold.merchant_daily"], contents).await;
     assert_eq!(after, before);
 
+    // A check that fails to run (a division by zero while it reads the copy) publishes nothing either.
+    let broken_check = |yaml: String| {
+        in_full(yaml).replacen(
+            "query: SELECT SUM(total_amount) FROM candidate\n        equals: SELECT SUM(amount) FROM silver.transactions\n  - name: gold_fact",
+            "query: SELECT SUM(txn_count / (txn_count - txn_count)) FROM candidate\n        expect: \"> 0\"\n  - name: gold_fact",
+            1,
+        )
+    };
+    let yaml = std::fs::read_to_string(repo().join("pipelines/transactions.yaml")).expect("yaml");
+    assert!(broken_check(yaml).contains("txn_count - txn_count"));
+    let output = scratch.run_edited(&broken_check, None);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("ivide by zero"), "{}", text(&output));
+    assert_eq!((delta_version(&table), data_files(&table)), published);
+
     // Fixed, the rebuild publishes and reconciles.
     assert_success(&scratch.run_edited(&in_full, None));
     assert!(delta_version(&table) > published.0);
