@@ -924,45 +924,19 @@ async fn sql_stage(
         register_check_tables(context, &ctx, stage)
             .await
             .map_err(delta_err)?;
-        let candidate_err = |e| engine_err(engine::EngineError::query("candidate result", e));
-        let replacement = match &stage.write {
-            WriteMode::Overwrite => {
-                delta::Replacement::plan(&target_path, output.clone(), &options, scope.as_ref())
-                    .await
-                    .map_err(delta_err)?
-            }
-            _ => None,
-        };
-        let columns = match &replacement {
-            Some(_) => {
-                let schema = Arc::new(output.schema().as_arrow().clone());
-                checks::columns_read(&ctx, &stage.checks, schema, &["candidate", "batch"]).await
-            }
-            None => None,
-        };
-        if let (Some(replacement), Some(columns)) = (replacement, columns) {
-            progress.message("writing the candidate");
-            let streams = replacement.execute().await.map_err(delta_err)?;
-            let (streams, copies) =
-                engine::scratch::tee(streams, &columns).map_err(candidate_err)?;
-            let (written, _) = tokio::try_join!(
-                async { replacement.write(streams).await.map_err(delta_err) },
-                async {
-                    scratch
-                        .materialize_streams(&ctx, "candidate", copies)
-                        .await
-                        .map_err(engine_err)
-                },
-            )?;
-            staged = Some(written);
-            let candidate = ctx
-                .table_provider("candidate")
-                .await
-                .map_err(candidate_err)?;
-            ctx.register_table("batch", candidate)
-                .map_err(candidate_err)?;
-            progress.message("checking the candidate");
-        } else {
+        staged = stage_replacement(
+            &ctx,
+            stage,
+            &target_path,
+            &output,
+            &options,
+            scope.as_ref(),
+            &scratch,
+            progress,
+        )
+        .await?;
+        if staged.is_none() {
+            let candidate_err = |e| engine_err(engine::EngineError::query("candidate result", e));
             let candidate = candidate_sql(
                 &ctx,
                 stage,
@@ -1087,6 +1061,67 @@ async fn sql_stage(
         ));
     }
     Ok((report, versions))
+}
+
+/// Writes a whole-table overwrite before its checks run ([`delta::Replacement`]): while the rows go to
+/// the new files, the columns the checks read are copied into `scratch`, registered as `candidate` and
+/// `batch`. `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
+/// columns cannot be told; its candidate is then checked as a query.
+#[allow(clippy::too_many_arguments)]
+async fn stage_replacement(
+    ctx: &datafusion::prelude::SessionContext,
+    stage: &Stage,
+    target_path: &Location,
+    output: &datafusion::prelude::DataFrame,
+    options: &TableOptions,
+    scope: Option<&delta::Scope>,
+    scratch: &Scratch,
+    progress: &StageProgress,
+) -> Result<Option<delta::Staged>, RunError> {
+    let delta_err = |source| RunError::Delta {
+        stage: stage.name.clone(),
+        source,
+    };
+    let engine_err = |source| RunError::Engine {
+        stage: stage.name.clone(),
+        source,
+    };
+    let candidate_err = |e| engine_err(engine::EngineError::query("candidate result", e));
+    if !matches!(stage.write, WriteMode::Overwrite) {
+        return Ok(None);
+    }
+    let Some(replacement) = delta::Replacement::plan(target_path, output.clone(), options, scope)
+        .await
+        .map_err(delta_err)?
+    else {
+        return Ok(None);
+    };
+    let schema = Arc::new(output.schema().as_arrow().clone());
+    let Some(columns) =
+        checks::columns_read(ctx, &stage.checks, schema, &["candidate", "batch"]).await
+    else {
+        return Ok(None);
+    };
+    progress.message("writing the candidate");
+    let streams = replacement.execute().await.map_err(delta_err)?;
+    let (streams, copies) = engine::scratch::tee(streams, &columns).map_err(candidate_err)?;
+    let (staged, _) = tokio::try_join!(
+        async { replacement.write(streams).await.map_err(delta_err) },
+        async {
+            scratch
+                .materialize_streams(ctx, "candidate", copies)
+                .await
+                .map_err(engine_err)
+        },
+    )?;
+    let candidate = ctx
+        .table_provider("candidate")
+        .await
+        .map_err(candidate_err)?;
+    ctx.register_table("batch", candidate)
+        .map_err(candidate_err)?;
+    progress.message("checking the candidate");
+    Ok(Some(staged))
 }
 
 /// SQL for the stage's candidate result: the target as it would be after the write.
