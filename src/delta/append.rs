@@ -18,7 +18,7 @@ use tokio::{sync::mpsc, task::JoinSet};
 
 use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
 
-use super::files::TARGET_FILE_SIZE;
+use super::files::{Layout, TARGET_FILE_SIZE};
 
 /// A streaming append into one table, committed once by [`BatchAppender::commit`]. Dropping it without
 /// committing leaves the table unchanged (the written files are unreferenced and vacuumed later).
@@ -58,7 +58,7 @@ impl BatchAppender {
         for _ in 0..count {
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| DeltaError::table(path, e))?
-                .with_target_file_size(TARGET_FILE_SIZE)
+                .with_target_file_size(options.target_file_size.unwrap_or(TARGET_FILE_SIZE))
                 .with_writer_properties(super::writer_properties());
             table_schema.get_or_insert_with(|| writer.arrow_schema());
             // One batch waiting per writer: memory stays bounded when the writers are slower.
@@ -274,21 +274,23 @@ pub async fn append_frame(
     options: &TableOptions,
     meta: &CommitMeta,
 ) -> Result<WriteMetrics, DeltaError> {
-    append_frame_with(path, frame, options, meta, Vec::new()).await
+    let layout = Layout::unclustered(options.target_file_size);
+    append_frame_with(path, frame, options, meta, Vec::new(), &layout).await
 }
 
-/// As [`append_frame`], with `extra` entries in the commit info. The result's partitions are written in
-/// parallel ([`super::files::write_files`]).
-pub async fn append_frame_with(
+/// As [`append_frame`], with `extra` entries in the commit info, the files laid out as `layout` says.
+/// The result's partitions are written in parallel ([`super::files::write_files`]).
+pub(super) async fn append_frame_with(
     path: &Location,
     frame: datafusion::prelude::DataFrame,
     options: &TableOptions,
     meta: &CommitMeta,
     extra: Vec<(String, serde_json::Value)>,
+    layout: &Layout,
 ) -> Result<WriteMetrics, DeltaError> {
     let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
-    let written = super::files::write_files(path, &table, frame).await?;
+    let written = super::files::write_files(path, &table, frame, layout).await?;
     if written.rows == 0 {
         return Ok(WriteMetrics::default());
     }

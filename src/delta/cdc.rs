@@ -43,7 +43,9 @@ use deltalake::{
 };
 
 use super::{
-    CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing, merge::key_predicate,
+    CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing,
+    files::{KeyRanges, Layout},
+    merge::key_predicate,
     quote,
 };
 
@@ -115,6 +117,8 @@ pub struct PreparedChanges {
     options: TableOptions,
     counts: BTreeMap<String, u64>,
     metrics: CdcMetrics,
+    /// The batch's least and greatest first key, as SQL literals (`None`: not an integer or string).
+    key_bounds: Option<(String, String)>,
 }
 
 /// Applies a change batch in one go (prepare, then commit).
@@ -231,10 +235,13 @@ pub async fn prepare_changes(
 
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
     // read) and the tombstones.
-    let prune = if with_target {
-        key_range_filter(ctx, spec, &schema).await.map_err(query)?
-    } else {
-        String::new()
+    let key_bounds = batch_key_bounds(ctx, spec, &schema).await.map_err(query)?;
+    let prune = match &key_bounds {
+        Some((low, high)) if with_target => {
+            let key = spec.keys.first().map(String::as_str).unwrap_or_default();
+            format!(" WHERE {} BETWEEN {low} AND {high}", quote(key))
+        }
+        _ => String::new(),
     };
     let classify = classify_sql(spec, &prune, with_target, with_tombstones);
     let classified = ctx.sql(&classify).await.map_err(query)?;
@@ -272,6 +279,7 @@ pub async fn prepare_changes(
         options: table_options,
         counts,
         metrics,
+        key_bounds,
     }))
 }
 
@@ -323,6 +331,7 @@ impl PreparedChanges {
             options,
             counts,
             mut metrics,
+            key_bounds,
         } = self;
         let path = &path;
         let query = |e| DeltaError::query(path, e);
@@ -348,11 +357,26 @@ impl PreparedChanges {
                 ))
                 .await
                 .map_err(query)?;
+            let key = spec.keys.first().map(String::as_str).unwrap_or_default();
+            let stats = super::files::file_stats(path, &table, &HashSet::new(), key)?;
+            let layout = clustered(&spec, &options, &key_bounds, None, count("insert"), &stats);
             metrics.write =
-                super::append::append_frame_with(path, source, &options, meta, extra).await?;
+                super::append::append_frame_with(path, source, &options, meta, extra, &layout)
+                    .await?;
         } else if rewrites > 0 {
-            let (write, files) =
-                rewrite(ctx, path, &spec, &table, &cols, &counts, meta, extra).await?;
+            let (write, files) = rewrite(
+                ctx,
+                path,
+                &spec,
+                &table,
+                &cols,
+                &counts,
+                &key_bounds,
+                &options,
+                meta,
+                extra,
+            )
+            .await?;
             metrics.write = write;
             metrics.files_scanned = files;
             metrics.files_removed = files;
@@ -517,18 +541,19 @@ async fn reject_ties(
     })
 }
 
-/// `WHERE` clause limiting the live rows read to the batch's key range, when the first key is an integer
-/// or a string (the Delta scan prunes files by their min/max statistics).
-async fn key_range_filter(
+/// The least and greatest first key of the batch's latest changes, as SQL literals, when that key is an
+/// integer or a string: the classification reads only the live rows between them (the Delta scan
+/// prunes files by their min/max statistics), and an integer key lays out the files written.
+async fn batch_key_bounds(
     ctx: &SessionContext,
     spec: &CdcSpec,
     schema: &Schema,
-) -> datafusion::error::Result<String> {
+) -> datafusion::error::Result<Option<(String, String)>> {
     let Some(key) = spec.keys.first() else {
-        return Ok(String::new());
+        return Ok(None);
     };
     let Ok(field) = schema.field_with_name(key) else {
-        return Ok(String::new());
+        return Ok(None);
     };
     let literal = |value: &ScalarValue| -> Option<String> {
         if value.is_null() {
@@ -551,14 +576,42 @@ async fn key_range_filter(
         .collect()
         .await?;
     let Some(batch) = bounds.first().filter(|b| b.num_rows() == 1) else {
-        return Ok(String::new());
+        return Ok(None);
     };
     let low = ScalarValue::try_from_array(batch.column(0), 0)?;
     let high = ScalarValue::try_from_array(batch.column(1), 0)?;
-    Ok(match (literal(&low), literal(&high)) {
-        (Some(low), Some(high)) => format!(" WHERE {} BETWEEN {low} AND {high}", quote(key)),
-        _ => String::new(),
-    })
+    Ok(literal(&low).zip(literal(&high)))
+}
+
+/// The layout of a cdc write of `rows` new rows with keys within `batch_bounds`, plus the rows of
+/// rewritten files (`stats`): clustered by ranges of the first key when it is an integer, so that each
+/// file holds one range of keys and a later batch rewrites only the files of the ranges it changes.
+fn clustered(
+    spec: &CdcSpec,
+    options: &TableOptions,
+    batch_bounds: &Option<(String, String)>,
+    files_bounds: Option<(i64, i64)>,
+    rows: u64,
+    stats: &super::files::FileStats,
+) -> Layout {
+    let mut layout = Layout::unclustered(options.target_file_size);
+    let batch_bounds = batch_bounds
+        .as_ref()
+        .and_then(|(low, high)| low.parse::<i64>().ok().zip(high.parse::<i64>().ok()));
+    let bounds = match (batch_bounds, files_bounds) {
+        (Some((low, high)), Some((l, h))) => Some((low.min(l), high.max(h))),
+        (bounds, None) | (None, bounds) => bounds,
+    };
+    if let (Some(bounds), Some(key)) = (bounds, spec.keys.first()) {
+        layout.ranges = Some(KeyRanges::for_write(
+            key,
+            bounds,
+            rows + stats.rows,
+            stats.row_bytes,
+            layout.target_size,
+        ));
+    }
+    layout
 }
 
 /// Classification SQL; `prune` limits the live rows read. Without a target (or tombstones) to compare
@@ -710,6 +763,8 @@ async fn rewrite(
     table: &deltalake::DeltaTable,
     cols: &str,
     counts: &BTreeMap<String, u64>,
+    key_bounds: &Option<(String, String)>,
+    options: &TableOptions,
     meta: &CommitMeta,
     extra: Vec<(String, serde_json::Value)>,
 ) -> Result<(WriteMetrics, u64), DeltaError> {
@@ -764,7 +819,22 @@ async fn rewrite(
         .await
         .map_err(query)?;
     let rows = kept.union(upserts).map_err(query)?;
-    let written = super::files::write_files(path, table, rows).await?;
+    // The files' key range is only known for an integer key; a string key is not clustered.
+    let key = spec.keys.first().map(String::as_str).unwrap_or_default();
+    let stats = super::files::file_stats(path, table, &files, key)?;
+    // Rows written: the files' rows (less the updated and deleted, plus the updated) and the inserts.
+    let layout = match stats.key_bounds {
+        Some(bounds) => clustered(
+            spec,
+            options,
+            key_bounds,
+            Some(bounds),
+            count("insert"),
+            &stats,
+        ),
+        None => Layout::unclustered(options.target_file_size),
+    };
+    let written = super::files::write_files(path, table, rows, &layout).await?;
     let files_added = written.adds.len() as u64;
     let mut actions = super::files::removes(path, table, &files)?;
     actions.extend(written.adds.into_iter().map(Action::Add));

@@ -1,10 +1,23 @@
 //! Data files written and committed by hand, for the writes delta-rs's operations make slower than they
 //! need to be: a query's result is written by one Parquet writer per partition of its plan (encoding
 //! and compression run on every core), and the files added and removed go into one Delta commit.
+//!
+//! A write can also be *clustered* by ranges of an integer key ([`KeyRanges`]): each file then holds
+//! one range, so that a later change to a few keys reads and rewrites the files of their ranges only,
+//! and a reader's filter on the key (or on a column that grows with it, such as a date) skips the rest.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
-use datafusion::{execution::SendableRecordBatchStream, prelude::DataFrame};
+use datafusion::{
+    arrow::{
+        array::{Array, AsArray, RecordBatch, UInt32Array},
+        compute::{cast, take_record_batch},
+        datatypes::{DataType, Int64Type},
+        error::ArrowError,
+    },
+    execution::SendableRecordBatchStream,
+    prelude::DataFrame,
+};
 use deltalake::{
     DeltaTable, DeltaTableError,
     kernel::{
@@ -21,8 +34,114 @@ use tokio::task::JoinSet;
 use super::{DeltaError, append::conform};
 use crate::storage::Location;
 
-/// Parquet files are cut at about this size while streaming.
+/// Parquet files are cut at about this size while streaming, unless the table's options say otherwise.
 pub(super) const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
+
+/// Bytes a row is assumed to take in a Parquet file when the table holds none to measure yet (a first
+/// load). Above what the reference Silver table takes (about 16), so first-load files err small.
+const ASSUMED_ROW_BYTES: u64 = 32;
+
+/// At most this many ranges (and so open writers) in one clustered write.
+const MAX_RANGES: u64 = 256;
+
+/// Equal ranges of an integer key's values, one file (or a few, past the target size) per range.
+/// Keys below the first range go to it, above the last to the last, NULL to the first.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct KeyRanges {
+    column: String,
+    low: i64,
+    high: i64,
+    count: u64,
+}
+
+impl KeyRanges {
+    /// Ranges for writing `rows` rows with keys in `low..=high` in files of about `target_size` bytes,
+    /// each row taking about `row_bytes` (`None`: not known): as many as files of that size. One range
+    /// when one file holds them all, which is then written by one writer.
+    pub fn for_write(
+        column: &str,
+        (low, high): (i64, i64),
+        rows: u64,
+        row_bytes: Option<u64>,
+        target_size: u64,
+    ) -> KeyRanges {
+        let (low, high) = (low.min(high), high.max(low));
+        let bytes = rows.saturating_mul(row_bytes.unwrap_or(ASSUMED_ROW_BYTES).max(1));
+        let span = i128::from(high) - i128::from(low) + 1;
+        let count = bytes
+            .div_ceil(target_size.max(1))
+            .clamp(1, MAX_RANGES)
+            .min(u64::try_from(span).unwrap_or(u64::MAX))
+            .min(rows.max(1));
+        KeyRanges {
+            column: column.to_string(),
+            low,
+            high,
+            count,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count as usize
+    }
+
+    /// The range holding `key`.
+    fn index(&self, key: i64) -> usize {
+        let span = i128::from(self.high) - i128::from(self.low) + 1;
+        let offset = (i128::from(key) - i128::from(self.low)).clamp(0, span - 1);
+        (offset * i128::from(self.count) / span) as usize
+    }
+
+    /// `batch`'s rows split by range: (range, rows), in range order, ranges without rows left out.
+    fn split(&self, batch: &RecordBatch) -> Result<Vec<(usize, RecordBatch)>, ArrowError> {
+        let column = batch.column_by_name(&self.column).ok_or_else(|| {
+            ArrowError::SchemaError(format!("no column `{}` to cluster by", self.column))
+        })?;
+        let keys = cast(column, &DataType::Int64)?;
+        let keys = keys.as_primitive::<Int64Type>();
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.count()];
+        for row in 0..keys.len() {
+            let range = if keys.is_null(row) {
+                0
+            } else {
+                self.index(keys.value(row))
+            };
+            rows[range].push(row as u32);
+        }
+        let mut parts = Vec::new();
+        for (range, indices) in rows.into_iter().enumerate() {
+            if indices.len() == batch.num_rows() {
+                return Ok(vec![(range, batch.clone())]);
+            }
+            if !indices.is_empty() {
+                parts.push((
+                    range,
+                    take_record_batch(batch, &UInt32Array::from(indices))?,
+                ));
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// How a write lays its rows out in files.
+#[derive(Debug, Clone)]
+pub(super) struct Layout {
+    /// Files are cut at about this size.
+    pub target_size: u64,
+    /// With ranges, each file holds rows of one key range; without, rows go to files as they come.
+    pub ranges: Option<KeyRanges>,
+}
+
+impl Layout {
+    /// Files cut at `target_size` (the default size for `None`), rows as they come.
+    pub fn unclustered(target_size: Option<u64>) -> Layout {
+        Layout {
+            target_size: target_size.unwrap_or(TARGET_FILE_SIZE),
+            ranges: None,
+        }
+    }
+}
 
 /// Files written for a table and not yet committed to it.
 #[derive(Debug, Default)]
@@ -38,12 +157,19 @@ pub(super) async fn write_files(
     path: &Location,
     table: &DeltaTable,
     frame: DataFrame,
+    layout: &Layout,
 ) -> Result<Written, DeltaError> {
     let streams = frame
         .execute_stream_partitioned()
         .await
         .map_err(|e| DeltaError::query(path, e))?;
-    write_streams(path, || RecordBatchWriter::for_table(table), streams).await
+    write_streams(
+        path,
+        || RecordBatchWriter::for_table(table),
+        streams,
+        layout,
+    )
+    .await
 }
 
 /// As [`write_files`], for the partitions of a result already running, each written by a writer from
@@ -52,13 +178,22 @@ pub(super) async fn write_streams(
     path: &Location,
     new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaTableError>,
     streams: Vec<SendableRecordBatchStream>,
+    layout: &Layout,
 ) -> Result<Written, DeltaError> {
+    let new_writer = || {
+        new_writer()
+            .map(|w| {
+                w.with_target_file_size(layout.target_size)
+                    .with_writer_properties(super::writer_properties())
+            })
+            .map_err(|e| DeltaError::table(path, e))
+    };
+    if let Some(ranges) = &layout.ranges {
+        return write_clustered(path, new_writer, streams, ranges).await;
+    }
     let mut tasks = JoinSet::new();
     for mut stream in streams {
-        let mut writer = new_writer()
-            .map_err(|e| DeltaError::table(path, e))?
-            .with_target_file_size(TARGET_FILE_SIZE)
-            .with_writer_properties(super::writer_properties());
+        let mut writer = new_writer()?;
         let path = path.clone();
         tasks.spawn(async move {
             let schema = writer.arrow_schema();
@@ -85,12 +220,87 @@ pub(super) async fn write_streams(
     let mut written = Written::default();
     // On the first error the set is dropped, which stops the other writers.
     while let Some(done) = tasks.join_next().await {
-        let part = done.map_err(|e| DeltaError::Invalid {
-            table: path.to_string(),
-            message: format!("a file writer stopped: {e}"),
-        })??;
+        let part = done.map_err(|e| writer_stopped(path, &e))??;
         written.adds.extend(part.adds);
         written.rows += part.rows;
+    }
+    Ok(written)
+}
+
+fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError {
+    DeltaError::Invalid {
+        table: path.to_string(),
+        message: format!("a file writer stopped: {error}"),
+    }
+}
+
+/// [`write_streams`] clustered: one writer per key range, shared by the tasks that read the partitions
+/// of the result. Each task splits its batches by range and encodes each part into its range's writer,
+/// so encoding still runs on every core; a task starts at a different range than the others so that
+/// they seldom wait for the same writer.
+async fn write_clustered(
+    path: &Location,
+    new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaError>,
+    streams: Vec<SendableRecordBatchStream>,
+    ranges: &KeyRanges,
+) -> Result<Written, DeltaError> {
+    let writers = (0..ranges.count())
+        .map(|_| new_writer())
+        .collect::<Result<Vec<_>, _>>()?;
+    let Some(schema) = writers.first().map(|w| w.arrow_schema()) else {
+        return Ok(Written::default());
+    };
+    let writers: Vec<_> = writers
+        .into_iter()
+        .map(|w| Arc::new(tokio::sync::Mutex::new(w)))
+        .collect();
+    let mut tasks = JoinSet::new();
+    for (task, mut stream) in streams.into_iter().enumerate() {
+        let (path, ranges, writers, schema) = (
+            path.clone(),
+            ranges.clone(),
+            writers.clone(),
+            schema.clone(),
+        );
+        tasks.spawn(async move {
+            let mut rows = 0u64;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(|e| DeltaError::query(&path, e))?;
+                if batch.num_rows() == 0 {
+                    continue;
+                }
+                rows += batch.num_rows() as u64;
+                let batch = conform(&path, batch, &schema)?;
+                let mut parts = ranges.split(&batch).map_err(|e| DeltaError::Invalid {
+                    table: path.to_string(),
+                    message: format!("cannot split the rows by key range: {e}"),
+                })?;
+                let start = task % parts.len().max(1);
+                parts.rotate_left(start);
+                for (range, part) in parts {
+                    writers[range]
+                        .lock()
+                        .await
+                        .write(part)
+                        .await
+                        .map_err(|e| DeltaError::table(&path, e))?;
+                }
+            }
+            Ok::<_, DeltaError>(rows)
+        });
+    }
+    let mut written = Written::default();
+    while let Some(done) = tasks.join_next().await {
+        written.rows += done.map_err(|e| writer_stopped(path, &e))??;
+    }
+    for writer in writers {
+        let adds = writer
+            .lock()
+            .await
+            .flush()
+            .await
+            .map_err(|e| DeltaError::table(path, e))?;
+        written.adds.extend(adds);
     }
     Ok(written)
 }
@@ -103,18 +313,10 @@ pub(super) fn removes(
     ids: &HashSet<String>,
 ) -> Result<Vec<Action>, DeltaError> {
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
-    let mut root = table.log_store().root_url().clone();
-    if !root.path().ends_with('/') {
-        let with_slash = format!("{}/", root.path());
-        root.set_path(&with_slash);
-    }
+    let root = root_url(table);
     let mut actions = Vec::with_capacity(ids.len());
     for file in snapshot.log_data() {
-        let id = root.join(&file.path()).map_err(|e| DeltaError::Invalid {
-            table: path.to_string(),
-            message: format!("file `{}` has no URL under the table: {e}", file.path()),
-        })?;
-        if ids.contains(id.as_str()) {
+        if ids.contains(scan_id(path, &root, &file.path())?.as_str()) {
             actions.push(Action::Remove(file.remove_action(true)));
         }
     }
@@ -130,6 +332,75 @@ pub(super) fn removes(
         });
     }
     Ok(actions)
+}
+
+/// The table's root URL, ending in `/`.
+fn root_url(table: &DeltaTable) -> url::Url {
+    let mut root = table.log_store().root_url().clone();
+    if !root.path().ends_with('/') {
+        let with_slash = format!("{}/", root.path());
+        root.set_path(&with_slash);
+    }
+    root
+}
+
+/// The id a scan's file column gives the file at `file` (a path in the log): its full URL.
+fn scan_id(path: &Location, root: &url::Url, file: &str) -> Result<url::Url, DeltaError> {
+    root.join(file).map_err(|e| DeltaError::Invalid {
+        table: path.to_string(),
+        message: format!("file `{file}` has no URL under the table: {e}"),
+    })
+}
+
+/// What a table's files say about a write into it, from the statistics in its log.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct FileStats {
+    /// Bytes per row over all files (`None` without files or statistics).
+    pub row_bytes: Option<u64>,
+    /// Rows in the files asked about.
+    pub rows: u64,
+    /// Least and greatest value of the key in the files asked about (`None` when a file has none).
+    pub key_bounds: Option<(i64, i64)>,
+}
+
+/// [`FileStats`] of `table`, for the files whose scan ids are `ids` and the integer column `key`.
+pub(super) fn file_stats(
+    path: &Location,
+    table: &DeltaTable,
+    ids: &HashSet<String>,
+    key: &str,
+) -> Result<FileStats, DeltaError> {
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    let root = root_url(table);
+    let (mut bytes, mut all_rows, mut rows) = (0u64, 0u64, 0u64);
+    let mut bounds: Option<Option<(i64, i64)>> = None;
+    for file in snapshot.log_data() {
+        let records = file.num_records().unwrap_or(0) as u64;
+        bytes += file.size().max(0) as u64;
+        all_rows += records;
+        if !ids.contains(scan_id(path, &root, &file.path())?.as_str()) {
+            continue;
+        }
+        rows += records;
+        let stats: Option<serde_json::Value> =
+            file.stats().and_then(|s| serde_json::from_str(&s).ok());
+        let value = |which: &str| {
+            stats
+                .as_ref()
+                .and_then(|s| s.get(which)?.get(key)?.as_i64())
+        };
+        let file_bounds = value("minValues").zip(value("maxValues"));
+        bounds = Some(match (bounds, file_bounds) {
+            (None, file_bounds) => file_bounds,
+            (Some(Some((low, high))), Some((l, h))) => Some((low.min(l), high.max(h))),
+            _ => None,
+        });
+    }
+    Ok(FileStats {
+        row_bytes: (all_rows > 0).then(|| bytes.div_ceil(all_rows)),
+        rows,
+        key_bounds: bounds.flatten(),
+    })
 }
 
 /// The remove actions for every file of `table`'s loaded version.
@@ -203,4 +474,165 @@ pub(super) async fn commit_raw(
         .build(Some(snapshot), table.log_store(), operation)
         .await?;
     Ok(finalized.version() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::{
+        arrow::{
+            array::{Int64Array, StringArray},
+            datatypes::{Field, Schema},
+        },
+        datasource::MemTable,
+    };
+
+    fn keys_of(batch: &RecordBatch) -> Vec<Option<i64>> {
+        let keys = batch.column(0).as_primitive::<Int64Type>();
+        (0..keys.len())
+            .map(|i| keys.is_valid(i).then(|| keys.value(i)))
+            .collect()
+    }
+
+    #[test]
+    fn key_ranges_are_as_many_as_files_of_the_target_size_and_split_rows_by_key() {
+        // 100 rows of 10 bytes in files of 250 bytes: four ranges of 25 keys.
+        let ranges = KeyRanges::for_write("k", (1, 100), 100, Some(10), 250);
+        assert_eq!(ranges.count(), 4);
+        assert_eq!(
+            [1, 25, 26, 50, 51, 100, -5, 500].map(|k| ranges.index(k)),
+            [0, 0, 1, 1, 2, 3, 0, 3],
+            "keys outside the bounds go to the first or last range"
+        );
+        assert_eq!(
+            KeyRanges::for_write("k", (1, 100), 10, Some(10), 250).count(),
+            1,
+            "one file holds them all"
+        );
+        assert_eq!(
+            KeyRanges::for_write("k", (5, 6), 1000, None, 10).count(),
+            2,
+            "no more ranges than keys"
+        );
+        assert_eq!(
+            KeyRanges::for_write("k", (i64::MIN, i64::MAX), 10, Some(10), 1).count(),
+            10,
+            "no more ranges than rows"
+        );
+        assert_eq!(
+            KeyRanges::for_write("k", (0, 1 << 40), 1 << 30, None, 1).count() as u64,
+            MAX_RANGES
+        );
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![
+                    Some(100),
+                    Some(1),
+                    None,
+                    Some(60),
+                    Some(30),
+                ])),
+                Arc::new(StringArray::from(vec!["a", "b", "c", "d", "e"])),
+            ],
+        )
+        .unwrap();
+        let parts: Vec<(usize, Vec<Option<i64>>)> = ranges
+            .split(&batch)
+            .unwrap()
+            .iter()
+            .map(|(range, rows)| (*range, keys_of(rows)))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                (0, vec![Some(1), None]),
+                (1, vec![Some(30)]),
+                (2, vec![Some(60)]),
+                (3, vec![Some(100)]),
+            ]
+        );
+    }
+
+    /// Keys in no order, over two partitions: four files, one per range, every row written once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clustered_write_keeps_each_key_range_in_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let table =
+            crate::delta::create_if_missing(&path, &schema, &crate::delta::TableOptions::default())
+                .await
+                .unwrap();
+        // Keys 0..4000 scattered: key = i * 1237 mod 4000 (1237 and 4000 are coprime).
+        let batch = |part: i64, n: i64| {
+            let keys: Vec<i64> = (0..1000)
+                .map(|i| ((part * 1000 + i) * 1237 + n) % 4000)
+                .collect();
+            let values: Vec<String> = keys.iter().map(|k| format!("v{k}")).collect();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(keys)),
+                    Arc::new(StringArray::from(values)),
+                ],
+            )
+            .unwrap()
+        };
+        let partitions = vec![
+            vec![batch(0, 0), batch(1, 0)],
+            vec![batch(2, 0), batch(3, 0)],
+        ];
+        let ctx = crate::delta::session(None).unwrap();
+        let source = MemTable::try_new(schema.clone(), partitions).unwrap();
+        let frame = ctx.read_table(Arc::new(source)).unwrap();
+        let layout = Layout {
+            target_size: TARGET_FILE_SIZE,
+            ranges: Some(KeyRanges::for_write("k", (0, 3999), 4000, Some(10), 10_000)),
+        };
+        let written = write_files(&path, &table, frame, &layout).await.unwrap();
+        assert_eq!(written.rows, 4000);
+        assert_eq!(written.adds.len(), 4, "one file per range");
+        let operation = append_operation(&path, &table).unwrap();
+        let adds: Vec<Add> = written.adds.clone();
+        commit(
+            &path,
+            &table,
+            adds.into_iter().map(Action::Add).collect(),
+            operation,
+            CommitProperties::default(),
+        )
+        .await
+        .unwrap();
+
+        let table = crate::delta::open(&path).await.unwrap().unwrap();
+        let root = root_url(&table);
+        let mut ranges = Vec::new();
+        for add in &written.adds {
+            let id = scan_id(&path, &root, &add.path).unwrap().to_string();
+            let stats = file_stats(&path, &table, &HashSet::from([id]), "k").unwrap();
+            ranges.push((stats.key_bounds, stats.rows));
+        }
+        ranges.sort();
+        assert_eq!(
+            ranges,
+            vec![
+                (Some((0, 999)), 1000),
+                (Some((1000, 1999)), 1000),
+                (Some((2000, 2999)), 1000),
+                (Some((3000, 3999)), 1000),
+            ]
+        );
+        let all = file_stats(&path, &table, &HashSet::new(), "k").unwrap();
+        assert_eq!((all.rows, all.key_bounds), (0, None), "no file asked about");
+        assert!(all.row_bytes.is_some_and(|b| b > 0));
+    }
 }

@@ -124,6 +124,8 @@ pub struct TableOptions {
     pub not_null: Vec<String>,
     /// Column comments, stored as the `comment` metadata of the schema's fields.
     pub comments: std::collections::BTreeMap<String, String>,
+    /// Data files are cut at about this many bytes (`None`: 128 MiB).
+    pub target_file_size: Option<u64>,
 }
 
 /// Parquet settings of every file medallion writes: zstd level 3 (smaller files than snappy at a similar

@@ -342,10 +342,11 @@ impl Replacement {
     ) -> Result<Staged, DeltaError> {
         let target = self.target;
         let path = &target.path;
+        let layout = super::files::Layout::unclustered(target.options.target_file_size);
         let written = match &target.table {
             Some(table) => {
-                super::files::write_streams(path, || RecordBatchWriter::for_table(table), streams)
-                    .await?
+                let new_writer = || RecordBatchWriter::for_table(table);
+                super::files::write_streams(path, new_writer, streams, &layout).await?
             }
             None => {
                 let url = path.url().map_err(|source| DeltaError::Storage {
@@ -364,7 +365,7 @@ impl Replacement {
                         Some(storage.clone()),
                     )
                 };
-                super::files::write_streams(path, new_writer, streams).await?
+                super::files::write_streams(path, new_writer, streams, &layout).await?
             }
         };
         Ok(Staged { target, written })

@@ -134,12 +134,13 @@ fn commit_meta(context: &RunContext, stage: &Stage) -> CommitMeta {
     }
 }
 
-fn table_options(stage: &Stage) -> TableOptions {
+fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
     TableOptions {
         partition_by: stage.partition_by.clone(),
         description: stage.description.clone(),
         not_null: Vec::new(),
         comments: stage.column_comments.clone(),
+        target_file_size: Some(context.pipeline.maintenance.target_file_bytes),
     }
 }
 
@@ -399,10 +400,11 @@ async fn land_files(
             source,
         })
     };
-    let mut appender = BatchAppender::open(path, &layout.schema(), &table_options(stage), meta)
-        .await
-        .map_err(delta_err)?
-        .at_next_version();
+    let mut appender =
+        BatchAppender::open(path, &layout.schema(), &table_options(context, stage), meta)
+            .await
+            .map_err(delta_err)?
+            .at_next_version();
     // Rows carry the version their commit will get: the watermark that incremental readers use.
     let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
     let lineage = Lineage {
@@ -852,7 +854,7 @@ async fn sql_stage(
 
     // Write-audit-publish: the candidate result is checked before anything is committed.
     let meta = commit_meta(context, stage);
-    let options = table_options(stage);
+    let options = table_options(context, stage);
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.warnings = warnings;
     report.rows_dropped = split.dropped;

@@ -432,3 +432,156 @@ async fn a_small_change_batch_rewrites_few_files() {
         ]]
     );
 }
+
+/// The `add` actions of a Delta table's current files, replayed from its JSON log: (path, rows, least
+/// and greatest `column`).
+fn files_with_key_range(table: &Path, column: &str) -> Vec<(String, u64, i64, i64)> {
+    let mut log: Vec<PathBuf> = std::fs::read_dir(table.join("_delta_log"))
+        .expect("log")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    log.sort();
+    let mut files = std::collections::BTreeMap::new();
+    for commit in log {
+        let text = std::fs::read_to_string(&commit).expect("commit");
+        for line in text.lines() {
+            let action: serde_json::Value = serde_json::from_str(line).expect("action");
+            if let Some(add) = action.get("add") {
+                let stats: serde_json::Value =
+                    serde_json::from_str(add["stats"].as_str().expect("stats")).expect("json");
+                let range = (
+                    stats["numRecords"].as_u64().expect("rows"),
+                    stats["minValues"][column].as_i64().expect("min"),
+                    stats["maxValues"][column].as_i64().expect("max"),
+                );
+                files.insert(add["path"].as_str().expect("path").to_string(), range);
+            }
+            if let Some(remove) = action.get("remove") {
+                files.remove(remove["path"].as_str().expect("path"));
+            }
+        }
+    }
+    files
+        .into_iter()
+        .map(|(path, (rows, low, high))| (path, rows, low, high))
+        .collect()
+}
+
+/// Overlapping key ranges between files, as pairs of "low..=high".
+fn overlaps(files: &[(String, u64, i64, i64)]) -> Vec<String> {
+    let mut ranges: Vec<(i64, i64)> = files.iter().map(|f| (f.2, f.3)).collect();
+    ranges.sort();
+    ranges
+        .windows(2)
+        .filter(|w| w[1].0 <= w[0].1)
+        .map(|w| format!("{}..={} and {}..={}", w[0].0, w[0].1, w[1].0, w[1].1))
+        .collect()
+}
+
+/// A first load whose keys arrive in any order is written as files of disjoint key ranges (the writes of
+/// an integer-keyed cdc table are clustered by key), so that a later batch changing a few keys rewrites
+/// only the file of their range, and the rewrite keeps the ranges apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_load_in_any_key_order_is_written_in_files_of_disjoint_key_ranges() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let pipeline_file = write_project(scratch.path());
+    // Files of 1 MiB: the 200,000 rows below are cut into several.
+    let text = std::fs::read_to_string(&pipeline_file).expect("pipeline");
+    std::fs::write(
+        &pipeline_file,
+        text.replace("stages:", "maintenance: { target_file_mb: 1 }\nstages:"),
+    )
+    .expect("pipeline");
+    let pipeline = medallion::config::load(&pipeline_file).expect("pipeline");
+    let landing = scratch.path().join("landing/items");
+    let mut keys: Vec<u32> = (0..200_000).collect();
+    Rng(7).shuffle(&mut keys);
+    let (first, second) = keys.split_at(100_000);
+    for (n, part) in [first, second].into_iter().enumerate() {
+        let dms = DmsFile {
+            name: format!("LOAD{:08}.csv", n + 1),
+            full_load: true,
+            changes: part
+                .iter()
+                .map(|&key| Change {
+                    op: 'I',
+                    ts: 0,
+                    key,
+                    value: Some(format!("v{key}")),
+                })
+                .collect(),
+        };
+        std::fs::write(landing.join(&dms.name), dms.csv()).expect("write");
+    }
+    let options = RunOptions::default();
+    let report = medallion::runner::run(&pipeline, &options)
+        .await
+        .expect("run");
+    assert!(report.succeeded(), "{}", report.to_json());
+    let table = scratch.path().join("lake/silver/items");
+    let files = files_with_key_range(&table, "id");
+    assert!(files.len() >= 3, "several files: {files:?}");
+    assert_eq!(overlaps(&files), Vec::<String>::new(), "{files:?}");
+    assert_eq!(files.iter().map(|f| f.1).sum::<u64>(), 200_000);
+
+    // Two updates and a delete in the range of one file: only that file is read again and rewritten.
+    let (_, _, low, high) = files[files.len() / 2].clone();
+    let middle = ((low + high) / 2) as u32;
+    let dms = DmsFile {
+        name: "20200101-0000000001.csv".into(),
+        full_load: false,
+        changes: vec![
+            Change {
+                op: 'U',
+                ts: 5,
+                key: low as u32,
+                value: Some("changed".into()),
+            },
+            Change {
+                op: 'U',
+                ts: 5,
+                key: high as u32,
+                value: Some("changed".into()),
+            },
+            Change {
+                op: 'D',
+                ts: 5,
+                key: middle,
+                value: None,
+            },
+        ],
+    };
+    std::fs::write(landing.join(&dms.name), dms.csv()).expect("write");
+    let report = medallion::runner::run(&pipeline, &options)
+        .await
+        .expect("run");
+    let silver = report.stage("silver_items").expect("silver stage");
+    assert_eq!(
+        (
+            silver.rows_updated,
+            silver.rows_deleted,
+            silver.files_removed
+        ),
+        (2, 1, 1),
+        "{silver:?}"
+    );
+    let after = files_with_key_range(&table, "id");
+    assert_eq!(overlaps(&after), Vec::<String>::new(), "{after:?}");
+    assert_eq!(after.iter().map(|f| f.1).sum::<u64>(), 199_999);
+    let untouched: Vec<_> = files.iter().filter(|f| f.2 != low).collect();
+    assert!(
+        untouched.iter().all(|f| after.contains(f)),
+        "the other files are kept as they were"
+    );
+    let rows = query(
+        &scratch.path().join("lake"),
+        &["silver.items"],
+        &format!(
+            "SELECT COUNT(*), COUNT(DISTINCT id), COUNT(CASE WHEN val = 'changed' THEN 1 END), \
+               COUNT(CASE WHEN id = {middle} THEN 1 END) FROM silver.items"
+        ),
+    )
+    .await;
+    assert_eq!(rows, vec![vec!["199999", "199999", "2", "0"]]);
+}
