@@ -6,7 +6,7 @@
 //! one range, so that a later change to a few keys reads and rewrites the files of their ranges only,
 //! and a reader's filter on the key (or on a column that grows with it, such as a date) skips the rest.
 
-use std::{collections::HashSet, sync::Arc};
+use std::collections::HashSet;
 
 use datafusion::{
     arrow::{
@@ -234,35 +234,49 @@ fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError
     }
 }
 
-/// [`write_streams`] clustered: one writer per key range, shared by the tasks that read the partitions
-/// of the result. Each task splits its batches by range and encodes each part into its range's writer,
-/// so encoding still runs on every core; a task starts at a different range than the others so that
-/// they seldom wait for the same writer.
+/// [`write_streams`] clustered: one writer task per key range, fed by the tasks that read the
+/// partitions of the result and split each batch by range. The writers encode side by side, so a write
+/// of more than one range still uses every core; a few parts wait per range, which bounds memory.
 async fn write_clustered(
     path: &Location,
     new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaError>,
     streams: Vec<SendableRecordBatchStream>,
     ranges: &KeyRanges,
 ) -> Result<Written, DeltaError> {
-    let writers = (0..ranges.count())
-        .map(|_| new_writer())
-        .collect::<Result<Vec<_>, _>>()?;
-    let Some(schema) = writers.first().map(|w| w.arrow_schema()) else {
+    let mut writers = JoinSet::new();
+    let mut senders = Vec::with_capacity(ranges.count());
+    let mut schema = None;
+    for _ in 0..ranges.count() {
+        let mut writer = new_writer()?;
+        schema.get_or_insert_with(|| writer.arrow_schema());
+        let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+        senders.push(sender);
+        let path = path.clone();
+        writers.spawn(async move {
+            while let Some(part) = receiver.recv().await {
+                writer
+                    .write(part)
+                    .await
+                    .map_err(|e| DeltaError::table(&path, e))?;
+            }
+            writer
+                .flush()
+                .await
+                .map_err(|e| DeltaError::table(&path, e))
+        });
+    }
+    let Some(schema) = schema else {
         return Ok(Written::default());
     };
-    let writers: Vec<_> = writers
-        .into_iter()
-        .map(|w| Arc::new(tokio::sync::Mutex::new(w)))
-        .collect();
-    let mut tasks = JoinSet::new();
-    for (task, mut stream) in streams.into_iter().enumerate() {
-        let (path, ranges, writers, schema) = (
+    let mut routers = JoinSet::new();
+    for mut stream in streams {
+        let (path, ranges, senders, schema) = (
             path.clone(),
             ranges.clone(),
-            writers.clone(),
+            senders.clone(),
             schema.clone(),
         );
-        tasks.spawn(async move {
+        routers.spawn(async move {
             let mut rows = 0u64;
             while let Some(batch) = stream.next().await {
                 let batch = batch.map_err(|e| DeltaError::query(&path, e))?;
@@ -271,38 +285,44 @@ async fn write_clustered(
                 }
                 rows += batch.num_rows() as u64;
                 let batch = conform(&path, batch, &schema)?;
-                let mut parts = ranges.split(&batch).map_err(|e| DeltaError::Invalid {
+                let parts = ranges.split(&batch).map_err(|e| DeltaError::Invalid {
                     table: path.to_string(),
                     message: format!("cannot split the rows by key range: {e}"),
                 })?;
-                let start = task % parts.len().max(1);
-                parts.rotate_left(start);
                 for (range, part) in parts {
-                    writers[range]
-                        .lock()
-                        .await
-                        .write(part)
-                        .await
-                        .map_err(|e| DeltaError::table(&path, e))?;
+                    // A send fails only when the range's writer stopped on an error, reported below.
+                    if senders[range].send(part).await.is_err() {
+                        return Ok(rows);
+                    }
                 }
             }
             Ok::<_, DeltaError>(rows)
         });
     }
+    drop(senders);
     let mut written = Written::default();
-    while let Some(done) = tasks.join_next().await {
-        written.rows += done.map_err(|e| writer_stopped(path, &e))??;
+    let mut failed = None;
+    while let Some(done) = routers.join_next().await {
+        match done.map_err(|e| writer_stopped(path, &e)) {
+            Ok(Ok(rows)) => written.rows += rows,
+            Ok(Err(e)) | Err(e) => {
+                // The readers stop: the writers' channels close and they finish.
+                routers.abort_all();
+                failed.get_or_insert(e);
+            }
+        }
     }
-    for writer in writers {
-        let adds = writer
-            .lock()
-            .await
-            .flush()
-            .await
-            .map_err(|e| DeltaError::table(path, e))?;
-        written.adds.extend(adds);
+    while let Some(done) = writers.join_next().await {
+        match done.map_err(|e| writer_stopped(path, &e)) {
+            Ok(Ok(adds)) => written.adds.extend(adds),
+            // A writer's own error says more than a reader's about a closed channel.
+            Ok(Err(e)) | Err(e) => return Err(e),
+        }
     }
-    Ok(written)
+    match failed {
+        Some(error) => Err(error),
+        None => Ok(written),
+    }
 }
 
 /// The remove actions for the files of `table` whose scan file ids (the full URLs in a scan's file
@@ -486,6 +506,7 @@ mod tests {
         },
         datasource::MemTable,
     };
+    use std::sync::Arc;
 
     fn keys_of(batch: &RecordBatch) -> Vec<Option<i64>> {
         let keys = batch.column(0).as_primitive::<Int64Type>();
