@@ -243,14 +243,6 @@ pub async fn prepare_changes(
         }
         _ => String::new(),
     };
-    if std::env::var_os("MEDALLION_EXP_COLLECT_LEFT").is_some() {
-        for setting in [
-            "SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 100000000",
-            "SET datafusion.optimizer.hash_join_single_partition_threshold = 10000000000",
-        ] {
-            ctx.sql(setting).await.map_err(query)?.collect().await.map_err(query)?;
-        }
-    }
     let classify = classify_sql(spec, &prune, with_target, with_tombstones);
     let classified = ctx.sql(&classify).await.map_err(query)?;
     if with_target || with_tombstones {

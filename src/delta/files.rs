@@ -655,5 +655,20 @@ mod tests {
         let all = file_stats(&path, &table, &HashSet::new(), "k").unwrap();
         assert_eq!((all.rows, all.key_bounds), (0, None), "no file asked about");
         assert!(all.row_bytes.is_some_and(|b| b > 0));
+
+        // Rows that do not fit the table stop the write with the reader's error, not a hang or a
+        // "writer stopped".
+        let frame = ctx
+            .sql("SELECT * FROM (VALUES ('1', 'a'), ('x', 'b')) AS t(k, v)")
+            .await
+            .unwrap();
+        let error = write_files(&path, &table, frame, &layout)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("column `k` cannot be stored as Int64"),
+            "{error}"
+        );
     }
 }
