@@ -659,7 +659,7 @@ mod tests {
         // Rows that do not fit the table stop the write with the reader's error, not a hang or a
         // "writer stopped".
         let frame = ctx
-            .sql("SELECT * FROM (VALUES ('1', 'a'), ('x', 'b')) AS t(k, v)")
+            .sql("SELECT * FROM (VALUES (1, 'a'), (2, 'b')) AS t(k, w)")
             .await
             .unwrap();
         let error = write_files(&path, &table, frame, &layout)
