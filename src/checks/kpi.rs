@@ -176,13 +176,19 @@ async fn scalar(
     sql: &str,
     what: &str,
 ) -> Result<Option<Decimal>, EngineError> {
-    let batches = ctx
-        .sql(sql)
+    let failed = |e| EngineError::query(what.to_string(), e);
+    let frame = ctx.sql(sql).await.map_err(failed)?;
+    let task = Arc::new(frame.task_ctx());
+    let plan = frame.create_physical_plan().await.map_err(failed)?;
+    // `-vv` shows how each check runs, which is where a slow check shows why.
+    tracing::trace!(
+        check = what,
+        "plan:\n{}",
+        datafusion::physical_plan::displayable(plan.as_ref()).indent(true)
+    );
+    let batches = datafusion::physical_plan::collect(plan, task)
         .await
-        .map_err(|e| EngineError::query(what.to_string(), e))?
-        .collect()
-        .await
-        .map_err(|e| EngineError::query(what.to_string(), e))?;
+        .map_err(failed)?;
     let Some(batch) = batches.iter().find(|b| b.num_rows() > 0) else {
         return Ok(None);
     };
