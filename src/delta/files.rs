@@ -6,7 +6,7 @@
 //! one range, so that a later change to a few keys reads and rewrites the files of their ranges only,
 //! and a reader's filter on the key (or on a column that grows with it, such as a date) skips the rest.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use datafusion::{
     arrow::{
@@ -52,6 +52,8 @@ pub(super) struct KeyRanges {
     low: i64,
     high: i64,
     count: u64,
+    /// Bytes the write is expected to take.
+    bytes: u64,
 }
 
 impl KeyRanges {
@@ -78,11 +80,17 @@ impl KeyRanges {
             low,
             high,
             count,
+            bytes,
         }
     }
 
     pub fn count(&self) -> usize {
         self.count as usize
+    }
+
+    /// Bytes one range is expected to take.
+    fn range_bytes(&self) -> u64 {
+        self.bytes / self.count.max(1)
     }
 
     /// The range holding `key`.
@@ -189,7 +197,7 @@ pub(super) async fn write_streams(
             .map_err(|e| DeltaError::table(path, e))
     };
     if let Some(ranges) = &layout.ranges {
-        return write_clustered(path, new_writer, streams, ranges).await;
+        return write_clustered(path, new_writer, streams, ranges, layout.target_size).await;
     }
     let mut tasks = JoinSet::new();
     for mut stream in streams {
@@ -234,36 +242,53 @@ fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError
     }
 }
 
-/// [`write_streams`] clustered: one writer task per key range, fed by the tasks that read the
-/// partitions of the result and split each batch by range. The writers encode side by side, so a write
-/// of more than one range still uses every core; a few parts wait per range, which bounds memory.
+/// [`write_streams`] clustered: writer tasks per key range, fed by the tasks that read the partitions
+/// of the result and split each batch by range. The writers encode side by side; a few parts wait per
+/// range, which bounds memory.
 async fn write_clustered(
     path: &Location,
     new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaError>,
     streams: Vec<SendableRecordBatchStream>,
     ranges: &KeyRanges,
+    target_size: u64,
 ) -> Result<Written, DeltaError> {
     let mut writers = JoinSet::new();
     let mut senders = Vec::with_capacity(ranges.count());
     let mut schema = None;
+    // Rows usually come range after range (a first load follows the landing files' order), so a range
+    // big enough gets a writer per core: its files may overlap each other, never another range's.
+    let cores = tokio::runtime::Handle::current()
+        .metrics()
+        .num_workers()
+        .max(1);
+    let per_range = if ranges.range_bytes().saturating_mul(2) >= target_size {
+        cores
+    } else {
+        1
+    };
     for _ in 0..ranges.count() {
-        let mut writer = new_writer()?;
-        schema.get_or_insert_with(|| writer.arrow_schema());
-        let (sender, mut receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2 * per_range);
         senders.push(sender);
-        let path = path.clone();
-        writers.spawn(async move {
-            while let Some(part) = receiver.recv().await {
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..per_range {
+            let mut writer = new_writer()?;
+            schema.get_or_insert_with(|| writer.arrow_schema());
+            let (path, receiver) = (path.clone(), receiver.clone());
+            writers.spawn(async move {
+                loop {
+                    let part = receiver.lock().await.recv().await;
+                    let Some(part) = part else { break };
+                    writer
+                        .write(part)
+                        .await
+                        .map_err(|e| DeltaError::table(&path, e))?;
+                }
                 writer
-                    .write(part)
+                    .flush()
                     .await
-                    .map_err(|e| DeltaError::table(&path, e))?;
-            }
-            writer
-                .flush()
-                .await
-                .map_err(|e| DeltaError::table(&path, e))
-        });
+                    .map_err(|e| DeltaError::table(&path, e))
+            });
+        }
     }
     let Some(schema) = schema else {
         return Ok(Written::default());
@@ -615,13 +640,33 @@ mod tests {
         let ctx = crate::delta::session(None).unwrap();
         let source = MemTable::try_new(schema.clone(), partitions).unwrap();
         let frame = ctx.read_table(Arc::new(source)).unwrap();
+        // Ranges of 10,000 bytes: small against files of 128 MiB, one writer each.
         let layout = Layout {
             target_size: TARGET_FILE_SIZE,
             ranges: Some(KeyRanges::for_write("k", (0, 3999), 4000, Some(10), 10_000)),
         };
-        let written = write_files(&path, &table, frame, &layout).await.unwrap();
+        let written = write_files(&path, &table, frame.clone(), &layout)
+            .await
+            .unwrap();
         assert_eq!(written.rows, 4000);
         assert_eq!(written.adds.len(), 4, "one file per range");
+        // Against files of 10,000 bytes, a range is big: a writer per core, each file in one range.
+        let big = Layout {
+            target_size: 10_000,
+            ..layout.clone()
+        };
+        let hot = write_files(&path, &table, frame, &big).await.unwrap();
+        assert_eq!(hot.rows, 4000);
+        assert!((4..=8).contains(&hot.adds.len()), "{}", hot.adds.len());
+        for add in &hot.adds {
+            let stats: serde_json::Value =
+                serde_json::from_str(add.stats.as_deref().unwrap()).unwrap();
+            let (low, high) = (
+                stats["minValues"]["k"].as_i64().unwrap(),
+                stats["maxValues"]["k"].as_i64().unwrap(),
+            );
+            assert_eq!(low / 1000, high / 1000, "{low}..={high} spans two ranges");
+        }
         let operation = append_operation(&path, &table).unwrap();
         let adds: Vec<Add> = written.adds.clone();
         commit(
