@@ -206,13 +206,7 @@ pub(super) async fn write_streams(
         tasks.spawn(async move {
             let schema = writer.arrow_schema();
             let mut rows = 0u64;
-            while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(|e| DeltaError::query(&path, e))?;
-                if batch.num_rows() == 0 {
-                    continue;
-                }
-                rows += batch.num_rows() as u64;
-                let batch = conform(&path, batch, &schema)?;
+            while let Some(batch) = next_rows(&mut stream, &path, &schema, &mut rows).await? {
                 writer
                     .write(batch)
                     .await
@@ -233,6 +227,24 @@ pub(super) async fn write_streams(
         written.rows += part.rows;
     }
     Ok(written)
+}
+
+/// The next batch of `stream` that holds rows, cast to the table's `schema`; its rows are added to
+/// `rows`. `None` at the end of the stream.
+async fn next_rows(
+    stream: &mut SendableRecordBatchStream,
+    path: &Location,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    rows: &mut u64,
+) -> Result<Option<RecordBatch>, DeltaError> {
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|e| DeltaError::query(path, e))?;
+        if batch.num_rows() > 0 {
+            *rows += batch.num_rows() as u64;
+            return conform(path, batch, schema).map(Some);
+        }
+    }
+    Ok(None)
 }
 
 fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError {
@@ -303,13 +315,7 @@ async fn write_clustered(
         );
         routers.spawn(async move {
             let mut rows = 0u64;
-            while let Some(batch) = stream.next().await {
-                let batch = batch.map_err(|e| DeltaError::query(&path, e))?;
-                if batch.num_rows() == 0 {
-                    continue;
-                }
-                rows += batch.num_rows() as u64;
-                let batch = conform(&path, batch, &schema)?;
+            while let Some(batch) = next_rows(&mut stream, &path, &schema, &mut rows).await? {
                 let parts = ranges.split(&batch).map_err(|e| DeltaError::Invalid {
                     table: path.to_string(),
                     message: format!("cannot split the rows by key range: {e}"),
