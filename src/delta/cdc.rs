@@ -92,7 +92,10 @@ pub struct CdcMetrics {
 const CHANGES: &str = "__medallion_changes";
 const LATEST: &str = "__medallion_latest";
 const REPEATED: &str = "__medallion_repeated";
+/// Keys and sequences of the changes of [`REPEATED`] keys.
 const REPEATED_CHANGES: &str = "__medallion_repeated_changes";
+/// Keys and sequences of the changes that a later change of the same key in the batch replaces.
+const SUPERSEDED: &str = "__medallion_superseded";
 const TARGET: &str = "__medallion_target";
 /// The target's files that hold keys the batch updates or deletes, read for the rewrite.
 const REWRITTEN: &str = "__medallion_rewritten";
@@ -105,6 +108,28 @@ const CLASSIFIED: &str = "__medallion_classified";
 const ACTION: &str = "__medallion_action";
 const HAD_TOMBSTONE: &str = "__medallion_had_tombstone";
 const IS_DELETE: &str = "__medallion_is_delete";
+
+/// Logs, at debug level, the time each part of a cdc write took (`medallion -v run` shows them).
+struct Timer {
+    table: String,
+    start: std::time::Instant,
+}
+
+impl Timer {
+    fn new(path: &Location) -> Timer {
+        Timer {
+            table: path.to_string(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Logs the time since the last part ended.
+    fn done(&mut self, part: &str) {
+        let elapsed = self.start.elapsed();
+        tracing::debug!(table = %self.table, part, elapsed_ms = elapsed.as_millis() as u64, "cdc part done");
+        self.start = std::time::Instant::now();
+    }
+}
 
 /// A classified change batch, not yet committed: its counts are known and [`PreparedChanges::candidate_sql`]
 /// shows the table as it would be after the commit, so that checks can run before anything is published.
@@ -181,7 +206,10 @@ pub async fn prepare_changes(
     }
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
-    let latest_rows = latest_per_key(path, ctx, scratch, spec, &schema, rows_read).await?;
+    let mut timer = Timer::new(path);
+    let latest_rows =
+        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?;
+    timer.done("latest change per key");
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
     let stored: Vec<Field> = schema
@@ -236,6 +264,7 @@ pub async fn prepare_changes(
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
     // read) and the tombstones.
     let key_bounds = batch_key_bounds(ctx, spec, &schema).await.map_err(query)?;
+    timer.done("key bounds");
     let prune = match &key_bounds {
         Some((low, high)) if with_target => {
             let key = spec.keys.first().map(String::as_str).unwrap_or_default();
@@ -255,9 +284,12 @@ pub async fn prepare_changes(
         ctx.register_table(CLASSIFIED, classified.into_view())
             .map_err(query)?;
     }
+    timer.done("classification");
     let counts = action_counts(ctx).await.map_err(query)?;
+    timer.done("action counts");
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let touched = touched_values(ctx, spec).await.map_err(query)?;
+    timer.done("touched values");
     let metrics = CdcMetrics {
         rows_read,
         rows_superseded: rows_read.saturating_sub(latest_rows),
@@ -334,6 +366,7 @@ impl PreparedChanges {
             key_bounds,
         } = self;
         let path = &path;
+        let mut timer = Timer::new(path);
         let query = |e| DeltaError::query(path, e);
         let count = |action: &str| counts.get(action).copied().unwrap_or(0);
         let rewrites = count("update") + count("delete");
@@ -382,18 +415,21 @@ impl PreparedChanges {
             metrics.files_removed = files;
         }
 
+        timer.done("table write");
         // Tombstones: added or moved forward by deletes, removed by upserts newer than them.
         crate::crash::point("after_silver_commit");
         if count("delete") + count("tombstone") + count("upsert_over_tombstone") > 0 {
             write_tombstones(ctx, &spec, tombstones, meta).await?;
+            timer.done("tombstones write");
         }
         Ok(metrics)
     }
 }
 
 /// Steps 1 and 2: registers as [`LATEST`] the last change per key of the batch; returns its row count.
-/// Only keys changed more than once in the batch need ordering (and can tie), so only their changes are
-/// sorted; in a full load, usually none.
+/// Only keys changed more than once in the batch need ordering (and can tie), so only their changes'
+/// keys and sequences are sorted, and the changes they supersede set aside. [`LATEST`] is the batch
+/// less those, read where it is needed rather than copied (a full load is the whole table).
 async fn latest_per_key(
     path: &Location,
     ctx: &SessionContext,
@@ -401,8 +437,15 @@ async fn latest_per_key(
     spec: &CdcSpec,
     schema: &Schema,
     rows_read: u64,
+    timer: &mut Timer,
 ) -> Result<u64, DeltaError> {
     let query = |e| DeltaError::query(path, e);
+    let materialize = |name, frame| async move {
+        scratch
+            .materialize(ctx, name, frame)
+            .await
+            .map_err(|e| engine_error(path, e))
+    };
     let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
     let repeated = ctx
         .sql(&format!(
@@ -411,16 +454,8 @@ async fn latest_per_key(
         ))
         .await
         .map_err(query)?;
-    let repeated = scratch
-        .materialize(ctx, REPEATED, repeated)
-        .await
-        .map_err(|e| engine_error(path, e))?;
-    let columns: Vec<String> = schema
-        .fields()
-        .iter()
-        .map(|f| format!("c.{}", quote(f.name())))
-        .collect();
-    let columns = columns.join(", ");
+    let repeated = materialize(REPEATED, repeated).await?;
+    timer.done("keys changed more than once");
     if repeated == 0 {
         // Every key once: the batch is its own latest.
         let latest = ctx.table(CHANGES).await.map_err(query)?;
@@ -428,41 +463,69 @@ async fn latest_per_key(
             .map_err(query)?;
         return Ok(rows_read);
     }
-    let latest = {
-        // Keys are compared as GROUP BY compares them: NULL equal to NULL.
-        let join: Vec<String> = keys
+    // Keys and sequences are compared as GROUP BY compares them: NULL equal to NULL. The small side of
+    // each join comes first, so that it is the one hashed.
+    let matching = |columns: &[String], left: &str, right: &str| {
+        columns
             .iter()
-            .map(|k| format!("c.{k} IS NOT DISTINCT FROM r.{k}"))
-            .collect();
-        let join = join.join(" AND ");
-        let of_repeated = ctx
-            .sql(&format!(
-                "SELECT {columns} FROM {CHANGES} c LEFT SEMI JOIN {REPEATED} r ON {join}"
-            ))
-            .await
-            .map_err(query)?;
-        ctx.register_table(REPEATED_CHANGES, of_repeated.into_view())
-            .map_err(query)?;
-        reject_ties(path, ctx, spec, REPEATED_CHANGES).await?;
-        let order: Vec<String> = spec
-            .sequence_by
-            .iter()
-            .map(|c| format!("{} DESC NULLS LAST", quote(c)))
-            .collect();
-        format!(
-            "SELECT {columns} FROM {CHANGES} c LEFT ANTI JOIN {REPEATED} r ON {join} \
-             UNION ALL \
-             SELECT {columns} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {order}) \
-               AS __medallion_rank FROM {REPEATED_CHANGES}) c WHERE __medallion_rank = 1",
+            .map(|c| format!("({left}.{c} IS NOT DISTINCT FROM {right}.{c})"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let state: Vec<String> = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .map(|c| quote(c))
+        .collect();
+    let of_repeated = ctx
+        .sql(&format!(
+            "SELECT {columns} FROM {REPEATED} r RIGHT SEMI JOIN {CHANGES} c ON {on}",
+            columns = prefixed("c", &state),
+            on = matching(&keys, "r", "c"),
+        ))
+        .await
+        .map_err(query)?;
+    materialize(REPEATED_CHANGES, of_repeated).await?;
+    reject_ties(path, ctx, spec, REPEATED_CHANGES).await?;
+    // With ties rejected, a key and its sequence name one change.
+    let order: Vec<String> = spec
+        .sequence_by
+        .iter()
+        .map(|c| format!("{} DESC NULLS LAST", quote(c)))
+        .collect();
+    let superseded = ctx
+        .sql(&format!(
+            "SELECT {state} FROM (SELECT {state}, ROW_NUMBER() OVER (PARTITION BY {keys} ORDER BY {order}) \
+               AS __medallion_rank FROM {REPEATED_CHANGES}) WHERE __medallion_rank > 1",
+            state = state.join(", "),
             keys = keys.join(", "),
             order = order.join(", "),
-        )
-    };
-    let latest = ctx.sql(&latest).await.map_err(query)?;
-    scratch
-        .materialize(ctx, LATEST, latest)
+        ))
         .await
-        .map_err(|e| engine_error(path, e))
+        .map_err(query)?;
+    let superseded = materialize(SUPERSEDED, superseded).await?;
+    let columns: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
+    let latest = ctx
+        .sql(&format!(
+            "SELECT {columns} FROM {SUPERSEDED} s RIGHT ANTI JOIN {CHANGES} c ON {on}",
+            columns = prefixed("c", &columns),
+            on = matching(&state, "s", "c"),
+        ))
+        .await
+        .map_err(query)?;
+    ctx.register_table(LATEST, latest.into_view())
+        .map_err(query)?;
+    Ok(rows_read.saturating_sub(superseded))
+}
+
+/// `columns` (quoted) of the table aliased `alias`, as a select list.
+fn prefixed(alias: &str, columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn engine_error(path: &Location, error: crate::engine::EngineError) -> DeltaError {

@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    io::{BufReader, BufWriter},
+    io::BufWriter,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -18,8 +18,9 @@ use std::{
 use datafusion::{
     arrow::{
         array::ArrayRef,
+        buffer::Buffer,
         datatypes::{Schema, SchemaRef},
-        ipc::{reader::FileReader, writer::FileWriter},
+        ipc::{Block, reader::FileDecoder, writer::FileWriter},
         record_batch::{RecordBatch, RecordBatchOptions},
     },
     catalog::{Session, TableProvider},
@@ -328,10 +329,7 @@ impl PartitionStream for ScratchPartition {
         };
         let opened = read
             .iter()
-            .map(|&column| {
-                let file = File::open(self.files.column(column))?;
-                Ok(FileReader::try_new(BufReader::new(file), None)?)
-            })
+            .map(|&column| MappedFile::open(&self.files.column(column)))
             .collect::<Result<Vec<_>, DataFusionError>>();
         let batches = match opened {
             Ok(readers) => futures::stream::iter(InStep {
@@ -346,9 +344,150 @@ impl PartitionStream for ScratchPartition {
     }
 }
 
+/// Bytes of a scratch file mapped at a time: the batches within one mapping share it, and it is
+/// released when the last of them is dropped. Larger means fewer mappings (each unmapping stops every
+/// thread of the process for a moment); smaller, fewer pages of batches already read held in memory.
+const MAPPED_BYTES: usize = 4 << 20;
+
+/// One column file of a result, read in place: its batches are mapped into memory a few MiB at a time,
+/// so that their bytes are neither copied out of the page cache nor validated again.
+struct MappedFile {
+    path: PathBuf,
+    file: File,
+    length: usize,
+    decoder: FileDecoder,
+    blocks: Vec<Block>,
+    next: usize,
+    /// The mapping being read, and the file offset it starts at.
+    mapped: Option<(usize, Buffer)>,
+}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<MappedFile, DataFusionError> {
+        use datafusion::arrow::ipc::{
+            convert::fb_to_schema, reader::read_footer_length, root_as_footer,
+        };
+        let invalid = |message: String| {
+            DataFusionError::Internal(format!("scratch file {}: {message}", path.display()))
+        };
+        let file = File::open(path).map_err(|e| invalid(e.to_string()))?;
+        let whole = map(&file, 0, None).map_err(|e| invalid(e.to_string()))?;
+        let length = whole.len();
+        let trailer_start = length
+            .checked_sub(10)
+            .ok_or_else(|| invalid("shorter than an IPC file's trailer".into()))?;
+        let trailer: &[u8; 10] = whole[trailer_start..]
+            .try_into()
+            .map_err(|_| invalid("no trailer".into()))?;
+        let footer_len = read_footer_length(*trailer).map_err(|e| invalid(e.to_string()))?;
+        let footer_start = trailer_start
+            .checked_sub(footer_len)
+            .ok_or_else(|| invalid("footer longer than the file".into()))?;
+        let footer = root_as_footer(&whole[footer_start..trailer_start])
+            .map_err(|e| invalid(e.to_string()))?;
+        let schema = footer
+            .schema()
+            .ok_or_else(|| invalid("no schema in the footer".into()))?;
+        let decoder = FileDecoder::new(Arc::new(fb_to_schema(schema)), footer.version());
+        // SAFETY: the bytes are those the IPC writer wrote from valid arrays in this process (see
+        // `map`); validating them again (UTF-8 of every string) is what reading them in place saves.
+        let decoder = unsafe { decoder.with_skip_validation(true) };
+        // Scratch files hold no dictionaries (`file_schema`).
+        let blocks = footer
+            .recordBatches()
+            .map(|b| b.iter().copied().collect())
+            .unwrap_or_default();
+        Ok(MappedFile {
+            path: path.to_path_buf(),
+            file,
+            length,
+            decoder,
+            blocks,
+            next: 0,
+            mapped: None,
+        })
+    }
+
+    /// Where block `index` lies in the file: offset and length.
+    fn extent(&self, index: usize) -> Result<(usize, usize), String> {
+        let block = self.blocks.get(index).ok_or("no such batch")?;
+        let offset = usize::try_from(block.offset()).ok();
+        let length = usize::try_from(block.bodyLength())
+            .ok()
+            .zip(usize::try_from(block.metaDataLength()).ok())
+            .map(|(body, meta)| body + meta);
+        offset
+            .zip(length)
+            .filter(|(o, l)| o.checked_add(*l).is_some_and(|end| end <= self.length))
+            .ok_or_else(|| "a batch lies outside the file".to_string())
+    }
+
+    /// Reads block `index`, mapping it with the blocks after it unless the current mapping holds it.
+    fn read(&mut self, index: usize) -> Result<Option<RecordBatch>, String> {
+        let (offset, length) = self.extent(index)?;
+        let held = |(start, buffer): &(usize, Buffer)| {
+            offset >= *start && offset + length <= start + buffer.len()
+        };
+        if !self.mapped.as_ref().is_some_and(held) {
+            let mut end = offset + length;
+            for next in index + 1..self.blocks.len() {
+                let (o, l) = self.extent(next)?;
+                if o < end || o + l - offset > MAPPED_BYTES {
+                    break;
+                }
+                end = o + l;
+            }
+            let map = map(&self.file, offset, Some(end - offset)).map_err(|e| e.to_string())?;
+            self.mapped = Some((offset, Buffer::from(bytes::Bytes::from_owner(map))));
+        }
+        let Some((start, buffer)) = &self.mapped else {
+            return Err("no mapping".into());
+        };
+        let data = buffer.slice_with_length(offset - start, length);
+        self.decoder
+            .read_record_batch(&self.blocks[index], &data)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Maps `length` bytes of a scratch file from `offset` (to its end without a length).
+fn map(file: &File, offset: usize, length: Option<usize>) -> std::io::Result<memmap2::Mmap> {
+    let mut options = memmap2::MmapOptions::new();
+    options.offset(offset as u64);
+    if let Some(length) = length {
+        options.len(length);
+    }
+    // SAFETY: a scratch file is written in full by this process before any read (`into_files` finishes
+    // every writer before the result is registered), in a directory only this process uses, and it is
+    // neither changed nor truncated until the scratch is dropped, which ends every read of it: the
+    // mapping stays valid and its contents constant for as long as it lives.
+    unsafe { options.map(file) }
+}
+
+impl Iterator for MappedFile {
+    type Item = Result<RecordBatch, DataFusionError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.next < self.blocks.len() {
+            self.next += 1;
+            match self.read(self.next - 1) {
+                Ok(Some(batch)) => return Some(Ok(batch)),
+                Ok(None) => continue,
+                Err(message) => {
+                    return Some(Err(DataFusionError::Internal(format!(
+                        "scratch file {}: {message}",
+                        self.path.display()
+                    ))));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// The column files of one partition read together, each batch made of the k-th batch of every file.
 struct InStep {
-    readers: Vec<FileReader<BufReader<File>>>,
+    readers: Vec<MappedFile>,
     schema: SchemaRef,
     /// Batches with the rows' count and no columns.
     counting: bool,
@@ -748,6 +887,55 @@ mod tests {
             (25_001..=50_000).sum::<i64>()
         );
         assert!(int("SELECT COUNT(label) FROM t").await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scratch_file_cut_short_or_overwritten_is_an_error_not_a_crash() {
+        let ctx = SessionContext::new();
+        let frame = ctx
+            .sql("SELECT v AS id, CAST(v AS VARCHAR) AS label FROM generate_series(1, 20000) AS t(v)")
+            .await
+            .unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert_eq!(scratch.materialize(&ctx, "t", frame).await.unwrap(), 20_000);
+        let files: Vec<PathBuf> = std::fs::read_dir(scratch.path().join("t"))
+            .unwrap()
+            .map(|f| f.unwrap().path())
+            .collect();
+        let of = |column: &str| {
+            files
+                .iter()
+                .filter(|p| p.to_string_lossy().ends_with(column))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        // The labels cut in half (no footer left); the ids' footer overwritten.
+        for path in of("-col-1.arrow") {
+            let length = std::fs::metadata(&path).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(length / 2)
+                .unwrap();
+        }
+        for path in of("-col-0.arrow") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let end = bytes.len();
+            bytes[end - 200..end - 10].fill(0xff);
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let read = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move { ctx.sql(sql).await?.collect().await }
+        };
+        let error = read("SELECT MAX(label) FROM t")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("scratch file"), "{error}");
+        assert!(read("SELECT SUM(id) FROM t").await.is_err());
     }
 
     #[test]
