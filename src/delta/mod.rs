@@ -262,10 +262,20 @@ pub fn session(
 pub(crate) fn session_on(
     runtime: Option<Arc<datafusion::execution::runtime_env::RuntimeEnv>>,
 ) -> Result<datafusion::prelude::SessionContext, DeltaError> {
-    let overrides = HashMap::from([(
-        "datafusion.sql_parser.enable_ident_normalization".to_string(),
-        "true".to_string(),
-    )]);
+    let overrides = HashMap::from([
+        (
+            "datafusion.sql_parser.enable_ident_normalization".to_string(),
+            "true".to_string(),
+        ),
+        // A join side known to be under 10 MiB is hashed once and the other side streamed past it, as
+        // Spark broadcasts tables under 10 MB. DataFusion's default of 1 MiB hash-partitioned both sides
+        // of the join of a full load's 10M changes with the 56k changes they supersede: every one of
+        // the 10M rows copied into a partition on each read.
+        (
+            "datafusion.optimizer.hash_join_single_partition_threshold".to_string(),
+            (10usize << 20).to_string(),
+        ),
+    ]);
     let ctx: datafusion::prelude::SessionContext =
         deltalake::delta_datafusion::DeltaSessionContext::new_with_session_overrides(&overrides)
             .map_err(|e| session_failed(&e))?
@@ -386,4 +396,40 @@ pub async fn commits_from(
 /// `"name"` quoted for SQL expressions.
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_join_side_under_10_mib_is_hashed_once_and_the_other_side_streamed() {
+        let ctx = session(None).unwrap();
+        let state = ctx.state();
+        let threshold = state
+            .config()
+            .options()
+            .optimizer
+            .hash_join_single_partition_threshold;
+        assert_eq!(threshold, 10 << 20);
+        // 300,000 keys of 8 bytes (2.4 MB, over DataFusion's default of 1 MiB) against a side of
+        // unknown size: the small side is collected, the large one not repartitioned.
+        ctx.sql("CREATE TABLE small AS SELECT value AS k FROM generate_series(1, 300000)")
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql(
+                "EXPLAIN SELECT COUNT(*) FROM small s RIGHT ANTI JOIN \
+                 (SELECT value AS k FROM generate_series(1, 10000000)) c ON s.k = c.k",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+    }
 }
