@@ -501,7 +501,7 @@ impl Iterator for InStep {
         for reader in &mut self.readers {
             match reader.next() {
                 Some(Ok(batch)) => columns.push(batch.column(0).clone()),
-                Some(Err(error)) => return Some(Err(error.into())),
+                Some(Err(error)) => return Some(Err(error)),
                 None => break,
             }
         }
