@@ -615,33 +615,55 @@ fn file_schema(schema: &SchemaRef) -> SchemaRef {
 }
 
 /// `batch` as its scratch file holds it ([`file_schema`]), with its string and binary views holding only
-/// their own bytes. A view array made by a slice, a filter or a join's take shares its parent's data
-/// buffers, and the IPC writer writes them whole: written as they come, a 3M-row join result took 22 GB
-/// of scratch instead of 0.8 GB.
+/// their own bytes ([`own_bytes`]).
 fn compact(batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
-    use datafusion::arrow::{array::AsArray, compute::cast, datatypes::DataType};
-    let needs = |t: &DataType| {
-        matches!(
-            t,
-            DataType::Utf8View | DataType::BinaryView | DataType::Dictionary(..)
-        )
-    };
-    if !batch.schema().fields().iter().any(|f| needs(f.data_type())) {
-        return Ok(batch.clone());
+    use datafusion::arrow::{compute::cast, datatypes::DataType};
+    let batch = own_bytes(batch)?;
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Dictionary(..)))
+    {
+        return Ok(batch);
     }
     let columns = batch
         .columns()
         .iter()
         .map(|column| -> Result<ArrayRef, DataFusionError> {
             Ok(match column.data_type() {
-                DataType::Utf8View => Arc::new(column.as_string_view().gc()),
-                DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
                 DataType::Dictionary(_, values) => cast(column, values)?,
                 _ => column.clone(),
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RecordBatch::try_new(file_schema(&batch.schema()), columns)?)
+}
+
+/// `batch` with its string and binary views holding only their own bytes. A view array made by a
+/// slice, a filter or a join's take shares its parent's data buffers: the IPC writer writes them whole
+/// (written as they came, a 3M-row join result took 22 GB of scratch instead of 0.8 GB), and held in
+/// memory they keep the parent alive and count as its size, so that a result of a few MB (the 56k
+/// changes a full load's latest changes supersede) looked like hundreds to the budget and to the join
+/// planner, which then repartitioned the other side instead of hashing this one.
+fn own_bytes(batch: &RecordBatch) -> Result<RecordBatch, DataFusionError> {
+    use datafusion::arrow::{array::AsArray, datatypes::DataType};
+    let views = |t: &DataType| matches!(t, DataType::Utf8View | DataType::BinaryView);
+    if !batch.schema().fields().iter().any(|f| views(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|column| -> ArrayRef {
+            match column.data_type() {
+                DataType::Utf8View => Arc::new(column.as_string_view().gc()),
+                DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
+                _ => column.clone(),
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 /// Reads one partition's stream, holding its batches in memory while the result fits the budget, and
@@ -672,6 +694,7 @@ async fn drain(
             continue;
         }
         if part.writers.is_empty() && !shared.spilled.load(Ordering::SeqCst) {
+            let batch = own_bytes(&batch)?;
             let size = batch.get_array_memory_size();
             let held = shared.held.fetch_add(size, Ordering::SeqCst) + size;
             if held <= shared.budget {
@@ -936,6 +959,78 @@ mod tests {
             .to_string();
         assert!(error.contains("scratch file"), "{error}");
         assert!(read("SELECT SUM(id) FROM t").await.is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_result_sharing_a_large_ones_buffers_counts_and_holds_only_its_own_bytes() {
+        use datafusion::arrow::{
+            array::{Int64Array, StringViewArray},
+            datatypes::{DataType, Field, Schema},
+        };
+        let ctx = crate::delta::session(None).unwrap();
+        // 1,000 rows sliced out of a million strings of ~40 bytes (as a join's or a sort's output
+        // shares its input's buffers, or a read of a scratch file its mapping): as they come, they
+        // keep and count the million's 40 MB, over the 8 MiB budget.
+        let labels: StringViewArray = (0..1_000_000)
+            .map(|i| Some(format!("a string longer than a view holds {i}")))
+            .collect();
+        let keys = Int64Array::from_iter_values(0..1_000_000);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("label", DataType::Utf8View, true),
+        ]));
+        let sliced = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(keys.slice(0, 1_000)),
+                Arc::new(labels.slice(0, 1_000)),
+            ],
+        )
+        .unwrap();
+        assert!(sliced.get_array_memory_size() > 8 << 20);
+        let source = MemTable::try_new(schema, vec![vec![sliced]]).unwrap();
+        ctx.register_table("source", Arc::new(source)).unwrap();
+        let frame = ctx.table("source").await.unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 8 << 20).unwrap();
+        assert_eq!(
+            scratch.materialize(&ctx, "small", frame).await.unwrap(),
+            1_000
+        );
+        assert!(
+            !scratch.path().join("small").exists(),
+            "the result went to disk"
+        );
+        // Known to be small, it is the side of a join that is hashed once (its million-string parent
+        // counted, it was over the 10 MiB up to which a side is).
+        let plan = ctx
+            .sql(
+                "EXPLAIN SELECT COUNT(*) FROM small s RIGHT ANTI JOIN \
+                 (SELECT value AS k FROM generate_series(1, 100000)) c ON s.k = c.k",
+            )
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&plan)
+            .unwrap()
+            .to_string();
+        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        let labels = ctx
+            .sql("SELECT COUNT(DISTINCT label) FROM small")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            labels[0]
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0),
+            1_000
+        );
     }
 
     #[test]
