@@ -198,8 +198,8 @@ pub struct Split {
     pub quarantined: u64,
 }
 
-/// Divides `output` by the expectations that remove rows (counted by [`evaluate`]). A row failing both
-/// kinds is quarantined.
+/// Divides `output` by the expectations that remove rows (counted by [`evaluate`] over the same
+/// `output`). A row failing both kinds is quarantined.
 pub async fn split(
     ctx: &SessionContext,
     output: DataFrame,
@@ -217,7 +217,8 @@ pub async fn split(
             ExpectationAction::Drop | ExpectationAction::Quarantine
         )
     });
-    if !removes_rows {
+    // Counted none to remove: the output as it is, not filtered again at every read of it.
+    if !removes_rows || evaluation.dropped + evaluation.quarantined == 0 {
         return Ok(Split {
             kept: output,
             rejected: None,
