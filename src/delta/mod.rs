@@ -398,6 +398,26 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Asserts that `ctx` plans the anti join of `table` (a column `k`) with ten million generated keys, a
+/// side of unknown size, by hashing `table` once (`CollectLeft`), not by partitioning both sides.
+#[cfg(test)]
+pub(crate) async fn assert_hashed_once(ctx: &datafusion::prelude::SessionContext, table: &str) {
+    let batches = ctx
+        .sql(&format!(
+            "EXPLAIN SELECT COUNT(*) FROM {table} s RIGHT ANTI JOIN \
+             (SELECT value AS k FROM generate_series(1, 10000000)) c ON s.k = c.k"
+        ))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let plan = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string();
+    assert!(plan.contains("mode=CollectLeft"), "{plan}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,19 +437,6 @@ mod tests {
         ctx.sql("CREATE TABLE small AS SELECT value AS k FROM generate_series(1, 300000)")
             .await
             .unwrap();
-        let batches = ctx
-            .sql(
-                "EXPLAIN SELECT COUNT(*) FROM small s RIGHT ANTI JOIN \
-                 (SELECT value AS k FROM generate_series(1, 10000000)) c ON s.k = c.k",
-            )
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let plan = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
-            .unwrap()
-            .to_string();
-        assert!(plan.contains("mode=CollectLeft"), "{plan}");
+        assert_hashed_once(&ctx, "small").await;
     }
 }
