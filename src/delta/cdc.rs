@@ -330,10 +330,8 @@ impl PreparedChanges {
     }
 
     /// SQL for the table as it will be after the commit: live rows the batch does not replace or
-    /// delete, plus the batch's inserts and updates.
+    /// delete, plus the batch's inserts and updates ([`PreparedChanges::changed_sql`]).
     pub fn candidate_sql(&self) -> String {
-        let cols: Vec<String> = self.stored_names.iter().map(|n| quote(n)).collect();
-        let cols = cols.join(", ");
         let join: Vec<String> = self
             .spec
             .keys
@@ -343,9 +341,25 @@ impl PreparedChanges {
         format!(
             "SELECT {cols} FROM {TARGET} t WHERE NOT EXISTS (SELECT 1 FROM {CLASSIFIED} c \
                WHERE {join} AND c.{ACTION} IN ('update', 'delete')) \
-             UNION ALL SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
+             UNION ALL {changed}",
+            cols = self.stored_columns(),
             join = join.join(" AND "),
+            changed = self.changed_sql(),
         )
+    }
+
+    /// SQL for the rows the commit adds to the table (inserts, and updates' new versions), as stored:
+    /// what a check that should follow the batch, not the table, reads.
+    pub fn changed_sql(&self) -> String {
+        format!(
+            "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
+            cols = self.stored_columns()
+        )
+    }
+
+    fn stored_columns(&self) -> String {
+        let cols: Vec<String> = self.stored_names.iter().map(|n| quote(n)).collect();
+        cols.join(", ")
     }
 
     /// Step 4: the effective changes in one commit to the table, then the tombstones.

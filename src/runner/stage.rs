@@ -1065,9 +1065,13 @@ async fn sql_stage(
     Ok((report, versions))
 }
 
+/// The name checks read the rows a write adds under: a cdc write's inserts and updates as stored, any
+/// other write's batch. A check over it costs what the batch costs; over `candidate`, what the table does.
+const CHANGED: &str = "changed";
+
 /// Writes a whole-table overwrite before its checks run ([`delta::Replacement`]): while the rows go to
-/// the new files, the columns the checks read are copied into `scratch`, registered as `candidate` and
-/// `batch`. `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
+/// the new files, the columns the checks read are copied into `scratch`, registered as `candidate`,
+/// `batch` and `changed`. `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
 /// columns cannot be told; its candidate is then checked as a query.
 #[allow(clippy::too_many_arguments)]
 async fn stage_replacement(
@@ -1100,7 +1104,7 @@ async fn stage_replacement(
     };
     let schema = Arc::new(output.schema().as_arrow().clone());
     let Some(columns) =
-        checks::columns_read(ctx, &stage.checks, schema, &["candidate", "batch"]).await
+        checks::columns_read(ctx, &stage.checks, schema, &["candidate", "batch", CHANGED]).await
     else {
         return Ok(None);
     };
@@ -1120,7 +1124,9 @@ async fn stage_replacement(
         .table_provider("candidate")
         .await
         .map_err(candidate_err)?;
-    ctx.register_table("batch", candidate)
+    ctx.register_table("batch", candidate.clone())
+        .map_err(candidate_err)?;
+    ctx.register_table(CHANGED, candidate)
         .map_err(candidate_err)?;
     progress.message("checking the candidate");
     Ok(Some(staged))
@@ -1144,8 +1150,18 @@ async fn candidate_sql(
     ctx.register_table("batch", output.clone().into_view())
         .map_err(query)?;
     if let Some(prepared) = prepared {
+        let changed = ctx.sql(&prepared.changed_sql()).await.map_err(query)?;
+        ctx.register_table(CHANGED, changed.into_view())
+            .map_err(query)?;
         return Ok(prepared.candidate_sql());
     }
+    // Every other write adds its batch as it is; an empty cdc batch adds nothing.
+    let changed = match stage.write {
+        WriteMode::Cdc { .. } => output.clone().limit(0, Some(0)).map_err(query)?,
+        _ => output.clone(),
+    };
+    ctx.register_table(CHANGED, changed.into_view())
+        .map_err(query)?;
     let current = match delta::open(target_path).await? {
         Some(table) if target_exists => Some(delta::provider(target_path, &table).await?),
         _ => None,

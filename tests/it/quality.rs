@@ -272,3 +272,100 @@ async fn history_and_python_read_the_same_runs() {
     let table = scratch.command(&["history", "pipelines/transactions.yaml"]);
     assert!(text(&table).contains(ours[0].split(' ').next().unwrap_or("-")));
 }
+
+/// The observed value of each check of the latest run that did not pass, by name, from
+/// `medallion history`.
+fn not_passed(scratch: &Scratch) -> std::collections::BTreeMap<String, u64> {
+    let project = scratch.dir.path().join("project");
+    let history = scratch.command_in(
+        &project,
+        &["history", "pipelines/t.yaml", "--format", "json"],
+    );
+    assert_success(&history);
+    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).expect("history json");
+    runs[0]["checks_not_passed"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| {
+            let observed = c["observed"].as_str().expect("observed");
+            (
+                c["check"].as_str().expect("name").to_string(),
+                observed.parse().expect("a count"),
+            )
+        })
+        .collect()
+}
+
+/// The number after `sign` in the silver_transactions line of a run's summary (`+` inserts, `~`
+/// updates, `-` deletes).
+fn silver_count(output: &std::process::Output, sign: char) -> u64 {
+    let summary = text(output);
+    let line = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with("silver_transactions"))
+        .unwrap_or_else(|| panic!("no silver line in {summary}"));
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(sign).and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no `{sign}` count in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 20, 4, 33);
+    let held = scratch.hold_back_changes(2);
+    // Warnings that always fail (a count is never below 0), so that history records what they saw.
+    let counted = with_silver_checks(concat!(
+        "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
+        "      - { name: changed_outside_batch, query: \"SELECT COUNT(*) FROM changed WHERE dms_id NOT IN (SELECT dms_id FROM batch)\", expect: \"< 0\", severity: warn }\n",
+        "      - { name: changed_in_candidate, query: \"SELECT COUNT(*) FROM candidate WHERE dms_id IN (SELECT dms_id FROM changed)\", expect: \"< 0\", severity: warn }\n",
+    ));
+    let silver_rows = |lake| async move {
+        let rows = query(
+            &lake,
+            &["silver.transactions"],
+            "SELECT CAST(COUNT(*) AS VARCHAR) FROM silver.transactions",
+        )
+        .await;
+        rows[0][0].parse::<u64>().expect("count")
+    };
+
+    // The first load adds every row.
+    let first = scratch.run_edited(&counted, None);
+    assert_success(&first);
+    let seen = not_passed(&scratch);
+    let loaded = silver_rows(scratch.lake()).await;
+    assert!(loaded > 2_000, "{loaded}");
+    assert_eq!(seen["changed_rows"], loaded, "{seen:?}");
+    assert_eq!(seen["changed_in_candidate"], loaded, "{seen:?}");
+    assert_eq!(seen["changed_outside_batch"], 0, "{seen:?}");
+
+    // A change batch adds its inserts and the new versions of its updates: not the rows it leaves, not
+    // its deletes, not the changes it supersedes.
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("restore change file");
+    }
+    let second = scratch.run_edited(&counted, None);
+    assert_success(&second);
+    let seen = not_passed(&scratch);
+    let (inserts, updates, deletes) = (
+        silver_count(&second, '+'),
+        silver_count(&second, '~'),
+        silver_count(&second, '-'),
+    );
+    assert!(
+        inserts > 0 && updates > 0 && deletes > 0,
+        "{}",
+        text(&second)
+    );
+    assert_eq!(seen["changed_rows"], inserts + updates, "{seen:?}");
+    assert!(seen["changed_rows"] < loaded / 2, "{seen:?}");
+    assert_eq!(seen["changed_in_candidate"], inserts + updates, "{seen:?}");
+    assert_eq!(seen["changed_outside_batch"], 0, "{seen:?}");
+    assert_eq!(
+        silver_rows(scratch.lake()).await,
+        loaded + inserts - deletes,
+        "the table holds the rows it kept and the ones added"
+    );
+}
