@@ -262,9 +262,15 @@ pub async fn prepare_changes(
     .map_err(query)?;
 
     // 3. Classify against the live rows (only the files whose key range can hold the batch's keys are
-    // read) and the tombstones.
-    let key_bounds = batch_key_bounds(ctx, spec, &schema).await.map_err(query)?;
-    timer.done("key bounds");
+    // read) and the tombstones. A first load compares with nothing: its bounds come with its counts.
+    let first_load = !with_target && !with_tombstones && spec.track.len() <= 1;
+    let key_bounds = if first_load {
+        None
+    } else {
+        let bounds = batch_key_bounds(ctx, spec, &schema).await.map_err(query)?;
+        timer.done("key bounds");
+        bounds
+    };
     let prune = match &key_bounds {
         Some((low, high)) if with_target => {
             let key = spec.keys.first().map(String::as_str).unwrap_or_default();
@@ -285,11 +291,18 @@ pub async fn prepare_changes(
             .map_err(query)?;
     }
     timer.done("classification");
-    let counts = action_counts(ctx).await.map_err(query)?;
-    timer.done("action counts");
+    let (counts, touched, key_bounds) = if first_load {
+        let summary = summarize(ctx, spec, &schema).await.map_err(query)?;
+        timer.done("counts, touched values and key bounds");
+        summary
+    } else {
+        let counts = action_counts(ctx).await.map_err(query)?;
+        timer.done("action counts");
+        let touched = touched_values(ctx, spec).await.map_err(query)?;
+        timer.done("touched values");
+        (counts, touched, key_bounds)
+    };
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
-    let touched = touched_values(ctx, spec).await.map_err(query)?;
-    timer.done("touched values");
     let metrics = CdcMetrics {
         rows_read,
         rows_superseded: rows_read.saturating_sub(latest_rows),
@@ -632,18 +645,6 @@ async fn batch_key_bounds(
     let Ok(field) = schema.field_with_name(key) else {
         return Ok(None);
     };
-    let literal = |value: &ScalarValue| -> Option<String> {
-        if value.is_null() {
-            return None;
-        }
-        match field.data_type() {
-            t if t.is_integer() => Some(value.to_string()),
-            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
-                Some(format!("'{}'", value.to_string().replace('\'', "''")))
-            }
-            _ => None,
-        }
-    };
     let bounds = ctx
         .sql(&format!(
             "SELECT MIN({k}), MAX({k}) FROM {LATEST}",
@@ -657,7 +658,116 @@ async fn batch_key_bounds(
     };
     let low = ScalarValue::try_from_array(batch.column(0), 0)?;
     let high = ScalarValue::try_from_array(batch.column(1), 0)?;
-    Ok(literal(&low).zip(literal(&high)))
+    Ok(key_literal(field, &low).zip(key_literal(field, &high)))
+}
+
+/// A bound of the first key as an SQL literal: `None` for NULL or a key neither integer nor string.
+fn key_literal(field: &Field, value: &ScalarValue) -> Option<String> {
+    if value.is_null() {
+        return None;
+    }
+    match field.data_type() {
+        t if t.is_integer() => Some(value.to_string()),
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+            Some(format!("'{}'", value.to_string().replace('\'', "''")))
+        }
+        _ => None,
+    }
+}
+
+/// [`action_counts`], [`touched_values`] and [`batch_key_bounds`] in one read of the classified batch,
+/// grouped by action and the tracked column's values (at most one: a first load's groups are its
+/// distinct values, a few thousand dates for millions of rows).
+async fn summarize(
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+    schema: &Schema,
+) -> datafusion::error::Result<(BTreeMap<String, u64>, Touched, Option<(String, String)>)> {
+    let key = spec.keys.first().map(|k| quote(k));
+    let tracked = if spec.track.is_empty() {
+        String::new()
+    } else {
+        ", __medallion_before_0, __medallion_after_0".to_string()
+    };
+    let bounds = match &key {
+        Some(key) => format!("MIN({key}), MAX({key})"),
+        None => "NULL, NULL".to_string(),
+    };
+    let batches = ctx
+        .sql(&format!(
+            "SELECT {ACTION}, {HAD_TOMBSTONE}, COUNT(*), {bounds}{tracked} FROM {CLASSIFIED} \
+             GROUP BY {ACTION}, {HAD_TOMBSTONE}{tracked}"
+        ))
+        .await?
+        .collect()
+        .await?;
+    let mut counts = BTreeMap::new();
+    let mut touched = Touched::new();
+    let (mut low, mut high): (Option<ScalarValue>, Option<ScalarValue>) = (None, None);
+    for batch in &batches {
+        let actions = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8)?;
+        let actions = actions.as_string::<i32>();
+        let tombstoned = batch.column(1).as_boolean();
+        let rows = datafusion::arrow::compute::cast(batch.column(2), &DataType::UInt64)?;
+        let rows = rows.as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
+        let text = |i: usize| datafusion::arrow::compute::cast(batch.column(i), &DataType::Utf8);
+        let values = match spec.track.first() {
+            Some(column) => Some((column, text(5)?, text(6)?)),
+            None => None,
+        };
+        for row in 0..batch.num_rows() {
+            let action = actions.value(row);
+            let n = rows.value(row);
+            *counts.entry(action.to_string()).or_insert(0) += n;
+            let upsert = matches!(action, "insert" | "update");
+            if upsert && tombstoned.is_valid(row) && tombstoned.value(row) {
+                *counts
+                    .entry("upsert_over_tombstone".to_string())
+                    .or_insert(0) += n;
+            }
+            if let Some((column, before, after)) = &values {
+                let value = |array: &dyn Array| {
+                    let strings = array.as_string::<i32>();
+                    strings
+                        .is_valid(row)
+                        .then(|| strings.value(row).to_string())
+                };
+                let set = touched.entry((*column).clone()).or_default();
+                if matches!(action, "update" | "delete") {
+                    set.insert(value(before.as_ref()));
+                }
+                if upsert {
+                    set.insert(value(after.as_ref()));
+                }
+            }
+            for (i, bound, keep) in [
+                (3, &mut low, std::cmp::Ordering::Less),
+                (4, &mut high, std::cmp::Ordering::Greater),
+            ] {
+                let value = ScalarValue::try_from_array(batch.column(i), row)?;
+                if value.is_null() {
+                    continue;
+                }
+                if bound
+                    .as_ref()
+                    .is_none_or(|b| value.partial_cmp(b) == Some(keep))
+                {
+                    *bound = Some(value);
+                }
+            }
+        }
+    }
+    let field = spec
+        .keys
+        .first()
+        .and_then(|k| schema.field_with_name(k).ok());
+    let bounds = match (field, low, high) {
+        (Some(field), Some(low), Some(high)) => {
+            key_literal(field, &low).zip(key_literal(field, &high))
+        }
+        _ => None,
+    };
+    Ok((counts, touched, bounds))
 }
 
 /// The layout of a cdc write of `rows` new rows with keys within `batch_bounds`, plus the rows of
@@ -1060,6 +1170,98 @@ pub async fn touched_since(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::arrow::array::{Date32Array, Int64Array, RecordBatch, StringArray};
+
+    /// Changes of `(key, sequence, op, day)`, days counted from 2020-01-01.
+    fn changes(ctx: &SessionContext, rows: &[(i64, i64, &str, i32)]) -> DataFrame {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("seq", DataType::Int64, false),
+            Field::new("op", DataType::Utf8, false),
+            Field::new("day", DataType::Date32, true),
+        ]));
+        let epoch = 18_262; // 2020-01-01
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Date32Array::from_iter_values(
+                    rows.iter().map(|r| epoch + r.3),
+                )),
+            ],
+        )
+        .unwrap();
+        ctx.read_batch(batch).unwrap()
+    }
+
+    fn days(touched: &Touched) -> Vec<String> {
+        touched["day"].iter().flatten().cloned().collect()
+    }
+
+    #[tokio::test]
+    async fn a_first_load_counts_and_tracks_in_one_read_what_later_batches_count_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = CdcSpec {
+            keys: vec!["k".into()],
+            sequence_by: vec!["seq".into()],
+            op_column: "op".into(),
+            delete_values: vec!["D".into()],
+            track: vec!["day".into()],
+            tombstones: Location::local(dir.path().join("tombstones")),
+        };
+        let path = Location::local(dir.path().join("table"));
+        let meta = CommitMeta {
+            run_id: "run".into(),
+            stage: "stage".into(),
+        };
+        let apply = |rows: &'static [(i64, i64, &'static str, i32)]| {
+            let (path, spec, meta) = (&path, &spec, &meta);
+            async move {
+                let ctx = super::super::session(None).unwrap();
+                let batch = changes(&ctx, rows);
+                apply_changes(path, &ctx, batch, spec, &TableOptions::default(), meta)
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // Keys 1 to 4 inserted (3 twice: its second change wins), 9 deleted without ever being held.
+        let first = apply(&[
+            (1, 1, "I", 0),
+            (2, 1, "I", 1),
+            (3, 1, "I", 2),
+            (3, 2, "U", 5),
+            (4, 1, "I", 2),
+            (9, 1, "D", 7),
+        ])
+        .await;
+        assert_eq!(first.rows_read, 6);
+        assert_eq!(first.rows_superseded, 1);
+        assert_eq!(first.tombstones_added, 1);
+        assert_eq!(first.write.rows_inserted, 4);
+        assert_eq!(
+            days(&first.touched),
+            ["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-06"]
+        );
+
+        // Against the table: key 1 moves from the 1st to the 9th, 2 is deleted, 5 is new.
+        let second = apply(&[(1, 2, "U", 8), (2, 2, "D", 3), (5, 1, "I", 4)]).await;
+        assert_eq!(second.rows_superseded, 0);
+        assert_eq!(
+            (
+                second.write.rows_inserted,
+                second.write.rows_updated,
+                second.write.rows_deleted
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            days(&second.touched),
+            ["2020-01-01", "2020-01-02", "2020-01-05", "2020-01-09"]
+        );
+    }
 
     #[test]
     fn newer_is_lexicographic() {
