@@ -496,6 +496,9 @@ class Bench:
         results.mkdir(parents=True, exist_ok=True)
         suffix = "" if self.batch_dir == self.data / "batch" else f"-{self.batch_dir.name}"
         path = results / f"{started:%Y-%m-%d}-{human(self.n)}{suffix}.md"
+        if path.exists():
+            # A second run the same day keeps the first: the time tells them apart.
+            path = results / f"{started:%Y-%m-%d-%H%M}-{human(self.n)}{suffix}.md"
         command = self.reproduce_command()
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         text = (
