@@ -316,11 +316,28 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
     scratch.generate(3_000, 20, 4, 33);
     let held = scratch.hold_back_changes(2);
     // Warnings that always fail (a count is never below 0), so that history records what they saw.
-    let counted = with_silver_checks(concat!(
+    let silver_checks = with_silver_checks(concat!(
         "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
         "      - { name: changed_outside_batch, query: \"SELECT COUNT(*) FROM changed WHERE dms_id NOT IN (SELECT dms_id FROM batch)\", expect: \"< 0\", severity: warn }\n",
         "      - { name: changed_in_candidate, query: \"SELECT COUNT(*) FROM candidate WHERE dms_id IN (SELECT dms_id FROM changed)\", expect: \"< 0\", severity: warn }\n",
     ));
+    // And on a Gold table rebuilt for the dates the batch touched (in full the first time).
+    let counted = |yaml: String| {
+        silver_checks(yaml).replacen(
+            "      # Reconciliation with Silver, to the cent: Gold is not published if it disagrees.\n",
+            "      - { name: changed_days, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
+            1,
+        )
+    };
+    let days = |lake| async move {
+        let rows = query(
+            &lake,
+            &["gold.daily_kpis"],
+            "SELECT CAST(COUNT(*) AS VARCHAR) FROM gold.daily_kpis",
+        )
+        .await;
+        rows[0][0].parse::<u64>().expect("count")
+    };
     let silver_rows = |lake| async move {
         let rows = query(
             &lake,
@@ -340,6 +357,7 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
     assert_eq!(seen["changed_rows"], loaded, "{seen:?}");
     assert_eq!(seen["changed_in_candidate"], loaded, "{seen:?}");
     assert_eq!(seen["changed_outside_batch"], 0, "{seen:?}");
+    assert_eq!(seen["changed_days"], days(scratch.lake()).await, "{seen:?}");
 
     // A change batch adds its inserts and the new versions of its updates: not the rows it leaves, not
     // its deletes, not the changes it supersedes.
@@ -363,6 +381,15 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
     assert!(seen["changed_rows"] < loaded / 2, "{seen:?}");
     assert_eq!(seen["changed_in_candidate"], inserts + updates, "{seen:?}");
     assert_eq!(seen["changed_outside_batch"], 0, "{seen:?}");
+    let recomputed: u64 = text(&second)
+        .lines()
+        .find(|l| l.trim_start().starts_with("gold_daily_kpis"))
+        .and_then(|l| l.split("value(s) recomputed").next())
+        .and_then(|l| l.split_whitespace().rev().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no recomputed dates in {}", text(&second)));
+    assert!(recomputed > 0 && recomputed < days(scratch.lake()).await);
+    assert_eq!(seen["changed_days"], recomputed, "{seen:?}");
     assert_eq!(
         silver_rows(scratch.lake()).await,
         loaded + inserts - deletes,
