@@ -27,6 +27,16 @@ use crate::{
     engine::EngineError,
 };
 
+/// The target as it would be after the write.
+pub const CANDIDATE: &str = "candidate";
+/// The stage's output.
+pub const BATCH: &str = "batch";
+/// The rows the write adds, as stored: a cdc write's inserts and updated rows, any other write's batch.
+/// A check over it costs what the batch costs; over [`CANDIDATE`], what the table costs.
+pub const CHANGED: &str = "changed";
+/// The tables a check reads besides the pipeline's own (`layer.table`).
+pub const RELATIONS: [&str; 3] = [CANDIDATE, BATCH, CHANGED];
+
 /// How one check (or expectation) came out; recorded in the run report and in run history.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CheckResult {

@@ -7,5 +7,7 @@ mod kpi;
 mod quarantine;
 
 pub use expectations::{Evaluation, ExpectationResult, Split, evaluate, split};
-pub use kpi::{CheckResult, columns_read, evaluate as evaluate_checks};
+pub use kpi::{
+    BATCH, CANDIDATE, CHANGED, CheckResult, RELATIONS, columns_read, evaluate as evaluate_checks,
+};
 pub use quarantine::{quarantine_table, write_quarantine};

@@ -120,6 +120,33 @@ fn suggest_key(message: &str) -> Option<&str> {
         .map(|(_, candidate)| candidate)
 }
 
+/// What is wrong with the tables a check's `query` reads, if anything: it must parse as one SELECT, and a
+/// table without a layer must be one the check is given ([`crate::checks::RELATIONS`]). Tables named
+/// `layer.table` are found when the stage runs (another pipeline may write them to the same lake).
+fn check_tables(query: &str) -> Option<String> {
+    let tables = match sql::table_references(query) {
+        Ok(tables) => tables,
+        Err(message) => return Some(format!("query `{query}`: {message}")),
+    };
+    let relations = crate::checks::RELATIONS;
+    let unknown = tables
+        .iter()
+        .find(|t| !t.contains('.') && !relations.contains(&t.as_str()))?;
+    let closest = relations
+        .iter()
+        .map(|r| (edit_distance(unknown, r), r))
+        .filter(|(distance, r)| *distance <= 2.max(r.len() / 3))
+        .min_by_key(|(distance, _)| *distance);
+    let hint = match closest {
+        Some((_, r)) => format!(" (did you mean `{r}`?)"),
+        None => String::new(),
+    };
+    Some(format!(
+        "reads unknown table `{unknown}`{hint}: a check reads {}, or a pipeline table as `layer.table`",
+        relations.map(|r| format!("`{r}`")).join(", ")
+    ))
+}
+
 /// Levenshtein distance over characters.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -834,6 +861,16 @@ impl Compiler<'_> {
                     .map_err(|_| format!("max_change_pct `{pct}` is not a number")),
                 _ => Err("give exactly one of `expect`, `equals` and `max_change_pct`".to_string()),
             };
+            let mut queries = vec![spec.query.as_str()];
+            if let Some(query) = &spec.equals {
+                queries.push(query);
+            }
+            for query in queries {
+                if let Some(message) = check_tables(query) {
+                    let line = self.lines.find(at.unwrap_or(1), "name", name).or(at);
+                    self.issue(line, format!("stage `{stage}`: check `{name}`: {message}"));
+                }
+            }
             match rule {
                 Ok(rule) => checks.push(Check {
                     name: name.clone(),
@@ -967,6 +1004,33 @@ mod tests {
         assert_eq!(suggest_key(message), Some("sequence_by"));
         let message = "unknown field `zzzzzz`, expected one of `name`, `keys`";
         assert_eq!(suggest_key(message), None);
+    }
+
+    #[test]
+    fn a_check_reads_its_own_tables_or_pipeline_tables_and_a_misspelling_gets_a_suggestion() {
+        for fine in [
+            "SELECT COUNT(*) FROM changed",
+            "SELECT COUNT(*) FROM candidate c JOIN batch b ON c.k = b.k",
+            "WITH t AS (SELECT 1 AS x) SELECT COUNT(*) FROM t, silver.transactions",
+        ] {
+            assert_eq!(check_tables(fine), None, "{fine}");
+        }
+        let message = check_tables("SELECT COUNT(*) FROM chnged").unwrap();
+        assert!(
+            message.contains("unknown table `chnged` (did you mean `changed`?)"),
+            "{message}"
+        );
+        let message = check_tables("SELECT COUNT(*) FROM transactions").unwrap();
+        assert!(
+            message.contains("unknown table `transactions`: a check reads"),
+            "{message}"
+        );
+        assert!(message.contains("`layer.table`"), "{message}");
+        let message = check_tables("SELECT COUNT(*) FROM").unwrap();
+        assert!(
+            message.starts_with("query `SELECT COUNT(*) FROM`: "),
+            "{message}"
+        );
     }
 
     #[test]

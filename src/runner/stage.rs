@@ -951,7 +951,7 @@ async fn sql_stage(
             .await
             .map_err(delta_err)?;
             let candidate = ctx.sql(&candidate).await.map_err(candidate_err)?;
-            ctx.register_table("candidate", candidate.into_view())
+            ctx.register_table(checks::CANDIDATE, candidate.into_view())
                 .map_err(candidate_err)?;
         }
         let evaluated = async {
@@ -1065,10 +1065,6 @@ async fn sql_stage(
     Ok((report, versions))
 }
 
-/// The name checks read the rows a write adds under: a cdc write's inserts and updates as stored, any
-/// other write's batch. A check over it costs what the batch costs; over `candidate`, what the table does.
-const CHANGED: &str = "changed";
-
 /// Writes a whole-table overwrite before its checks run ([`delta::Replacement`]): while the rows go to
 /// the new files, the columns the checks read are copied into `scratch`, registered as `candidate`,
 /// `batch` and `changed`. `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
@@ -1103,8 +1099,7 @@ async fn stage_replacement(
         return Ok(None);
     };
     let schema = Arc::new(output.schema().as_arrow().clone());
-    let Some(columns) =
-        checks::columns_read(ctx, &stage.checks, schema, &["candidate", "batch", CHANGED]).await
+    let Some(columns) = checks::columns_read(ctx, &stage.checks, schema, &checks::RELATIONS).await
     else {
         return Ok(None);
     };
@@ -1115,18 +1110,18 @@ async fn stage_replacement(
         async { replacement.write(streams).await.map_err(delta_err) },
         async {
             scratch
-                .materialize_streams(ctx, "candidate", copies)
+                .materialize_streams(ctx, checks::CANDIDATE, copies)
                 .await
                 .map_err(engine_err)
         },
     )?;
     let candidate = ctx
-        .table_provider("candidate")
+        .table_provider(checks::CANDIDATE)
         .await
         .map_err(candidate_err)?;
-    ctx.register_table("batch", candidate.clone())
+    ctx.register_table(checks::BATCH, candidate.clone())
         .map_err(candidate_err)?;
-    ctx.register_table(CHANGED, candidate)
+    ctx.register_table(checks::CHANGED, candidate)
         .map_err(candidate_err)?;
     progress.message("checking the candidate");
     Ok(Some(staged))
@@ -1147,11 +1142,11 @@ async fn candidate_sql(
         table: target_path.to_string(),
         source: e,
     };
-    ctx.register_table("batch", output.clone().into_view())
+    ctx.register_table(checks::BATCH, output.clone().into_view())
         .map_err(query)?;
     if let Some(prepared) = prepared {
         let changed = ctx.sql(&prepared.changed_sql()).await.map_err(query)?;
-        ctx.register_table(CHANGED, changed.into_view())
+        ctx.register_table(checks::CHANGED, changed.into_view())
             .map_err(query)?;
         return Ok(prepared.candidate_sql());
     }
@@ -1160,7 +1155,7 @@ async fn candidate_sql(
         WriteMode::Cdc { .. } => output.clone().limit(0, Some(0)).map_err(query)?,
         _ => output.clone(),
     };
-    ctx.register_table(CHANGED, changed.into_view())
+    ctx.register_table(checks::CHANGED, changed.into_view())
         .map_err(query)?;
     let current = match delta::open(target_path).await? {
         Some(table) if target_exists => Some(delta::provider(target_path, &table).await?),
