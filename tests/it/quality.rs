@@ -297,6 +297,17 @@ fn not_passed(scratch: &Scratch) -> std::collections::BTreeMap<String, u64> {
         .collect()
 }
 
+/// The rows of `table` (`layer.name`) in the scratch lake.
+async fn rows_of(scratch: &Scratch, table: &str) -> u64 {
+    let rows = query(
+        &scratch.lake(),
+        &[table],
+        &format!("SELECT CAST(COUNT(*) AS VARCHAR) FROM {table}"),
+    )
+    .await;
+    rows[0][0].parse().expect("a count")
+}
+
 /// The number after `sign` in the silver_transactions line of a run's summary (`+` inserts, `~`
 /// updates, `-` deletes).
 fn silver_count(output: &std::process::Output, sign: char) -> u64 {
@@ -329,35 +340,20 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
             1,
         )
     };
-    let days = |lake| async move {
-        let rows = query(
-            &lake,
-            &["gold.daily_kpis"],
-            "SELECT CAST(COUNT(*) AS VARCHAR) FROM gold.daily_kpis",
-        )
-        .await;
-        rows[0][0].parse::<u64>().expect("count")
-    };
-    let silver_rows = |lake| async move {
-        let rows = query(
-            &lake,
-            &["silver.transactions"],
-            "SELECT CAST(COUNT(*) AS VARCHAR) FROM silver.transactions",
-        )
-        .await;
-        rows[0][0].parse::<u64>().expect("count")
-    };
-
     // The first load adds every row.
     let first = scratch.run_edited(&counted, None);
     assert_success(&first);
     let seen = not_passed(&scratch);
-    let loaded = silver_rows(scratch.lake()).await;
+    let loaded = rows_of(&scratch, "silver.transactions").await;
     assert!(loaded > 2_000, "{loaded}");
     assert_eq!(seen["changed_rows"], loaded, "{seen:?}");
     assert_eq!(seen["changed_in_candidate"], loaded, "{seen:?}");
     assert_eq!(seen["changed_outside_batch"], 0, "{seen:?}");
-    assert_eq!(seen["changed_days"], days(scratch.lake()).await, "{seen:?}");
+    assert_eq!(
+        seen["changed_days"],
+        rows_of(&scratch, "gold.daily_kpis").await,
+        "{seen:?}"
+    );
 
     // A change batch adds its inserts and the new versions of its updates: not the rows it leaves, not
     // its deletes, not the changes it supersedes.
@@ -388,10 +384,10 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
         .and_then(|l| l.split_whitespace().rev().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no recomputed dates in {}", text(&second)));
-    assert!(recomputed > 0 && recomputed < days(scratch.lake()).await);
+    assert!(recomputed > 0 && recomputed < rows_of(&scratch, "gold.daily_kpis").await);
     assert_eq!(seen["changed_days"], recomputed, "{seen:?}");
     assert_eq!(
-        silver_rows(scratch.lake()).await,
+        rows_of(&scratch, "silver.transactions").await,
         loaded + inserts - deletes,
         "the table holds the rows it kept and the ones added"
     );
