@@ -165,6 +165,18 @@ impl Scratch {
             .expect("run medallion")
     }
 
+    /// `medallion history --format json` of the project [`Scratch::run_edited`] ran: its runs, latest
+    /// first.
+    pub fn edited_history(&self) -> serde_json::Value {
+        let project = self.dir.path().join("project");
+        let history = self.command_in(
+            &project,
+            &["history", "pipelines/t.yaml", "--format", "json"],
+        );
+        assert_success(&history);
+        serde_json::from_slice(&history.stdout).expect("history json")
+    }
+
     /// Latest Delta version of each table (`layer/name`), `None` where there is no table.
     pub fn versions(&self, tables: &[&str]) -> Vec<Option<u64>> {
         tables

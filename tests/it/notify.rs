@@ -203,12 +203,7 @@ async fn a_400_is_not_retried_and_a_failed_notification_does_not_fail_the_run() 
         text(&output)
     );
 
-    let project = scratch.dir.path().join("project");
-    let history = scratch.command_in(
-        &project,
-        &["history", "pipelines/t.yaml", "--format", "json"],
-    );
-    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).expect("json");
+    let runs = scratch.edited_history();
     assert_eq!(runs[0]["status"], "succeeded");
     assert_eq!(runs[0]["notifications_failed"][0]["target"], "ops");
 }
@@ -353,12 +348,7 @@ async fn sns_publish_reaches_a_subscribed_queue_with_subject_body_and_attributes
     );
     let run = with_env(|| scratch.run_edited(&|y| format!("{y}{block}"), None));
     assert_success(&run);
-    let project = scratch.dir.path().join("project");
-    let output = scratch.command_in(
-        &project,
-        &["history", "pipelines/t.yaml", "--format", "json"],
-    );
-    let runs: serde_json::Value = serde_json::from_slice(&output.stdout).expect("history");
+    let runs = scratch.edited_history();
     let run_id = runs[0]["run_id"].as_str().expect("run id").to_string();
     assert_eq!(
         runs[0]["notifications_failed"],
@@ -388,6 +378,7 @@ async fn sns_publish_reaches_a_subscribed_queue_with_subject_body_and_attributes
     );
 
     // notify-test sends a sample to the same topic.
+    let project = scratch.dir.path().join("project");
     let test = scratch.command_in(&project, &["notify-test", "pipelines/t.yaml"]);
     assert_success(&test);
     assert!(

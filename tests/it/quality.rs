@@ -61,13 +61,7 @@ async fn an_error_check_keeps_silver_and_gold_unpublished_and_a_warning_does_not
     assert_eq!(versions(&scratch), published, "Silver and Gold unchanged");
 
     // History records the failed check with its observed value.
-    let project = scratch.dir.path().join("project");
-    let history = scratch.command_in(
-        &project,
-        &["history", "pipelines/t.yaml", "--format", "json"],
-    );
-    assert_success(&history);
-    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).expect("history json");
+    let runs = scratch.edited_history();
     let latest = &runs[0];
     assert_eq!(latest["status"], "failed");
     let failed = &latest["checks_not_passed"][0];
@@ -276,14 +270,7 @@ async fn history_and_python_read_the_same_runs() {
 /// The observed value of each check of the latest run that did not pass, by name, from
 /// `medallion history`.
 fn not_passed(scratch: &Scratch) -> std::collections::BTreeMap<String, u64> {
-    let project = scratch.dir.path().join("project");
-    let history = scratch.command_in(
-        &project,
-        &["history", "pipelines/t.yaml", "--format", "json"],
-    );
-    assert_success(&history);
-    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).expect("history json");
-    runs[0]["checks_not_passed"]
+    scratch.edited_history()[0]["checks_not_passed"]
         .as_array()
         .expect("checks")
         .iter()
