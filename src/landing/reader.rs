@@ -11,6 +11,7 @@ use arrow::{
     array::{
         ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
     },
+    buffer::{Buffer, OffsetBuffer},
     datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit},
 };
 use flate2::read::MultiGzDecoder;
@@ -438,31 +439,26 @@ impl FileBatches {
         count: usize,
     ) -> Result<RecordBatch, LandingError> {
         let first_row = self.rows as i64 - count as i64 + 1;
-        columns.push(Arc::new(StringArray::from(vec![
-            self.file.relative.as_str();
-            count
-        ])));
-        columns.push(Arc::new(StringArray::from(vec![
-            self.file.order_key();
-            count
-        ])));
+        let constant = |value: &str| {
+            constant_strings(value, count).ok_or_else(|| LandingError::BadFile {
+                file: self.file.relative.clone(),
+                message: format!("{count} copies of the lineage value `{value}` exceed one batch"),
+            })
+        };
+        columns.push(constant(&self.file.relative)?);
+        columns.push(constant(&self.file.order_key())?);
         columns.push(Arc::new(Int64Array::from_iter_values(
             first_row..first_row + count as i64,
         )));
         columns.push(Arc::new(
-            TimestampMicrosecondArray::from(vec![self.lineage.ingested_at_micros; count])
+            TimestampMicrosecondArray::from_value(self.lineage.ingested_at_micros, count)
                 .with_timezone("UTC"),
         ));
-        columns.push(Arc::new(StringArray::from(vec![
-            self.lineage
-                .run_id
-                .as_str();
-            count
-        ])));
-        columns.push(Arc::new(Int64Array::from(vec![
-            self.lineage.batch_id;
-            count
-        ])));
+        columns.push(constant(&self.lineage.run_id)?);
+        columns.push(Arc::new(Int64Array::from_value(
+            self.lineage.batch_id,
+            count,
+        )));
         RecordBatch::try_new(self.layout.schema(), columns).map_err(|e| LandingError::BadFile {
             file: self.file.relative.clone(),
             message: format!("internal error building a batch: {e}"),
@@ -487,6 +483,17 @@ impl Iterator for FileBatches {
         next.map_err(|e| blame_storage(e, self.failure.as_ref(), &self.file))
             .transpose()
     }
+}
+
+/// `count` copies of `value` as a string column, its offsets and bytes laid out directly (the lineage
+/// columns repeat one value over every row of a batch). `None` when the copies overflow a string
+/// column's 2 GiB of bytes.
+fn constant_strings(value: &str, count: usize) -> Option<ArrayRef> {
+    let length = value.len();
+    i32::try_from(length.checked_mul(count)?).ok()?;
+    let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(length, count));
+    let bytes = Buffer::from_vec(value.as_bytes().repeat(count));
+    Some(Arc::new(StringArray::new(offsets, bytes, None)))
 }
 
 /// Parses a JSON lookup file: an object of `key: value` pairs fills the source's two columns; an array of
@@ -627,4 +634,27 @@ fn parquet_reader<T: ChunkReader + 'static>(
         .build()
         .map_err(unreadable)?;
     Ok((reader, mapping))
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::Array;
+
+    use super::*;
+
+    #[test]
+    fn a_constant_column_equals_the_value_repeated_and_refuses_more_bytes_than_offsets_hold() {
+        let column = constant_strings("public/transactions/LOAD00000001.csv", 1000);
+        let expected = StringArray::from(vec!["public/transactions/LOAD00000001.csv"; 1000]);
+        assert_eq!(
+            column.as_deref().map(|c| c.to_data()),
+            Some(expected.to_data())
+        );
+        assert_eq!(
+            constant_strings("", 5).map(|c| c.len()),
+            Some(5),
+            "an empty value still fills every row"
+        );
+        assert!(constant_strings("abc", 1 << 30).is_none());
+    }
 }
