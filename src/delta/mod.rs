@@ -128,15 +128,16 @@ pub struct TableOptions {
     pub target_file_size: Option<u64>,
 }
 
-/// Parquet settings of every file medallion writes: zstd level 3 (smaller files than snappy at a similar
-/// read speed, and every Delta reader decodes it) and page-level statistics for pruning.
+/// Parquet settings of every file medallion writes: zstd level 1 (every Delta reader decodes it; files
+/// two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole Bronze
+/// write, see BENCHMARKS.md) and page-level statistics for pruning.
 pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProperties {
     use deltalake::parquet::{
         basic::{Compression, ZstdLevel},
         file::properties::{EnabledStatistics, WriterProperties},
     };
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
         .build()
 }
