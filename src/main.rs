@@ -8,6 +8,10 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // The allocator's own setting, when given, decides instead.
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        medallion::engine::disable_transparent_huge_pages();
+    }
     let cli = medallion::cli::Cli::parse();
     medallion::cli::init_tracing(&cli);
     match medallion::cli::run(cli) {

@@ -35,6 +35,25 @@ impl EngineError {
     }
 }
 
+/// Turns transparent huge pages off for this process (Linux; elsewhere nothing happens); returns whether
+/// they are off. A query's hash tables and buffers grow by reallocation, and the first touch of a huge
+/// page zeroes (and may compact memory for) 2 MiB at once: with them on, the kernel spent half the CPU
+/// of a Gold aggregation over 10M rows zeroing pages, and the incremental benchmark had twice the
+/// system time (BENCHMARKS.md, item 25).
+pub fn disable_transparent_huge_pages() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: both calls take integers only and touch no memory of the process; on a kernel
+        // without them (before 3.15) they fail, and the process keeps the system's default.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Prepares `ctx` for stage SQL: medallion's UDFs are registered.
 pub fn prepare(ctx: &SessionContext) {
     udf::register_all(ctx);
@@ -79,4 +98,18 @@ pub async fn query(ctx: &SessionContext, what: &str, sql: &str) -> Result<DataFr
     ctx.sql(sql)
         .await
         .map_err(|e| EngineError::query(what.to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn transparent_huge_pages_are_off_for_the_process_once_disabled() {
+        assert!(super::disable_transparent_huge_pages());
+        // The kernel's own view, where it shows one (Linux 5.0 and later).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+        }
+    }
 }
