@@ -1,19 +1,22 @@
 //! Rust UDFs that type the raw DMS strings, one file per function. Each is a pure `&str -> Option<T>`
 //! parser; [`TextFunction`] lifts it into a DataFusion scalar function over any string column. Values that
-//! do not parse give NULL, so that a stage's expectations can name the offending row.
+//! do not parse give NULL, so that a stage's expectations can name the offending row. One aggregate,
+//! `count_repeated` ([`repeated`]), counts the keys a column holds more than once, for uniqueness checks.
 
 mod card;
 mod channel;
 mod money;
+pub mod repeated;
 mod timestamp;
 mod zip;
 
-use std::sync::Arc;
+use std::{fmt::Write, sync::Arc};
 
 use datafusion::{
     arrow::{
         array::{
-            Array, ArrayRef, Date32Array, Decimal128Array, StringArray, TimestampMicrosecondArray,
+            Array, ArrayRef, AsArray, Date32Array, Decimal128Array, StringArrayType, StringBuilder,
+            TimestampMicrosecondArray,
         },
         datatypes::{DataType, TimeUnit},
     },
@@ -46,6 +49,7 @@ pub fn register_all(ctx: &SessionContext) {
     ] {
         ctx.register_udf(ScalarUDF::from(TextFunction::new(kind)));
     }
+    ctx.register_udaf(repeated::count_repeated());
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,9 +83,31 @@ impl Parser {
         }
     }
 
-    fn apply(self, input: &StringArray) -> Result<ArrayRef> {
-        let each = |f: &dyn Fn(&str) -> Option<String>| -> StringArray {
-            input.iter().map(|v| v.and_then(f)).collect()
+    /// Applies the parser to every value of a string column of any of the three string types, read
+    /// where it is (Bronze's strings arrive as views: a cast to `Utf8` copied every value first).
+    fn apply(self, input: &ArrayRef) -> Result<ArrayRef> {
+        match input.data_type() {
+            DataType::Utf8 => self.apply_to(input.as_string::<i32>()),
+            DataType::LargeUtf8 => self.apply_to(input.as_string::<i64>()),
+            DataType::Utf8View => self.apply_to(input.as_string_view()),
+            other => Err(DataFusionError::Execution(format!(
+                "{} takes a string, not {other}",
+                self.name()
+            ))),
+        }
+    }
+
+    fn apply_to<'a, S: StringArrayType<'a>>(self, input: S) -> Result<ArrayRef> {
+        // String results go straight into one builder: no `String` per row.
+        let text = |f: &dyn Fn(&str, &mut StringBuilder) -> bool| -> ArrayRef {
+            let mut out = StringBuilder::with_capacity(input.len(), input.len() * 6);
+            for value in input.iter() {
+                match value {
+                    Some(v) if f(v, &mut out) => {}
+                    _ => out.append_null(),
+                }
+            }
+            Arc::new(out.finish())
         };
         Ok(match self {
             Parser::Money => Arc::new(
@@ -91,9 +117,29 @@ impl Parser {
                     .collect::<Decimal128Array>()
                     .with_precision_and_scale(MONEY_PRECISION, MONEY_SCALE)?,
             ),
-            Parser::Zip => Arc::new(each(&parse_zip)),
-            Parser::Channel => Arc::new(each(&|v| parse_channel(v).map(str::to_string))),
-            Parser::Last4 => Arc::new(each(&card_last4)),
+            Parser::Zip => text(&|v, out| match zip::zip_digits(v) {
+                Some(digits) => {
+                    // Writing to a builder only appends bytes: it cannot fail.
+                    let _ = write!(out, "{digits:0>5}");
+                    out.append_value("");
+                    true
+                }
+                None => false,
+            }),
+            Parser::Channel => text(&|v, out| match parse_channel(v) {
+                Some(channel) => {
+                    out.append_value(channel);
+                    true
+                }
+                None => false,
+            }),
+            Parser::Last4 => text(&|v, out| match card_last4(v) {
+                Some(last4) => {
+                    out.append_value(last4);
+                    true
+                }
+                None => false,
+            }),
             Parser::Timestamp => Arc::new(
                 input
                     .iter()
@@ -151,11 +197,73 @@ impl ScalarUDFImpl for TextFunction {
                 self.name()
             )));
         };
-        let text = datafusion::arrow::compute::cast(input, &DataType::Utf8)?;
-        let text = text
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| DataFusionError::Internal("cast to Utf8 gave another type".into()))?;
-        Ok(ColumnarValue::Array(self.parser.apply(text)?))
+        Ok(ColumnarValue::Array(self.parser.apply(input)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, LargeStringArray, StringArray, StringViewArray};
+
+    #[test]
+    fn every_parser_reads_the_three_string_types_alike_and_gives_null_where_a_value_fails() {
+        let values = [
+            Some("58523.0"),
+            Some("6071.0"),
+            None,
+            Some(""),
+            Some("Swipe Transaction"),
+            Some("Online Transaction"),
+            Some("$-77.00"),
+            Some("2010-01-01 00:01:00"),
+            Some("09/2022"),
+            Some("4344 6760 3124 1102"),
+            Some("a string longer than the twelve bytes a view holds inline"),
+        ];
+        let plain: ArrayRef = Arc::new(StringArray::from(values.to_vec()));
+        let large: ArrayRef = Arc::new(LargeStringArray::from(values.to_vec()));
+        let view: ArrayRef = Arc::new(StringViewArray::from(values.to_vec()));
+        for parser in [
+            Parser::Money,
+            Parser::Zip,
+            Parser::Channel,
+            Parser::Last4,
+            Parser::Timestamp,
+            Parser::Month,
+        ] {
+            let expected = parser.apply(&plain).unwrap();
+            assert_eq!(expected.len(), values.len());
+            assert_eq!(expected.data_type(), &parser.output());
+            assert_eq!(
+                &parser.apply(&large).unwrap(),
+                &expected,
+                "{}",
+                parser.name()
+            );
+            assert_eq!(
+                &parser.apply(&view).unwrap(),
+                &expected,
+                "{}",
+                parser.name()
+            );
+        }
+        let zips = Parser::Zip.apply(&view).unwrap();
+        let zips = zips.as_string::<i32>();
+        assert_eq!(
+            zips.iter().take(4).collect::<Vec<_>>(),
+            [Some("58523"), Some("06071"), None, None]
+        );
+        let channels = Parser::Channel.apply(&view).unwrap();
+        let channels = channels.as_string::<i32>();
+        assert_eq!(
+            channels.iter().skip(4).take(3).collect::<Vec<_>>(),
+            [Some("SWIPE"), Some("ONLINE"), None]
+        );
+        let last4 = Parser::Last4.apply(&view).unwrap();
+        assert_eq!(last4.as_string::<i32>().value(9), "1102");
+        let wrong: ArrayRef = Arc::new(Int64Array::from(vec![1]));
+        let error = Parser::Zip.apply(&wrong).unwrap_err().to_string();
+        assert!(error.contains("parse_zip takes a string"), "{error}");
     }
 }

@@ -2,6 +2,11 @@
 //! 06071). Gives the 5-digit zero-padded zip, or NULL when empty or not a US zip.
 
 pub fn parse_zip(text: &str) -> Option<String> {
+    zip_digits(text).map(|digits| format!("{digits:0>5}"))
+}
+
+/// The zip's digits before zero-padding (one to five), or `None` when it is no US zip.
+pub(super) fn zip_digits(text: &str) -> Option<&str> {
     let text = text.trim();
     let digits = match text.split_once('.') {
         Some((whole, fraction)) if fraction.bytes().all(|b| b == b'0') => whole,
@@ -11,7 +16,7 @@ pub fn parse_zip(text: &str) -> Option<String> {
     if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(format!("{digits:0>5}"))
+    Some(digits)
 }
 
 #[cfg(test)]
