@@ -131,8 +131,9 @@ pub enum Command {
 pub struct RunArgs {
     /// Pipeline YAML file.
     pub file: PathBuf,
-    /// Stages that may run at the same time.
-    #[arg(long, default_value_t = 2)]
+    /// Stages that may run at the same time (default: half the cores, at least 1; each stage's
+    /// queries use every core).
+    #[arg(long, default_value_t = crate::runner::default_max_parallel())]
     pub max_parallel: usize,
     /// Format of the run report on stdout (JSON also with `--log-format json`).
     #[arg(long, value_enum)]
@@ -178,8 +179,8 @@ pub struct BackfillArgs {
     pub stages: StagesArg,
     #[arg(long = "vars", value_parser = parse_var)]
     pub vars: Vec<(String, String)>,
-    /// Stages that may run at the same time within a date.
-    #[arg(long, default_value_t = 2)]
+    /// Stages that may run at the same time within a date (default: half the cores, at least 1).
+    #[arg(long, default_value_t = crate::runner::default_max_parallel())]
     pub max_parallel: usize,
     /// Seconds to wait for another run of the same pipeline (exit code 4 after).
     #[arg(long, default_value_t = 0)]
