@@ -39,14 +39,7 @@ pub const MONEY_SCALE: i8 = 2;
 
 /// Registers every medallion UDF on `ctx`.
 pub fn register_all(ctx: &SessionContext) {
-    for kind in [
-        Parser::Money,
-        Parser::Zip,
-        Parser::Channel,
-        Parser::Last4,
-        Parser::Timestamp,
-        Parser::Month,
-    ] {
+    for kind in Parser::ALL {
         ctx.register_udf(ScalarUDF::from(TextFunction::new(kind)));
     }
     ctx.register_udaf(repeated::count_repeated());
@@ -63,6 +56,15 @@ enum Parser {
 }
 
 impl Parser {
+    const ALL: [Parser; 6] = [
+        Parser::Money,
+        Parser::Zip,
+        Parser::Channel,
+        Parser::Last4,
+        Parser::Timestamp,
+        Parser::Month,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Parser::Money => "parse_money",
@@ -224,14 +226,7 @@ mod tests {
         let plain: ArrayRef = Arc::new(StringArray::from(values.to_vec()));
         let large: ArrayRef = Arc::new(LargeStringArray::from(values.to_vec()));
         let view: ArrayRef = Arc::new(StringViewArray::from(values.to_vec()));
-        for parser in [
-            Parser::Money,
-            Parser::Zip,
-            Parser::Channel,
-            Parser::Last4,
-            Parser::Timestamp,
-            Parser::Month,
-        ] {
+        for parser in Parser::ALL {
             let expected = parser.apply(&plain).unwrap();
             assert_eq!(expected.len(), values.len());
             assert_eq!(expected.data_type(), &parser.output());
