@@ -59,7 +59,7 @@ pub fn disable_transparent_huge_pages() -> bool {
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Has the allocator (mimalloc) return memory freed for `delay_ms` milliseconds to the system.
-pub fn purge_freed_memory_after(delay_ms: u32) {
+fn purge_freed_memory_after(delay_ms: u32) {
     // SAFETY: sets one integer option; mimalloc reads options atomically and allows changes at any time.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, delay_ms.into()) }
 }

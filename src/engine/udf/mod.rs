@@ -128,20 +128,10 @@ impl Parser {
                 }
                 None => false,
             }),
-            Parser::Channel => text(&|v, out| match parse_channel(v) {
-                Some(channel) => {
-                    out.append_value(channel);
-                    true
-                }
-                None => false,
-            }),
-            Parser::Last4 => text(&|v, out| match card_last4(v) {
-                Some(last4) => {
-                    out.append_value(last4);
-                    true
-                }
-                None => false,
-            }),
+            Parser::Channel => {
+                text(&|v, out| parse_channel(v).map(|c| out.append_value(c)).is_some())
+            }
+            Parser::Last4 => text(&|v, out| card_last4(v).map(|l| out.append_value(l)).is_some()),
             Parser::Timestamp => Arc::new(
                 input
                     .iter()

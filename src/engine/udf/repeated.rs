@@ -65,18 +65,20 @@ pub fn repeated_keys(mut keys: Vec<i64>) -> Vec<i64> {
     repeated
 }
 
-/// Whether [`append_keys`] takes values of this type (integers that fit in an i64).
+/// The types [`append_keys`] and `count_repeated` take: integers that fit in an i64.
+const INTEGER_TYPES: [DataType; 7] = [
+    DataType::Int8,
+    DataType::Int16,
+    DataType::Int32,
+    DataType::Int64,
+    DataType::UInt8,
+    DataType::UInt16,
+    DataType::UInt32,
+];
+
+/// Whether [`append_keys`] takes values of this type.
 pub fn is_integer_key(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32
-    )
+    INTEGER_TYPES.contains(data_type)
 }
 
 /// Appends the non-NULL values of an integer array ([`is_integer_key`]) to `keys`.
@@ -95,18 +97,10 @@ pub fn append_keys(keys: &mut Vec<i64>, values: &ArrayRef) -> Result<()> {
 pub fn count_repeated() -> AggregateUDF {
     AggregateUDF::from(CountRepeated {
         signature: Signature::one_of(
-            [
-                DataType::Int8,
-                DataType::Int16,
-                DataType::Int32,
-                DataType::Int64,
-                DataType::UInt8,
-                DataType::UInt16,
-                DataType::UInt32,
-            ]
-            .into_iter()
-            .map(|t| TypeSignature::Exact(vec![t]))
-            .collect(),
+            INTEGER_TYPES
+                .into_iter()
+                .map(|t| TypeSignature::Exact(vec![t]))
+                .collect(),
             Volatility::Immutable,
         ),
     })
