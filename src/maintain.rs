@@ -222,11 +222,12 @@ async fn upkeep(
             OptimizeType::ZOrder(zorder.to_vec())
         };
         let size = NonZeroU64::new(target_file_bytes).unwrap_or(NonZeroU64::MIN);
+        let properties = delta::table_writer_properties(&delta);
         let (optimized, metrics) = delta
             .optimize()
             .with_type(kind)
             .with_target_size(size)
-            .with_writer_properties(delta::writer_properties())
+            .with_writer_properties(properties)
             .await
             .map_err(fail)?;
         upkeep.files_compacted = metrics.num_files_removed;

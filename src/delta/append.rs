@@ -59,7 +59,7 @@ impl BatchAppender {
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| DeltaError::table(path, e))?
                 .with_target_file_size(options.target_file_size.unwrap_or(TARGET_FILE_SIZE))
-                .with_writer_properties(super::writer_properties());
+                .with_writer_properties(super::table_writer_properties(&table));
             table_schema.get_or_insert_with(|| writer.arrow_schema());
             // One batch waiting per writer: memory stays bounded when the writers are slower.
             let (sender, mut receiver) = mpsc::channel::<RecordBatch>(1);
@@ -317,4 +317,95 @@ pub(super) async fn append_frame_with(
         files_added,
         ..WriteMetrics::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::{
+        array::{Int64Array, StringArray},
+        datatypes::{DataType, Field, Schema},
+    };
+    use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
+
+    use super::*;
+
+    /// A table created with statistics columns: its files carry min and max for those only, in the
+    /// Delta log and in the Parquet footers, and the table says so for every later writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_with_statistics_columns_writes_statistics_for_those_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("raw", DataType::Utf8, true),
+            Field::new("_batch_id", DataType::Int64, false),
+        ]));
+        let options = TableOptions {
+            stats_columns: Some(vec!["_batch_id".to_string()]),
+            ..TableOptions::default()
+        };
+        let meta = CommitMeta {
+            run_id: "r".into(),
+            stage: "s".into(),
+        };
+        let mut appender = BatchAppender::open(&path, &schema, &options, &meta)
+            .await
+            .unwrap();
+        for part in 0..3i64 {
+            let raw: Vec<String> = (0..1000).map(|i| format!("v{}", part * 1000 + i)).collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(raw)),
+                    Arc::new(Int64Array::from(vec![part + 1; 1000])),
+                ],
+            )
+            .unwrap();
+            appender.write(batch).await.unwrap();
+        }
+        assert_eq!(appender.commit().await.unwrap().rows_written, 3000);
+
+        let log = std::fs::read_to_string(dir.path().join("_delta_log/00000000000000000001.json"))
+            .unwrap();
+        let adds: Vec<serde_json::Value> = log
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter_map(|action| action.get("add").cloned())
+            .collect();
+        assert!(!adds.is_empty());
+        let (mut low, mut high) = (i64::MAX, i64::MIN);
+        for add in &adds {
+            let stats: serde_json::Value =
+                serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+            assert_eq!(stats["numRecords"].as_i64().unwrap() % 1000, 0, "{stats}");
+            assert!(stats["minValues"].get("raw").is_none(), "{stats}");
+            low = low.min(stats["minValues"]["_batch_id"].as_i64().unwrap());
+            high = high.max(stats["maxValues"]["_batch_id"].as_i64().unwrap());
+            let file = std::fs::File::open(dir.path().join(add["path"].as_str().unwrap())).unwrap();
+            let footer = SerializedFileReader::new(file).unwrap();
+            for group in footer.metadata().row_groups() {
+                assert!(group.column(0).statistics().is_none(), "raw has statistics");
+                assert!(group.column(1).statistics().is_some(), "_batch_id has none");
+            }
+        }
+        assert_eq!((low, high), (1, 3));
+
+        let table = super::super::open(&path).await.unwrap().unwrap();
+        let configuration = table.snapshot().unwrap().metadata().configuration().clone();
+        assert_eq!(
+            configuration.get("delta.dataSkippingStatsColumns"),
+            Some(&"_batch_id".to_string())
+        );
+        let properties = super::super::table_writer_properties(&table);
+        use deltalake::parquet::{file::properties::EnabledStatistics, schema::types::ColumnPath};
+        assert_eq!(
+            properties.statistics_enabled(&ColumnPath::from("raw")),
+            EnabledStatistics::None
+        );
+        assert_eq!(
+            properties.statistics_enabled(&ColumnPath::from("_batch_id")),
+            EnabledStatistics::Page
+        );
+    }
 }

@@ -24,6 +24,7 @@ use deltalake::{
         Action, Add,
         transaction::{CommitBuilder, CommitProperties},
     },
+    parquet::file::properties::WriterProperties,
     protocol::DeltaOperation,
     writer::{DeltaWriter, RecordBatchWriter},
 };
@@ -174,6 +175,7 @@ pub(super) async fn write_files(
     write_streams(
         path,
         || RecordBatchWriter::for_table(table),
+        super::table_writer_properties(table),
         streams,
         layout,
     )
@@ -181,10 +183,11 @@ pub(super) async fn write_files(
 }
 
 /// As [`write_files`], for the partitions of a result already running, each written by a writer from
-/// `new_writer` (for a table, or for one not created yet).
+/// `new_writer` (for a table, or for one not created yet) with `properties`.
 pub(super) async fn write_streams(
     path: &Location,
     new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaTableError>,
+    properties: WriterProperties,
     streams: Vec<SendableRecordBatchStream>,
     layout: &Layout,
 ) -> Result<Written, DeltaError> {
@@ -192,7 +195,7 @@ pub(super) async fn write_streams(
         new_writer()
             .map(|w| {
                 w.with_target_file_size(layout.target_size)
-                    .with_writer_properties(super::writer_properties())
+                    .with_writer_properties(properties.clone())
             })
             .map_err(|e| DeltaError::table(path, e))
     };

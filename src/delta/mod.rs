@@ -126,12 +126,32 @@ pub struct TableOptions {
     pub comments: std::collections::BTreeMap<String, String>,
     /// Data files are cut at about this many bytes (`None`: 128 MiB).
     pub target_file_size: Option<u64>,
+    /// The only columns given statistics (`delta.dataSkippingStatsColumns`, and Parquet's min and max
+    /// with it); `None`: every column. Set when the table is created.
+    pub stats_columns: Option<Vec<String>>,
 }
 
 /// Parquet settings of every file medallion writes: zstd level 1 (every Delta reader decodes it; files
 /// two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole Bronze
 /// write, see BENCHMARKS.md) and page-level statistics for pruning.
 pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProperties {
+    properties_builder().build()
+}
+
+/// [`writer_properties`] for files of `table`: when the table names its statistics columns
+/// (`delta.dataSkippingStatsColumns`), the other columns get no Parquet min and max either. Computing
+/// them compares every value with its page's bounds, a tenth of a Bronze landing's CPU for raw strings
+/// that no reader filters on.
+pub fn table_writer_properties(
+    table: &DeltaTable,
+) -> deltalake::parquet::file::properties::WriterProperties {
+    match stats_columns(table) {
+        Some(columns) => properties_with_statistics(&columns),
+        None => writer_properties(),
+    }
+}
+
+fn properties_builder() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     use deltalake::parquet::{
         basic::{Compression, ZstdLevel},
         file::properties::{EnabledStatistics, WriterProperties},
@@ -139,7 +159,35 @@ pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProper
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
+}
+
+/// [`writer_properties`] with statistics for `columns` only.
+fn properties_with_statistics(
+    columns: &[String],
+) -> deltalake::parquet::file::properties::WriterProperties {
+    use deltalake::parquet::{file::properties::EnabledStatistics, schema::types::ColumnPath};
+    columns
+        .iter()
+        .fold(
+            properties_builder().set_statistics_enabled(EnabledStatistics::None),
+            |builder, column| {
+                builder.set_column_statistics_enabled(
+                    ColumnPath::from(column.as_str()),
+                    EnabledStatistics::Page,
+                )
+            },
+        )
         .build()
+}
+
+/// The columns `table` keeps statistics for, when it names them.
+fn stats_columns(table: &DeltaTable) -> Option<Vec<String>> {
+    let snapshot = table.snapshot().ok()?;
+    let columns = snapshot
+        .metadata()
+        .configuration()
+        .get(TableProperty::DataSkippingStatsColumns.as_ref())?;
+    Some(columns.split(',').map(|c| c.trim().to_string()).collect())
 }
 
 /// `schema` as a new table stores it: strings as one type, the column comments in the fields'
@@ -209,6 +257,12 @@ pub async fn create_if_missing(
     }
     if let Some(description) = &options.description {
         builder = builder.with_comment(description);
+    }
+    if let Some(columns) = &options.stats_columns {
+        builder = builder.with_configuration_property(
+            TableProperty::DataSkippingStatsColumns,
+            Some(columns.join(",")),
+        );
     }
     match builder.await {
         Ok(table) => Ok(table),

@@ -346,7 +346,8 @@ impl Replacement {
         let written = match &target.table {
             Some(table) => {
                 let new_writer = || RecordBatchWriter::for_table(table);
-                super::files::write_streams(path, new_writer, streams, &layout).await?
+                let properties = super::table_writer_properties(table);
+                super::files::write_streams(path, new_writer, properties, streams, &layout).await?
             }
             None => {
                 let url = path.url().map_err(|source| DeltaError::Storage {
@@ -365,7 +366,8 @@ impl Replacement {
                         Some(storage.clone()),
                     )
                 };
-                super::files::write_streams(path, new_writer, streams, &layout).await?
+                let properties = super::writer_properties();
+                super::files::write_streams(path, new_writer, properties, streams, &layout).await?
             }
         };
         Ok(Staged { target, written })

@@ -46,6 +46,16 @@ pub struct BronzeLayout {
 }
 
 impl BronzeLayout {
+    /// The lineage columns every Bronze table ends with, in order.
+    pub const LINEAGE: [&str; 6] = [
+        SOURCE_FILE,
+        FILE_ORDER,
+        SOURCE_ROW,
+        INGESTED_AT,
+        RUN_ID,
+        BATCH_ID,
+    ];
+
     pub fn new(source: &Source) -> BronzeLayout {
         let columns = source.bronze_columns();
         let mut fields: Vec<Field> = columns

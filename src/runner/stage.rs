@@ -141,6 +141,7 @@ fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
         not_null: Vec::new(),
         comments: stage.column_comments.clone(),
         target_file_size: Some(context.pipeline.maintenance.target_file_bytes),
+        stats_columns: None,
     }
 }
 
@@ -400,11 +401,16 @@ async fn land_files(
             source,
         })
     };
-    let mut appender =
-        BatchAppender::open(path, &layout.schema(), &table_options(context, stage), meta)
-            .await
-            .map_err(delta_err)?
-            .at_next_version();
+    // Statistics for the lineage columns only: readers filter Bronze by batch, file and time, not by
+    // raw strings, whose min and max would cost a tenth of the landing.
+    let options = TableOptions {
+        stats_columns: Some(BronzeLayout::LINEAGE.map(String::from).to_vec()),
+        ..table_options(context, stage)
+    };
+    let mut appender = BatchAppender::open(path, &layout.schema(), &options, meta)
+        .await
+        .map_err(delta_err)?
+        .at_next_version();
     // Rows carry the version their commit will get: the watermark that incremental readers use.
     let batch_id = appender.base_version().map_or(0, |v| v as i64 + 1);
     let lineage = Lineage {
