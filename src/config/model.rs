@@ -253,6 +253,9 @@ pub struct Stage {
     pub checks: Vec<Check>,
     pub zorder_by: Vec<String>,
     pub column_comments: BTreeMap<String, String>,
+    /// The only columns the target keeps statistics for (`delta.dataSkippingStatsColumns`), set when
+    /// it is created; `None`: every column (Bronze: its lineage columns).
+    pub stats_columns: Option<Vec<String>>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
 }

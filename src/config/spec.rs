@@ -241,6 +241,10 @@ pub struct StageSpec {
     /// Column comments stored in the table's schema, shown by `describe` and other Delta readers.
     #[serde(default)]
     pub column_comments: BTreeMap<String, String>,
+    /// The only columns given statistics (file skipping) when the target is created; default: every
+    /// column (Bronze: its lineage columns).
+    #[serde(default)]
+    pub stats_columns: Option<Vec<String>>,
     /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,

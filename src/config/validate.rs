@@ -575,6 +575,23 @@ impl Compiler<'_> {
                 continue;
             };
             let checks = self.checks(&name, at, &spec.checks);
+            if let Some(columns) = &spec.stats_columns {
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(bad) = columns
+                    .iter()
+                    .find(|c| c.trim().is_empty() || c.contains(',') || !seen.insert(c.as_str()))
+                {
+                    self.issue(
+                        at,
+                        format!("stage `{name}`: `stats_columns` lists `{bad}` twice or is not a column name"),
+                    );
+                } else if columns.is_empty() {
+                    self.issue(
+                        at,
+                        format!("stage `{name}`: `stats_columns` is empty; remove it to keep statistics for every column"),
+                    );
+                }
+            }
             let incremental = match &spec.incremental {
                 None => None,
                 Some(inc) => {
@@ -632,6 +649,7 @@ impl Compiler<'_> {
                     checks,
                     zorder_by: spec.zorder_by,
                     column_comments: spec.column_comments,
+                    stats_columns: spec.stats_columns,
                     incremental,
                 },
                 line,

@@ -145,27 +145,17 @@ pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProper
 pub fn table_writer_properties(
     table: &DeltaTable,
 ) -> deltalake::parquet::file::properties::WriterProperties {
-    match stats_columns(table) {
-        Some(columns) => properties_with_statistics(&columns),
-        None => writer_properties(),
-    }
+    statistics_properties(stats_columns(table).as_deref())
 }
 
-fn properties_builder() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
-    use deltalake::parquet::{
-        basic::{Compression, ZstdLevel},
-        file::properties::{EnabledStatistics, WriterProperties},
-    };
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
-        .set_statistics_enabled(EnabledStatistics::Page)
-}
-
-/// [`writer_properties`] with statistics for `columns` only.
-fn properties_with_statistics(
-    columns: &[String],
+/// [`writer_properties`] with statistics for `columns` only, or for every column (`None`).
+fn statistics_properties(
+    columns: Option<&[String]>,
 ) -> deltalake::parquet::file::properties::WriterProperties {
     use deltalake::parquet::{file::properties::EnabledStatistics, schema::types::ColumnPath};
+    let Some(columns) = columns else {
+        return writer_properties();
+    };
     columns
         .iter()
         .fold(
@@ -178,6 +168,16 @@ fn properties_with_statistics(
             },
         )
         .build()
+}
+
+fn properties_builder() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
+    use deltalake::parquet::{
+        basic::{Compression, ZstdLevel},
+        file::properties::{EnabledStatistics, WriterProperties},
+    };
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .set_statistics_enabled(EnabledStatistics::Page)
 }
 
 /// The columns `table` keeps statistics for, when it names them.
@@ -221,6 +221,20 @@ pub async fn create_if_missing(
 ) -> Result<DeltaTable, DeltaError> {
     if let Some(table) = open(path).await? {
         return Ok(table);
+    }
+    if let Some(unknown) = options
+        .stats_columns
+        .iter()
+        .flatten()
+        .find(|c| schema.field_with_name(c).is_err())
+    {
+        return Err(DeltaError::Invalid {
+            table: path.to_string(),
+            message: format!(
+                "`stats_columns` names `{unknown}`, which is not a column of the table (columns: {})",
+                column_list(schema)
+            ),
+        });
     }
     let arrow_schema = stored_schema(schema, options);
     let kernel: deltalake::kernel::StructType =
@@ -272,6 +286,11 @@ pub async fn create_if_missing(
             _ => Err(DeltaError::table(path, error)),
         },
     }
+}
+
+fn column_list(schema: &SchemaRef) -> String {
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    names.join(", ")
 }
 
 /// Delta stores strings as one type; view and large strings from DataFusion are stored as plain strings.

@@ -366,7 +366,8 @@ impl Replacement {
                         Some(storage.clone()),
                     )
                 };
-                let properties = super::writer_properties();
+                let properties =
+                    super::statistics_properties(target.options.stats_columns.as_deref());
                 super::files::write_streams(path, new_writer, properties, streams, &layout).await?
             }
         };

@@ -141,7 +141,7 @@ fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
         not_null: Vec::new(),
         comments: stage.column_comments.clone(),
         target_file_size: Some(context.pipeline.maintenance.target_file_bytes),
-        stats_columns: None,
+        stats_columns: stage.stats_columns.clone(),
     }
 }
 
@@ -401,12 +401,12 @@ async fn land_files(
             source,
         })
     };
-    // Statistics for the lineage columns only: readers filter Bronze by batch, file and time, not by
-    // raw strings, whose min and max would cost a tenth of the landing.
-    let options = TableOptions {
-        stats_columns: Some(BronzeLayout::LINEAGE.map(String::from).to_vec()),
-        ..table_options(context, stage)
-    };
+    // Unless the stage names them, statistics for the lineage columns only: readers filter Bronze by
+    // batch, file and time, not by raw strings, whose min and max would cost a tenth of the landing.
+    let mut options = table_options(context, stage);
+    options
+        .stats_columns
+        .get_or_insert_with(|| BronzeLayout::LINEAGE.map(String::from).to_vec());
     let mut appender = BatchAppender::open(path, &layout.schema(), &options, meta)
         .await
         .map_err(delta_err)?

@@ -306,3 +306,118 @@ async fn a_batch_touching_hundreds_of_scattered_dates_rebuilds_gold_in_full() {
     );
     assert_matches_replay(&scratch).await;
 }
+
+/// The statistics columns of a table's Delta properties and, from its first data file, the Parquet
+/// columns that have min and max.
+fn statistics(table: &std::path::Path) -> (Option<String>, Vec<String>) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000000.json")).unwrap();
+    let mut property = None;
+    for line in log.lines() {
+        let action: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(columns) =
+            action["metaData"]["configuration"]["delta.dataSkippingStatsColumns"].as_str()
+        {
+            property = Some(columns.to_string());
+        }
+    }
+    let file = walk(table)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .expect("a data file");
+    let footer = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+    let group = footer.metadata().row_group(0);
+    let with_stats = (0..group.num_columns())
+        .filter(|&i| {
+            group
+                .column(i)
+                .statistics()
+                .is_some_and(|s| s.min_bytes_opt().is_some())
+        })
+        .map(|i| group.column(i).column_path().string())
+        .collect();
+    (property, with_stats)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.ends_with("_delta_log") {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Bronze keeps statistics for its lineage only, Silver and the fact for the columns the YAML names;
+/// queries filtering on the others still answer right; a name that is not a column is an error that
+/// says so, a repeated one is refused by `validate`.
+#[tokio::test(flavor = "multi_thread")]
+async fn statistics_columns_limit_min_and_max_to_the_named_columns() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 20, 2, 5);
+    assert_success(&scratch.run());
+    let lineage = "_source_file,_file_order,_source_row,_ingested_at,_run_id,_batch_id";
+    let (property, with_stats) = statistics(&scratch.table("bronze", "transactions"));
+    assert_eq!(property.as_deref(), Some(lineage));
+    assert_eq!(with_stats.join(","), lineage);
+    let (property, with_stats) = statistics(&scratch.table("silver", "transactions"));
+    let named =
+        "dms_id,txn_ts,txn_date,client_id,card_id,merchant_id,amount,mcc,is_refund,_commit_ts";
+    assert_eq!(property.as_deref(), Some(named));
+    let mut expected: Vec<&str> = named.split(',').collect();
+    expected.sort();
+    let mut got: Vec<&str> = with_stats.iter().map(String::as_str).collect();
+    got.sort();
+    assert_eq!(got, expected);
+    // The fact's statistics leave out its strings (channel, amount_category, errors).
+    let (_, with_stats) = statistics(&scratch.table("gold", "fact_transactions"));
+    assert!(with_stats.contains(&"amount".to_string()), "{with_stats:?}");
+    assert!(
+        !with_stats.contains(&"channel".to_string()),
+        "{with_stats:?}"
+    );
+
+    // Filters on columns with and without statistics agree with the replay.
+    let live = replay(&scratch.transactions_dir());
+    let online = live.values().filter(|l| l.channel_online).count();
+    assert!(online > 0);
+    let counted = query(
+        &scratch.lake(),
+        &["silver.transactions"],
+        "SELECT COUNT(*) FROM silver.transactions WHERE channel = 'ONLINE'",
+    )
+    .await;
+    assert_eq!(counted, vec![vec![online.to_string()]]);
+
+    // A column that is not one: the run fails naming it, before any table is created.
+    let other = Scratch::new();
+    other.generate(200, 5, 0, 5);
+    let misnamed =
+        |yaml: String| yaml.replacen("stats_columns: [dms_id,", "stats_columns: [dms_idd,", 1);
+    let output = other.run_edited(&misnamed, None);
+    assert!(!output.status.success());
+    let text = crate::common::text(&output);
+    assert!(
+        text.contains("`stats_columns` names `dms_idd`, which is not a column of the table"),
+        "{text}"
+    );
+    assert!(delta_version(&other.table("silver", "transactions")).is_none());
+    let repeated = |yaml: String| {
+        yaml.replacen(
+            "stats_columns: [dms_id,",
+            "stats_columns: [dms_id, dms_id,",
+            1,
+        )
+    };
+    let output = other.run_edited(&repeated, None);
+    assert_eq!(output.status.code(), Some(2));
+    let text = crate::common::text(&output);
+    assert!(
+        text.contains("`stats_columns` lists `dms_id` twice"),
+        "{text}"
+    );
+}
