@@ -181,7 +181,7 @@ fn properties_builder() -> deltalake::parquet::file::properties::WriterPropertie
 }
 
 /// The columns `table` keeps statistics for, when it names them.
-fn stats_columns(table: &DeltaTable) -> Option<Vec<String>> {
+pub fn stats_columns(table: &DeltaTable) -> Option<Vec<String>> {
     let snapshot = table.snapshot().ok()?;
     let columns = snapshot
         .metadata()

@@ -259,7 +259,11 @@ impl RunReport {
                     parts.extend(stage.warnings.iter().cloned());
                     parts.join("; ")
                 }
-                StageOutcome::UpToDate(reason) => reason.clone(),
+                StageOutcome::UpToDate(reason) => std::iter::once(reason)
+                    .chain(&stage.warnings)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 StageOutcome::Failed(message) => message.clone(),
                 StageOutcome::Skipped(upstream) => format!("upstream `{upstream}` failed"),
             };

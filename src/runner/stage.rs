@@ -73,6 +73,7 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
                 )
             }
         };
+        report.warnings.extend(stats_columns_drift(context, stage).await);
         report.elapsed = clock.elapsed();
         drop(progress);
         if !matches!(report.outcome, StageOutcome::UpToDate(_)) {
@@ -125,6 +126,22 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
     }
     .instrument(span)
     .await
+}
+
+/// A note when the stage names `stats_columns` other than those its existing target keeps: the setting
+/// applies when a table is created, and a table is not re-created for it.
+async fn stats_columns_drift(context: &RunContext, stage: &Stage) -> Option<String> {
+    let wanted = stage.stats_columns.as_ref()?;
+    let path = context.pipeline.table_path(&stage.target);
+    let table = delta::open(&path).await.ok()??;
+    let kept = delta::stats_columns(&table);
+    (kept.as_ref() != Some(wanted)).then(|| {
+        format!(
+            "`stats_columns` differs from the statistics columns of the existing table ({}); it applies \
+             when a table is created: set `delta.dataSkippingStatsColumns` with a Delta tool, or rebuild",
+            kept.map_or_else(|| "every column".to_string(), |c| c.join(", "))
+        )
+    })
 }
 
 fn commit_meta(context: &RunContext, stage: &Stage) -> CommitMeta {

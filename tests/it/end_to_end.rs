@@ -393,6 +393,20 @@ async fn statistics_columns_limit_min_and_max_to_the_named_columns() {
     .await;
     assert_eq!(counted, vec![vec![online.to_string()]]);
 
+    // Naming other columns later does not change the table (the setting applies at creation): the
+    // run says so.
+    let fewer =
+        |yaml: String| yaml.replacen(" mcc, is_refund, _commit_ts]", " is_refund, _commit_ts]", 1);
+    let output = scratch.run_edited(&fewer, None);
+    assert_success(&output);
+    let text = crate::common::text(&output);
+    assert!(
+        text.contains("`stats_columns` differs from the statistics columns of the existing table (dms_id, txn_ts"),
+        "{text}"
+    );
+    let (property, _) = statistics(&scratch.table("silver", "transactions"));
+    assert_eq!(property.as_deref(), Some(named));
+
     // A column that is not one: the run fails naming it, before any table is created.
     let other = Scratch::new();
     other.generate(200, 5, 0, 5);
