@@ -10,7 +10,7 @@ use datafusion::prelude::{DataFrame, SessionContext};
 use crate::{
     config::TableName,
     delta::{self, CommitMeta, DeltaError, TableOptions},
-    landing::{BATCH_ID, FILE_ORDER, INGESTED_AT, RUN_ID, SOURCE_FILE, SOURCE_ROW},
+    landing::{BronzeLayout, SOURCE_FILE, SOURCE_ROW},
 };
 
 /// `silver.transactions` → `quarantine.transactions`.
@@ -56,20 +56,12 @@ pub async fn write_quarantine(
     };
     let sql = match (raw_bronze, bronze) {
         (Some(provider), Some(table)) => {
-            let lineage_columns = [
-                SOURCE_FILE,
-                FILE_ORDER,
-                SOURCE_ROW,
-                INGESTED_AT,
-                RUN_ID,
-                BATCH_ID,
-            ];
             let raw: Vec<String> = provider
                 .schema()
                 .fields()
                 .iter()
                 .map(|f| f.name().clone())
-                .filter(|n| !lineage_columns.contains(&n.as_str()))
+                .filter(|n| !BronzeLayout::LINEAGE.contains(&n.as_str()))
                 .map(|n| format!("b.\"{n}\""))
                 .collect();
             format!(
