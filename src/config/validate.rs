@@ -577,19 +577,21 @@ impl Compiler<'_> {
             let checks = self.checks(&name, at, &spec.checks);
             if let Some(columns) = &spec.stats_columns {
                 let mut seen = std::collections::BTreeSet::new();
-                if let Some(bad) = columns
+                let problem = if columns.is_empty() {
+                    Some("is empty; remove it to keep statistics for every column".to_string())
+                } else if let Some(bad) = columns
                     .iter()
-                    .find(|c| c.trim().is_empty() || c.contains(',') || !seen.insert(c.as_str()))
+                    .find(|c| c.trim().is_empty() || c.contains(','))
                 {
-                    self.issue(
-                        at,
-                        format!("stage `{name}`: `stats_columns` lists `{bad}` twice or is not a column name"),
-                    );
-                } else if columns.is_empty() {
-                    self.issue(
-                        at,
-                        format!("stage `{name}`: `stats_columns` is empty; remove it to keep statistics for every column"),
-                    );
+                    Some(format!("lists `{bad}`, which is not a column name"))
+                } else {
+                    columns
+                        .iter()
+                        .find(|c| !seen.insert(c.as_str()))
+                        .map(|twice| format!("lists `{twice}` twice"))
+                };
+                if let Some(problem) = problem {
+                    self.issue(at, format!("stage `{name}`: `stats_columns` {problem}"));
                 }
             }
             let incremental = match &spec.incremental {
