@@ -156,6 +156,11 @@ pub struct RunArgs {
     /// past it, and a stage that cannot fit fails with a clear error instead of being killed.
     #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_bytes)]
     pub memory_limit: Option<usize>,
+    /// Source rows an incremental stage that aggregates, joins or sorts computes at a time when it
+    /// rebuilds its whole table: one range of its `incremental.column` after another, which bounds its
+    /// memory (0: all at once).
+    #[arg(long, env = "MEDALLION_SLICE_ROWS", default_value_t = crate::delta::SLICE_ROWS)]
+    pub slice_rows: u64,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +193,9 @@ pub struct BackfillArgs {
     /// Memory for query execution per stage, as for `run`.
     #[arg(long, env = "MEDALLION_MEMORY_LIMIT", value_parser = parse_bytes)]
     pub memory_limit: Option<usize>,
+    /// Source rows computed at a time by a whole rebuild of an incremental stage, as for `run`.
+    #[arg(long, env = "MEDALLION_SLICE_ROWS", default_value_t = crate::delta::SLICE_ROWS)]
+    pub slice_rows: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -467,6 +475,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 rebuild: None,
                 lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
                 memory_limit: args.memory_limit,
+                slice_rows: args.slice_rows,
             };
             let report = runtime()?.block_on(runner::run(&pipeline, &options))?;
             let json = match args.output {
@@ -500,6 +509,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                     progress,
                     lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
                     memory_limit: args.memory_limit,
+                    slice_rows: args.slice_rows,
                     ..RunOptions::default()
                 },
             };

@@ -7,6 +7,7 @@ mod cdc;
 mod files;
 mod merge;
 mod overwrite;
+mod slices;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -24,6 +25,7 @@ pub use cdc::{
 };
 pub use merge::upsert;
 pub use overwrite::{Replacement, Scope, Staged, overwrite};
+pub use slices::{SLICE_ROWS, Slices};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {

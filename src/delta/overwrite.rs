@@ -11,8 +11,14 @@ use datafusion::{
     common::ScalarValue,
     execution::SendableRecordBatchStream,
     physical_plan::{
-        ExecutionPlan, filter::FilterExec, projection::ProjectionExec, sorts::sort::SortExec,
+        ExecutionPlan,
+        aggregates::AggregateExec,
+        filter::FilterExec,
+        joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec, SortMergeJoinExec},
+        projection::ProjectionExec,
+        sorts::sort::SortExec,
         sorts::sort_preserving_merge::SortPreservingMergeExec,
+        windows::{BoundedWindowAggExec, WindowAggExec},
     },
     prelude::{DataFrame, Expr, col, lit},
 };
@@ -23,7 +29,9 @@ use deltalake::{
     writer::RecordBatchWriter,
 };
 
-use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
+use super::{
+    CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing, slices::Slices,
+};
 
 /// The rows an overwrite replaces: those whose `column` holds one of `values` (`None` is NULL).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +257,8 @@ pub async fn overwrite(
 pub struct Replacement {
     target: Target,
     data: DataFrame,
+    /// The ranges to compute `data` in when its query holds state (see [`Replacement::execute`]).
+    slices: Option<Slices>,
 }
 
 /// Where a replacement goes.
@@ -265,12 +275,14 @@ impl Replacement {
     /// The replacement for an overwrite of `data` in `scope`, when it replaces the whole table (a new
     /// table, no scope, or a scope that holds every row) and keeps its columns and types; `None`
     /// otherwise (an overwrite of part of the table, or one that changes its schema, goes through
-    /// [`overwrite`]).
+    /// [`overwrite`]). `slices`, when given, are ranges of a column such that each output row depends
+    /// only on input rows in its range.
     pub async fn plan(
         path: &Location,
         data: DataFrame,
         options: &TableOptions,
         scope: Option<&Scope>,
+        slices: Option<Slices>,
     ) -> Result<Option<Replacement>, DeltaError> {
         let schema = Arc::new(data.schema().as_arrow().clone());
         let table = super::open(path).await?;
@@ -316,14 +328,19 @@ impl Replacement {
                 options: options.clone(),
             },
             data,
+            slices,
         }))
     }
 
-    /// Starts the query: the partitions of its result, to hand to [`Replacement::write`]. A Delta table
-    /// has no row order, so a final `ORDER BY` is not run (delta-rs's writer drops it too): sorting
-    /// ten million Gold rows cost more than the rest of the stage, and more memory than a 1 GiB limit.
-    pub async fn execute(&self) -> Result<Vec<SendableRecordBatchStream>, DeltaError> {
-        let query = |e| DeltaError::query(&self.target.path, e);
+    /// Starts the query: the partitions of its result, to hand to [`Replacement::write`], and the number
+    /// of slices it is computed in (1: all at once). A Delta table has no row order, so a final
+    /// `ORDER BY` is not run (delta-rs's writer drops it too): sorting ten million Gold rows cost more
+    /// than the rest of the stage, and more memory than a 1 GiB limit. A query that holds state
+    /// (aggregations, joins, sorts, windows) runs one slice after another when there are slices: its
+    /// memory is that of a slice, not of the whole result.
+    pub async fn execute(&self) -> Result<(Vec<SendableRecordBatchStream>, usize), DeltaError> {
+        let path = &self.target.path;
+        let query = |e| DeltaError::query(path, e);
         let task = Arc::new(self.data.task_ctx());
         let plan = self
             .data
@@ -331,8 +348,23 @@ impl Replacement {
             .create_physical_plan()
             .await
             .map_err(query)?;
-        datafusion::physical_plan::execute_stream_partitioned(without_final_sort(plan), task)
-            .map_err(query)
+        let plan = without_final_sort(plan);
+        if let Some(slices) = self.slices.as_ref().filter(|_| holds_state(&plan)) {
+            match slices.predicates(&self.data) {
+                Ok(predicates) => {
+                    let count = predicates.len();
+                    tracing::info!("{path}: computed in {count} slices of `{}`", slices.column);
+                    let streams =
+                        super::slices::execute_in_slices(path, &self.data, predicates).await?;
+                    return Ok((streams, count));
+                }
+                // Slices only save memory: a result that cannot be cut is computed at once.
+                Err(message) => tracing::warn!("{path}: computed at once: {message}"),
+            }
+        }
+        let streams =
+            datafusion::physical_plan::execute_stream_partitioned(plan, task).map_err(query)?;
+        Ok((streams, 1))
     }
 
     /// Writes `streams` (from [`Replacement::execute`]) as the table's new files, uncommitted.
@@ -375,9 +407,22 @@ impl Replacement {
     }
 }
 
+/// Whether running `plan` holds rows or groups in memory: an aggregation, a join, a sort or a window.
+fn holds_state(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let stateful = plan.downcast_ref::<AggregateExec>().is_some()
+        || plan.downcast_ref::<SortExec>().is_some()
+        || plan.downcast_ref::<HashJoinExec>().is_some()
+        || plan.downcast_ref::<SortMergeJoinExec>().is_some()
+        || plan.downcast_ref::<NestedLoopJoinExec>().is_some()
+        || plan.downcast_ref::<CrossJoinExec>().is_some()
+        || plan.downcast_ref::<WindowAggExec>().is_some()
+        || plan.downcast_ref::<BoundedWindowAggExec>().is_some();
+    stateful || plan.children().into_iter().any(holds_state)
+}
+
 /// `plan` without the sort (and the merge of sorted partitions) at its top, unless it keeps only the
 /// first rows: its partitions, unordered.
-fn without_final_sort(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
+pub(super) fn without_final_sort(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
     match plan.downcast_ref::<SortPreservingMergeExec>() {
         Some(merge) if merge.fetch().is_none() => without_sort(merge.input().clone()),
         _ => without_sort(plan),

@@ -82,6 +82,9 @@ pub struct RunOptions {
     pub lock_timeout: std::time::Duration,
     /// Memory pool of each stage's query execution (spilling past it), in bytes; `None`: unbounded.
     pub memory_limit: Option<usize>,
+    /// Source rows a whole rebuild of an incremental stage computes at a time (see `delta::Slices`);
+    /// 0: all at once.
+    pub slice_rows: u64,
 }
 
 impl Default for RunOptions {
@@ -94,6 +97,7 @@ impl Default for RunOptions {
             rebuild: None,
             lock_timeout: std::time::Duration::ZERO,
             memory_limit: None,
+            slice_rows: crate::delta::SLICE_ROWS,
         }
     }
 }

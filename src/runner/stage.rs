@@ -949,6 +949,25 @@ async fn sql_stage(
         register_check_tables(context, &ctx, stage)
             .await
             .map_err(delta_err)?;
+        // A stage whose rows each depend only on the source rows of their `incremental.column` value
+        // may be computed a range of values at a time (see `delta::Slices`).
+        let slices = match stage
+            .incremental
+            .as_ref()
+            .filter(|_| context.options.slice_rows > 0)
+        {
+            Some(incremental) => match inputs.iter().find(|(t, ..)| **t == incremental.source) {
+                Some((_, path, table)) => delta::Slices::plan(
+                    path,
+                    table,
+                    &incremental.column,
+                    context.options.slice_rows,
+                )
+                .map_err(delta_err)?,
+                None => None,
+            },
+            None => None,
+        };
         staged = stage_replacement(
             &ctx,
             stage,
@@ -956,6 +975,7 @@ async fn sql_stage(
             &output,
             &options,
             scope.as_ref(),
+            slices,
             &scratch,
             progress,
         )
@@ -990,7 +1010,7 @@ async fn sql_stage(
             Ok(results) => check_results.extend(results),
             Err(error) => {
                 // Files written for a check that could not run are not published either.
-                if let Some(staged) = staged {
+                if let Some((staged, _)) = staged {
                     staged.discard().await;
                 }
                 return Err(error);
@@ -1008,7 +1028,7 @@ async fn sql_stage(
         .collect();
     report.checks = check_results;
     if !blocking.is_empty() {
-        if let Some(staged) = staged {
+        if let Some((staged, _)) = staged {
             staged.discard().await;
         }
         report.outcome =
@@ -1017,11 +1037,17 @@ async fn sql_stage(
     }
 
     progress.message(&format!("writing ({})", stage.write.name()));
+    let mut sliced = None;
     match &stage.write {
         WriteMode::Overwrite => {
             crate::crash::point("before_gold_commit");
             let metrics = match staged {
-                Some(staged) => staged.commit(&meta).await,
+                Some((staged, slices)) => {
+                    if slices > 1 {
+                        sliced = Some(slices);
+                    }
+                    staged.commit(&meta).await
+                }
                 None => {
                     delta::overwrite(&target_path, output, &options, &meta, scope.as_ref()).await
                 }
@@ -1035,6 +1061,13 @@ async fn sql_stage(
                 ));
             }
             report.scope = rebuilt_in_full.or(report.scope.take());
+            if let (Some(slices), Some(incremental)) = (sliced, &stage.incremental) {
+                let sliced = format!("computed in {slices} slices of `{}`", incremental.column);
+                report.scope = Some(match report.scope.take() {
+                    Some(scope) => format!("{scope}, {sliced}"),
+                    None => sliced,
+                });
+            }
             report.rows_read = metrics.rows_written;
             apply_write(&mut report, &metrics);
         }
@@ -1090,7 +1123,8 @@ async fn sql_stage(
 
 /// Writes a whole-table overwrite before its checks run ([`delta::Replacement`]): while the rows go to
 /// the new files, the columns the checks read are copied into `scratch`, registered as `candidate`,
-/// `batch` and `changed`. `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
+/// `batch` and `changed`. Returns the staged files and the number of slices the rows were computed in.
+/// `None` (nothing written) when the stage's write is not such an overwrite, or when the checks'
 /// columns cannot be told; its candidate is then checked as a query.
 #[allow(clippy::too_many_arguments)]
 async fn stage_replacement(
@@ -1100,9 +1134,10 @@ async fn stage_replacement(
     output: &datafusion::prelude::DataFrame,
     options: &TableOptions,
     scope: Option<&delta::Scope>,
+    slices: Option<delta::Slices>,
     scratch: &Scratch,
     progress: &StageProgress,
-) -> Result<Option<delta::Staged>, RunError> {
+) -> Result<Option<(delta::Staged, usize)>, RunError> {
     let delta_err = |source| RunError::Delta {
         stage: stage.name.clone(),
         source,
@@ -1115,9 +1150,10 @@ async fn stage_replacement(
     if !matches!(stage.write, WriteMode::Overwrite) {
         return Ok(None);
     }
-    let Some(replacement) = delta::Replacement::plan(target_path, output.clone(), options, scope)
-        .await
-        .map_err(delta_err)?
+    let Some(replacement) =
+        delta::Replacement::plan(target_path, output.clone(), options, scope, slices)
+            .await
+            .map_err(delta_err)?
     else {
         return Ok(None);
     };
@@ -1127,7 +1163,7 @@ async fn stage_replacement(
         return Ok(None);
     };
     progress.message("writing the candidate");
-    let streams = replacement.execute().await.map_err(delta_err)?;
+    let (streams, slices) = replacement.execute().await.map_err(delta_err)?;
     let (streams, copies) = engine::scratch::tee(streams, &columns).map_err(candidate_err)?;
     let (staged, _) = tokio::try_join!(
         async { replacement.write(streams).await.map_err(delta_err) },
@@ -1147,7 +1183,7 @@ async fn stage_replacement(
     ctx.register_table(checks::CHANGED, candidate)
         .map_err(candidate_err)?;
     progress.message("checking the candidate");
-    Ok(Some(staged))
+    Ok(Some((staged, slices)))
 }
 
 /// SQL for the stage's candidate result: the target as it would be after the write.

@@ -307,6 +307,80 @@ async fn a_batch_touching_hundreds_of_scattered_dates_rebuilds_gold_in_full() {
     assert_matches_replay(&scratch).await;
 }
 
+/// Gold's whole tables in a comparable form: every row of daily_kpis and merchant_daily, in order.
+async fn gold_aggregates(scratch: &Scratch) -> Vec<Vec<String>> {
+    let mut rows = query(
+        &scratch.lake(),
+        &["gold.daily_kpis"],
+        "SELECT * FROM gold.daily_kpis ORDER BY txn_date",
+    )
+    .await;
+    rows.extend(
+        query(
+            &scratch.lake(),
+            &["gold.merchant_daily"],
+            "SELECT * FROM gold.merchant_daily ORDER BY txn_date, merchant_id",
+        )
+        .await,
+    );
+    rows
+}
+
+/// Whole rebuilds of the aggregating Gold stages computed one range of `txn_date` at a time (small
+/// slices here, to get many) give the same tables as computed at once: on the first run and on a
+/// batch over hundreds of dates. The fact, which holds no state, is computed at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn aggregations_rebuilt_in_slices_of_dates_equal_those_computed_at_once() {
+    let sliced = Scratch::new();
+    let whole = Scratch::new();
+    for scratch in [&sliced, &whole] {
+        scratch.generate_with_batch(4_000, 2_000, 0, 11, 1_500);
+    }
+    let run = |scratch: &Scratch, slice_rows: &str| {
+        let output = scratch.command(&[
+            "run",
+            "pipelines/transactions.yaml",
+            "--slice-rows",
+            slice_rows,
+        ]);
+        assert_success(&output);
+        crate::common::text(&output)
+    };
+    let slices_of = |report: &str, stage: &str| -> Option<u64> {
+        let line = report
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{stage} ")))?;
+        let (_, after) = line.split_once("computed in ")?;
+        after.split_whitespace().next()?.parse().ok()
+    };
+    for delivered in [false, true] {
+        if delivered {
+            sliced.deliver_batch();
+            whole.deliver_batch();
+        }
+        let report = run(&sliced, "500");
+        for stage in ["gold_daily_kpis", "gold_merchant_daily"] {
+            let slices = slices_of(&report, stage);
+            assert!(
+                slices.is_some_and(|n| n >= 4),
+                "{stage} is computed in slices of 500 rows of its source:\n{report}"
+            );
+        }
+        assert_eq!(
+            slices_of(&report, "gold_fact_transactions"),
+            None,
+            "a projection holds no state and runs at once:\n{report}"
+        );
+        let report = run(&whole, "0");
+        assert!(!report.contains("slices"), "{report}");
+        assert_eq!(
+            gold_aggregates(&sliced).await,
+            gold_aggregates(&whole).await
+        );
+        assert_matches_replay(&sliced).await;
+    }
+}
+
 /// The statistics columns of a table's Delta properties and, from its first data file, the Parquet
 /// columns that have min and max.
 fn statistics(table: &std::path::Path) -> (Option<String>, Vec<String>) {
