@@ -349,7 +349,7 @@ impl Replacement {
             .await
             .map_err(query)?;
         let plan = without_final_sort(plan);
-        if let Some(slices) = self.slices.as_ref().filter(|_| holds_state(&plan)) {
+        if let Some(slices) = self.slices.as_ref().filter(|_| sliceable(&plan)) {
             match slices.predicates(&self.data) {
                 Ok(predicates) => {
                     let count = predicates.len();
@@ -405,6 +405,15 @@ impl Replacement {
         };
         Ok(Staged { target, written })
     }
+}
+
+/// Whether `plan` is worth computing in slices, and may be: it holds rows or groups in memory, and
+/// keeps no first rows (a `LIMIT` of each slice is not the `LIMIT` of the whole).
+fn sliceable(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    fn keeps_first_rows(plan: &Arc<dyn ExecutionPlan>) -> bool {
+        plan.fetch().is_some() || plan.children().into_iter().any(keeps_first_rows)
+    }
+    holds_state(plan) && !keeps_first_rows(plan)
 }
 
 /// Whether running `plan` holds rows or groups in memory: an aggregation, a join, a sort or a window.
@@ -682,6 +691,39 @@ mod tests {
         ))
         .await;
         assert!(sorts(&without_final_sort(first)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_plan_holding_state_and_no_limit_is_sliced() {
+        let ctx = crate::delta::session(None).unwrap();
+        let sliceable_sql = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let plan = ctx
+                    .sql(sql)
+                    .await
+                    .unwrap()
+                    .create_physical_plan()
+                    .await
+                    .unwrap();
+                sliceable(&without_final_sort(plan))
+            }
+        };
+        let rows = "SELECT v, v % 7 AS k FROM generate_series(1, 1000) AS t(v)";
+        assert!(!sliceable_sql(Box::leak(format!("{rows} WHERE v > 3").into_boxed_str())).await);
+        assert!(
+            sliceable_sql(Box::leak(
+                format!("SELECT k, COUNT(*) FROM ({rows}) GROUP BY k ORDER BY k").into_boxed_str()
+            ))
+            .await
+        );
+        assert!(
+            !sliceable_sql(Box::leak(
+                format!("SELECT k, COUNT(*) AS n FROM ({rows}) GROUP BY k ORDER BY n DESC LIMIT 2")
+                    .into_boxed_str()
+            ))
+            .await
+        );
     }
 
     #[test]
