@@ -189,7 +189,53 @@ pub fn stats_columns(table: &DeltaTable) -> Option<Vec<String>> {
         .metadata()
         .configuration()
         .get(TableProperty::DataSkippingStatsColumns.as_ref())?;
-    Some(columns.split(',').map(|c| c.trim().to_string()).collect())
+    Some(parse_stats_columns(columns))
+}
+
+/// The value of `delta.dataSkippingStatsColumns` naming `columns`: comma-separated, a name other than
+/// letters, digits and `_` in backticks (a backtick in it doubled), as Delta writes it.
+fn format_stats_columns(columns: &[String]) -> String {
+    let plain = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            && !c.starts_with(|ch: char| ch.is_ascii_digit())
+    };
+    columns
+        .iter()
+        .map(|c| {
+            if plain(c) {
+                c.clone()
+            } else {
+                format!("`{}`", c.replace('`', "``"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The column names of a `delta.dataSkippingStatsColumns` value (see [`format_stats_columns`]): commas
+/// inside backticks belong to the name.
+fn parse_stats_columns(text: &str) -> Vec<String> {
+    let mut columns = Vec::new();
+    let mut name = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    while let Some(ch) = chars.next() {
+        match ch {
+            '`' if quoted && chars.peek() == Some(&'`') => {
+                chars.next();
+                name.push('`');
+            }
+            '`' => quoted = !quoted,
+            ',' if !quoted => columns.push(std::mem::take(&mut name)),
+            // Spaces around names are not part of them.
+            ch if ch.is_whitespace() && !quoted => {}
+            ch => name.push(ch),
+        }
+    }
+    columns.push(name);
+    columns.retain(|c| !c.is_empty());
+    columns
 }
 
 /// `schema` as a new table stores it: strings as one type, the column comments in the fields'
@@ -277,7 +323,7 @@ pub async fn create_if_missing(
     if let Some(columns) = &options.stats_columns {
         builder = builder.with_configuration_property(
             TableProperty::DataSkippingStatsColumns,
-            Some(columns.join(",")),
+            Some(format_stats_columns(columns)),
         );
     }
     match builder.await {
@@ -497,6 +543,22 @@ pub(crate) async fn assert_hashed_once(ctx: &datafusion::prelude::SessionContext
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statistics_columns_with_any_name_survive_the_table_property() {
+        let names: Vec<String> = ["dms_id", "my col", "a,b", "tick`s", "9lives"]
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let text = format_stats_columns(&names);
+        assert_eq!(text, "dms_id,`my col`,`a,b`,`tick``s`,`9lives`");
+        assert_eq!(parse_stats_columns(&text), names);
+        // As another tool may write it: spaces around names, quoted or not.
+        assert_eq!(
+            parse_stats_columns(" a , `b c` ,d"),
+            ["a", "b c", "d"].map(String::from)
+        );
+    }
 
     #[tokio::test]
     async fn a_join_side_under_10_mib_is_hashed_once_and_the_other_side_streamed() {
