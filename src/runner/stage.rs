@@ -943,31 +943,28 @@ async fn sql_stage(
     // A whole-table overwrite is written before its checks run: they read a copy of the columns they
     // name, taken as the rows go to the new files, which are published only if the checks pass. Other
     // writes are checked on the candidate as a query, and written after.
+    // A stage whose rows each depend only on the source rows of their `incremental.column` value may
+    // be computed a range of values at a time (see `delta::Slices`).
+    let slices = match stage
+        .incremental
+        .as_ref()
+        .filter(|_| context.options.slice_rows > 0)
+    {
+        Some(incremental) => match inputs.iter().find(|(t, ..)| **t == incremental.source) {
+            Some((_, path, table)) => {
+                delta::Slices::plan(path, table, &incremental.column, context.options.slice_rows)
+                    .map_err(delta_err)?
+            }
+            None => None,
+        },
+        None => None,
+    };
     let mut staged = None;
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
         register_check_tables(context, &ctx, stage)
             .await
             .map_err(delta_err)?;
-        // A stage whose rows each depend only on the source rows of their `incremental.column` value
-        // may be computed a range of values at a time (see `delta::Slices`).
-        let slices = match stage
-            .incremental
-            .as_ref()
-            .filter(|_| context.options.slice_rows > 0)
-        {
-            Some(incremental) => match inputs.iter().find(|(t, ..)| **t == incremental.source) {
-                Some((_, path, table)) => delta::Slices::plan(
-                    path,
-                    table,
-                    &incremental.column,
-                    context.options.slice_rows,
-                )
-                .map_err(delta_err)?,
-                None => None,
-            },
-            None => None,
-        };
         staged = stage_replacement(
             &ctx,
             stage,
@@ -975,7 +972,7 @@ async fn sql_stage(
             &output,
             &options,
             scope.as_ref(),
-            slices,
+            slices.clone(),
             &scratch,
             progress,
         )
@@ -1043,14 +1040,22 @@ async fn sql_stage(
             crate::crash::point("before_gold_commit");
             let metrics = match staged {
                 Some((staged, slices)) => {
-                    if slices > 1 {
-                        sliced = Some(slices);
-                    }
+                    sliced = Some(slices);
                     staged.commit(&meta).await
                 }
-                None => {
-                    delta::overwrite(&target_path, output, &options, &meta, scope.as_ref()).await
-                }
+                None => overwrite_unchecked(
+                    &target_path,
+                    output,
+                    &options,
+                    &meta,
+                    scope.as_ref(),
+                    slices,
+                )
+                .await
+                .map(|(metrics, slices)| {
+                    sliced = Some(slices);
+                    metrics
+                }),
             }
             .map_err(delta_err)?;
             if let Some(scope) = &scope {
@@ -1061,7 +1066,7 @@ async fn sql_stage(
                 ));
             }
             report.scope = rebuilt_in_full.or(report.scope.take());
-            if let (Some(slices), Some(incremental)) = (sliced, &stage.incremental) {
+            if let (Some(slices @ 2..), Some(incremental)) = (sliced, &stage.incremental) {
                 let sliced = format!("computed in {slices} slices of `{}`", incremental.column);
                 report.scope = Some(match report.scope.take() {
                     Some(scope) => format!("{scope}, {sliced}"),
@@ -1119,6 +1124,32 @@ async fn sql_stage(
         ));
     }
     Ok((report, versions))
+}
+
+/// Writes an overwrite that has no checks: a whole rebuild that may be cut into slices through
+/// [`delta::Replacement`] (computed a slice at a time, committed at once), any other through
+/// [`delta::overwrite`]. Returns its metrics and the number of slices it was computed in.
+async fn overwrite_unchecked(
+    target_path: &Location,
+    output: datafusion::prelude::DataFrame,
+    options: &TableOptions,
+    meta: &CommitMeta,
+    scope: Option<&delta::Scope>,
+    slices: Option<delta::Slices>,
+) -> Result<(WriteMetrics, usize), delta::DeltaError> {
+    if let Some(slices) = slices
+        && let Some(replacement) =
+            delta::Replacement::plan(target_path, output.clone(), options, scope, Some(slices))
+                .await?
+    {
+        let (streams, count) = replacement.execute().await?;
+        let staged = replacement.write(streams).await?;
+        return Ok((staged.commit(meta).await?, count));
+    }
+    Ok((
+        delta::overwrite(target_path, output, options, meta, scope).await?,
+        1,
+    ))
 }
 
 /// Writes a whole-table overwrite before its checks run ([`delta::Replacement`]): while the rows go to

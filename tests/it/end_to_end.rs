@@ -381,6 +381,55 @@ async fn aggregations_rebuilt_in_slices_of_dates_equal_those_computed_at_once() 
     }
 }
 
+/// A stage without checks is computed in slices too (it is written and committed without the copy
+/// the checks read): merchant_daily without its reconciliation, rebuilt in full after a batch over
+/// hundreds of dates, equals the same table computed at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregation_without_checks_is_rebuilt_in_slices_too() {
+    let without_checks = |yaml: String| {
+        let checks = "    incremental: { column: txn_date, source: silver.transactions }\n    checks:\n      \
+                      - name: total_amount_matches_silver\n        \
+                      query: SELECT SUM(total_amount) FROM candidate\n        \
+                      equals: SELECT SUM(amount) FROM silver.transactions\n  - name: gold_fact_transactions";
+        assert!(yaml.contains(checks), "the reference YAML changed");
+        yaml.replace(
+            checks,
+            "    incremental: { column: txn_date, source: silver.transactions }\n  - name: gold_fact_transactions",
+        )
+    };
+    let sliced = Scratch::new();
+    let whole = Scratch::new();
+    for scratch in [&sliced, &whole] {
+        scratch.generate_with_batch(4_000, 2_000, 0, 11, 1_500);
+        assert_success(&scratch.run_edited(&without_checks, None));
+        scratch.deliver_batch();
+    }
+    let project = |scratch: &Scratch| scratch.dir.path().join("project");
+    let run = |scratch: &Scratch, slice_rows: &str| {
+        let output = scratch.command_in(
+            &project(scratch),
+            &["run", "pipelines/t.yaml", "--slice-rows", slice_rows],
+        );
+        assert_success(&output);
+        crate::common::text(&output)
+    };
+    let report = run(&sliced, "500");
+    let line = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("gold_merchant_daily "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("rebuilt in full") && line.contains("slices of `txn_date`"),
+        "{report}"
+    );
+    run(&whole, "0");
+    assert_eq!(
+        gold_aggregates(&sliced).await,
+        gold_aggregates(&whole).await
+    );
+    assert_matches_replay(&sliced).await;
+}
+
 /// The statistics columns of a table's Delta properties and, from its first data file, the Parquet
 /// columns that have min and max.
 fn statistics(table: &std::path::Path) -> (Option<String>, Vec<String>) {
