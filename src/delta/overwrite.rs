@@ -132,21 +132,12 @@ impl Scope {
 
     /// The same predicate as [`Scope::sql`], with the values typed like the column of `data`.
     pub fn predicate(&self, data: &DataFrame) -> Result<Expr, String> {
-        let field = data
-            .schema()
-            .as_arrow()
-            .field_with_name(&self.column)
-            .map_err(|_| format!("the stage's SQL has no column `{}`", self.column))?
-            .clone();
-        let typed = |value: &String| {
-            ScalarValue::try_from_string(value.clone(), field.data_type())
-                .map(lit)
-                .map_err(|e| format!("value `{value}` of `{}`: {e}", self.column))
-        };
+        let data_type = column_type(data, &self.column)?;
+        let typed = |value: &String| typed_literal(value, &data_type, &self.column);
         let column = col(datafusion::common::Column::new_unqualified(&self.column));
         let mut ones = Vec::new();
         let mut parts = Vec::new();
-        for term in self.terms(field.data_type()) {
+        for term in self.terms(&data_type) {
             match term {
                 Term::One(value) => ones.push(typed(&value)?),
                 Term::Run(low, high) => {
@@ -162,6 +153,26 @@ impl Scope {
         }
         Ok(any_of(parts))
     }
+}
+
+/// The type of `column` in `data`'s schema.
+pub(super) fn column_type(data: &DataFrame, column: &str) -> Result<DataType, String> {
+    data.schema()
+        .as_arrow()
+        .field_with_name(column)
+        .map(|f| f.data_type().clone())
+        .map_err(|_| format!("the stage's SQL has no column `{column}`"))
+}
+
+/// `value`, written as text (as in a Delta log), as a literal of `column`'s `data_type`.
+pub(super) fn typed_literal(
+    value: &str,
+    data_type: &DataType,
+    column: &str,
+) -> Result<Expr, String> {
+    ScalarValue::try_from_string(value.to_string(), data_type)
+        .map(lit)
+        .map_err(|e| format!("value `{value}` of `{column}`: {e}"))
 }
 
 /// `a OR b OR ...` as a balanced tree, so that its depth grows with the log of the number of parts.

@@ -9,7 +9,6 @@ use std::{collections::VecDeque, sync::Arc};
 
 use chrono::Datelike;
 use datafusion::{
-    common::ScalarValue,
     error::DataFusionError,
     execution::SendableRecordBatchStream,
     physical_plan::stream::RecordBatchStreamAdapter,
@@ -124,20 +123,11 @@ impl Slices {
     /// One predicate per slice on the column of `data`, with the bounds typed like it. Every value
     /// is in exactly one of them: the first is open below, the last open above and holds NULL.
     pub fn predicates(&self, data: &DataFrame) -> Result<Vec<Expr>, String> {
-        let field = data
-            .schema()
-            .as_arrow()
-            .field_with_name(&self.column)
-            .map_err(|_| format!("the stage's SQL has no column `{}`", self.column))?
-            .clone();
+        let data_type = super::overwrite::column_type(data, &self.column)?;
         let bounds = self
             .bounds
             .iter()
-            .map(|value| {
-                ScalarValue::try_from_string(value.clone(), field.data_type())
-                    .map(lit)
-                    .map_err(|e| format!("value `{value}` of `{}`: {e}", self.column))
-            })
+            .map(|value| super::overwrite::typed_literal(value, &data_type, &self.column))
             .collect::<Result<Vec<Expr>, String>>()?;
         let column = col(datafusion::common::Column::new_unqualified(&self.column));
         let mut predicates = Vec::with_capacity(bounds.len() + 1);
