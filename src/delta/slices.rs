@@ -115,11 +115,6 @@ impl Slices {
             }))
     }
 
-    /// How many slices there are (at least two).
-    pub fn count(&self) -> usize {
-        self.bounds.len() + 1
-    }
-
     /// One predicate per slice on the column of `data`, with the bounds typed like it. Every value
     /// is in exactly one of them: the first is open below, the last open above and holds NULL.
     pub fn predicates(&self, data: &DataFrame) -> Result<Vec<Expr>, String> {
@@ -159,7 +154,6 @@ pub(super) async fn execute_in_slices(
     predicates: Vec<Expr>,
 ) -> Result<Vec<SendableRecordBatchStream>, DeltaError> {
     let query = |e| DeltaError::query(path, e);
-    let schema = Arc::new(data.schema().as_arrow().clone());
     let mut parts: VecDeque<DataFrame> = predicates
         .into_iter()
         .map(|predicate| data.clone().filter(predicate))
@@ -169,6 +163,11 @@ pub(super) async fn execute_in_slices(
         return Ok(Vec::new());
     };
     let ready: VecDeque<_> = execute(first).await.map_err(query)?.into();
+    // The physical schema (strings may be views), which every slice's plan shares.
+    let schema = ready
+        .front()
+        .map(|stream| stream.schema())
+        .unwrap_or_else(|| Arc::new(data.schema().as_arrow().clone()));
     let partitions = ready.len().max(1);
     let queue = Arc::new(tokio::sync::Mutex::new(Queue { ready, parts }));
     Ok((0..partitions)
