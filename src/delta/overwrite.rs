@@ -385,7 +385,14 @@ impl Replacement {
     ) -> Result<Staged, DeltaError> {
         let target = self.target;
         let path = &target.path;
-        let layout = super::files::Layout::unclustered(target.options.target_file_size);
+        let mut layout = super::files::Layout::unclustered(target.options.target_file_size);
+        layout.partition_by = match &target.table {
+            Some(table) => table
+                .snapshot()
+                .map(|s| s.metadata().partition_columns().to_vec())
+                .unwrap_or_default(),
+            None => target.options.partition_by.clone(),
+        };
         let written = match &target.table {
             Some(table) => {
                 let new_writer = || RecordBatchWriter::for_table(table);
