@@ -235,14 +235,26 @@ pub(super) async fn write_files(
         .execute_stream_partitioned()
         .await
         .map_err(|e| DeltaError::query(path, e))?;
+    let layout = Layout {
+        partition_by: partition_columns(table),
+        ..layout.clone()
+    };
     write_streams(
         path,
         || RecordBatchWriter::for_table(table),
         super::table_writer_properties(table),
         streams,
-        layout,
+        &layout,
     )
     .await
+}
+
+/// `table`'s partition columns (none when its snapshot cannot be read).
+pub(super) fn partition_columns(table: &DeltaTable) -> Vec<String> {
+    table
+        .snapshot()
+        .map(|s| s.metadata().partition_columns().to_vec())
+        .unwrap_or_default()
 }
 
 /// As [`write_files`], for the partitions of a result already running, each written by a writer from
@@ -612,6 +624,14 @@ pub(super) async fn commit_raw(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::{
+        arrow::{
+            array::{Int64Array, StringArray},
+            datatypes::{Field, Schema},
+        },
+        datasource::MemTable,
+    };
+    use std::sync::Arc;
 
     #[test]
     fn partitions_move_on_when_a_batch_holds_none_of_those_seen() {
@@ -642,14 +662,6 @@ mod tests {
             assert!(!mixed.moved_on(&batch(&[2010, 2011, 2012])));
         }
     }
-    use datafusion::{
-        arrow::{
-            array::{Int64Array, StringArray},
-            datatypes::{Field, Schema},
-        },
-        datasource::MemTable,
-    };
-    use std::sync::Arc;
 
     fn keys_of(batch: &RecordBatch) -> Vec<Option<i64>> {
         let keys = batch.column(0).as_primitive::<Int64Type>();

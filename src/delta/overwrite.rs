@@ -387,10 +387,7 @@ impl Replacement {
         let path = &target.path;
         let mut layout = super::files::Layout::unclustered(target.options.target_file_size);
         layout.partition_by = match &target.table {
-            Some(table) => table
-                .snapshot()
-                .map(|s| s.metadata().partition_columns().to_vec())
-                .unwrap_or_default(),
+            Some(table) => super::files::partition_columns(table),
             None => target.options.partition_by.clone(),
         };
         let written = match &target.table {
