@@ -940,9 +940,6 @@ async fn sql_stage(
             passed: accounted == rows_out && m.rows_read == kept,
         });
     }
-    // A whole-table overwrite is written before its checks run: they read a copy of the columns they
-    // name, taken as the rows go to the new files, which are published only if the checks pass. Other
-    // writes are checked on the candidate as a query, and written after.
     // A stage whose rows each depend only on the source rows of their `incremental.column` value may
     // be computed a range of values at a time (see `delta::Slices`).
     let slices = match stage
@@ -959,6 +956,9 @@ async fn sql_stage(
         },
         None => None,
     };
+    // A whole-table overwrite is written before its checks run: they read a copy of the columns they
+    // name, taken as the rows go to the new files, which are published only if the checks pass. Other
+    // writes are checked on the candidate as a query, and written after.
     let mut staged = None;
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
