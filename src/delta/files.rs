@@ -204,7 +204,15 @@ impl PartitionsSeen {
         let Ok(rows) = self.converter.convert_columns(&arrays) else {
             return false;
         };
-        let batch_partitions: HashSet<_> = rows.iter().map(|r| r.owned()).collect();
+        // Rows of one partition come together: each run of them is hashed (and copied) once.
+        let mut batch_partitions = HashSet::new();
+        let mut previous = None;
+        for row in rows.iter() {
+            if previous != Some(row) {
+                batch_partitions.insert(row.owned());
+                previous = Some(row);
+            }
+        }
         let moved = !self.seen.is_empty() && self.seen.is_disjoint(&batch_partitions);
         if moved {
             self.seen = batch_partitions;
