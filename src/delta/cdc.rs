@@ -113,6 +113,12 @@ const FILE_ID: &str = "__medallion_file";
 const TARGET_FILE: &str = "__medallion_target_file";
 const TOMBSTONES: &str = "__medallion_tombstones";
 const CLASSIFIED: &str = "__medallion_classified";
+/// The changes of [`CLASSIFIED`] with every column of the change and their action, for the steps that
+/// read whole rows (the rows the write adds). Where [`CLASSIFIED`] compares a batch with a table, it
+/// holds only the keys, sequences and classification of each change, and these rows are [`LATEST`]'s
+/// joined with it where they are read: the comparison hashes, and the scratch holds, a few narrow
+/// columns instead of every column of every change.
+const CLASSIFIED_ROWS: &str = "__medallion_classified_rows";
 const ACTION: &str = "__medallion_action";
 const HAD_TOMBSTONE: &str = "__medallion_had_tombstone";
 const IS_DELETE: &str = "__medallion_is_delete";
@@ -286,15 +292,21 @@ pub async fn prepare_changes(
         }
         _ => String::new(),
     };
-    let classify = classify_sql(spec, &prune, with_target, with_tombstones);
+    let narrow = with_target || with_tombstones;
+    let classify = classify_sql(spec, &prune, with_target, with_tombstones, narrow);
     let classified = ctx.sql(&classify).await.map_err(query)?;
-    if with_target || with_tombstones {
+    if narrow {
         // The joins are read by every later step: computed once.
         scratch
             .materialize(ctx, CLASSIFIED, classified)
             .await
             .map_err(|e| engine_error(path, e))?;
+        let rows = ctx.sql(&classified_rows_sql(spec)).await.map_err(query)?;
+        ctx.register_table(CLASSIFIED_ROWS, rows.into_view())
+            .map_err(query)?;
     } else {
+        ctx.register_table(CLASSIFIED_ROWS, classified.clone().into_view())
+            .map_err(query)?;
         ctx.register_table(CLASSIFIED, classified.into_view())
             .map_err(query)?;
     }
@@ -373,7 +385,7 @@ impl PreparedChanges {
     /// what a check that should follow the batch, not the table, reads.
     pub fn changed_sql(&self) -> String {
         format!(
-            "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')",
+            "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')",
             cols = self.stored_columns()
         )
     }
@@ -421,7 +433,7 @@ impl PreparedChanges {
             // Only keys the table does not hold (a first load, new rows): appended without a join.
             let source = ctx
                 .sql(&format!(
-                    "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} = 'insert'"
+                    "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} = 'insert'"
                 ))
                 .await
                 .map_err(query)?;
@@ -859,8 +871,33 @@ fn clustered(
 
 /// Classification SQL; `prune` limits the live rows read. Without a target (or tombstones) to compare
 /// with, its join side is `WHERE FALSE`, which the optimizer turns into no join at all.
-fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones: bool) -> String {
+fn classify_sql(
+    spec: &CdcSpec,
+    prune: &str,
+    with_target: bool,
+    with_tombstones: bool,
+    narrow: bool,
+) -> String {
     let prune = if with_target { prune } else { " WHERE FALSE" };
+    // Narrow: the columns the classification reads, each once (a tracked column may be a key).
+    let changes = if narrow {
+        let mut columns: Vec<String> = Vec::new();
+        for column in spec
+            .keys
+            .iter()
+            .chain(&spec.sequence_by)
+            .chain(std::iter::once(&spec.op_column))
+            .chain(&spec.track)
+        {
+            let column = quote(column);
+            if !columns.contains(&column) {
+                columns.push(column);
+            }
+        }
+        format!("(SELECT {} FROM {LATEST})", columns.join(", "))
+    } else {
+        LATEST.to_string()
+    };
     let tombstones_filter = if with_tombstones { "" } else { " WHERE FALSE" };
     let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
     let state_columns: Vec<String> = spec
@@ -913,7 +950,7 @@ fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones:
            END AS {ACTION}, \
            COALESCE(tb.__present, FALSE) AS {HAD_TOMBSTONE}, \
            {is_delete} AS {IS_DELETE}, tg.{FILE_ID} AS {TARGET_FILE}{tracked} \
-         FROM {LATEST} c \
+         FROM {changes} c \
          LEFT JOIN (SELECT {target_columns}, {FILE_ID}, TRUE AS __present FROM {TARGET}{prune}) tg ON {join_tg} \
          LEFT JOIN (SELECT {state_columns}, TRUE AS __present FROM {TOMBSTONES}{tombstones_filter}) tb ON {join_tb}",
         newer_tb = newer_predicate("c", "tb", &spec.sequence_by),
@@ -922,6 +959,22 @@ fn classify_sql(spec: &CdcSpec, prune: &str, with_target: bool, with_tombstones:
         state_columns = state_columns.join(", "),
         join_tg = join("tg"),
         join_tb = join("tb"),
+    )
+}
+
+/// [`CLASSIFIED_ROWS`] for a narrow [`CLASSIFIED`]: each change of [`LATEST`] (one per key, a NULL
+/// key included) with its action. The classification comes first, so that it is the side hashed.
+fn classified_rows_sql(spec: &CdcSpec) -> String {
+    let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
+    let on: Vec<String> = keys
+        .iter()
+        .map(|k| format!("k.{k} IS NOT DISTINCT FROM c.{k}"))
+        .collect();
+    format!(
+        "SELECT c.*, k.{ACTION} FROM (SELECT {keys}, {ACTION} FROM {CLASSIFIED}) k \
+         JOIN {LATEST} c ON {on}",
+        keys = keys.join(", "),
+        on = on.join(" AND "),
     )
 }
 
@@ -1057,7 +1110,7 @@ async fn rewrite(
         .map_err(query)?;
     let upserts = ctx
         .sql(&format!(
-            "SELECT {cols} FROM {CLASSIFIED} WHERE {ACTION} IN ('insert', 'update')"
+            "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"
         ))
         .await
         .map_err(query)?;
