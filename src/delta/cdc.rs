@@ -1372,6 +1372,92 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_batch_against_a_table_is_classified_on_its_keys_and_adds_whole_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = CdcSpec {
+            keys: vec!["k".into()],
+            sequence_by: vec!["seq".into()],
+            op_column: "op".into(),
+            delete_values: vec!["D".into()],
+            track: Vec::new(),
+            tombstones: Location::local(dir.path().join("tombstones")),
+        };
+        let path = Location::local(dir.path().join("table"));
+        let meta = CommitMeta {
+            run_id: "run".into(),
+            stage: "stage".into(),
+        };
+        let ctx = super::super::session(None).unwrap();
+        let first = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (3, 1, "I", 2)]);
+        apply_changes(&path, &ctx, first, &spec, &TableOptions::default(), &meta)
+            .await
+            .unwrap();
+
+        // Key 1 updated twice in the batch (the later wins), 2 deleted, 3 re-delivered stale, 4 new.
+        let ctx = super::super::session(None).unwrap();
+        let scratch = Scratch::new(None).unwrap();
+        let batch = changes(
+            &ctx,
+            &[
+                (1, 2, "U", 10),
+                (1, 3, "U", 11),
+                (2, 2, "D", 1),
+                (3, 1, "I", 2),
+                (4, 1, "I", 12),
+            ],
+        );
+        let prepared = prepare_changes(
+            &path,
+            &ctx,
+            &scratch,
+            batch,
+            5,
+            &spec,
+            &TableOptions::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // The comparison with the table holds no column it does not read.
+        let classified = ctx.table(CLASSIFIED).await.unwrap();
+        assert!(
+            classified
+                .schema()
+                .field_with_unqualified_name("day")
+                .is_err()
+        );
+        let added = ctx
+            .sql(&format!("{} ORDER BY k", prepared.changed_sql()))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let added = datafusion::arrow::compute::concat_batches(&added[0].schema(), &added).unwrap();
+        let column = |name: &str| {
+            datafusion::arrow::compute::cast(added.column_by_name(name).unwrap(), &DataType::Utf8)
+                .unwrap()
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(column("k"), ["1", "4"]);
+        assert_eq!(column("seq"), ["3", "1"]);
+        assert_eq!(column("day"), ["2020-01-12", "2020-01-13"]);
+        let metrics = prepared.commit(&ctx, &meta).await.unwrap();
+        assert_eq!(metrics.rows_stale, 1);
+        assert_eq!(
+            (
+                metrics.write.rows_inserted,
+                metrics.write.rows_updated,
+                metrics.write.rows_deleted
+            ),
+            (1, 1, 1)
+        );
+    }
+
     #[test]
     fn newer_is_lexicographic() {
         assert_eq!(
