@@ -555,7 +555,11 @@ struct Part {
 impl Part {
     /// Moves what is held in memory to the files, which stay open for more. `next` is the batch about
     /// to be written, if any: with the held batches, the first of them decides how each column is stored.
-    fn spill(&mut self, schema: &SchemaRef, next: Option<&RecordBatch>) -> Result<(), DataFusionError> {
+    fn spill(
+        &mut self,
+        schema: &SchemaRef,
+        next: Option<&RecordBatch>,
+    ) -> Result<(), DataFusionError> {
         if self.writers.is_empty() {
             std::fs::create_dir_all(&self.files.dir)?;
             let schema = file_schema(schema);
@@ -1211,7 +1215,9 @@ async fn columns_of_long_runs_go_to_disk_as_runs_and_read_back_the_same() {
                 .map(|i| match (b, i / 2_500 % 4) {
                     (19, _) => Some(format!("row-{i}")),
                     (_, 3) => None,
-                    (_, run) => Some(format!("s3://landing/public/transactions/LOAD{b:04}{run}.csv")),
+                    (_, run) => Some(format!(
+                        "s3://landing/public/transactions/LOAD{b:04}{run}.csv"
+                    )),
                 })
                 .collect();
             let labels: StringArray = rows.clone().map(|i| Some(format!("label-{i}"))).collect();
@@ -1228,12 +1234,18 @@ async fn columns_of_long_runs_go_to_disk_as_runs_and_read_back_the_same() {
     let frame = ctx.read_table(Arc::new(table)).unwrap();
     let parent = tempfile::tempdir().unwrap();
     let scratch = Scratch::new_in(parent.path(), 0).unwrap();
-    assert_eq!(scratch.materialize(&ctx, "t", frame).await.unwrap(), 200_000);
+    assert_eq!(
+        scratch.materialize(&ctx, "t", frame).await.unwrap(),
+        200_000
+    );
     let size = |column: usize| -> u64 {
         std::fs::read_dir(scratch.path().join("t"))
             .unwrap()
             .map(|f| f.unwrap().path())
-            .filter(|p| p.to_string_lossy().ends_with(&format!("-col-{column}.arrow")))
+            .filter(|p| {
+                p.to_string_lossy()
+                    .ends_with(&format!("-col-{column}.arrow"))
+            })
             .map(|p| p.metadata().unwrap().len())
             .sum()
     };
