@@ -1305,6 +1305,24 @@ mod tests {
         ctx.read_batch(batch).unwrap()
     }
 
+    /// The spec of a table in `dir` keyed on `k`, sequenced by `seq`, tracking `track`; its path; the
+    /// commit's metadata.
+    fn table_in(dir: &std::path::Path, track: &[&str]) -> (CdcSpec, Location, CommitMeta) {
+        let spec = CdcSpec {
+            keys: vec!["k".into()],
+            sequence_by: vec!["seq".into()],
+            op_column: "op".into(),
+            delete_values: vec!["D".into()],
+            track: track.iter().map(|c| c.to_string()).collect(),
+            tombstones: Location::local(dir.join("tombstones")),
+        };
+        let meta = CommitMeta {
+            run_id: "run".into(),
+            stage: "stage".into(),
+        };
+        (spec, Location::local(dir.join("table")), meta)
+    }
+
     fn days(touched: &Touched) -> Vec<String> {
         touched["day"].iter().flatten().cloned().collect()
     }
@@ -1312,19 +1330,7 @@ mod tests {
     #[tokio::test]
     async fn a_first_load_counts_and_tracks_in_one_read_what_later_batches_count_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = CdcSpec {
-            keys: vec!["k".into()],
-            sequence_by: vec!["seq".into()],
-            op_column: "op".into(),
-            delete_values: vec!["D".into()],
-            track: vec!["day".into()],
-            tombstones: Location::local(dir.path().join("tombstones")),
-        };
-        let path = Location::local(dir.path().join("table"));
-        let meta = CommitMeta {
-            run_id: "run".into(),
-            stage: "stage".into(),
-        };
+        let (spec, path, meta) = table_in(dir.path(), &["day"]);
         let apply = |rows: &'static [(i64, i64, &'static str, i32)]| {
             let (path, spec, meta) = (&path, &spec, &meta);
             async move {
@@ -1375,19 +1381,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_against_a_table_is_classified_on_its_keys_and_adds_whole_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = CdcSpec {
-            keys: vec!["k".into()],
-            sequence_by: vec!["seq".into()],
-            op_column: "op".into(),
-            delete_values: vec!["D".into()],
-            track: Vec::new(),
-            tombstones: Location::local(dir.path().join("tombstones")),
-        };
-        let path = Location::local(dir.path().join("table"));
-        let meta = CommitMeta {
-            run_id: "run".into(),
-            stage: "stage".into(),
-        };
+        let (spec, path, meta) = table_in(dir.path(), &[]);
         let ctx = super::super::session(None).unwrap();
         let first = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (3, 1, "I", 2)]);
         apply_changes(&path, &ctx, first, &spec, &TableOptions::default(), &meta)
