@@ -3,7 +3,8 @@
 //! materialized here, the expensive plan behind it (file scans, parsing UDFs) runs once. A result up to
 //! the scratch's memory budget stays in memory; a larger one goes in full to local Arrow IPC files, where
 //! it waits in the page cache rather than in the process's memory. On disk each column has its own file,
-//! so that a query reads only the columns it names: most steps need a key or two of a wide result.
+//! so that a query reads only the columns it names: most steps need a key or two of a wide result, and
+//! a string column in long runs of one value (a file name) is stored once per run.
 
 use std::{
     fs::File,
@@ -1145,6 +1146,101 @@ mod tests {
         drop(scratch);
         assert!(!dir.exists(), "the scratch directory outlived its owner");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn columns_of_long_runs_go_to_disk_as_runs_and_read_back_the_same() {
+        use datafusion::arrow::{
+            array::{Array, AsArray, Int64Array, StringArray},
+            datatypes::{DataType, Field, Schema},
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int64, false),
+            Field::new("file", DataType::Utf8, true),
+            Field::new("label", DataType::Utf8, true),
+        ]));
+        // `file` holds long runs (NULL among them) in the first batches, then a new value on every row:
+        // stored as runs from the first batch, it must still read back every value of the last ones.
+        let batches: Vec<RecordBatch> = (0..20)
+            .map(|b| {
+                let rows = b * 10_000..(b + 1) * 10_000;
+                let files: StringArray = rows
+                    .clone()
+                    .map(|i| match (b, i / 2_500 % 4) {
+                        (19, _) => Some(format!("row-{i}")),
+                        (_, 3) => None,
+                        (_, run) => Some(format!(
+                            "s3://landing/public/transactions/LOAD{b:04}{run}.csv"
+                        )),
+                    })
+                    .collect();
+                let labels: StringArray =
+                    rows.clone().map(|i| Some(format!("label-{i}"))).collect();
+                let numbers = Int64Array::from_iter_values(rows.map(|i| i as i64));
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(numbers), Arc::new(files), Arc::new(labels)],
+                )
+                .unwrap()
+            })
+            .collect();
+        let ctx = SessionContext::new();
+        let table = MemTable::try_new(schema, vec![batches.clone()]).unwrap();
+        let frame = ctx.read_table(Arc::new(table)).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::new_in(parent.path(), 0).unwrap();
+        assert_eq!(
+            scratch.materialize(&ctx, "t", frame).await.unwrap(),
+            200_000
+        );
+        let size = |column: usize| -> u64 {
+            std::fs::read_dir(scratch.path().join("t"))
+                .unwrap()
+                .map(|f| f.unwrap().path())
+                .filter(|p| {
+                    p.to_string_lossy()
+                        .ends_with(&format!("-col-{column}.arrow"))
+                })
+                .map(|p| p.metadata().unwrap().len())
+                .sum()
+        };
+        // As strings, the file names of 190,000 rows alone take over 8 MB; as runs, their last batch's
+        // 10,000 distinct values are most of what is left. The labels have no runs and stay strings.
+        assert!(size(1) < 1_000_000, "{} bytes for the file column", size(1));
+        assert!(size(2) > 2_000_000, "{} bytes for the labels", size(2));
+        let read = ctx
+            .sql("SELECT n, file, label FROM t ORDER BY n")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(read[0].schema().field(1).data_type(), &DataType::Utf8);
+        let strings = |batches: &[RecordBatch], column: usize| -> Vec<Option<String>> {
+            batches
+                .iter()
+                .flat_map(|b| {
+                    let c = b.column(column).as_string::<i32>().clone();
+                    (0..c.len())
+                        .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        assert_eq!(strings(&read, 1), strings(&batches, 1));
+        assert_eq!(strings(&read, 2), strings(&batches, 2));
+        let nulls = ctx
+            .sql("SELECT COUNT(*) - COUNT(file) FROM t")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let nulls = nulls[0]
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+            .value(0);
+        assert_eq!(nulls, 19 * 2_500);
+    }
 }
 #[tokio::test]
 async fn short_strings_go_to_disk_without_their_16_byte_views_and_read_back_the_same() {
@@ -1192,98 +1288,4 @@ async fn short_strings_go_to_disk_without_their_16_byte_views_and_read_back_the_
         .collect();
     let expected: Vec<Option<String>> = values.iter().map(|v| v.map(String::from)).collect();
     assert_eq!(read, expected);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn columns_of_long_runs_go_to_disk_as_runs_and_read_back_the_same() {
-    use datafusion::arrow::{
-        array::{Array, AsArray, Int64Array, StringArray},
-        datatypes::{DataType, Field, Schema},
-    };
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("n", DataType::Int64, false),
-        Field::new("file", DataType::Utf8, true),
-        Field::new("label", DataType::Utf8, true),
-    ]));
-    // `file` holds long runs (NULL among them) in the first batches, then a new value on every row:
-    // stored as runs from the first batch, it must still read back every value of the last ones.
-    let batches: Vec<RecordBatch> = (0..20)
-        .map(|b| {
-            let rows = b * 10_000..(b + 1) * 10_000;
-            let files: StringArray = rows
-                .clone()
-                .map(|i| match (b, i / 2_500 % 4) {
-                    (19, _) => Some(format!("row-{i}")),
-                    (_, 3) => None,
-                    (_, run) => Some(format!(
-                        "s3://landing/public/transactions/LOAD{b:04}{run}.csv"
-                    )),
-                })
-                .collect();
-            let labels: StringArray = rows.clone().map(|i| Some(format!("label-{i}"))).collect();
-            let numbers = Int64Array::from_iter_values(rows.map(|i| i as i64));
-            RecordBatch::try_new(
-                schema.clone(),
-                vec![Arc::new(numbers), Arc::new(files), Arc::new(labels)],
-            )
-            .unwrap()
-        })
-        .collect();
-    let ctx = SessionContext::new();
-    let table = MemTable::try_new(schema, vec![batches.clone()]).unwrap();
-    let frame = ctx.read_table(Arc::new(table)).unwrap();
-    let parent = tempfile::tempdir().unwrap();
-    let scratch = Scratch::new_in(parent.path(), 0).unwrap();
-    assert_eq!(
-        scratch.materialize(&ctx, "t", frame).await.unwrap(),
-        200_000
-    );
-    let size = |column: usize| -> u64 {
-        std::fs::read_dir(scratch.path().join("t"))
-            .unwrap()
-            .map(|f| f.unwrap().path())
-            .filter(|p| {
-                p.to_string_lossy()
-                    .ends_with(&format!("-col-{column}.arrow"))
-            })
-            .map(|p| p.metadata().unwrap().len())
-            .sum()
-    };
-    // As strings, the file names of 190,000 rows alone take over 8 MB; as runs, their last batch's
-    // 10,000 distinct values are most of what is left. The labels have no runs and stay strings.
-    assert!(size(1) < 1_000_000, "{} bytes for the file column", size(1));
-    assert!(size(2) > 2_000_000, "{} bytes for the labels", size(2));
-    let read = ctx
-        .sql("SELECT n, file, label FROM t ORDER BY n")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    assert_eq!(read[0].schema().field(1).data_type(), &DataType::Utf8);
-    let strings = |batches: &[RecordBatch], column: usize| -> Vec<Option<String>> {
-        batches
-            .iter()
-            .flat_map(|b| {
-                let c = b.column(column).as_string::<i32>().clone();
-                (0..c.len())
-                    .map(|i| c.is_valid(i).then(|| c.value(i).to_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
-    assert_eq!(strings(&read, 1), strings(&batches, 1));
-    assert_eq!(strings(&read, 2), strings(&batches, 2));
-    let nulls = ctx
-        .sql("SELECT COUNT(*) - COUNT(file) FROM t")
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    let nulls = nulls[0]
-        .column(0)
-        .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-        .value(0);
-    assert_eq!(nulls, 19 * 2_500);
 }
