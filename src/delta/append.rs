@@ -252,8 +252,10 @@ pub async fn append_batches(
         rows += batch.num_rows() as u64;
         conformed.push(conform(path, batch, &schema)?);
     }
+    let properties = super::table_writer_properties(&table);
     let table = table
         .write(conformed)
+        .with_writer_properties(properties)
         .with_save_mode(SaveMode::Append)
         .with_commit_properties(meta.properties())
         .await
@@ -330,6 +332,105 @@ mod tests {
     use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
 
     use super::*;
+
+    /// Parquet encodings of the files medallion writes: an integer column of distinct values (a key)
+    /// outgrows the small dictionary and goes on as DELTA_BINARY_PACKED; columns of few values (a
+    /// string, an integer) keep their dictionary; every value reads back as written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_outgrow_the_dictionary_into_delta_packing_and_few_values_keep_theirs() {
+        use deltalake::parquet::{
+            arrow::arrow_reader::ParquetRecordBatchReaderBuilder, basic::Encoding,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("dms_id", DataType::Int64, false),
+            Field::new("city", DataType::Utf8, true),
+            Field::new("mcc", DataType::Int64, true),
+        ]));
+        let meta = CommitMeta {
+            run_id: "r".into(),
+            stage: "s".into(),
+        };
+        let rows = 60_000i64;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..rows)),
+                Arc::new(StringArray::from_iter_values(
+                    (0..rows).map(|i| format!("city {}", i % 10)),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..rows).map(|i| 5000 + i % 7),
+                )),
+            ],
+        )
+        .unwrap();
+        let written = append_batches(&path, vec![batch], &TableOptions::default(), &meta)
+            .await
+            .unwrap();
+        assert_eq!(written.rows_written, rows as u64);
+
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .collect();
+        assert_eq!(files.len(), 1);
+        let footer = SerializedFileReader::new(std::fs::File::open(&files[0]).unwrap()).unwrap();
+        for group in footer.metadata().row_groups() {
+            let encodings = |i: usize| group.column(i).encodings().collect::<Vec<_>>();
+            assert!(
+                encodings(0).contains(&Encoding::DELTA_BINARY_PACKED),
+                "{:?}",
+                encodings(0)
+            );
+            for few in [1, 2] {
+                assert!(
+                    encodings(few).contains(&Encoding::RLE_DICTIONARY),
+                    "{:?}",
+                    encodings(few)
+                );
+                assert!(!encodings(few).contains(&Encoding::DELTA_BINARY_PACKED));
+            }
+        }
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&files[0]).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+        // The write may reorder the rows; each reads back whole.
+        let mut read: Vec<(i64, String, i64)> = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let (ids, cities, mccs) = (
+                batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap(),
+                batch
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap(),
+                batch
+                    .column(2)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap(),
+            );
+            read.extend((0..batch.num_rows()).map(|row| {
+                let city = cities.value(row).to_string();
+                (ids.value(row), city, mccs.value(row))
+            }));
+        }
+        read.sort_unstable();
+        let expected: Vec<_> = (0..rows)
+            .map(|i| (i, format!("city {}", i % 10), 5000 + i % 7))
+            .collect();
+        assert_eq!(read, expected);
+    }
 
     /// A table created with statistics columns: its files carry min and max for those only, in the
     /// Delta log and in the Parquet footers, and the table says so for every later writer.

@@ -1202,11 +1202,12 @@ async fn write_tombstones(
     let mut set_columns = state.clone();
     set_columns.push("_run_id".to_string());
     let insert_columns = set_columns.clone();
+    let properties = super::writer_properties(&tombstones);
     tombstones
         .merge(source, key_predicate(&spec.keys))
         .with_session_state(Arc::new(ctx.state()))
         .with_source_alias("s")
-        .with_writer_properties(super::writer_properties())
+        .with_writer_properties(properties)
         .with_target_alias("t")
         .when_matched_delete(|d| d.predicate(format!("NOT s.{IS_DELETE}")))
         .and_then(|m| {

@@ -23,13 +23,14 @@ pub async fn upsert(
     let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     let on = key_predicate(keys);
     let update_columns = columns.clone();
+    let properties = super::writer_properties(&table);
     // The source query's session: a memory limit set on it holds for the merge's join too.
     let session = Arc::new(source.clone().into_parts().0);
     let (table, metrics) = table
         .merge(source, on)
         .with_session_state(session)
         .with_source_alias("s")
-        .with_writer_properties(super::writer_properties())
+        .with_writer_properties(properties)
         .with_target_alias("t")
         .when_matched_update(|mut u| {
             for c in &update_columns {

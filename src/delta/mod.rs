@@ -17,6 +17,8 @@ use deltalake::{
     open_table_with_storage_options, operations::create::CreateBuilder, protocol::SaveMode,
 };
 
+use deltalake::parquet::file::properties::{WriterProperties, WriterPropertiesBuilder};
+
 use crate::storage::{Location, StorageError};
 
 pub use append::{BatchAppender, append_batches, append_frame};
@@ -133,35 +135,35 @@ pub struct TableOptions {
     pub stats_columns: Option<Vec<String>>,
 }
 
-/// Parquet settings of every file medallion writes: zstd level 1 (every Delta reader decodes it; files
-/// two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole Bronze
-/// write, see BENCHMARKS.md) and page-level statistics for pruning.
-pub fn writer_properties() -> deltalake::parquet::file::properties::WriterProperties {
-    properties_builder().build()
+/// Parquet settings of every file medallion writes to `table`: zstd level 1 (every Delta reader decodes
+/// it; files two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole
+/// Bronze write, see BENCHMARKS.md), page-level statistics for pruning, and the encodings of [`properties_builder`].
+pub fn writer_properties(table: &DeltaTable) -> WriterProperties {
+    properties_builder(&table_integer_columns(table)).build()
 }
 
 /// [`writer_properties`] for files of `table`: when the table names its statistics columns
 /// (`delta.dataSkippingStatsColumns`), the other columns get no Parquet min and max either. Computing
 /// them compares every value with its page's bounds, a tenth of a Bronze landing's CPU for raw strings
 /// that no reader filters on.
-pub fn table_writer_properties(
-    table: &DeltaTable,
-) -> deltalake::parquet::file::properties::WriterProperties {
-    statistics_properties(stats_columns(table).as_deref())
+pub fn table_writer_properties(table: &DeltaTable) -> WriterProperties {
+    statistics_properties(
+        stats_columns(table).as_deref(),
+        &table_integer_columns(table),
+    )
 }
 
-/// [`writer_properties`] with statistics for `columns` only, or for every column (`None`).
-fn statistics_properties(
-    columns: Option<&[String]>,
-) -> deltalake::parquet::file::properties::WriterProperties {
+/// [`writer_properties`] with statistics for `columns` only, or for every column (`None`), and
+/// `DELTA_BINARY_PACKED` for the columns named in `integers`.
+fn statistics_properties(columns: Option<&[String]>, integers: &[String]) -> WriterProperties {
     use deltalake::parquet::{file::properties::EnabledStatistics, schema::types::ColumnPath};
     let Some(columns) = columns else {
-        return writer_properties();
+        return properties_builder(integers).build();
     };
     columns
         .iter()
         .fold(
-            properties_builder().set_statistics_enabled(EnabledStatistics::None),
+            properties_builder(integers).set_statistics_enabled(EnabledStatistics::None),
             |builder, column| {
                 builder.set_column_statistics_enabled(
                     ColumnPath::from(column.as_str()),
@@ -172,14 +174,70 @@ fn statistics_properties(
         .build()
 }
 
-fn properties_builder() -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
+/// The dictionary of a column chunk is given up for its remaining values at this size (Parquet's
+/// default: 1 MiB). A column of few distinct values (a city, a channel, a client) stays far below it;
+/// one of mostly distinct values (a key, a timestamp, a raw amount) otherwise hashes its first 1 MiB of
+/// values into a dictionary it then drops. At 128 KiB the Silver write of the reference pipeline takes
+/// a quarter less CPU with the same file sizes (BENCHMARKS.md, item 37).
+const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
+
+/// Encodings: a dictionary per column chunk while it stays under [`DICTIONARY_PAGE_LIMIT`], then
+/// `DELTA_BINARY_PACKED` for the columns in `integers` (keys, dates and timestamps, which are often
+/// near-sorted: a few bits per value where PLAIN takes eight) and PLAIN for the others. Every Delta
+/// reader decodes both (Spark's vectorized reader since 3.3).
+fn properties_builder(integers: &[String]) -> WriterPropertiesBuilder {
     use deltalake::parquet::{
-        basic::{Compression, ZstdLevel},
-        file::properties::{EnabledStatistics, WriterProperties},
+        basic::{Compression, Encoding, ZstdLevel},
+        file::properties::EnabledStatistics,
+        schema::types::ColumnPath,
     };
-    WriterProperties::builder()
+    let builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
+        .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT);
+    integers.iter().fold(builder, |builder, column| {
+        builder.set_column_encoding(
+            ColumnPath::from(column.as_str()),
+            Encoding::DELTA_BINARY_PACKED,
+        )
+    })
+}
+
+/// The columns of `table` that Parquet stores as integers (see [`integer_columns`]); none when its
+/// schema cannot be read.
+fn table_integer_columns(table: &DeltaTable) -> Vec<String> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+    let schema: Option<datafusion::arrow::datatypes::Schema> = table
+        .snapshot()
+        .ok()
+        .and_then(|snapshot| snapshot.schema().as_ref().try_into_arrow().ok());
+    schema.map(|s| integer_columns(&s)).unwrap_or_default()
+}
+
+/// The top-level columns of `schema` that Parquet stores as integers: integers, dates and timestamps
+/// (not decimals: the reference pipeline's amounts took 1% more space that way).
+fn integer_columns(schema: &datafusion::arrow::datatypes::Schema) -> Vec<String> {
+    use datafusion::arrow::datatypes::DataType;
+    schema
+        .fields()
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.data_type(),
+                DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::UInt8
+                    | DataType::UInt16
+                    | DataType::UInt32
+                    | DataType::Date32
+                    | DataType::Date64
+                    | DataType::Timestamp(_, _)
+            )
+        })
+        .map(|f| f.name().clone())
+        .collect()
 }
 
 /// The columns `table` keeps statistics for, when it names them.

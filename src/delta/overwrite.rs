@@ -234,12 +234,13 @@ pub async fn overwrite(
     // The write runs on the query's runtime, so the stage's memory limit holds for it too.
     let session = super::session_on(Some(state.runtime_env().clone()))?;
     drop(state);
+    let properties = super::writer_properties(&table);
     let mut builder = table
         .write(Vec::new())
         .with_input_plan(plan)
         .with_session_state(Arc::new(session.state()))
         .with_save_mode(SaveMode::Overwrite)
-        .with_writer_properties(super::writer_properties())
+        .with_writer_properties(properties)
         .with_partition_columns(options.partition_by.clone())
         .with_commit_properties(meta.properties());
     builder = match predicate {
@@ -413,8 +414,10 @@ impl Replacement {
                         Some(storage.clone()),
                     )
                 };
-                let properties =
-                    super::statistics_properties(target.options.stats_columns.as_deref());
+                let properties = super::statistics_properties(
+                    target.options.stats_columns.as_deref(),
+                    &super::integer_columns(&schema),
+                );
                 super::files::write_streams(path, new_writer, properties, streams, &layout).await?
             }
         };
