@@ -64,14 +64,16 @@ fn purge_freed_memory_after(delay_ms: u32) {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, delay_ms.into()) }
 }
 
-/// How long freed memory stays with the allocator, unless `MIMALLOC_PURGE_DELAY` says: 100 ms, or 10 ms
-/// when the run's memory is limited (`--memory-limit`). mimalloc v3 keeps it a second, so each stage's
-/// freed buffers stayed resident into the next: the incremental benchmark peaked at 1.45 GiB; 1.0–1.1
-/// GiB after 100 ms, 4% slower; 0.85 GiB after 10 ms, 12% slower (more pages faulted in again; BENCHMARKS.md,
-/// item 30).
+/// How long freed memory stays with the allocator, unless `MIMALLOC_PURGE_DELAY` says: mimalloc v3's
+/// second, or 10 ms when the run's memory is limited (`--memory-limit`: the user chose memory over
+/// speed). Each page handed back is faulted in again at its next use, which costs system time (much of
+/// it on a VM whose balloon driver reports freed pages to the host). On the 10M benchmarks a second
+/// against 100 ms: ingest 11.0 s against 11.9 s, the incremental run 11.4 s against 12.3 s, peaks 0.1–0.2
+/// GiB higher (0.85 GiB for ingest and Gold in one run); 10 ms: 12% slower than 100 ms, the incremental
+/// peak a sixth lower (BENCHMARKS.md, items 30 and 38).
 pub fn tune_allocator(memory_limited: bool) {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        purge_freed_memory_after(if memory_limited { 10 } else { 100 });
+    if memory_limited && std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        purge_freed_memory_after(10);
     }
 }
 
