@@ -13,11 +13,13 @@ use std::{collections::HashMap, sync::Arc};
 
 use datafusion::{arrow::datatypes::SchemaRef, catalog::TableProvider};
 use deltalake::{
-    DeltaTable, DeltaTableError, TableProperty, kernel::engine::arrow_conversion::TryIntoKernel,
-    open_table_with_storage_options, operations::create::CreateBuilder, protocol::SaveMode,
+    DeltaTable, DeltaTableError, TableProperty,
+    kernel::engine::arrow_conversion::TryIntoKernel,
+    open_table_with_storage_options,
+    operations::create::CreateBuilder,
+    parquet::file::properties::{WriterProperties, WriterPropertiesBuilder},
+    protocol::SaveMode,
 };
-
-use deltalake::parquet::file::properties::{WriterProperties, WriterPropertiesBuilder};
 
 use crate::storage::{Location, StorageError};
 
@@ -137,7 +139,8 @@ pub struct TableOptions {
 
 /// Parquet settings of every file medallion writes to `table`: zstd level 1 (every Delta reader decodes
 /// it; files two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole
-/// Bronze write, see BENCHMARKS.md), page-level statistics for pruning, and the encodings of [`properties_builder`].
+/// Bronze write, see BENCHMARKS.md), page-level statistics for pruning, and the encodings of
+/// [`properties_builder`].
 pub fn writer_properties(table: &DeltaTable) -> WriterProperties {
     properties_builder(&table_integer_columns(table)).build()
 }
@@ -177,8 +180,9 @@ fn statistics_properties(columns: Option<&[String]>, integers: &[String]) -> Wri
 /// The dictionary of a column chunk is given up for its remaining values at this size (Parquet's
 /// default: 1 MiB). A column of few distinct values (a city, a channel, a client) stays far below it;
 /// one of mostly distinct values (a key, a timestamp, a raw amount) otherwise hashes its first 1 MiB of
-/// values into a dictionary it then drops. At 128 KiB the Silver write of the reference pipeline takes
-/// a quarter less CPU with the same file sizes (BENCHMARKS.md, item 37).
+/// values into a dictionary it then drops. With this limit and the integers' encoding below, writing
+/// the reference pipeline's Silver takes a quarter less CPU, in 7% smaller files (BENCHMARKS.md, item
+/// 37).
 const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
 
 /// Encodings: a dictionary per column chunk while it stays under [`DICTIONARY_PAGE_LIMIT`], then
@@ -215,7 +219,7 @@ fn table_integer_columns(table: &DeltaTable) -> Vec<String> {
 }
 
 /// The top-level columns of `schema` that Parquet stores as integers: integers, dates and timestamps
-/// (not decimals: the reference pipeline's amounts took 1% more space that way).
+/// (not decimals: with its amounts delta-packed, the reference pipeline's Silver took 1% more space).
 fn integer_columns(schema: &datafusion::arrow::datatypes::Schema) -> Vec<String> {
     use datafusion::arrow::datatypes::DataType;
     schema

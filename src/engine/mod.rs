@@ -68,8 +68,8 @@ fn purge_freed_memory_after(delay_ms: u32) {
 /// second, or 10 ms when the run's memory is limited (`--memory-limit`: the user chose memory over
 /// speed). Each page handed back is faulted in again at its next use, which costs system time (much of
 /// it on a VM whose balloon driver reports freed pages to the host). On the 10M benchmarks a second
-/// against 100 ms: ingest 11.0 s against 11.9 s, the incremental run 11.4 s against 12.3 s, peaks 0.1–0.2
-/// GiB higher (0.85 GiB for ingest and Gold in one run); 10 ms: 12% slower than 100 ms, the incremental
+/// against 100 ms: ingest 11.0 s against 11.9 s, the incremental run 11.4 s against 12.3 s, peaks 70–230
+/// MiB higher (0.85 GiB for ingest and Gold in one run); 10 ms: 12% slower than 100 ms, the incremental
 /// peak a sixth lower (BENCHMARKS.md, items 30 and 38).
 pub fn tune_allocator(memory_limited: bool) {
     if memory_limited && std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
