@@ -336,6 +336,8 @@ impl FileBatches {
         let mut record = csv::StringRecord::new();
         let mut count = 0;
         let expected = mapping.len();
+        // Columns of the layout the file does not have: NULL on every row.
+        let absent: Vec<usize> = (0..width).filter(|c| !mapping.contains(c)).collect();
         while count < self.batch_size {
             let row = self.rows + 1;
             let more = reader
@@ -362,15 +364,11 @@ impl FileBatches {
                 });
             }
             self.rows = row;
-            let mut filled = vec![false; width];
             for (value, &target) in record.iter().zip(mapping.iter()) {
                 builders[target].append_value(value);
-                filled[target] = true;
             }
-            for (builder, filled) in builders.iter_mut().zip(filled) {
-                if !filled {
-                    builder.append_null();
-                }
+            for &column in &absent {
+                builders[column].append_null();
             }
             count += 1;
         }
