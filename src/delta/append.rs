@@ -55,11 +55,12 @@ impl BatchAppender {
         let mut writers = Vec::with_capacity(count);
         let mut tasks = JoinSet::new();
         let mut table_schema = None;
+        let properties = super::table_writer_properties(&table);
         for _ in 0..count {
             let mut writer = RecordBatchWriter::for_table(&table)
                 .map_err(|e| DeltaError::table(path, e))?
                 .with_target_file_size(options.target_file_size.unwrap_or(TARGET_FILE_SIZE))
-                .with_writer_properties(super::table_writer_properties(&table));
+                .with_writer_properties(properties.clone());
             table_schema.get_or_insert_with(|| writer.arrow_schema());
             // One batch waiting per writer: memory stays bounded when the writers are slower.
             let (sender, mut receiver) = mpsc::channel::<RecordBatch>(1);
