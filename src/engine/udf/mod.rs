@@ -121,8 +121,10 @@ impl Parser {
             ),
             Parser::Zip => text(&|v, out| match zip::zip_digits(v) {
                 Some(digits) => {
-                    // Writing to a builder only appends bytes: it cannot fail.
-                    let _ = write!(out, "{digits:0>5}");
+                    // Left-padded with zeros to five digits (`zip_digits` gives one to five). Writing to
+                    // a builder only appends bytes: it cannot fail.
+                    let _ = out.write_str(&"00000"[digits.len().min(5)..]);
+                    let _ = out.write_str(digits);
                     out.append_value("");
                     true
                 }

@@ -24,26 +24,34 @@ pub fn parse_money(text: &str) -> Option<i128> {
         Some((whole, fraction)) => (whole, fraction),
         None => (text, ""),
     };
-    let whole = whole.replace(',', "");
-    if whole.is_empty() && fraction.is_empty()
-        || !whole.bytes().all(|b| b.is_ascii_digit())
-        || !fraction.bytes().all(|b| b.is_ascii_digit())
-        || fraction.len() > 2
-        || whole.len() > 18
-    {
+    if fraction.len() > 2 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let whole: i128 = if whole.is_empty() {
-        0
-    } else {
-        whole.parse().ok()?
-    };
-    let cents_part: i128 = match fraction.len() {
-        0 => 0,
-        1 => fraction.parse::<i128>().ok()? * 10,
-        _ => fraction.parse().ok()?,
-    };
-    let cents = whole.checked_mul(100)?.checked_add(cents_part)?;
+    // The whole part's digits, thousands separators skipped, read without allocating: at most 18
+    // digits, so that the value fits before the bound check below.
+    let mut digits = 0;
+    let mut whole_value: i128 = 0;
+    for byte in whole.bytes() {
+        match byte {
+            b',' => {}
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits > 18 {
+                    return None;
+                }
+                whole_value = whole_value * 10 + i128::from(byte - b'0');
+            }
+            _ => return None,
+        }
+    }
+    if digits == 0 && fraction.is_empty() {
+        return None;
+    }
+    let cents_part = fraction
+        .bytes()
+        .fold(0, |cents, byte| cents * 10 + i128::from(byte - b'0'))
+        * if fraction.len() == 1 { 10 } else { 1 };
+    let cents = whole_value.checked_mul(100)?.checked_add(cents_part)?;
     if cents > MAX_CENTS {
         return None;
     }
@@ -66,6 +74,8 @@ mod tests {
         assert_eq!(parse_money("$0.5"), Some(50));
         assert_eq!(parse_money("-$3.10"), Some(-310));
         assert_eq!(parse_money("$1,000.00"), Some(100_000));
+        assert_eq!(parse_money("$1,234,567.8"), Some(123_456_780));
+        assert_eq!(parse_money(" $.05 "), Some(5));
     }
 
     #[test]
@@ -79,6 +89,10 @@ mod tests {
             "-$-1",
             "$1.2.3",
             "$9999999999999999999",
+            "$999,999,999,999,999,999,999",
+            "$,",
+            "$.",
+            "$1,5x",
         ] {
             assert_eq!(parse_money(bad), None, "{bad}");
         }
