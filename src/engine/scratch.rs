@@ -674,7 +674,11 @@ fn expand_runs(
         .iter()
         .filter(|&&(run, _, _)| values.is_valid(run))
         .map(|&(run, from, to)| values.value(run).len() * (to - from))
-        .sum();
+        .sum::<usize>();
+    if i32::try_from(bytes).is_err() {
+        // More than a string array's 32-bit offsets reach: the cast reports it as an error.
+        return datafusion::arrow::compute::cast(column, data_type);
+    }
     let mut out = StringBuilder::with_capacity(runs.len(), bytes);
     for (run, from, to) in spans {
         if values.is_valid(run) {
