@@ -119,11 +119,10 @@ impl Parser {
                     .collect::<Decimal128Array>()
                     .with_precision_and_scale(MONEY_PRECISION, MONEY_SCALE)?,
             ),
-            Parser::Zip => text(&|v, out| match zip::zip_digits(v) {
-                Some(digits) => {
-                    // Left-padded with zeros to five digits (`zip_digits` gives one to five). Writing to
-                    // a builder only appends bytes: it cannot fail.
-                    let _ = out.write_str(&"00000"[digits.len().min(5)..]);
+            Parser::Zip => text(&|v, out| match zip::zip_parts(v) {
+                Some((zeros, digits)) => {
+                    // Writing to a builder only appends bytes: it cannot fail.
+                    let _ = out.write_str(zeros);
                     let _ = out.write_str(digits);
                     out.append_value("");
                     true

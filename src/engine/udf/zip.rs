@@ -2,11 +2,12 @@
 //! 06071). Gives the 5-digit zero-padded zip, or NULL when empty or not a US zip.
 
 pub fn parse_zip(text: &str) -> Option<String> {
-    zip_digits(text).map(|digits| format!("{digits:0>5}"))
+    zip_parts(text).map(|(zeros, digits)| format!("{zeros}{digits}"))
 }
 
-/// The zip's digits before zero-padding (one to five), or `None` when it is no US zip.
-pub(super) fn zip_digits(text: &str) -> Option<&str> {
+/// The zip as the zeros that pad it to five digits and its own digits (one to five), or `None` when it
+/// is no US zip.
+pub(super) fn zip_parts(text: &str) -> Option<(&'static str, &str)> {
     let text = text.trim();
     let digits = match text.split_once('.') {
         Some((whole, fraction)) if fraction.bytes().all(|b| b == b'0') => whole,
@@ -16,7 +17,7 @@ pub(super) fn zip_digits(text: &str) -> Option<&str> {
     if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(digits)
+    Some((&"00000"[digits.len()..], digits))
 }
 
 #[cfg(test)]
