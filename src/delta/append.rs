@@ -294,24 +294,29 @@ pub(super) async fn append_frame_with(
     let schema = std::sync::Arc::new(frame.schema().as_arrow().clone());
     let table = create_if_missing(path, &schema, options).await?;
     let written = super::files::write_files(path, &table, frame, layout).await?;
+    commit_written(path, &table, written, meta, extra).await
+}
+
+/// Commits `written` (files of `table` not committed yet) as an append; nothing for no rows.
+pub(super) async fn commit_written(
+    path: &Location,
+    table: &deltalake::DeltaTable,
+    written: super::files::Written,
+    meta: &CommitMeta,
+    extra: Vec<(String, serde_json::Value)>,
+) -> Result<WriteMetrics, DeltaError> {
     if written.rows == 0 {
         return Ok(WriteMetrics::default());
     }
-    let operation = super::files::append_operation(path, &table)?;
+    let operation = super::files::append_operation(path, table)?;
     let files_added = written.adds.len() as u64;
     let actions = written
         .adds
         .into_iter()
         .map(deltalake::kernel::Action::Add)
         .collect();
-    let version = super::files::commit(
-        path,
-        &table,
-        actions,
-        operation,
-        meta.properties_with(extra),
-    )
-    .await?;
+    let version =
+        super::files::commit(path, table, actions, operation, meta.properties_with(extra)).await?;
     Ok(WriteMetrics {
         version: Some(version),
         rows_source: None,

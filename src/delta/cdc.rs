@@ -53,6 +53,7 @@ use futures::StreamExt;
 use super::{
     CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing,
     files::{KeyRanges, Layout},
+    first_load::StagedLoad,
     merge::key_predicate,
     quote,
 };
@@ -158,6 +159,9 @@ pub struct PreparedChanges {
     metrics: CdcMetrics,
     /// The batch's least and greatest first key, as SQL literals (`None`: not an integer or string).
     key_bounds: Option<(String, String)>,
+    /// A first load's rows, already written (see [`super::FirstLoad`]): the changes prepared are a
+    /// narrow copy of the batch, and the commit publishes these files.
+    staged: Option<StagedLoad>,
 }
 
 /// Applies a change batch in one go (prepare, then commit).
@@ -178,7 +182,7 @@ pub async fn apply_changes(
         .count()
         .await
         .map_err(|e| DeltaError::query(path, e))? as u64;
-    match prepare_changes(path, ctx, &scratch, changes, rows, spec, options).await? {
+    match prepare_changes(path, ctx, &scratch, changes, rows, spec, options, None).await? {
         Some(prepared) => prepared.commit(ctx, meta).await,
         None => Ok(CdcMetrics::default()),
     }
@@ -186,7 +190,10 @@ pub async fn apply_changes(
 
 /// Steps 1 to 3: checks, deduplicates and classifies the batch of `rows_read` rows (counted by the
 /// caller, which has read it once already); `None` when it is empty. The batch's tables stay registered
-/// in `ctx` for the commit, materialized in `scratch`, which must outlive the commit.
+/// in `ctx` for the commit, materialized in `scratch`, which must outlive the commit. With `staged`
+/// (a first load written as it was computed), `changes` may hold only some of the stored columns: the
+/// keys, sequences, op and tracked columns, and what the checks read.
+#[allow(clippy::too_many_arguments)]
 pub async fn prepare_changes(
     path: &Location,
     ctx: &SessionContext,
@@ -195,6 +202,7 @@ pub async fn prepare_changes(
     rows_read: u64,
     spec: &CdcSpec,
     options: &TableOptions,
+    staged: Option<StagedLoad>,
 ) -> Result<Option<PreparedChanges>, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
         table: path.to_string(),
@@ -216,6 +224,9 @@ pub async fn prepare_changes(
         }
     }
     if rows_read == 0 {
+        if let Some(staged) = staged {
+            staged.discard(path).await;
+        }
         return Ok(None);
     }
     ctx.register_table(CHANGES, changes.into_view())
@@ -230,12 +241,20 @@ pub async fn prepare_changes(
         .fields()
         .iter()
         .filter(|f| f.name() != &spec.op_column)
+        .filter(|f| {
+            staged
+                .as_ref()
+                .is_none_or(|s| s.stored.field_with_name(f.name()).is_ok())
+        })
         .map(|f| f.as_ref().clone())
         .collect();
     let stored_schema = Arc::new(Schema::new(stored));
     let mut table_options = options.clone();
     table_options.not_null.extend(spec.keys.iter().cloned());
-    let table = create_if_missing(path, &stored_schema, &table_options).await?;
+    let table = match &staged {
+        Some(staged) => staged.table.clone(),
+        None => create_if_missing(path, &stored_schema, &table_options).await?,
+    };
     let tombstone_fields: Vec<Field> = spec
         .keys
         .iter()
@@ -345,6 +364,7 @@ pub async fn prepare_changes(
         counts,
         metrics,
         key_bounds,
+        staged,
     }))
 }
 
@@ -363,8 +383,12 @@ impl PreparedChanges {
     }
 
     /// SQL for the table as it will be after the commit: live rows the batch does not replace or
-    /// delete, plus the batch's inserts and updates ([`PreparedChanges::changed_sql`]).
+    /// delete, plus the batch's inserts and updates ([`PreparedChanges::changed_sql`]). A staged first
+    /// load has no live rows: its candidate is what it adds.
     pub fn candidate_sql(&self) -> String {
+        if self.staged.is_some() {
+            return self.changed_sql();
+        }
         let join: Vec<String> = self
             .spec
             .keys
@@ -395,6 +419,13 @@ impl PreparedChanges {
         cols.join(", ")
     }
 
+    /// Deletes the files of a staged first load: nothing is published.
+    pub async fn discard(self) {
+        if let Some(staged) = self.staged {
+            staged.discard(&self.path).await;
+        }
+    }
+
     /// Step 4: the effective changes in one commit to the table, then the tombstones.
     pub async fn commit(
         self,
@@ -411,6 +442,7 @@ impl PreparedChanges {
             counts,
             mut metrics,
             key_bounds,
+            staged,
         } = self;
         let path = &path;
         let mut timer = Timer::new(path);
@@ -429,7 +461,26 @@ impl PreparedChanges {
             .map(|n| quote(n))
             .collect::<Vec<_>>()
             .join(", ");
-        if rewrites == 0 && count("insert") > 0 {
+        if let Some(staged) = staged {
+            // The files hold every change but the deletes, so the classification must have found
+            // inserts and tombstones only, one per change.
+            let inserts = count("insert");
+            let written = staged.written.rows;
+            if rewrites > 0 || inserts != written || metrics.rows_superseded > 0 {
+                staged.discard(path).await;
+                return Err(DeltaError::Invalid {
+                    table: path.to_string(),
+                    message: format!(
+                        "a first load written as computed holds {} row(s), where its changes \
+                         classify as {inserts} insert(s), {rewrites} update(s) or delete(s) and {} \
+                         superseded; nothing was published",
+                        written, metrics.rows_superseded
+                    ),
+                });
+            }
+            metrics.write =
+                super::append::commit_written(path, &table, staged.written, meta, extra).await?;
+        } else if rewrites == 0 && count("insert") > 0 {
             // Only keys the table does not hold (a first load, new rows): appended without a join.
             let source = ctx
                 .sql(&format!(
@@ -841,7 +892,7 @@ async fn summarize(
 /// The layout of a cdc write of `rows` new rows with keys within `batch_bounds`, plus the rows of
 /// rewritten files (`stats`): clustered by ranges of the first key when it is an integer, so that each
 /// file holds one range of keys and a later batch rewrites only the files of the ranges it changes.
-fn clustered(
+pub(super) fn clustered(
     spec: &CdcSpec,
     options: &TableOptions,
     batch_bounds: &Option<(String, String)>,
@@ -1410,6 +1461,7 @@ mod tests {
             5,
             &spec,
             &TableOptions::default(),
+            None,
         )
         .await
         .unwrap()

@@ -5,6 +5,7 @@
 mod append;
 mod cdc;
 mod files;
+mod first_load;
 mod merge;
 mod overwrite;
 mod slices;
@@ -27,6 +28,7 @@ pub use append::{BatchAppender, append_batches, append_frame};
 pub use cdc::{
     CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, prepare_changes, touched_since,
 };
+pub use first_load::{FirstLoad, StagedLoad};
 pub use merge::upsert;
 pub use overwrite::{Replacement, Scope, Staged, overwrite};
 pub use slices::{SLICE_ROWS, Slices};

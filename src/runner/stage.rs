@@ -804,10 +804,53 @@ async fn sql_stage(
             .map_err(|e| engine_err(engine::EngineError::query("incremental scope", e)))?;
     }
 
+    let cdc_spec = match &stage.write {
+        WriteMode::Cdc {
+            keys,
+            sequence_by,
+            op_column,
+            delete_values,
+            track,
+        } => Some(CdcSpec {
+            keys: keys.clone(),
+            sequence_by: sequence_by.clone(),
+            op_column: op_column.clone(),
+            delete_values: delete_values.clone(),
+            track: track.clone(),
+            tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
+        }),
+        _ => None,
+    };
+    let meta = commit_meta(context, stage);
+    let options = table_options(context, stage);
+
     // The output is read several times (expectations, the split, the cdc steps, the quarantine): it is
-    // computed once, into scratch files, and every later step reads typed rows from there.
+    // computed once, into scratch files, and every later step reads typed rows from there. A cdc
+    // table's first load goes to its files as it is computed, and only a narrow copy to scratch.
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
-    if stage.write.is_incremental() || !stage.expectations.is_empty() {
+    let mut expectations = stage.expectations.clone();
+    let mut staged_load = None;
+    if let Some(spec) = cdc_spec.as_ref().filter(|_| scope.is_none()) {
+        progress.message("planning a first load");
+        if let Some((staged, narrow, evaluated)) = write_first_load(
+            &ctx,
+            stage,
+            spec,
+            &target_path,
+            &options,
+            &output,
+            reads,
+            &scratch,
+            progress,
+        )
+        .await?
+        {
+            staged_load = Some(staged);
+            output = narrow;
+            expectations = evaluated;
+        }
+    }
+    if staged_load.is_none() && (stage.write.is_incremental() || !stage.expectations.is_empty()) {
         progress.message("computing");
         scratch
             .materialize(&ctx, STAGE_OUTPUT, output)
@@ -821,12 +864,22 @@ async fn sql_stage(
 
     progress.message("checking expectations");
     // One pass over the output for all expectations and the row count; none when neither is needed.
-    let evaluation = if stage.expectations.is_empty() && !stage.write.is_incremental() {
+    let evaluation = if expectations.is_empty() && !stage.write.is_incremental() {
         checks::Evaluation::default()
     } else {
-        checks::evaluate(&ctx, &output, &stage.expectations)
-            .await
-            .map_err(engine_err)?
+        let evaluation = checks::evaluate(&ctx, &output, &expectations).await;
+        match (evaluation, staged_load.take()) {
+            (Ok(evaluation), staged) => {
+                staged_load = staged;
+                evaluation
+            }
+            (Err(error), staged) => {
+                if let Some(staged) = staged {
+                    staged.discard(&target_path).await;
+                }
+                return Err(engine_err(error));
+            }
+        }
     };
     let results = &evaluation.results;
     let mut warnings = Vec::new();
@@ -860,6 +913,9 @@ async fn sql_stage(
         }
     }
     if !failures.is_empty() {
+        if let Some(staged) = staged_load {
+            staged.discard(&target_path).await;
+        }
         return Err(RunError::Checks {
             stage: name.clone(),
             message: format!("{}; nothing was written", failures.join("; ")),
@@ -870,35 +926,19 @@ async fn sql_stage(
     } else {
         0
     };
-    let split = checks::split(&ctx, output, &stage.expectations, &evaluation)
+    let split = checks::split(&ctx, output, &expectations, &evaluation)
         .await
         .map_err(engine_err)?;
     let output = split.kept;
 
     // Write-audit-publish: the candidate result is checked before anything is committed.
-    let meta = commit_meta(context, stage);
-    let options = table_options(context, stage);
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
     report.warnings = warnings;
     report.rows_dropped = split.dropped;
     report.rows_quarantined = split.quarantined;
-    let prepared = match &stage.write {
-        WriteMode::Cdc {
-            keys,
-            sequence_by,
-            op_column,
-            delete_values,
-            track,
-        } => {
+    let prepared = match &cdc_spec {
+        Some(spec) => {
             progress.message("classifying changes");
-            let spec = CdcSpec {
-                keys: keys.clone(),
-                sequence_by: sequence_by.clone(),
-                op_column: op_column.clone(),
-                delete_values: delete_values.clone(),
-                track: track.clone(),
-                tombstones: state::tombstones_path(&context.pipeline.lake, &stage.target),
-            };
             let kept = evaluation.rows - split.dropped - split.quarantined;
             delta::prepare_changes(
                 &target_path,
@@ -906,13 +946,14 @@ async fn sql_stage(
                 &scratch,
                 output.clone(),
                 kept,
-                &spec,
+                spec,
                 &options,
+                staged_load,
             )
             .await
             .map_err(delta_err)?
         }
-        _ => None,
+        None => None,
     };
     if let Some(prepared) = &prepared {
         let m = prepared.metrics();
@@ -1010,6 +1051,9 @@ async fn sql_stage(
                 if let Some((staged, _)) = staged {
                     staged.discard().await;
                 }
+                if let Some(prepared) = prepared {
+                    prepared.discard().await;
+                }
                 return Err(error);
             }
         }
@@ -1027,6 +1071,9 @@ async fn sql_stage(
     if !blocking.is_empty() {
         if let Some((staged, _)) = staged {
             staged.discard().await;
+        }
+        if let Some(prepared) = prepared {
+            prepared.discard().await;
         }
         report.outcome =
             StageOutcome::Failed(format!("{}; nothing was published", blocking.join("; ")));
@@ -1215,6 +1262,159 @@ async fn stage_replacement(
         .map_err(candidate_err)?;
     progress.message("checking the candidate");
     Ok(Some((staged, slices)))
+}
+
+/// A cdc stage's first load written to its table's files as it is computed ([`delta::FirstLoad`]),
+/// uncommitted. Every expectation is evaluated in the same pass, into a boolean column of the output;
+/// what goes to scratch, registered as the stage's output, is a narrow copy of every row: the cdc
+/// columns, the lineage, the columns the checks read and those booleans. Returns the staged files, that
+/// copy, and the expectations restated over the booleans; `None` (nothing computed) when the load
+/// cannot go this way: see [`delta::FirstLoad::plan`], and quarantined rows need the lineage and the
+/// Bronze table their raw values are read from, and the checks' columns must be known.
+#[allow(clippy::too_many_arguments)]
+async fn write_first_load(
+    ctx: &datafusion::prelude::SessionContext,
+    stage: &Stage,
+    spec: &CdcSpec,
+    target_path: &Location,
+    options: &TableOptions,
+    output: &datafusion::prelude::DataFrame,
+    reads: &[crate::config::TableName],
+    scratch: &Scratch,
+    progress: &StageProgress,
+) -> Result<
+    Option<(
+        delta::StagedLoad,
+        datafusion::prelude::DataFrame,
+        Vec<crate::config::Expectation>,
+    )>,
+    RunError,
+> {
+    const COMPUTED: &str = "__medallion_first_load";
+    const WRITE: &str = "__medallion_write";
+    let delta_err = |source| RunError::Delta {
+        stage: stage.name.clone(),
+        source,
+    };
+    let query_err = |e| RunError::Engine {
+        stage: stage.name.clone(),
+        source: engine::EngineError::query("first load", e),
+    };
+    let schema = output.schema().as_arrow().clone();
+    let lineage = [landing::SOURCE_FILE, landing::SOURCE_ROW];
+    let has_lineage = lineage.iter().all(|c| schema.field_with_name(c).is_ok());
+    let quarantines = stage
+        .expectations
+        .iter()
+        .any(|e| e.action == ExpectationAction::Quarantine);
+    if quarantines && !(has_lineage && reads.iter().any(|t| t.schema == "bronze")) {
+        return Ok(None);
+    }
+    let Some(checked) = checks::columns_read(
+        ctx,
+        &stage.checks,
+        Arc::new(schema.clone()),
+        &checks::RELATIONS,
+    )
+    .await
+    else {
+        return Ok(None);
+    };
+    let Some(load) = delta::FirstLoad::plan(target_path, output, spec, options)
+        .await
+        .map_err(delta_err)?
+    else {
+        return Ok(None);
+    };
+    progress.message("writing the first load");
+
+    // The output, each expectation's verdict, and whether the row goes to the table: it passes every
+    // expectation that removes rows, and is not a delete.
+    let verdict = |i: usize| format!("__medallion_expectation_{i}");
+    let mut columns = vec!["*".to_string()];
+    let mut removing = Vec::new();
+    for (i, expectation) in stage.expectations.iter().enumerate() {
+        columns.push(format!(
+            "COALESCE(({}), FALSE) AS {}",
+            expectation.expr,
+            verdict(i)
+        ));
+        if matches!(
+            expectation.action,
+            ExpectationAction::Drop | ExpectationAction::Quarantine
+        ) {
+            removing.push(verdict(i));
+        }
+    }
+    let deletes: Vec<String> = spec
+        .delete_values
+        .iter()
+        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .collect();
+    removing.push(format!(
+        "NOT COALESCE(\"{}\" IN ({}), FALSE)",
+        spec.op_column.replace('"', "\"\""),
+        deletes.join(", ")
+    ));
+    ctx.register_table(COMPUTED, output.clone().into_view())
+        .map_err(query_err)?;
+    let computed = ctx
+        .sql(&format!(
+            "SELECT *, {} AS {WRITE} FROM (SELECT {} FROM {COMPUTED})",
+            removing.join(" AND "),
+            columns.join(", ")
+        ))
+        .await
+        .map_err(query_err)?;
+    let computed_schema = computed.schema().as_arrow().clone();
+    let mut narrow: Vec<usize> = Vec::new();
+    let wanted = spec
+        .keys
+        .iter()
+        .chain(&spec.sequence_by)
+        .chain(std::iter::once(&spec.op_column))
+        .chain(&spec.track)
+        .map(String::as_str)
+        .chain(lineage.iter().copied().filter(|_| has_lineage))
+        .map(String::from)
+        .chain(checked.iter().map(|&i| schema.field(i).name().clone()))
+        .chain((0..stage.expectations.len()).map(verdict));
+    for name in wanted {
+        let index = computed_schema
+            .index_of(&name)
+            .map_err(|e| query_err(e.into()))?;
+        if !narrow.contains(&index) {
+            narrow.push(index);
+        }
+    }
+    let streams = computed
+        .execute_stream_partitioned()
+        .await
+        .map_err(query_err)?;
+    let (streams, copies) = engine::scratch::tee(streams, &narrow).map_err(query_err)?;
+    let (staged, copied) = tokio::join!(
+        load.write(streams, WRITE),
+        scratch.materialize_streams(ctx, STAGE_OUTPUT, copies),
+    );
+    let staged = staged.map_err(delta_err)?;
+    if let Err(source) = copied {
+        staged.discard(target_path).await;
+        return Err(RunError::Engine {
+            stage: stage.name.clone(),
+            source,
+        });
+    }
+    let copy = ctx.table(STAGE_OUTPUT).await.map_err(query_err)?;
+    let evaluated = stage
+        .expectations
+        .iter()
+        .enumerate()
+        .map(|(i, e)| crate::config::Expectation {
+            expr: verdict(i),
+            ..e.clone()
+        })
+        .collect();
+    Ok(Some((staged, copy, evaluated)))
 }
 
 /// SQL for the stage's candidate result: the target as it would be after the write.

@@ -379,3 +379,210 @@ async fn a_check_over_changed_reads_the_rows_the_write_adds_not_the_table() {
         "the table holds the rows it kept and the ones added"
     );
 }
+
+/// Appends a LOAD file of the given rows (`dms_commit_ts,id,date,...` without the header) to the
+/// scratch landing; returns its path.
+fn add_load_file(scratch: &Scratch, name: &str, rows: &[String]) -> std::path::PathBuf {
+    let header = "dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
+                  merchant_state,zip,mcc,errors";
+    let path = scratch.transactions_dir().join(name);
+    std::fs::write(&path, format!("{header}\n{}\n", rows.join("\n"))).expect("write load file");
+    path
+}
+
+/// `medallion -v run` of the reference pipeline with the stages' steps logged.
+fn run_logged(scratch: &Scratch) -> std::process::Output {
+    Command::new(crate::common::BIN)
+        .args(["run", "pipelines/transactions.yaml"])
+        .current_dir(repo())
+        .env("MEDALLION_LANDING", scratch.landing())
+        .env("MEDALLION_LAKE", scratch.lake())
+        .env("RUST_LOG", "medallion=debug")
+        .output()
+        .expect("run medallion")
+}
+
+/// A first load that changes each key once goes to Silver's files as it is computed, and is published
+/// only after its expectations and checks pass: a failing check or a failing `fail` expectation leaves
+/// no file behind; quarantined rows go to quarantine with their raw values; the table equals a replay
+/// of the files, and the next batch merges into it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_written_as_computed_is_published_only_when_it_passes() {
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 10, 2, 33);
+    let changes = std::fs::read_dir(scratch.transactions_dir())
+        .expect("landing")
+        .filter(|e| {
+            let name = e.as_ref().expect("entry").file_name();
+            !name.to_string_lossy().starts_with("LOAD")
+        })
+        .count();
+    let held = scratch.hold_back_changes(changes);
+    let clean = crate::common::replay(&scratch.transactions_dir());
+    // One row whose amount does not parse, under a key no other row has.
+    let bad = add_load_file(
+        &scratch,
+        "LOAD00000099.csv",
+        &["2010-01-01 00:00:00.000000,99999001,2010-01-01 10:00:00,1,2,$12x,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string()],
+    );
+    let silver = scratch.table("silver", "transactions");
+
+    // A check that fails: nothing is published, and the files written as the load was computed are gone.
+    let refuse = with_silver_checks(
+        "      - { name: no_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"= 0\" }\n",
+    );
+    let output = scratch.run_edited(&refuse, None);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("check `no_rows` failed"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        data_files(&silver).is_empty(),
+        "no Silver file left: {:?}",
+        data_files(&silver)
+    );
+    let version = delta_version(&silver);
+    assert!(
+        version.is_none_or(|v| v == 0),
+        "nothing committed: {version:?}"
+    );
+
+    // The reference checks pass: written as computed, published, and equal to the replay.
+    let output = run_logged(&scratch);
+    assert_success(&output);
+    assert!(
+        text(&output).contains("step=writing the first load"),
+        "the first load went to its files as it was computed: {}",
+        text(&output)
+    );
+    let files = data_files(&silver);
+    let published = query(
+        &scratch.lake(),
+        &["silver.transactions"],
+        "SELECT COUNT(*), COUNT(DISTINCT dms_id), CAST(SUM(amount) AS VARCHAR), \
+                COUNT(DISTINCT \"_source_file\") FROM silver.transactions",
+    )
+    .await;
+    let total: rust_decimal::Decimal = clean.values().map(|t| t.amount).sum();
+    let loads = std::fs::read_dir(scratch.transactions_dir())
+        .expect("landing")
+        .count()
+        - 1;
+    assert_eq!(
+        published,
+        vec![vec![
+            clean.len().to_string(),
+            clean.len().to_string(),
+            total.to_string(),
+            loads.to_string()
+        ]],
+        "rows, keys, sum of amount, files: the replay without the quarantined row"
+    );
+    let quarantined = query(
+        &scratch.lake(),
+        &["quarantine.transactions"],
+        "SELECT id, amount, _reason FROM quarantine.transactions",
+    )
+    .await;
+    assert_eq!(
+        quarantined,
+        vec![vec![
+            "99999001".to_string(),
+            "$12x".to_string(),
+            "amount_parses".to_string()
+        ]]
+    );
+    assert_eq!(
+        files.len(),
+        delta_files_in_log(&silver),
+        "every file in the table's folder is in its log"
+    );
+
+    // The held changes merge into the first load as any batch does.
+    std::fs::remove_file(&bad).expect("remove the bad file from the landing");
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("restore change file");
+    }
+    assert_success(&scratch.run());
+    let live = crate::common::replay(&scratch.transactions_dir());
+    let total: rust_decimal::Decimal = live.values().map(|t| t.amount).sum();
+    let merged = query(
+        &scratch.lake(),
+        &["silver.transactions"],
+        "SELECT COUNT(*), COUNT(DISTINCT dms_id), CAST(SUM(amount) AS VARCHAR) FROM silver.transactions",
+    )
+    .await;
+    assert_eq!(
+        merged,
+        vec![vec![
+            live.len().to_string(),
+            live.len().to_string(),
+            total.to_string()
+        ]]
+    );
+}
+
+/// A first load whose `fail` expectation fails publishes nothing and leaves no file in Silver.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_failing_an_expectation_leaves_no_file() {
+    let scratch = Scratch::new();
+    scratch.generate(500, 5, 1, 34);
+    let changes = std::fs::read_dir(scratch.transactions_dir())
+        .expect("landing")
+        .filter(|e| {
+            let name = e.as_ref().expect("entry").file_name();
+            !name.to_string_lossy().starts_with("LOAD")
+        })
+        .count();
+    scratch.hold_back_changes(changes);
+    add_load_file(
+        &scratch,
+        "LOAD00000099.csv",
+        &["yesterday,99999002,2010-01-01 10:00:00,1,2,$12.00,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string()],
+    );
+    let output = run_logged(&scratch);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains("expectation `commit_ts_parses` failed for 1 row(s)")
+            && text(&output).contains("LOAD00000099.csv"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        text(&output).contains("step=writing the first load"),
+        "{}",
+        text(&output)
+    );
+    let silver = scratch.table("silver", "transactions");
+    assert!(
+        data_files(&silver).is_empty(),
+        "no Silver file left: {:?}",
+        data_files(&silver)
+    );
+}
+
+/// Data files the table's log adds and does not remove.
+fn delta_files_in_log(table: &std::path::Path) -> usize {
+    let mut live = std::collections::BTreeSet::new();
+    let mut entries: Vec<_> = std::fs::read_dir(table.join("_delta_log"))
+        .expect("log")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    entries.sort();
+    for entry in entries {
+        for line in std::fs::read_to_string(entry).expect("log entry").lines() {
+            let action: serde_json::Value = serde_json::from_str(line).expect("json");
+            if let Some(path) = action["add"]["path"].as_str() {
+                live.insert(path.to_string());
+            }
+            if let Some(path) = action["remove"]["path"].as_str() {
+                live.remove(path);
+            }
+        }
+    }
+    live.len()
+}

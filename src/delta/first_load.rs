@@ -1,0 +1,185 @@
+//! A cdc table's first load, written as the stage computes it. A first load compares with nothing (no
+//! live rows, no tombstones): when it also changes each key once, every change that is not a delete is
+//! an insert, so its rows can go to the table's files in the pass that computes them, and only a narrow
+//! copy (keys, sequences, op, what the checks read) is kept for the cdc steps, which classify and check
+//! it before the files are published ([`super::PreparedChanges::commit`]) or removed
+//! ([`super::PreparedChanges::discard`]). The general path instead keeps the whole result in scratch
+//! files and writes it after, reading it again.
+
+use std::sync::Arc;
+
+use datafusion::{
+    arrow::{
+        array::{AsArray, RecordBatch},
+        compute::filter_record_batch,
+        datatypes::{Schema, SchemaRef},
+    },
+    physical_plan::{SendableRecordBatchStream, stream::RecordBatchStreamAdapter},
+    prelude::{DataFrame, ident},
+};
+use futures::StreamExt;
+
+use super::{
+    DeltaError, TableOptions, create_if_missing,
+    files::{FileStats, Layout, Written},
+    quote,
+};
+use crate::{
+    delta::cdc::{CdcSpec, clustered},
+    engine::udf::repeated::{append_keys, is_integer_key, repeated_keys},
+    storage::Location,
+};
+
+/// A first load about to be written: the table (created empty) and how its files are laid out.
+pub struct FirstLoad {
+    path: Location,
+    table: deltalake::DeltaTable,
+    layout: Layout,
+    /// The table's columns: the stage's output without the op column.
+    stored: SchemaRef,
+}
+
+/// A first load's files, written and not yet committed.
+pub struct StagedLoad {
+    pub(super) table: deltalake::DeltaTable,
+    pub(super) written: Written,
+    pub(super) stored: SchemaRef,
+}
+
+impl FirstLoad {
+    /// The first load of `output` into the cdc table at `path`, when it may be written as it is
+    /// computed: the table and its tombstones hold no files, at most one column is tracked, the key is
+    /// one integer column and no key (NULL counted as a value) occurs twice in `output`. `None`
+    /// otherwise, to go the general way. Finding out reads the key column alone (its bounds lay out
+    /// the files); the table is created empty when it does not exist.
+    pub async fn plan(
+        path: &Location,
+        output: &DataFrame,
+        spec: &CdcSpec,
+        options: &TableOptions,
+    ) -> Result<Option<FirstLoad>, DeltaError> {
+        let query = |e| DeltaError::query(path, e);
+        let schema = output.schema().as_arrow().clone();
+        let [key] = spec.keys.as_slice() else {
+            return Ok(None);
+        };
+        let key_field = match schema.field_with_name(key) {
+            Ok(field) if is_integer_key(field.data_type()) => field.clone(),
+            _ => return Ok(None),
+        };
+        if spec.track.len() > 1 || schema.field_with_name(&spec.op_column).is_err() {
+            return Ok(None);
+        }
+        let holds_files =
+            |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
+        for table in [path, &spec.tombstones] {
+            if super::open(table).await?.is_some_and(|t| holds_files(&t)) {
+                return Ok(None);
+            }
+        }
+        let mut stream = output
+            .clone()
+            .select(vec![ident(key)])
+            .map_err(query)?
+            .execute_stream()
+            .await
+            .map_err(query)?;
+        let (mut keys, mut nulls) = (Vec::new(), 0);
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(query)?;
+            nulls += batch.column(0).null_count();
+            append_keys(&mut keys, batch.column(0)).map_err(query)?;
+        }
+        let rows = (keys.len() + nulls) as u64;
+        let bounds = keys.iter().min().zip(keys.iter().max());
+        let bounds = bounds.map(|(low, high)| (low.to_string(), high.to_string()));
+        if nulls > 1 || !repeated_keys(keys).is_empty() {
+            return Ok(None);
+        }
+        let stored: Vec<_> = schema
+            .fields()
+            .iter()
+            .filter(|f| f.name() != &spec.op_column)
+            .cloned()
+            .collect();
+        let stored = Arc::new(Schema::new(stored));
+        let mut table_options = options.clone();
+        table_options.not_null.push(key_field.name().clone());
+        let table = create_if_missing(path, &stored, &table_options).await?;
+        let layout = clustered(
+            spec,
+            &table_options,
+            &bounds,
+            None,
+            rows,
+            &FileStats::default(),
+        );
+        Ok(Some(FirstLoad {
+            path: path.clone(),
+            table,
+            layout,
+            stored,
+        }))
+    }
+
+    /// Writes the rows of `streams` (batches of the stage's output plus a boolean column `keep`) that
+    /// `keep` holds true for, as the table's files, uncommitted. The streams' other columns go
+    /// elsewhere (see [`crate::engine::scratch::tee`]) as they are read.
+    pub async fn write(
+        self,
+        streams: Vec<SendableRecordBatchStream>,
+        keep: &str,
+    ) -> Result<StagedLoad, DeltaError> {
+        let FirstLoad {
+            path,
+            table,
+            layout,
+            stored,
+        } = self;
+        let query = |e| DeltaError::query(&path, e);
+        let mut kept = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let schema = stream.schema();
+            let mask = schema.index_of(keep).map_err(|e| query(e.into()))?;
+            let columns = stored
+                .fields()
+                .iter()
+                .map(|f| schema.index_of(f.name()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| query(e.into()))?;
+            let projected = Arc::new(schema.project(&columns).map_err(|e| query(e.into()))?);
+            let rows = stream.map(move |batch| {
+                let batch = batch?;
+                let keep = batch.column(mask).as_boolean_opt().ok_or_else(|| {
+                    datafusion::error::DataFusionError::Internal(format!(
+                        "column `{}` is not a boolean",
+                        quote(&batch.schema().field(mask).name().clone())
+                    ))
+                })?;
+                let rows: RecordBatch = filter_record_batch(&batch.project(&columns)?, keep)?;
+                Ok(rows)
+            });
+            kept.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
+        }
+        let written = super::files::write_streams(
+            &path,
+            || deltalake::writer::RecordBatchWriter::for_table(&table),
+            super::table_writer_properties(&table),
+            kept,
+            &layout,
+        )
+        .await?;
+        Ok(StagedLoad {
+            table,
+            written,
+            stored,
+        })
+    }
+}
+
+impl StagedLoad {
+    /// Deletes the written files: nothing is published.
+    pub async fn discard(self, path: &Location) {
+        super::files::discard(path, &self.table, &self.written.adds).await;
+    }
+}
