@@ -204,6 +204,31 @@ pub async fn prepare_changes(
     options: &TableOptions,
     staged: Option<StagedLoad>,
 ) -> Result<Option<PreparedChanges>, DeltaError> {
+    // Staged files are not published when the batch cannot be prepared.
+    let written = staged
+        .as_ref()
+        .map(|s| (s.table.clone(), s.written.adds.clone()));
+    let prepared = prepare(
+        path, ctx, scratch, changes, rows_read, spec, options, staged,
+    )
+    .await;
+    if let (Err(_), Some((table, adds))) = (&prepared, written) {
+        super::files::discard_new(path, table.as_ref(), &adds).await;
+    }
+    prepared
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn prepare(
+    path: &Location,
+    ctx: &SessionContext,
+    scratch: &Scratch,
+    changes: DataFrame,
+    rows_read: u64,
+    spec: &CdcSpec,
+    options: &TableOptions,
+    staged: Option<StagedLoad>,
+) -> Result<Option<PreparedChanges>, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
         table: path.to_string(),
         message,
@@ -232,8 +257,15 @@ pub async fn prepare_changes(
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
     let mut timer = Timer::new(path);
-    let latest_rows =
-        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?;
+    let latest_rows = if staged.is_some() {
+        // A staged first load holds each key once (see `FirstLoad::plan`): the batch is its own latest.
+        let latest = ctx.table(CHANGES).await.map_err(query)?;
+        ctx.register_table(LATEST, latest.into_view())
+            .map_err(query)?;
+        rows_read
+    } else {
+        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?
+    };
     timer.done("latest change per key");
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
@@ -252,7 +284,7 @@ pub async fn prepare_changes(
     let mut table_options = options.clone();
     table_options.not_null.extend(spec.keys.iter().cloned());
     let table = match &staged {
-        Some(staged) => staged.table.clone(),
+        Some(staged) => staged.table(path).await?,
         None => create_if_missing(path, &stored_schema, &table_options).await?,
     };
     let tombstone_fields: Vec<Field> = spec
@@ -478,6 +510,7 @@ impl PreparedChanges {
                     ),
                 });
             }
+            // A failed commit keeps its files: it may have reached the log all the same.
             metrics.write =
                 super::append::commit_written(path, &table, staged.written, meta, extra).await?;
         } else if rewrites == 0 && count("insert") > 0 {

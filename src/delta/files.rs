@@ -257,6 +257,44 @@ pub(super) async fn write_files(
     .await
 }
 
+/// As [`write_streams`], as new files of `table`, or, when it does not exist yet, of the table that
+/// `schema` and `options` create ([`super::create_if_missing`]), laid out as `layout` says.
+pub(super) async fn write_new_files(
+    path: &Location,
+    table: Option<&DeltaTable>,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    options: &super::TableOptions,
+    streams: Vec<SendableRecordBatchStream>,
+    layout: &Layout,
+) -> Result<Written, DeltaError> {
+    if let Some(table) = table {
+        let new_writer = || RecordBatchWriter::for_table(table);
+        let properties = super::table_writer_properties(table);
+        return write_streams(path, new_writer, properties, streams, layout).await;
+    }
+    let url = path.url().map_err(|source| DeltaError::Storage {
+        table: path.to_string(),
+        source,
+    })?;
+    let schema = Arc::new(super::stored_schema(schema, options));
+    let partition_by = &options.partition_by;
+    let partitions = (!partition_by.is_empty()).then(|| partition_by.clone());
+    let storage = path.delta_options();
+    let new_writer = || {
+        RecordBatchWriter::try_new(
+            url.as_str(),
+            schema.clone(),
+            partitions.clone(),
+            Some(storage.clone()),
+        )
+    };
+    let properties = super::statistics_properties(
+        options.stats_columns.as_deref(),
+        &super::integer_columns(&schema),
+    );
+    write_streams(path, new_writer, properties, streams, layout).await
+}
+
 /// `table`'s partition columns (none when its snapshot cannot be read).
 pub(super) fn partition_columns(table: &DeltaTable) -> Vec<String> {
     table
@@ -568,6 +606,25 @@ pub(super) fn remove_all(path: &Location, table: &DeltaTable) -> Result<Vec<Acti
 
 /// Deletes files written and never committed (best effort: a file left behind is invisible to
 /// readers, and `medallion maintain` vacuums it). `table` may be one not created yet.
+/// As [`discard`], for files written before their table existed ([`write_new_files`]).
+pub(super) async fn discard_new(path: &Location, table: Option<&DeltaTable>, adds: &[Add]) {
+    if let Some(table) = table {
+        return discard(path, table, adds).await;
+    }
+    let table = path.url().map_err(|e| e.to_string()).and_then(|url| {
+        deltalake::DeltaTableBuilder::from_url(url)
+            .and_then(|b| b.with_storage_options(path.delta_options()).build())
+            .map_err(|e| e.to_string())
+    });
+    match table {
+        Ok(table) => discard(path, &table, adds).await,
+        Err(error) => tracing::warn!(
+            "{path}: could not remove {} unpublished file(s): {error}",
+            adds.len()
+        ),
+    }
+}
+
 pub(super) async fn discard(path: &Location, table: &DeltaTable, adds: &[Add]) {
     let store = table.log_store().object_store(None);
     for add in adds {

@@ -30,20 +30,24 @@ use crate::{
     storage::Location,
 };
 
-/// A first load about to be written: the table (created empty) and how its files are laid out.
+/// A first load about to be written: its table (`None` until it is created, when the load is
+/// prepared), its columns and how its files are laid out.
 pub struct FirstLoad {
     path: Location,
-    table: deltalake::DeltaTable,
+    table: Option<deltalake::DeltaTable>,
     layout: Layout,
     /// The table's columns: the stage's output without the op column.
     stored: SchemaRef,
+    /// The table's options, its key not null.
+    options: TableOptions,
 }
 
 /// A first load's files, written and not yet committed.
 pub struct StagedLoad {
-    pub(super) table: deltalake::DeltaTable,
+    pub(super) table: Option<deltalake::DeltaTable>,
     pub(super) written: Written,
     pub(super) stored: SchemaRef,
+    pub(super) options: TableOptions,
 }
 
 impl FirstLoad {
@@ -51,7 +55,7 @@ impl FirstLoad {
     /// computed: the table and its tombstones hold no files, at most one column is tracked, the key is
     /// one integer column and no key (NULL counted as a value) occurs twice in `output`. `None`
     /// otherwise, to go the general way. Finding out reads the key column alone (its bounds lay out
-    /// the files); the table is created empty when it does not exist.
+    /// the files).
     pub async fn plan(
         path: &Location,
         output: &DataFrame,
@@ -72,10 +76,13 @@ impl FirstLoad {
         }
         let holds_files =
             |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
-        for table in [path, &spec.tombstones] {
-            if super::open(table).await?.is_some_and(|t| holds_files(&t)) {
-                return Ok(None);
-            }
+        let table = super::open(path).await?;
+        if table.as_ref().is_some_and(holds_files)
+            || super::open(&spec.tombstones)
+                .await?
+                .is_some_and(|t| holds_files(&t))
+        {
+            return Ok(None);
         }
         let mut stream = output
             .clone()
@@ -105,7 +112,6 @@ impl FirstLoad {
         let stored = Arc::new(Schema::new(stored));
         let mut table_options = options.clone();
         table_options.not_null.push(key_field.name().clone());
-        let table = create_if_missing(path, &stored, &table_options).await?;
         let layout = clustered(
             spec,
             &table_options,
@@ -119,6 +125,7 @@ impl FirstLoad {
             table,
             layout,
             stored,
+            options: table_options,
         }))
     }
 
@@ -135,6 +142,7 @@ impl FirstLoad {
             table,
             layout,
             stored,
+            options,
         } = self;
         let query = |e| DeltaError::query(&path, e);
         let mut kept = Vec::with_capacity(streams.len());
@@ -161,18 +169,14 @@ impl FirstLoad {
             });
             kept.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
         }
-        let written = super::files::write_streams(
-            &path,
-            || deltalake::writer::RecordBatchWriter::for_table(&table),
-            super::table_writer_properties(&table),
-            kept,
-            &layout,
-        )
-        .await?;
+        let written =
+            super::files::write_new_files(&path, table.as_ref(), &stored, &options, kept, &layout)
+                .await?;
         Ok(StagedLoad {
             table,
             written,
             stored,
+            options,
         })
     }
 }
@@ -180,6 +184,14 @@ impl FirstLoad {
 impl StagedLoad {
     /// Deletes the written files: nothing is published.
     pub async fn discard(self, path: &Location) {
-        super::files::discard(path, &self.table, &self.written.adds).await;
+        super::files::discard_new(path, self.table.as_ref(), &self.written.adds).await;
+    }
+
+    /// The table, created now when the load was written before it existed.
+    pub(super) async fn table(&self, path: &Location) -> Result<deltalake::DeltaTable, DeltaError> {
+        match &self.table {
+            Some(table) => Ok(table.clone()),
+            None => create_if_missing(path, &self.stored, &self.options).await,
+        }
     }
 }

@@ -391,36 +391,15 @@ impl Replacement {
             Some(table) => super::files::partition_columns(table),
             None => target.options.partition_by.clone(),
         };
-        let written = match &target.table {
-            Some(table) => {
-                let new_writer = || RecordBatchWriter::for_table(table);
-                let properties = super::table_writer_properties(table);
-                super::files::write_streams(path, new_writer, properties, streams, &layout).await?
-            }
-            None => {
-                let url = path.url().map_err(|source| DeltaError::Storage {
-                    table: path.to_string(),
-                    source,
-                })?;
-                let schema = Arc::new(super::stored_schema(&target.schema, &target.options));
-                let partition_by = &target.options.partition_by;
-                let partitions = (!partition_by.is_empty()).then(|| partition_by.clone());
-                let storage = path.delta_options();
-                let new_writer = || {
-                    RecordBatchWriter::try_new(
-                        url.as_str(),
-                        schema.clone(),
-                        partitions.clone(),
-                        Some(storage.clone()),
-                    )
-                };
-                let properties = super::statistics_properties(
-                    target.options.stats_columns.as_deref(),
-                    &super::integer_columns(&schema),
-                );
-                super::files::write_streams(path, new_writer, properties, streams, &layout).await?
-            }
-        };
+        let written = super::files::write_new_files(
+            path,
+            target.table.as_ref(),
+            &target.schema,
+            &target.options,
+            streams,
+            &layout,
+        )
+        .await?;
         Ok(Staged { target, written })
     }
 }
@@ -522,22 +501,8 @@ impl Staged {
 
     /// Deletes the written files: nothing is published.
     pub async fn discard(self) {
-        let path = &self.target.path;
-        let table = match self.target.table {
-            Some(table) => Ok(table),
-            None => path.url().map_err(|e| e.to_string()).and_then(|url| {
-                deltalake::DeltaTableBuilder::from_url(url)
-                    .and_then(|b| b.with_storage_options(path.delta_options()).build())
-                    .map_err(|e| e.to_string())
-            }),
-        };
-        match table {
-            Ok(table) => super::files::discard(path, &table, &self.written.adds).await,
-            Err(error) => tracing::warn!(
-                "{path}: could not remove {} unpublished file(s): {error}",
-                self.written.adds.len()
-            ),
-        }
+        let target = &self.target;
+        super::files::discard_new(&target.path, target.table.as_ref(), &self.written.adds).await;
     }
 }
 

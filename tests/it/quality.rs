@@ -561,6 +561,7 @@ async fn a_first_load_failing_an_expectation_leaves_no_file() {
         "no Silver file left: {:?}",
         data_files(&silver)
     );
+    assert_eq!(delta_version(&silver), None, "no Silver table either");
 }
 
 /// Data files the table's log adds and does not remove.
@@ -585,4 +586,80 @@ fn delta_files_in_log(table: &std::path::Path) -> usize {
         }
     }
     live.len()
+}
+
+/// A first load of change files, each key once, deletes among them: written as computed, its deletes
+/// become tombstones, so a late insert of a deleted key stays out and a new key goes in.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
+    let scratch = Scratch::new();
+    scratch.generate(500, 5, 1, 35);
+    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
+    }
+    let header = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
+                  merchant_state,zip,mcc,errors";
+    let row = |op: &str, ts: &str, id: u32, amount: &str| {
+        format!(
+            "{op},{ts},{id},2020-01-01 10:00:00,1,2,{amount},Swipe Transaction,3,Reno,NV,89501.0,5411,"
+        )
+    };
+    let at = "2020-01-02 00:00:00.000000";
+    let first = [
+        row("I", at, 1, "$10.00"),
+        row("I", at, 2, "$20.05"),
+        row("U", at, 3, "$-30.00"),
+        row("D", at, 4, "$40.00"),
+    ];
+    std::fs::write(
+        scratch.transactions_dir().join("20200102-0000000001.csv"),
+        format!("{header}\n{}\n", first.join("\n")),
+    )
+    .expect("write changes");
+    let output = run_logged(&scratch);
+    assert_success(&output);
+    assert!(
+        text(&output).contains("step=writing the first load"),
+        "{}",
+        text(&output)
+    );
+    let silver = "SELECT CAST(COUNT(*) AS VARCHAR), CAST(SUM(amount) AS VARCHAR), \
+                  CAST(MIN(dms_id) AS VARCHAR), CAST(MAX(dms_id) AS VARCHAR) FROM silver.transactions";
+    assert_eq!(
+        query(&scratch.lake(), &["silver.transactions"], silver).await,
+        vec![
+            vec!["3", "0.05", "1", "3"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        ]
+    );
+    let tombstones = scratch
+        .lake()
+        .join("_medallion/tombstones/silver/transactions");
+    assert!(
+        delta_version(&tombstones).is_some(),
+        "the delete is kept as a tombstone"
+    );
+
+    // An insert of key 4 older than its delete is stale; key 5 is new.
+    let late = [
+        row("I", "2020-01-01 00:00:00.000000", 4, "$40.00"),
+        row("I", at, 5, "$5.00"),
+    ];
+    std::fs::write(
+        scratch.transactions_dir().join("20200102-0000000002.csv"),
+        format!("{header}\n{}\n", late.join("\n")),
+    )
+    .expect("write changes");
+    assert_success(&scratch.run());
+    assert_eq!(
+        query(&scratch.lake(), &["silver.transactions"], silver).await,
+        vec![
+            vec!["4", "5.05", "1", "5"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        ]
+    );
 }
