@@ -257,15 +257,11 @@ async fn prepare(
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
     let mut timer = Timer::new(path);
-    let latest_rows = if staged.is_some() {
-        // A staged first load holds each key once (see `FirstLoad::plan`): the batch is its own latest.
-        let latest = ctx.table(CHANGES).await.map_err(query)?;
-        ctx.register_table(LATEST, latest.into_view())
-            .map_err(query)?;
-        rows_read
-    } else {
-        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?
-    };
+    // Also for a staged first load, whose plan found each key once: the keys are found again on the
+    // copy, as a stage's SQL need not give the same keys twice (`random()`, a `LIMIT`), and the commit
+    // refuses files whose changes supersede one another.
+    let latest_rows =
+        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?;
     timer.done("latest change per key");
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
@@ -310,8 +306,6 @@ async fn prepare(
     )
     .await?;
     // A table without files holds no live rows to compare with (the first load): no join needed.
-    let holds_files =
-        |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
     let with_target = holds_files(&table);
     let with_tombstones = holds_files(&tombstones);
     let target = table
@@ -670,18 +664,12 @@ async fn repeated_integer_keys(
     ctx: &SessionContext,
     key: &Field,
 ) -> datafusion::error::Result<u64> {
-    let mut stream = ctx
+    let stream = ctx
         .sql(&format!("SELECT {} FROM {CHANGES}", quote(key.name())))
         .await?
         .execute_stream()
         .await?;
-    let mut keys = Vec::new();
-    let mut nulls = 0;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        nulls += batch.column(0).null_count();
-        append_keys(&mut keys, batch.column(0))?;
-    }
+    let (keys, nulls) = collect_keys(stream).await?;
     let mut repeated: Vec<Option<i64>> = repeated_keys(keys).into_iter().map(Some).collect();
     if nulls > 1 {
         repeated.push(None);
@@ -1005,16 +993,7 @@ fn classify_sql(
             .collect::<Vec<_>>()
             .join(" AND ")
     };
-    let deletes: Vec<String> = spec
-        .delete_values
-        .iter()
-        .map(|v| format!("'{}'", v.replace('\'', "''")))
-        .collect();
-    let is_delete = format!(
-        "COALESCE(c.{} IN ({}), FALSE)",
-        quote(&spec.op_column),
-        deletes.join(", ")
-    );
+    let is_delete = is_delete_sql(spec, "c.");
     let mut tracked = String::new();
     for (i, column) in spec.track.iter().enumerate() {
         tracked.push_str(&format!(
@@ -1044,6 +1023,42 @@ fn classify_sql(
         join_tg = join("tg"),
         join_tb = join("tb"),
     )
+}
+
+/// SQL for "the change is a delete" (its op is one of the delete values; a NULL op is not), on the op
+/// column prefixed by `prefix` (`c.`, or empty).
+pub fn is_delete_sql(spec: &CdcSpec, prefix: &str) -> String {
+    let deletes: Vec<String> = spec
+        .delete_values
+        .iter()
+        .map(|v| format!("'{}'", v.replace('\'', "''")))
+        .collect();
+    format!(
+        "COALESCE({prefix}{} IN ({}), FALSE)",
+        quote(&spec.op_column),
+        deletes.join(", ")
+    )
+}
+
+/// Whether `table` holds files (or its snapshot cannot tell, which counts as holding some).
+pub(super) fn holds_files(table: &deltalake::DeltaTable) -> bool {
+    table
+        .snapshot()
+        .map_or(true, |s| s.log_data().num_files() > 0)
+}
+
+/// The integer keys of `stream`'s first column, and how many were NULL.
+pub(super) async fn collect_keys(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+) -> datafusion::error::Result<(Vec<i64>, usize)> {
+    let mut keys = Vec::new();
+    let mut nulls = 0;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        nulls += batch.column(0).null_count();
+        append_keys(&mut keys, batch.column(0))?;
+    }
+    Ok((keys, nulls))
 }
 
 /// [`CLASSIFIED_ROWS`] for a narrow [`CLASSIFIED`]: each change of [`LATEST`] (one per key, a NULL

@@ -604,8 +604,6 @@ pub(super) fn remove_all(path: &Location, table: &DeltaTable) -> Result<Vec<Acti
         .collect())
 }
 
-/// Deletes files written and never committed (best effort: a file left behind is invisible to
-/// readers, and `medallion maintain` vacuums it). `table` may be one not created yet.
 /// As [`discard`], for files written before their table existed ([`write_new_files`]).
 pub(super) async fn discard_new(path: &Location, table: Option<&DeltaTable>, adds: &[Add]) {
     if let Some(table) = table {
@@ -625,6 +623,8 @@ pub(super) async fn discard_new(path: &Location, table: Option<&DeltaTable>, add
     }
 }
 
+/// Deletes files written and never committed (best effort: a file left behind is invisible to
+/// readers, and `medallion maintain` vacuums it).
 pub(super) async fn discard(path: &Location, table: &DeltaTable, adds: &[Add]) {
     let store = table.log_store().object_store(None);
     for add in adds {

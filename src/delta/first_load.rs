@@ -25,8 +25,8 @@ use super::{
     quote,
 };
 use crate::{
-    delta::cdc::{CdcSpec, clustered},
-    engine::udf::repeated::{append_keys, is_integer_key, repeated_keys},
+    delta::cdc::{CdcSpec, clustered, collect_keys, holds_files},
+    engine::udf::repeated::{is_integer_key, repeated_keys},
     storage::Location,
 };
 
@@ -53,7 +53,7 @@ pub struct StagedLoad {
 impl FirstLoad {
     /// The first load of `output` into the cdc table at `path`, when it may be written as it is
     /// computed: the table and its tombstones hold no files, at most one column is tracked, the key is
-    /// one integer column and no key (NULL counted as a value) occurs twice in `output`. `None`
+    /// one integer column, never NULL, and no key occurs twice in `output`. `None`
     /// otherwise, to go the general way. Finding out reads the key column alone (its bounds lay out
     /// the files).
     pub async fn plan(
@@ -71,11 +71,16 @@ impl FirstLoad {
             Ok(field) if is_integer_key(field.data_type()) => field.clone(),
             _ => return Ok(None),
         };
-        if spec.track.len() > 1 || schema.field_with_name(&spec.op_column).is_err() {
+        let missing = spec
+            .sequence_by
+            .iter()
+            .chain(&spec.track)
+            .chain(std::iter::once(&spec.op_column))
+            .any(|c| schema.field_with_name(c).is_err());
+        // A missing column is reported by the general path, in its words.
+        if spec.track.len() > 1 || missing {
             return Ok(None);
         }
-        let holds_files =
-            |t: &deltalake::DeltaTable| t.snapshot().map_or(true, |s| s.log_data().num_files() > 0);
         let table = super::open(path).await?;
         if table.as_ref().is_some_and(holds_files)
             || super::open(&spec.tombstones)
@@ -84,23 +89,19 @@ impl FirstLoad {
         {
             return Ok(None);
         }
-        let mut stream = output
+        let stream = output
             .clone()
             .select(vec![ident(key)])
             .map_err(query)?
             .execute_stream()
             .await
             .map_err(query)?;
-        let (mut keys, mut nulls) = (Vec::new(), 0);
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(query)?;
-            nulls += batch.column(0).null_count();
-            append_keys(&mut keys, batch.column(0)).map_err(query)?;
-        }
+        let (keys, nulls) = collect_keys(stream).await.map_err(query)?;
         let rows = (keys.len() + nulls) as u64;
         let bounds = keys.iter().min().zip(keys.iter().max());
         let bounds = bounds.map(|(low, high)| (low.to_string(), high.to_string()));
-        if nulls > 1 || !repeated_keys(keys).is_empty() {
+        // A NULL key is quarantined or fails the write: either way the general path reports it.
+        if nulls > 0 || !repeated_keys(keys).is_empty() {
             return Ok(None);
         }
         let stored: Vec<_> = schema

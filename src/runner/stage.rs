@@ -830,7 +830,12 @@ async fn sql_stage(
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
     let mut expectations = stage.expectations.clone();
     let mut staged_load = None;
-    if let Some(spec) = cdc_spec.as_ref().filter(|_| scope.is_none()) {
+    // Only a run with no success before, or whose target is gone, can be a first load.
+    let may_be_first = last.is_none() || !target_exists;
+    if let Some(spec) = cdc_spec
+        .as_ref()
+        .filter(|_| scope.is_none() && may_be_first)
+    {
         progress.message("planning a first load");
         if let Some((staged, narrow, evaluated)) = write_first_load(
             &ctx,
@@ -926,9 +931,15 @@ async fn sql_stage(
     } else {
         0
     };
-    let split = checks::split(&ctx, output, &expectations, &evaluation)
-        .await
-        .map_err(engine_err)?;
+    let split = match checks::split(&ctx, output, &expectations, &evaluation).await {
+        Ok(split) => split,
+        Err(error) => {
+            if let Some(staged) = staged_load {
+                staged.discard(&target_path).await;
+            }
+            return Err(engine_err(error));
+        }
+    };
     let output = split.kept;
 
     // Write-audit-publish: the candidate result is checked before anything is committed.
@@ -1003,38 +1014,53 @@ async fn sql_stage(
     let mut staged = None;
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
-        register_check_tables(context, &ctx, stage)
-            .await
-            .map_err(delta_err)?;
-        staged = stage_replacement(
-            &ctx,
-            stage,
-            &target_path,
-            &output,
-            &options,
-            scope.as_ref(),
-            slices.clone(),
-            &scratch,
-            progress,
-        )
-        .await?;
-        if staged.is_none() {
-            let candidate_err = |e| engine_err(engine::EngineError::query("candidate result", e));
-            let candidate = candidate_sql(
+        let registered = async {
+            register_check_tables(context, &ctx, stage)
+                .await
+                .map_err(delta_err)?;
+            let staged = stage_replacement(
                 &ctx,
                 stage,
                 &target_path,
-                target_exists,
                 &output,
+                &options,
                 scope.as_ref(),
-                prepared.as_ref(),
+                slices.clone(),
+                &scratch,
+                progress,
             )
-            .await
-            .map_err(delta_err)?;
-            let candidate = ctx.sql(&candidate).await.map_err(candidate_err)?;
-            ctx.register_table(checks::CANDIDATE, candidate.into_view())
-                .map_err(candidate_err)?;
+            .await?;
+            if staged.is_none() {
+                let candidate_err =
+                    |e| engine_err(engine::EngineError::query("candidate result", e));
+                let candidate = candidate_sql(
+                    &ctx,
+                    stage,
+                    &target_path,
+                    target_exists,
+                    &output,
+                    scope.as_ref(),
+                    prepared.as_ref(),
+                )
+                .await
+                .map_err(delta_err)?;
+                let candidate = ctx.sql(&candidate).await.map_err(candidate_err)?;
+                ctx.register_table(checks::CANDIDATE, candidate.into_view())
+                    .map_err(candidate_err)?;
+            }
+            Ok(staged)
         }
+        .await;
+        staged = match registered {
+            Ok(staged) => staged,
+            Err(error) => {
+                // A staged first load whose checks cannot be set up is not published either.
+                if let Some(prepared) = prepared {
+                    prepared.discard().await;
+                }
+                return Err(error);
+            }
+        };
         let evaluated = async {
             let previous = context
                 .state
@@ -1346,26 +1372,20 @@ async fn write_first_load(
             removing.push(verdict(i));
         }
     }
-    let deletes: Vec<String> = spec
-        .delete_values
-        .iter()
-        .map(|v| format!("'{}'", v.replace('\'', "''")))
-        .collect();
-    removing.push(format!(
-        "NOT COALESCE(\"{}\" IN ({}), FALSE)",
-        spec.op_column.replace('"', "\"\""),
-        deletes.join(", ")
-    ));
+    removing.push(format!("NOT {}", delta::is_delete_sql(spec, "")));
     ctx.register_table(COMPUTED, output.clone().into_view())
         .map_err(query_err)?;
-    let computed = ctx
+    // An expectation that does not plan is reported by the general path, as it reports it.
+    let Ok(computed) = ctx
         .sql(&format!(
             "SELECT *, {} AS {WRITE} FROM (SELECT {} FROM {COMPUTED})",
             removing.join(" AND "),
             columns.join(", ")
         ))
         .await
-        .map_err(query_err)?;
+    else {
+        return Ok(None);
+    };
     let computed_schema = computed.schema().as_arrow().clone();
     let mut narrow: Vec<usize> = Vec::new();
     let wanted = spec
@@ -1404,7 +1424,13 @@ async fn write_first_load(
             source,
         });
     }
-    let copy = ctx.table(STAGE_OUTPUT).await.map_err(query_err)?;
+    let copy = match ctx.table(STAGE_OUTPUT).await {
+        Ok(copy) => copy,
+        Err(error) => {
+            staged.discard(target_path).await;
+            return Err(query_err(error));
+        }
+    };
     let evaluated = stage
         .expectations
         .iter()
