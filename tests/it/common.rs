@@ -91,6 +91,16 @@ impl Scratch {
         self.landing().join("public").join("transactions")
     }
 
+    /// Moves every change file of transactions aside, leaving the full load; returns as
+    /// [`Scratch::hold_back_changes`] does.
+    pub fn hold_back_all_changes(&self) -> Vec<(PathBuf, PathBuf)> {
+        let changes = std::fs::read_dir(self.transactions_dir())
+            .expect("read landing")
+            .filter(|e| !file_name(&e.as_ref().expect("entry").path()).starts_with("LOAD"))
+            .count();
+        self.hold_back_changes(changes)
+    }
+
     /// Moves the last `n` change files of transactions aside; returns (held, their original paths).
     pub fn hold_back_changes(&self, n: usize) -> Vec<(PathBuf, PathBuf)> {
         let held = self.dir.path().join("held");
@@ -118,12 +128,17 @@ impl Scratch {
     }
 
     pub fn command(&self, args: &[&str]) -> Output {
+        self.command_logging(args, "warn")
+    }
+
+    /// As [`Scratch::command`], logging what `rust_log` says (`medallion=debug`: each stage's steps).
+    pub fn command_logging(&self, args: &[&str], rust_log: &str) -> Output {
         Command::new(BIN)
             .args(args)
             .current_dir(repo())
             .env("MEDALLION_LANDING", self.landing())
             .env("MEDALLION_LAKE", self.lake())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .output()
             .expect("run medallion")
     }

@@ -399,14 +399,7 @@ fn silver_step(output: &std::process::Output, step: &str) -> bool {
 
 /// `medallion run` of the reference pipeline with the stages' steps logged.
 fn run_logged(scratch: &Scratch) -> std::process::Output {
-    Command::new(crate::common::BIN)
-        .args(["run", "pipelines/transactions.yaml"])
-        .current_dir(repo())
-        .env("MEDALLION_LANDING", scratch.landing())
-        .env("MEDALLION_LAKE", scratch.lake())
-        .env("RUST_LOG", "medallion=debug")
-        .output()
-        .expect("run medallion")
+    scratch.command_logging(&["run", "pipelines/transactions.yaml"], "medallion=debug")
 }
 
 /// A first load that changes each key once goes to Silver's files as it is computed, and is published
@@ -417,14 +410,7 @@ fn run_logged(scratch: &Scratch) -> std::process::Output {
 async fn a_first_load_written_as_computed_is_published_only_when_it_passes() {
     let scratch = Scratch::new();
     scratch.generate(3_000, 10, 2, 33);
-    let changes = std::fs::read_dir(scratch.transactions_dir())
-        .expect("landing")
-        .filter(|e| {
-            let name = e.as_ref().expect("entry").file_name();
-            !name.to_string_lossy().starts_with("LOAD")
-        })
-        .count();
-    let held = scratch.hold_back_changes(changes);
+    let held = scratch.hold_back_all_changes();
     let clean = crate::common::replay(&scratch.transactions_dir());
     // One row whose amount does not parse, under a key no other row has.
     let bad = add_load_file(
@@ -536,14 +522,7 @@ async fn a_first_load_written_as_computed_is_published_only_when_it_passes() {
 async fn a_first_load_failing_an_expectation_leaves_no_file() {
     let scratch = Scratch::new();
     scratch.generate(500, 5, 1, 34);
-    let changes = std::fs::read_dir(scratch.transactions_dir())
-        .expect("landing")
-        .filter(|e| {
-            let name = e.as_ref().expect("entry").file_name();
-            !name.to_string_lossy().starts_with("LOAD")
-        })
-        .count();
-    scratch.hold_back_changes(changes);
+    scratch.hold_back_all_changes();
     add_load_file(
         &scratch,
         "LOAD00000099.csv",
