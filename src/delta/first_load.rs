@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use datafusion::{
     arrow::{
-        array::{AsArray, RecordBatch},
+        array::AsArray,
         compute::filter_record_batch,
         datatypes::{Schema, SchemaRef},
     },
@@ -157,16 +157,15 @@ impl FirstLoad {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| query(e.into()))?;
             let projected = Arc::new(schema.project(&columns).map_err(|e| query(e.into()))?);
+            let name = quote(keep);
             let rows = stream.map(move |batch| {
                 let batch = batch?;
                 let keep = batch.column(mask).as_boolean_opt().ok_or_else(|| {
                     datafusion::error::DataFusionError::Internal(format!(
-                        "column `{}` is not a boolean",
-                        quote(&batch.schema().field(mask).name().clone())
+                        "column {name} is not a boolean"
                     ))
                 })?;
-                let rows: RecordBatch = filter_record_batch(&batch.project(&columns)?, keep)?;
-                Ok(rows)
+                Ok(filter_record_batch(&batch.project(&columns)?, keep)?)
             });
             kept.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
         }
