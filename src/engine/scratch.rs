@@ -40,6 +40,7 @@ use datafusion::{
 use futures::StreamExt;
 
 use super::EngineError;
+use crate::storage::PieceWriter;
 
 /// Environment variable naming the directory scratch files go under (default: the system's temp dir).
 pub const SCRATCH_DIR_ENV: &str = "MEDALLION_SCRATCH_DIR";
@@ -548,7 +549,7 @@ struct Part {
     rows: u64,
     held: Vec<RecordBatch>,
     files: PartFiles,
-    writers: Vec<FileWriter<BufWriter<File>>>,
+    writers: Vec<FileWriter<BufWriter<PieceWriter<File>>>>,
     /// The schema of each column's file, as its writer was opened with ([`run_encoded`]).
     file_schemas: Vec<SchemaRef>,
 }
@@ -578,8 +579,10 @@ impl Part {
                     vec![stored],
                     schema.metadata().clone(),
                 ));
-                self.writers
-                    .push(FileWriter::try_new(BufWriter::new(file), &single)?);
+                self.writers.push(FileWriter::try_new(
+                    BufWriter::new(PieceWriter(file)),
+                    &single,
+                )?);
                 self.file_schemas.push(single);
             }
         }

@@ -4,6 +4,7 @@
 //! concurrent Delta commits on S3 safe ([`preflight`]) and the translation of object-store failures into
 //! errors a user can act on. Option values may hold secrets: nothing here displays them.
 
+mod pieces;
 mod remote;
 
 use std::{
@@ -18,6 +19,7 @@ use object_store::{
 };
 use url::Url;
 
+pub use pieces::PieceWriter;
 pub use remote::{
     Listed, ReadFailure, RemoteFile, StreamRead, any_under, copy, list, read_all, write_all,
 };
@@ -315,7 +317,7 @@ impl Location {
             std::fs::create_dir_all(path).map_err(|e| self.access(e.to_string()))?;
             let local = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| self.access(e.to_string()))?;
-            return Ok(Arc::new(local));
+            return Ok(Arc::new(pieces::Pieces::new(Arc::new(local))));
         };
         let root = self.bucket_store(url)?;
         // The URL's path is percent-encoded; the object path is not.
@@ -375,9 +377,33 @@ pub(crate) fn clean_path(path: &Path) -> PathBuf {
 }
 
 /// Makes `s3://` locations known to delta-rs (once per process).
+/// Registers the S3 handlers with delta-rs, and the local store that writes in pieces
+/// ([`pieces::Pieces`]) for `file://` tables.
 fn register_handlers() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| deltalake::aws::register_handlers(None));
+    ONCE.call_once(|| {
+        deltalake::aws::register_handlers(None);
+        if let Ok(scheme) = Url::parse("file://") {
+            deltalake::logstore::object_store_factories().insert(scheme, Arc::new(LocalFactory));
+        }
+    });
+}
+
+/// delta-rs's factory for `file://` tables: its own local store, wrapped in [`pieces::Pieces`].
+struct LocalFactory;
+
+impl deltalake::logstore::ObjectStoreFactory for LocalFactory {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        config: &deltalake::logstore::StorageConfig,
+    ) -> deltalake::DeltaResult<(
+        deltalake::logstore::ObjectStoreRef,
+        object_store::path::Path,
+    )> {
+        let (store, path) = object_store::parse_url_opts(url, &config.raw)?;
+        Ok((Arc::new(pieces::Pieces::new(Arc::from(store))), path))
+    }
 }
 
 /// An error and its sources, as one line.
@@ -619,6 +645,21 @@ mod tests {
         let explained = explain("403 Forbidden: key hunter22", table.storage());
         assert!(explained.starts_with("access denied"), "{explained}");
         assert!(!explained.contains("hunter22"));
+    }
+
+    #[test]
+    fn local_tables_and_files_are_written_in_pieces() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let lake = Location::parse(
+            &dir.path().to_string_lossy(),
+            Path::new("."),
+            Arc::new(Storage::default()),
+        )?;
+        assert!(format!("{:?}", lake.store()?).contains("Pieces"));
+        let config = deltalake::logstore::StorageConfig::parse_options(lake.delta_options())?;
+        let tables = deltalake::logstore::logstore_for(&lake.url()?, config)?;
+        assert!(format!("{:?}", tables.object_store(None)).contains("Pieces"));
+        Ok(())
     }
 
     #[test]
