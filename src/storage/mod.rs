@@ -376,9 +376,8 @@ pub(crate) fn clean_path(path: &Path) -> PathBuf {
     }
 }
 
-/// Makes `s3://` locations known to delta-rs (once per process).
-/// Registers the S3 handlers with delta-rs, and the local store that writes in pieces
-/// ([`pieces::Pieces`]) for `file://` tables.
+/// Makes `s3://` locations known to delta-rs, and has it open `file://` tables through the local store
+/// that writes in pieces ([`pieces::Pieces`]); once per process.
 fn register_handlers() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -389,7 +388,9 @@ fn register_handlers() {
     });
 }
 
-/// delta-rs's factory for `file://` tables: its own local store, wrapped in [`pieces::Pieces`].
+/// delta-rs's factory for `file://` tables: the local store its default factory builds, wrapped in
+/// [`pieces::Pieces`]. (The default also honours delta-rs's separate IO runtime option, which medallion
+/// never sets.)
 struct LocalFactory;
 
 impl deltalake::logstore::ObjectStoreFactory for LocalFactory {
