@@ -388,9 +388,9 @@ fn register_handlers() {
     });
 }
 
-/// delta-rs's factory for `file://` tables: the local store its default factory builds, wrapped in
-/// [`pieces::Pieces`]. (The default also honours delta-rs's separate IO runtime option, which medallion
-/// never sets.)
+/// delta-rs's factory for `file://` tables: what its default factory builds (the local store, on
+/// delta-rs's separate IO runtime when the options ask for one), the local store wrapped in
+/// [`pieces::Pieces`].
 struct LocalFactory;
 
 impl deltalake::logstore::ObjectStoreFactory for LocalFactory {
@@ -403,7 +403,17 @@ impl deltalake::logstore::ObjectStoreFactory for LocalFactory {
         object_store::path::Path,
     )> {
         let (store, path) = object_store::parse_url_opts(url, &config.raw)?;
-        Ok((Arc::new(pieces::Pieces::new(Arc::from(store))), path))
+        let store: Arc<dyn ObjectStore> = Arc::new(pieces::Pieces::new(Arc::from(store)));
+        Ok(match &config.runtime {
+            Some(runtime) => (
+                Arc::new(deltalake::logstore::DeltaIOStorageBackend::new(
+                    store,
+                    runtime.clone(),
+                )),
+                path,
+            ),
+            None => (store, path),
+        })
     }
 }
 
@@ -660,6 +670,17 @@ mod tests {
         let config = deltalake::logstore::StorageConfig::parse_options(lake.delta_options())?;
         let tables = deltalake::logstore::logstore_for(&lake.url()?, config)?;
         assert!(format!("{:?}", tables.object_store(None)).contains("Pieces"));
+
+        // With delta-rs's IO runtime asked for, the store runs on it and still writes in pieces.
+        use deltalake::logstore::ObjectStoreFactory;
+        let config = deltalake::logstore::StorageConfig::default()
+            .with_io_runtime(deltalake::logstore::IORuntime::default());
+        let (store, _) = LocalFactory.parse_url_opts(&lake.url()?, &config)?;
+        let layers = format!("{store:?}");
+        assert!(
+            layers.starts_with("DeltaIOStorageBackend(Pieces"),
+            "{layers}"
+        );
         Ok(())
     }
 

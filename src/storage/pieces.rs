@@ -6,7 +6,7 @@
 //! whole Parquet file (tens of MiB) to the object store as one buffer, and `LocalFileSystem` writes each
 //! buffer of a payload with one `write_all`, so every table write paid that price. [`Pieces`] wraps the
 //! local store and cuts payloads into pieces without copying them; [`PieceWriter`] does the same for
-//! files written through `std::io::Write` (the scratch). Reads and everything else go straight through.
+//! files written through `std::io::Write` (the scratch, local copies). Reads and everything else go straight through.
 
 use std::{fmt, io::Write, ops::Range, sync::Arc};
 
@@ -57,6 +57,7 @@ impl fmt::Display for Pieces {
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl ObjectStore for Pieces {
     async fn put_opts(
         &self,
@@ -124,6 +125,7 @@ struct PiecesUpload {
 }
 
 #[async_trait]
+#[deny(clippy::missing_trait_methods)]
 impl MultipartUpload for PiecesUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
         self.inner.put_part(in_pieces(data))
