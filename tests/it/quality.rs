@@ -620,6 +620,13 @@ async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
                 .collect::<Vec<_>>()
         ]
     );
+    let tombstones = scratch
+        .lake()
+        .join("_medallion/tombstones/silver/transactions");
+    assert!(
+        delta_version(&tombstones).is_some(),
+        "the delete is kept as a tombstone"
+    );
 
     // An insert of key 4 older than its delete is stale; key 5 is new.
     let late = [
