@@ -1,10 +1,12 @@
 //! Rust UDFs that type the raw DMS strings, one file per function. Each is a pure `&str -> Option<T>`
 //! parser; [`TextFunction`] lifts it into a DataFusion scalar function over any string column. Values that
 //! do not parse give NULL, so that a stage's expectations can name the offending row. One aggregate,
-//! `count_repeated` ([`repeated`]), counts the keys a column holds more than once, for uniqueness checks.
+//! `count_repeated` ([`repeated`]), counts the keys a column holds more than once, for uniqueness checks;
+//! `count` is DataFusion's, with a faster `COUNT(DISTINCT integer)` per group ([`distinct`]).
 
 mod card;
 mod channel;
+mod distinct;
 mod money;
 pub mod repeated;
 mod timestamp;
@@ -43,6 +45,7 @@ pub fn register_all(ctx: &SessionContext) {
         ctx.register_udf(ScalarUDF::from(TextFunction::new(kind)));
     }
     ctx.register_udaf(repeated::count_repeated());
+    ctx.register_udaf(distinct::count());
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
