@@ -27,6 +27,8 @@ use datafusion::{
     },
 };
 
+use super::repeated::is_integer_key;
+
 /// Bitsets may take this much memory whatever the number of distinct values seen so far.
 const DENSE_FLOOR_BYTES: usize = 8 << 20;
 
@@ -42,20 +44,6 @@ pub fn count() -> AggregateUDF {
     })
 }
 
-/// The integer types [`DistinctCounts`] takes (values that fit in an i64).
-fn is_integer(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32
-    )
-}
-
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct DenseCount {
     inner: Count,
@@ -68,7 +56,7 @@ impl DenseCount {
             && args
                 .expr_fields
                 .first()
-                .is_some_and(|f| is_integer(f.data_type()))
+                .is_some_and(|f| is_integer_key(f.data_type()))
     }
 }
 
@@ -517,23 +505,42 @@ impl GroupsAccumulator for DistinctCounts {
         Ok(())
     }
 
-    /// Not asked for: partial aggregation is never skipped for this accumulator
-    /// (`supports_convert_to_state` is false, as for the built-in's).
+    /// Each row as a state of its own, for a partial aggregation that DataFusion skips (many groups per
+    /// row): a list holding the row's value, or an empty list when it is NULL or filtered out.
     fn convert_to_state(
         &self,
-        _values: &[ArrayRef],
-        _opt_filter: Option<&BooleanArray>,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
-        Err(DataFusionError::NotImplemented(
-            "COUNT(DISTINCT) does not skip partial aggregation".into(),
-        ))
+        let [values] = values else {
+            return Err(DataFusionError::Internal(
+                "COUNT(DISTINCT) takes one argument".into(),
+            ));
+        };
+        let counted: BooleanArray = (0..values.len())
+            .map(|row| {
+                Some(
+                    values.is_valid(row)
+                        && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row)),
+                )
+            })
+            .collect();
+        let offsets = OffsetBuffer::from_lengths(counted.values().iter().map(usize::from));
+        let kept = datafusion::arrow::compute::filter(values, &counted)?;
+        let list = ListArray::try_new(
+            Arc::new(Field::new_list_field(self.data_type.clone(), true)),
+            offsets,
+            kept,
+            None,
+        )?;
+        Ok(vec![Arc::new(list)])
     }
 
     fn size(&self) -> usize {
         let seen = match &self.seen {
             Seen::Empty => 0,
             Seen::Dense { bits, .. } => bits.capacity() * 8,
-            Seen::Sparse(pairs) => pairs.capacity() * (std::mem::size_of::<(usize, i64)>() + 1),
+            Seen::Sparse(pairs) => pairs.allocation_size(),
         };
         std::mem::size_of_val(self) + seen + self.counts.capacity() * 8
     }
@@ -619,24 +626,30 @@ mod tests {
     #[test]
     fn the_first_groups_leave_with_their_values_and_the_rest_stay() {
         for far in [false, true] {
-            let mut rows: Vec<(usize, Option<i64>)> = (0..40)
-                .map(|i| (i % 4, Some((i * 7 % 13) as i64)))
+            // Values over several words, then below the first (the bitsets widened down), then again.
+            let mut rows: Vec<(usize, Option<i64>)> = (0..400)
+                .map(|i| (i % 4, Some((i * 37 % 301) as i64)))
                 .collect();
+            rows.extend((0..40).map(|i| (i % 4, Some(-(i as i64) * 50))));
+            rows.extend(rows.clone());
             if far {
                 rows.push((3, Some(1 << 50)));
             }
-            let mut counts = DistinctCounts::new(DataType::Int32);
-            feed(&mut counts, &rows);
+            let mut counts = DistinctCounts::new(DataType::Int64);
+            feed(&mut counts, &rows[..400]);
+            feed(&mut counts, &rows[400..]);
+            assert_eq!(matches!(counts.seen, Seen::Sparse(_)), far);
             let want = expected(&rows);
-            let state = counts.state(EmitTo::First(2)).unwrap();
-            assert_eq!(lists(&state[0]), [want[&0].clone(), want[&1].clone()]);
-            let rest = counts.evaluate(EmitTo::All).unwrap();
-            let rest = rest.as_primitive::<Int64Type>().values().to_vec();
-            assert_eq!(
-                rest,
-                [want[&2].len() as i64, want[&3].len() as i64],
-                "far: {far}"
-            );
+            let first = counts.state(EmitTo::First(2)).unwrap();
+            assert_eq!(lists(&first[0]), [want[&0].clone(), want[&1].clone()]);
+            feed(&mut counts, &[(0, Some(-50)), (1, Some(7))]);
+            let rest = counts.state(EmitTo::All).unwrap();
+            let mut group_0 = want[&2].clone();
+            group_0.insert(-50);
+            let mut group_1 = want[&3].clone();
+            group_1.insert(7);
+            assert_eq!(lists(&rest[0]), [group_0, group_1], "far: {far}");
+            assert_eq!(counts.pairs, 0);
         }
     }
 
@@ -656,7 +669,11 @@ mod tests {
 
     /// `COUNT(DISTINCT v)` and the other counts per group, with this `count` and with DataFusion's, over
     /// `rows` split into `partitions` batches.
-    async fn both_ways(rows: &[(i32, Option<i32>)], partitions: usize) -> [Vec<RecordBatch>; 2] {
+    async fn both_ways(
+        rows: &[(i32, Option<i32>)],
+        partitions: usize,
+        skip_partial: bool,
+    ) -> [Vec<RecordBatch>; 2] {
         let schema = Arc::new(Schema::new(vec![
             Field::new("g", DataType::Int32, false),
             Field::new("v", DataType::Int32, true),
@@ -674,7 +691,13 @@ mod tests {
                    COUNT(*) AS n, COUNT(v) AS c FROM t GROUP BY g ORDER BY g";
         let mut out = Vec::new();
         for ours in [true, false] {
-            let config = SessionConfig::new().with_target_partitions(partitions.max(1));
+            let mut config = SessionConfig::new().with_target_partitions(partitions.max(1));
+            if skip_partial {
+                // DataFusion gives up partial aggregation at once: each row goes on as a state.
+                let execution = &mut config.options_mut().execution;
+                execution.skip_partial_aggregation_probe_rows_threshold = 1;
+                execution.skip_partial_aggregation_probe_ratio_threshold = 0.0;
+            }
             let ctx = SessionContext::new_with_config(config);
             if ours {
                 ctx.register_udaf(count());
@@ -703,9 +726,10 @@ mod tests {
                 1..600,
             ),
             partitions in 1usize..4,
+            skip_partial: bool,
         ) {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let [ours, theirs] = runtime.block_on(both_ways(&rows, partitions));
+            let [ours, theirs] = runtime.block_on(both_ways(&rows, partitions, skip_partial));
             proptest::prop_assert_eq!(concat(&ours), concat(&theirs));
         }
     }
@@ -719,8 +743,10 @@ mod tests {
                 ((i / 3_000) as i32, (i % 97 != 0).then_some(card))
             })
             .collect();
-        let [ours, theirs] = both_ways(&rows, 2).await;
-        assert_eq!(concat(&ours), concat(&theirs));
-        assert_eq!(concat(&ours).num_rows(), 200);
+        for skip_partial in [false, true] {
+            let [ours, theirs] = both_ways(&rows, 2, skip_partial).await;
+            assert_eq!(concat(&ours), concat(&theirs));
+            assert_eq!(concat(&ours).num_rows(), 200);
+        }
     }
 }

@@ -76,7 +76,8 @@ const INTEGER_TYPES: [DataType; 7] = [
     DataType::UInt32,
 ];
 
-/// Whether [`append_keys`] takes values of this type.
+/// Whether values of this type fit in an i64: [`append_keys`] and `COUNT(DISTINCT)` per group
+/// (the `distinct` module) take them.
 pub fn is_integer_key(data_type: &DataType) -> bool {
     INTEGER_TYPES.contains(data_type)
 }
