@@ -447,14 +447,15 @@ impl GroupsAccumulator for DistinctCounts {
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
         let groups = self.emitted(emit_to);
-        let counts: Vec<i64> = self.counts[..groups].to_vec();
-        if groups == self.counts.len() {
+        let counts = if groups == self.counts.len() {
             self.seen = Seen::Empty;
-            self.counts.clear();
             self.pairs = 0;
+            std::mem::take(&mut self.counts)
         } else {
+            let counts = self.counts[..groups].to_vec();
             self.take_values(groups);
-        }
+            counts
+        };
         Ok(Arc::new(Int64Array::from(counts)))
     }
 
