@@ -14,6 +14,11 @@ the options. Workloads, in the order they run for each engine:
 The floor (arrow-rs CSV -> Parquet, nothing else) runs once, next to ingest. Every engine's tables are
 checked against medallion's after gold and after incremental (row counts and exact sums); a peer whose
 output differs is marked and its times do not count.
+
+With --repeat N the whole run is made N times in rounds: each round runs the floor and then every
+engine, so a slow spell of the machine falls on all of them. The table gives each engine's median, the
+range over rounds, and the ratio of medians with the range of the rounds' own ratios; peak RSS is the
+largest of the rounds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -74,6 +80,7 @@ class Measure:
     ok: bool = True
     note: str = ""
     check: str = ""  # "same" | "DIFFERS: ..." | "" (not checked)
+    round: int = 1
 
     @property
     def counts(self) -> bool:
@@ -220,6 +227,7 @@ class Bench:
         self.data = self.work / "data"
         self.python = sys.executable
         self.measures: list[Measure] = []
+        self.round = 1
         self.expected: dict[str, dict] = {}
         self.versions: dict[str, str] = {}
 
@@ -322,7 +330,8 @@ class Bench:
         saved = base / "saved"
         log = base / "log.txt"
         base.mkdir(parents=True, exist_ok=True)
-        log.write_text("")
+        if self.round == 1:
+            log.write_text("")
         n, batch = self.n, self.batch
 
         def run(workload: str, stages: str, landing: Path, rows: int, cap: int | None = None) -> Measure:
@@ -340,6 +349,7 @@ class Bench:
                     cgroup.remove()
             if cap is not None and cgroup is None:
                 result.note = (result.note + "; " if result.note else "") + "not capped: no memory cgroup here"
+            result.round = self.round
             self.measures.append(result)
             self.report_line(result)
             return result
@@ -382,9 +392,11 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         log = self.work / "floor.log"
-        log.write_text("")
+        if self.round == 1:
+            log.write_text("")
         command = [self.args.floor, str(out)] + [str(p) for p in self.load_files()]
         result = measure("floor (CSV->Parquet)", "ingest", self.n, command, out, log)
+        result.round = self.round
         self.measures.append(result)
         self.report_line(result)
         shutil.rmtree(out, ignore_errors=True)
@@ -416,36 +428,63 @@ class Bench:
             print(f"  check {engine} ({state}): {verdict}", flush=True)
 
     # ---- report -----------------------------------------------------------------------------------
-    @staticmethod
-    def report_line(m: Measure) -> None:
+    def report_line(self, m: Measure) -> None:
         status = "" if m.ok else f"  FAILED: {m.note}"
+        shown = f" #{m.round}" if self.args.repeat > 1 else ""
         print(
-            f"  {m.workload:<12} {m.engine:<22} {m.wall:8.1f} s  cpu {m.cpu:7.1f} s  "
+            f"  {m.workload:<12} {m.engine + shown:<22} {m.wall:8.1f} s  cpu {m.cpu:7.1f} s  "
             f"peak {m.peak_rss / 2**20:7.0f} MiB  {m.files:5d} files  {m.bytes_written / 2**20:8.1f} MiB{status}",
             flush=True,
         )
 
     def table(self) -> str:
-        ours = {m.workload: m for m in self.measures if m.engine == "medallion"}
+        """One row per workload and engine: medians over the rounds, each with its range when there are
+        several, and the ratio of medians to medallion's with the range of each round's own ratio."""
+        rounds: dict[tuple[str, str], list[Measure]] = {}
+        for m in self.measures:
+            rounds.setdefault((m.workload, m.engine), []).append(m)
+        ours = {w: ms for (w, e), ms in rounds.items() if e == "medallion"}
+
+        def spread(values: list[float], form: str) -> str:
+            middle = format(statistics.median(values), form)
+            if len(values) < 2:
+                return middle
+            return f"{middle} ({format(min(values), form)}–{format(max(values), form)})"
+
         lines = [
             "| workload | engine | wall s | CPU s | rows/s | peak RSS MiB | files | MiB written | vs medallion | same result |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for workload in ["ingest", "gold", "incremental", "capped", "pipeline"]:
-            for m in [m for m in self.measures if m.workload == workload]:
-                mine = ours.get(workload)
-                if not m.ok:
-                    ratio = "failed"
-                elif m.engine == "medallion" or mine is None or not mine.ok:
-                    ratio = ""
-                else:
-                    ratio = f"{m.wall / mine.wall:.2f}x"
-                check = {"same": "yes", "": "n/a"}.get(m.check, m.check)
-                if not m.ok:
-                    check = m.note
+            for (w, engine), ms in rounds.items():
+                if w != workload:
+                    continue
+                done = [m for m in ms if m.ok]
+                mine = [m for m in ours.get(workload, []) if m.ok]
+                failed = [m for m in ms if not m.ok]
+                if not done:
+                    lines.append(f"| {workload} | {engine} | | | | | | | failed | {failed[0].note} |")
+                    continue
+                wall = statistics.median(m.wall for m in done)
+                ratio = ""
+                if engine != "medallion" and mine:
+                    ratio = f"{wall / statistics.median(m.wall for m in mine):.2f}x"
+                    paired = [
+                        m.wall / o.wall for m in done for o in mine if o.round == m.round
+                    ]
+                    if len(paired) > 1:
+                        ratio += f" ({min(paired):.2f}–{max(paired):.2f}x)"
+                checks = {m.check for m in ms}
+                differs = sorted(c for c in checks if c.startswith("DIFFERS"))
+                check = differs[0] if differs else ("yes" if checks == {"same"} else "n/a")
+                if failed:
+                    check += f"; {len(failed)} of {len(ms)} rounds failed: {failed[0].note}"
+                first = done[0]
                 lines.append(
-                    f"| {workload} | {m.engine} | {m.wall:.1f} | {m.cpu:.1f} | {m.rows / m.wall:,.0f} | "
-                    f"{m.peak_rss / 2**20:,.0f} | {m.files} | {m.bytes_written / 2**20:,.1f} | {ratio} | {check} |"
+                    f"| {workload} | {engine} | {spread([m.wall for m in done], '.1f')} | "
+                    f"{spread([m.cpu for m in done], '.1f')} | {first.rows / wall:,.0f} | "
+                    f"{max(m.peak_rss for m in done) / 2**20:,.0f} | {first.files} | "
+                    f"{first.bytes_written / 2**20:,.1f} | {ratio} | {check} |"
                 )
         return "\n".join(lines)
 
@@ -489,7 +528,18 @@ class Bench:
                 parts += [f"--{name.replace('_', '-')}", shown]
         if a.no_floor:
             parts.append("--no-floor")
+        if a.repeat != 1:
+            parts += ["--repeat", str(a.repeat)]
         return " ".join(parts)
+
+    def rounds_line(self) -> str:
+        if self.args.repeat == 1:
+            return ""
+        return (
+            f"- Rounds: {self.args.repeat}, each running the floor and then every engine in turn. Each cell is "
+            "the median over the rounds, with the range in brackets; vs medallion is the ratio of medians, "
+            "with the range of each round's own ratio; peak RSS is the largest of the rounds.\n"
+        )
 
     def write_results(self, started: dt.datetime) -> Path:
         results = ROOT / "bench" / "results"
@@ -513,7 +563,8 @@ class Bench:
             f"batch of {self.batch:,} changes, updates and deletes over "
             f"{f'the last {self.args.batch_days} days' if self.args.batch_days else 'all dates'})\n"
             f"- Memory cap of `capped`: {self.args.cap} (cgroup v1 memory.limit_in_bytes; medallion also gets "
-            f"`MEDALLION_MEMORY_LIMIT` = half of it)\n\n"
+            f"`MEDALLION_MEMORY_LIMIT` = half of it)\n"
+            f"{self.rounds_line()}\n"
             f"{self.table()}\n\n"
             "rows/s is rows of input (N for ingest, gold and pipeline, the batch for incremental) per wall "
             "second. vs medallion is the peer's wall time over ours: above 1 means we are faster. Peak RSS is "
@@ -542,6 +593,9 @@ def main() -> int:
     parser.add_argument("--work", help="working folder (default ~/.cache/medallion/bench/<scale>)")
     parser.add_argument("--keep", action="store_true", help="keep every engine's tables afterwards")
     parser.add_argument("--no-floor", action="store_true", help="skip the CSV->Parquet floor")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the whole run, each running the floor then every engine; the "
+                        "table gives medians and ranges (default 1)")
     parser.add_argument("--medallion", required=True, help=argparse.SUPPRESS)
     parser.add_argument("--floor", required=True, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -550,6 +604,8 @@ def main() -> int:
     unknown = set(args.engines) - set(ENGINES) | set(args.workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown engine or workload: {', '.join(sorted(unknown))}")
+    if args.repeat < 1:
+        parser.error("--repeat takes a number of rounds, 1 or more")
     if "medallion" in args.engines:
         args.engines = ["medallion"] + [e for e in args.engines if e != "medallion"]
     if "spark" in args.engines and shutil.which("java") is None:
@@ -561,12 +617,16 @@ def main() -> int:
     bench.generate()
     bench.generate_batch()
     bench.collect_versions()
-    if "ingest" in args.workloads and not args.no_floor:
-        print("floor:", flush=True)
-        bench.run_floor()
-    for engine in args.engines:
-        print(f"{engine}:", flush=True)
-        bench.run_engine(engine)
+    for round_ in range(1, args.repeat + 1):
+        bench.round = round_
+        if args.repeat > 1:
+            print(f"round {round_} of {args.repeat}:", flush=True)
+        if "ingest" in args.workloads and not args.no_floor:
+            print("floor:", flush=True)
+            bench.run_floor()
+        for engine in args.engines:
+            print(f"{engine}:", flush=True)
+            bench.run_engine(engine)
     print()
     print(bench.table())
     path = bench.write_results(started)
