@@ -332,6 +332,9 @@ class Bench:
         base.mkdir(parents=True, exist_ok=True)
         if self.round == 1:
             log.write_text("")
+        if self.args.repeat > 1:
+            with log.open("a") as handle:
+                handle.write(f"# round {self.round}\n")
         n, batch = self.n, self.batch
 
         def run(workload: str, stages: str, landing: Path, rows: int, cap: int | None = None) -> Measure:
@@ -394,6 +397,9 @@ class Bench:
         log = self.work / "floor.log"
         if self.round == 1:
             log.write_text("")
+        if self.args.repeat > 1:
+            with log.open("a") as handle:
+                handle.write(f"# round {self.round}\n")
         command = [self.args.floor, str(out)] + [str(p) for p in self.load_files()]
         result = measure("floor (CSV->Parquet)", "ingest", self.n, command, out, log)
         result.round = self.round
@@ -459,11 +465,14 @@ class Bench:
             for (w, engine), ms in rounds.items():
                 if w != workload:
                     continue
-                done = [m for m in ms if m.ok]
-                mine = [m for m in ours.get(workload, []) if m.ok]
+                # Times count from rounds that finished with the same result as medallion's.
+                done = [m for m in ms if m.counts]
+                mine = [m for m in ours.get(workload, []) if m.counts]
                 failed = [m for m in ms if not m.ok]
+                differs = sorted({m.check for m in ms if m.check.startswith("DIFFERS")})
                 if not done:
-                    lines.append(f"| {workload} | {engine} | | | | | | | failed | {failed[0].note} |")
+                    verdict, label = (differs[0], "does not count") if differs else (failed[0].note, "failed")
+                    lines.append(f"| {workload} | {engine} | | | | | | | {label} | {verdict} |")
                     continue
                 wall = statistics.median(m.wall for m in done)
                 ratio = ""
@@ -474,16 +483,16 @@ class Bench:
                     ]
                     if len(paired) > 1:
                         ratio += f" ({min(paired):.2f}–{max(paired):.2f}x)"
-                checks = {m.check for m in ms}
-                differs = sorted(c for c in checks if c.startswith("DIFFERS"))
-                check = differs[0] if differs else ("yes" if checks == {"same"} else "n/a")
+                check = "yes" if {m.check for m in done} == {"same"} else "n/a"
+                if differs:
+                    check = f"{len(ms) - len(done) - len(failed)} of {len(ms)} rounds {differs[0]}"
                 if failed:
                     check += f"; {len(failed)} of {len(ms)} rounds failed: {failed[0].note}"
                 first = done[0]
                 lines.append(
                     f"| {workload} | {engine} | {spread([m.wall for m in done], '.1f')} | "
                     f"{spread([m.cpu for m in done], '.1f')} | {first.rows / wall:,.0f} | "
-                    f"{max(m.peak_rss for m in done) / 2**20:,.0f} | {first.files} | "
+                    f"{max(m.peak_rss for m in ms) / 2**20:,.0f} | {first.files} | "
                     f"{first.bytes_written / 2**20:,.1f} | {ratio} | {check} |"
                 )
         return "\n".join(lines)
@@ -538,7 +547,8 @@ class Bench:
         return (
             f"- Rounds: {self.args.repeat}, each running the floor and then every engine in turn. Each cell is "
             "the median over the rounds, with the range in brackets; vs medallion is the ratio of medians, "
-            "with the range of each round's own ratio; peak RSS is the largest of the rounds.\n"
+            "with the range of each round's own ratio; peak RSS is the largest of the rounds (failed ones included). "
+            "Times count only from rounds whose tables matched medallion's.\n"
         )
 
     def write_results(self, started: dt.datetime) -> Path:
