@@ -3,10 +3,14 @@
 
 use crate::storage::Location;
 
+use std::sync::Arc;
+
 use datafusion::arrow::{
-    array::{ArrayRef, RecordBatch},
+    array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, StringViewArray},
+    buffer::{Buffer, OffsetBuffer, ScalarBuffer},
     compute::cast,
-    datatypes::SchemaRef,
+    datatypes::{DataType, SchemaRef},
+    error::ArrowError,
 };
 use deltalake::{
     DeltaTable,
@@ -219,7 +223,13 @@ pub(super) fn conform(
                 field.name()
             ))
         })?;
-        let column = cast(column, field.data_type()).map_err(|e| {
+        let column = match (column.data_type(), field.data_type()) {
+            (DataType::Utf8View, DataType::Utf8) => {
+                views_to_strings(column.as_string_view()).map(|s| Arc::new(s) as ArrayRef)
+            }
+            _ => cast(column, field.data_type()),
+        };
+        let column = column.map_err(|e| {
             invalid(format!(
                 "column `{}` cannot be stored as {}: {e}",
                 field.name(),
@@ -229,6 +239,36 @@ pub(super) fn conform(
         columns.push(column);
     }
     RecordBatch::try_new(schema.clone(), columns).map_err(|e| invalid(e.to_string()))
+}
+
+/// `views` as a string array, its bytes copied in one pass into one buffer; an error when they exceed a
+/// string array's 2 GiB (where arrow's cast panics). Arrow's cast does the same through a builder, value by value (a null bit and a
+/// capacity check each); the string columns a query hands to medallion's writers all take this step
+/// (DataFusion reads and computes strings as views, Delta stores them as strings).
+fn views_to_strings(views: &StringViewArray) -> Result<StringArray, ArrowError> {
+    let nulls = views.nulls();
+    let valid = |row: usize| nulls.is_none_or(|n| n.is_valid(row));
+    // The low 32 bits of a view are its value's length.
+    let total: usize = (0..views.len())
+        .filter(|&row| valid(row))
+        .map(|row| views.views()[row] as u32 as usize)
+        .sum();
+    i32::try_from(total).map_err(|_| ArrowError::OffsetOverflowError(total))?;
+    let mut bytes: Vec<u8> = Vec::with_capacity(total);
+    let mut offsets: Vec<i32> = Vec::with_capacity(views.len() + 1);
+    offsets.push(0);
+    for row in 0..views.len() {
+        if valid(row) {
+            bytes.extend_from_slice(views.value(row).as_bytes());
+        }
+        // At most `total` bytes, which fits in i32 (checked above).
+        offsets.push(bytes.len() as i32);
+    }
+    let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
+    // SAFETY: the offsets start at 0, never decrease and end at `bytes.len()`; between two offsets lies
+    // one whole value of `views`, a `&str`, so every range is valid UTF-8. (`try_new` would check the
+    // UTF-8 of every byte again.) The nulls are `views`' own, one per row.
+    Ok(unsafe { StringArray::new_unchecked(offsets, Buffer::from_vec(bytes), nulls.cloned()) })
 }
 
 /// Appends a few in-memory batches in one commit (state tables, small results).
@@ -338,6 +378,30 @@ mod tests {
     use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
 
     use super::*;
+
+    /// A view array becomes the same strings (inline and out-of-line values, NULLs, a slice), as arrow's
+    /// cast makes them.
+    #[test]
+    fn views_become_the_strings_arrows_cast_makes() {
+        let values: Vec<Option<String>> = (0..300)
+            .map(|i| match i % 7 {
+                0 => None,
+                1 => Some(String::new()),
+                2 => Some(format!("short {i}")),
+                3 => Some(format!("a value longer than twelve bytes, number {i}")),
+                4 => Some("exactly12byt".into()),
+                5 => Some(format!("ünïcödé {i} ✓")),
+                _ => Some(format!("{i}")),
+            })
+            .collect();
+        let views = StringViewArray::from_iter(values.iter().map(|v| v.as_deref()));
+        for array in [views.clone(), views.slice(5, 200), views.slice(299, 1)] {
+            let ours = views_to_strings(&array).unwrap();
+            let arrows = cast(&array, &DataType::Utf8).unwrap();
+            assert_eq!(&ours as &dyn Array, arrows.as_ref());
+            assert_eq!(ours.null_count(), array.null_count());
+        }
+    }
 
     /// Parquet encodings of the files medallion writes: an integer column of distinct values (a key)
     /// outgrows the small dictionary and goes on as DELTA_BINARY_PACKED; columns of few values (a
