@@ -242,9 +242,9 @@ pub(super) fn conform(
 }
 
 /// `views` as a string array, its bytes copied in one pass into one buffer; an error when they exceed a
-/// string array's 2 GiB (where arrow's cast panics). Arrow's cast does the same through a builder, value by value (a null bit and a
-/// capacity check each); the string columns a query hands to medallion's writers all take this step
-/// (DataFusion reads and computes strings as views, Delta stores them as strings).
+/// string array's 2 GiB (where arrow's cast panics). Arrow's cast does the same through a builder, value
+/// by value (a null bit and a capacity check each). The string columns a query hands to medallion's
+/// writers all take this step: DataFusion reads and computes strings as views, Delta stores strings.
 fn views_to_strings(views: &StringViewArray) -> Result<StringArray, ArrowError> {
     let nulls = views.nulls();
     let valid = |row: usize| nulls.is_none_or(|n| n.is_valid(row));
