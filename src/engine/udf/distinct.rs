@@ -451,12 +451,29 @@ impl DistinctCounts {
         self.pairs -= removed as usize;
     }
 
+    /// The partial state, as the built-in's: each group's distinct values, a list of the argument's
+    /// type, `values` cut at `offsets`.
+    fn state_lists(&self, offsets: OffsetBuffer<i32>, values: ArrayRef) -> Result<Vec<ArrayRef>> {
+        let list = ListArray::try_new(
+            Arc::new(Field::new_list_field(self.data_type.clone(), true)),
+            offsets,
+            values,
+            None,
+        )?;
+        Ok(vec![Arc::new(list)])
+    }
+
     fn emitted(&self, emit_to: EmitTo) -> usize {
         match emit_to {
             EmitTo::All => self.counts.len(),
             EmitTo::First(n) => n.min(self.counts.len()),
         }
     }
+}
+
+/// Whether `row` counts: its value is not NULL and the `FILTER`, if any, holds.
+fn counted<A: Array + ?Sized>(values: &A, filter: Option<&BooleanArray>, row: usize) -> bool {
+    values.is_valid(row) && filter.is_none_or(|f| f.is_valid(row) && f.value(row))
 }
 
 impl GroupsAccumulator for DistinctCounts {
@@ -476,9 +493,7 @@ impl GroupsAccumulator for DistinctCounts {
         let values = datafusion::arrow::compute::cast(values, &DataType::Int64)?;
         let values = values.as_primitive::<Int64Type>();
         for (row, &group) in group_indices.iter().enumerate() {
-            let counted =
-                values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row));
-            if counted {
+            if counted(values, opt_filter, row) {
                 self.insert(group, values.value(row));
             }
         }
@@ -507,13 +522,7 @@ impl GroupsAccumulator for DistinctCounts {
         let flat: Int64Array = lists.into_iter().flatten().collect::<Vec<i64>>().into();
         // Values of the argument's type, cast to i64 and back: the cast cannot fail.
         let flat = datafusion::arrow::compute::cast(&flat, &self.data_type)?;
-        let list = ListArray::try_new(
-            Arc::new(Field::new_list_field(self.data_type.clone(), true)),
-            offsets,
-            flat,
-            None,
-        )?;
-        Ok(vec![Arc::new(list)])
+        self.state_lists(offsets, flat)
     }
 
     fn merge_batch(
@@ -558,23 +567,12 @@ impl GroupsAccumulator for DistinctCounts {
                 "COUNT(DISTINCT) takes one argument".into(),
             ));
         };
-        let counted: BooleanArray = (0..values.len())
-            .map(|row| {
-                Some(
-                    values.is_valid(row)
-                        && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row)),
-                )
-            })
+        let kept: BooleanArray = (0..values.len())
+            .map(|row| Some(counted(values, opt_filter, row)))
             .collect();
-        let offsets = OffsetBuffer::from_lengths(counted.values().iter().map(usize::from));
-        let kept = datafusion::arrow::compute::filter(values, &counted)?;
-        let list = ListArray::try_new(
-            Arc::new(Field::new_list_field(self.data_type.clone(), true)),
-            offsets,
-            kept,
-            None,
-        )?;
-        Ok(vec![Arc::new(list)])
+        let offsets = OffsetBuffer::from_lengths(kept.values().iter().map(usize::from));
+        let kept = datafusion::arrow::compute::filter(values, &kept)?;
+        self.state_lists(offsets, kept)
     }
 
     fn size(&self) -> usize {
