@@ -309,6 +309,19 @@ class Bench:
             if not target.exists():
                 os.link(source, target)
 
+    def start_log(self, log: Path) -> None:
+        """Empties `log` in the first round; later rounds append to it, each under a marker."""
+        if self.round == 1:
+            log.write_text("")
+        if self.args.repeat > 1:
+            with log.open("a") as handle:
+                handle.write(f"# round {self.round}\n")
+
+    def record(self, result: Measure) -> None:
+        result.round = self.round
+        self.measures.append(result)
+        self.report_line(result)
+
     # ---- engines ----------------------------------------------------------------------------------
     def command(self, engine: str, stages: str, landing: Path, out: Path) -> tuple[list[str], dict]:
         if engine == "medallion":
@@ -330,11 +343,7 @@ class Bench:
         saved = base / "saved"
         log = base / "log.txt"
         base.mkdir(parents=True, exist_ok=True)
-        if self.round == 1:
-            log.write_text("")
-        if self.args.repeat > 1:
-            with log.open("a") as handle:
-                handle.write(f"# round {self.round}\n")
+        self.start_log(log)
         n, batch = self.n, self.batch
 
         def run(workload: str, stages: str, landing: Path, rows: int, cap: int | None = None) -> Measure:
@@ -352,9 +361,7 @@ class Bench:
                     cgroup.remove()
             if cap is not None and cgroup is None:
                 result.note = (result.note + "; " if result.note else "") + "not capped: no memory cgroup here"
-            result.round = self.round
-            self.measures.append(result)
-            self.report_line(result)
+            self.record(result)
             return result
 
         shutil.rmtree(out, ignore_errors=True)
@@ -395,16 +402,10 @@ class Bench:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         log = self.work / "floor.log"
-        if self.round == 1:
-            log.write_text("")
-        if self.args.repeat > 1:
-            with log.open("a") as handle:
-                handle.write(f"# round {self.round}\n")
+        self.start_log(log)
         command = [self.args.floor, str(out)] + [str(p) for p in self.load_files()]
         result = measure("floor (CSV->Parquet)", "ingest", self.n, command, out, log)
-        result.round = self.round
-        self.measures.append(result)
-        self.report_line(result)
+        self.record(result)
         shutil.rmtree(out, ignore_errors=True)
 
     # ---- checks -----------------------------------------------------------------------------------
