@@ -257,11 +257,25 @@ async fn prepare(
     ctx.register_table(CHANGES, changes.into_view())
         .map_err(query)?;
     let mut timer = Timer::new(path);
-    // Also for a staged first load, whose plan found each key once: the keys are found again on the
-    // copy, as a stage's SQL need not give the same keys twice (`random()`, a `LIMIT`), and the commit
-    // refuses files whose changes supersede one another.
-    let latest_rows =
-        latest_per_key(path, ctx, scratch, spec, &schema, rows_read, &mut timer).await?;
+    // A staged first load was summed up as it was written; the summary holds while the changes are
+    // the rows it saw (as many). Its plan found each key once, but the write counts them again, as a
+    // stage's SQL need not give the same keys twice (`random()`, a `LIMIT`), and the commit refuses
+    // files whose changes supersede one another.
+    let summary = staged
+        .as_ref()
+        .map(|s| &s.summary)
+        .filter(|s| s.rows == rows_read);
+    let latest_rows = latest_per_key(
+        path,
+        ctx,
+        scratch,
+        spec,
+        &schema,
+        rows_read,
+        summary.map(|s| s.repeated),
+        &mut timer,
+    )
+    .await?;
     timer.done("latest change per key");
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
@@ -356,7 +370,20 @@ async fn prepare(
             .map_err(query)?;
     }
     timer.done("classification");
-    let (counts, touched, key_bounds) = if first_load {
+    let summed_up = summary.filter(|s| first_load && s.repeated == 0);
+    let (counts, touched, key_bounds) = if let Some(summary) = summed_up {
+        // Each key once and nothing to compare with: every change is an insert or, a delete, a
+        // tombstone.
+        let counts = [
+            ("insert", summary.rows.saturating_sub(summary.deletes)),
+            ("tombstone", summary.deletes),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(action, n)| (action.to_string(), n))
+        .collect();
+        (counts, summary.touched.clone(), summary.bounds.clone())
+    } else if first_load {
         let summary = summarize(ctx, spec, &schema).await.map_err(query)?;
         timer.done("counts, touched values and key bounds");
         summary
@@ -555,6 +582,9 @@ impl PreparedChanges {
 /// Only keys changed more than once in the batch need ordering (and can tie), so only their changes'
 /// keys and sequences are sorted, and the changes they supersede set aside. [`LATEST`] is the batch
 /// less those, read where it is needed rather than copied (a full load is the whole table).
+/// Registers as [`LATEST`] the last change per key of [`CHANGES`]; returns its row count. `repeated`:
+/// how many keys the changes hold more than once, when already known.
+#[allow(clippy::too_many_arguments)]
 async fn latest_per_key(
     path: &Location,
     ctx: &SessionContext,
@@ -562,6 +592,7 @@ async fn latest_per_key(
     spec: &CdcSpec,
     schema: &Schema,
     rows_read: u64,
+    repeated: Option<u64>,
     timer: &mut Timer,
 ) -> Result<u64, DeltaError> {
     let query = |e| DeltaError::query(path, e);
@@ -579,9 +610,10 @@ async fn latest_per_key(
             .filter(|f| is_integer_key(f.data_type())),
         _ => None,
     };
-    let repeated = match integer_key {
-        Some(key) => repeated_integer_keys(ctx, key).await.map_err(query)?,
-        None => {
+    let repeated = match (repeated, integer_key) {
+        (Some(0), _) => 0,
+        (_, Some(key)) => repeated_integer_keys(ctx, key).await.map_err(query)?,
+        (_, None) => {
             let repeated = ctx
                 .sql(&format!(
                     "SELECT {keys} FROM {CHANGES} GROUP BY {keys} HAVING COUNT(*) > 1",
@@ -1475,6 +1507,128 @@ mod tests {
         assert_eq!(
             days(&second.touched),
             ["2020-01-01", "2020-01-02", "2020-01-05", "2020-01-09"]
+        );
+    }
+
+    /// A first load summed up as it is written (keys, deletes, bounds, tracked values of the rows it
+    /// keeps) classifies as the general path's read of the same changes: the same counts and touched
+    /// values, the rows an expectation drops left out of both.
+    #[tokio::test]
+    async fn a_first_load_summed_up_as_it_is_written_classifies_as_a_read_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, path, meta) = table_in(dir.path(), &["day"]);
+        let ctx = super::super::session(None).unwrap();
+        // Key 4 is deleted on a day no kept insert has; key 9 is dropped, on a day of its own; key 3
+        // has no day.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("seq", DataType::Int64, false),
+            Field::new("op", DataType::Utf8, false),
+            Field::new("day", DataType::Date32, true),
+            Field::new("passes", DataType::Boolean, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![7, 1, 9, 3, 4, 2])),
+                Arc::new(Int64Array::from(vec![1; 6])),
+                Arc::new(StringArray::from(vec!["I", "I", "I", "U", "D", "I"])),
+                Arc::new(Date32Array::from(vec![
+                    Some(18_262),
+                    Some(18_263),
+                    Some(18_270),
+                    None,
+                    Some(18_280),
+                    Some(18_262),
+                ])),
+                Arc::new(datafusion::arrow::array::BooleanArray::from(vec![
+                    true, true, false, true, true, true,
+                ])),
+            ],
+        )
+        .unwrap();
+        ctx.register_batch("computed", batch.clone()).unwrap();
+        let output = ctx
+            .sql("SELECT k, seq, op, day FROM computed")
+            .await
+            .unwrap();
+        let kept = |ctx: SessionContext| async move {
+            ctx.sql("SELECT k, seq, op, day FROM computed WHERE passes")
+                .await
+                .unwrap()
+        };
+        let options = TableOptions::default();
+        let load = super::super::FirstLoad::plan(&path, &output, &spec, &options)
+            .await
+            .unwrap()
+            .expect("each key once: written as computed");
+        let streams = ctx
+            .sql(&format!(
+                "SELECT *, passes AS kept, {} AS delete FROM computed",
+                is_delete_sql(&spec, "")
+            ))
+            .await
+            .unwrap()
+            .execute_stream_partitioned()
+            .await
+            .unwrap();
+        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        let day = |d: &str| Some(d.to_string());
+        assert_eq!(
+            staged.summary,
+            super::super::first_load::LoadSummary {
+                rows: 5,
+                repeated: 0,
+                deletes: 1,
+                bounds: Some(("1".into(), "7".into())),
+                touched: Touched::from([(
+                    "day".to_string(),
+                    BTreeSet::from([None, day("2020-01-01"), day("2020-01-02")])
+                )]),
+            }
+        );
+        let scratch = Scratch::new(None).unwrap();
+        let prepared = prepare_changes(
+            &path,
+            &ctx,
+            &scratch,
+            kept(ctx.clone()).await,
+            5,
+            &spec,
+            &options,
+            Some(staged),
+        )
+        .await
+        .unwrap()
+        .expect("changes");
+        let summed = prepared.commit(&ctx, &meta).await.unwrap();
+
+        let other = tempfile::tempdir().unwrap();
+        let (spec, path, meta) = table_in(other.path(), &["day"]);
+        let ctx = super::super::session(None).unwrap();
+        ctx.register_batch("computed", batch).unwrap();
+        let read = apply_changes(&path, &ctx, kept(ctx.clone()).await, &spec, &options, &meta)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                summed.rows_read,
+                summed.rows_superseded,
+                summed.tombstones_added,
+                summed.write.rows_inserted,
+                &summed.touched
+            ),
+            (
+                read.rows_read,
+                read.rows_superseded,
+                read.tombstones_added,
+                read.write.rows_inserted,
+                &read.touched
+            )
+        );
+        assert_eq!(
+            (summed.write.rows_inserted, summed.tombstones_added),
+            (4, 1)
         );
     }
 

@@ -1,20 +1,37 @@
 //! A cdc table's first load, written as the stage computes it. A first load compares with nothing (no
 //! live rows, no tombstones): when it also changes each key once, every change that is not a delete is
 //! an insert, so its rows can go to the table's files in the pass that computes them, and only a narrow
-//! copy (keys, sequences, op, what the checks read) is kept for the cdc steps, which classify and check
-//! it before the files are published ([`super::PreparedChanges::commit`]) or removed
-//! ([`super::PreparedChanges::discard`]). The general path instead keeps the whole result in scratch
-//! files and writes it after, reading it again.
+//! copy (keys, sequences, op, what the checks read) is kept for the cdc steps, which check it before the
+//! files are published ([`super::PreparedChanges::commit`]) or removed
+//! ([`super::PreparedChanges::discard`]). The same pass also counts what the cdc steps would otherwise
+//! read the copy again for ([`LoadSummary`]): the keys held twice, the deletes, the key bounds and the
+//! tracked values. The general path instead keeps the whole result in scratch files and writes it
+//! after, reading it again.
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
 
 use datafusion::{
     arrow::{
-        array::AsArray,
-        compute::filter_record_batch,
-        datatypes::{Schema, SchemaRef},
+        array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch},
+        compute::{
+            cast, filter, filter_record_batch,
+            kernels::boolean::{and, not},
+        },
+        datatypes::{DataType, Field, Schema, SchemaRef},
     },
-    physical_plan::{SendableRecordBatchStream, stream::RecordBatchStreamAdapter},
+    error::DataFusionError,
+    logical_expr::EmitTo,
+    physical_plan::{
+        SendableRecordBatchStream,
+        aggregates::{
+            group_values::{GroupValues, new_group_values},
+            order::GroupOrdering,
+        },
+        stream::RecordBatchStreamAdapter,
+    },
     prelude::{DataFrame, ident},
 };
 use futures::StreamExt;
@@ -25,8 +42,8 @@ use super::{
     quote,
 };
 use crate::{
-    delta::cdc::{CdcSpec, clustered, collect_keys, holds_files},
-    engine::udf::repeated::{is_integer_key, repeated_keys},
+    delta::cdc::{CdcSpec, Touched, clustered, collect_keys, holds_files},
+    engine::udf::repeated::{append_keys, is_integer_key, repeated_keys},
     storage::Location,
 };
 
@@ -40,6 +57,10 @@ pub struct FirstLoad {
     stored: SchemaRef,
     /// The table's options, its key not null.
     options: TableOptions,
+    /// The key column.
+    key: String,
+    /// The tracked column, if any (at most one).
+    track: Option<String>,
 }
 
 /// A first load's files, written and not yet committed.
@@ -48,6 +69,111 @@ pub struct StagedLoad {
     pub(super) written: Written,
     pub(super) stored: SchemaRef,
     pub(super) options: TableOptions,
+    /// What the write saw of the rows the stage keeps.
+    pub(super) summary: LoadSummary,
+}
+
+/// What a first load's write saw of the rows the stage keeps (those no expectation drops or
+/// quarantines), its deletes included: what the cdc steps would otherwise read the load's copy again
+/// for. It holds as long as the copy holds the same rows, which a count tells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadSummary {
+    /// Rows kept.
+    pub rows: u64,
+    /// Keys held by more than one kept row (NULL counted as one value, as `GROUP BY` counts it).
+    pub repeated: u64,
+    /// Kept rows that are deletes: in a first load, each a tombstone.
+    pub deletes: u64,
+    /// The least and greatest key, as SQL literals.
+    pub bounds: Option<(String, String)>,
+    /// The tracked column's values in the rows written, as text (no entry without a tracked column).
+    pub touched: Touched,
+}
+
+/// One stream's share of a [`LoadSummary`], gathered as its batches pass.
+struct Seen {
+    keys: Vec<i64>,
+    nulls: usize,
+    rows: u64,
+    deletes: u64,
+    /// The distinct tracked values, and the group ids of the last batch (reused).
+    values: Option<(Box<dyn GroupValues>, Vec<usize>)>,
+}
+
+impl Seen {
+    fn new(track: Option<&Field>) -> datafusion::error::Result<Seen> {
+        let values = match track {
+            Some(field) => Some((
+                new_group_values(
+                    Arc::new(Schema::new(vec![field.clone().with_nullable(true)])),
+                    &GroupOrdering::None,
+                )?,
+                Vec::new(),
+            )),
+            None => None,
+        };
+        Ok(Seen {
+            keys: Vec::new(),
+            nulls: 0,
+            rows: 0,
+            deletes: 0,
+            values,
+        })
+    }
+
+    /// Notes a batch: its keys and deletes where `kept`, and the tracked values of the rows `written`
+    /// (in column `track` of them).
+    fn observe(
+        &mut self,
+        keys: &ArrayRef,
+        kept: &BooleanArray,
+        delete: &BooleanArray,
+        written: &RecordBatch,
+        track: Option<usize>,
+    ) -> datafusion::error::Result<()> {
+        let kept_keys = filter(keys, kept)?;
+        self.rows += kept_keys.len() as u64;
+        self.nulls += kept_keys.null_count();
+        append_keys(&mut self.keys, &kept_keys)?;
+        self.deletes += and(kept, delete)?.true_count() as u64;
+        if let (Some((values, groups)), Some(index)) = (&mut self.values, track) {
+            values.intern(&[written.column(index).clone()], groups)?;
+        }
+        Ok(())
+    }
+}
+
+impl LoadSummary {
+    /// The summary of the streams' shares, the tracked column named `track`.
+    fn of(seen: Vec<Seen>, track: Option<&str>) -> datafusion::error::Result<LoadSummary> {
+        let mut summary = LoadSummary::default();
+        let mut keys = Vec::new();
+        let mut nulls = 0;
+        let mut touched: BTreeSet<Option<String>> = BTreeSet::new();
+        for part in seen {
+            summary.rows += part.rows;
+            summary.deletes += part.deletes;
+            nulls += part.nulls;
+            keys.extend(part.keys);
+            if let Some((mut values, _)) = part.values {
+                for array in values.emit(EmitTo::All)? {
+                    let text = cast(&array, &DataType::Utf8)?;
+                    touched.extend(text.as_string::<i32>().iter().map(|v| v.map(String::from)));
+                }
+            }
+        }
+        summary.bounds = keys
+            .iter()
+            .min()
+            .zip(keys.iter().max())
+            .map(|(low, high)| (low.to_string(), high.to_string()));
+        summary.repeated = repeated_keys(keys).len() as u64 + u64::from(nulls > 1);
+        // As the classification's summary: an entry once there are rows, even all deletes.
+        if let Some(column) = track.filter(|_| summary.rows > 0) {
+            summary.touched.insert(column.to_string(), touched);
+        }
+        Ok(summary)
+    }
 }
 
 impl FirstLoad {
@@ -127,16 +253,20 @@ impl FirstLoad {
             layout,
             stored,
             options: table_options,
+            key: key.clone(),
+            track: spec.track.first().cloned(),
         }))
     }
 
-    /// Writes the rows of `streams` (batches of the stage's output plus a boolean column `keep`) that
-    /// `keep` holds true for, as the table's files, uncommitted. The streams' other columns go
-    /// elsewhere (see [`crate::engine::scratch::tee`]) as they are read.
+    /// Writes the rows of `streams` (batches of the stage's output plus boolean columns `kept` and
+    /// `delete`) that are kept and not deletes, as the table's files, uncommitted, and sums up the kept
+    /// rows ([`LoadSummary`]). The streams' other columns go elsewhere (see
+    /// [`crate::engine::scratch::tee`]) as they are read.
     pub async fn write(
         self,
         streams: Vec<SendableRecordBatchStream>,
-        keep: &str,
+        kept: &str,
+        delete: &str,
     ) -> Result<StagedLoad, DeltaError> {
         let FirstLoad {
             path,
@@ -144,39 +274,90 @@ impl FirstLoad {
             layout,
             stored,
             options,
+            key,
+            track,
         } = self;
-        let query = |e| DeltaError::query(&path, e);
-        let mut kept = Vec::with_capacity(streams.len());
+        let query = |e: DataFusionError| DeltaError::query(&path, e);
+        let arrow = |e: datafusion::arrow::error::ArrowError| query(e.into());
+        let track_index = match &track {
+            Some(column) => Some(stored.index_of(column).map_err(arrow)?),
+            None => None,
+        };
+        let mut seen = Vec::with_capacity(streams.len());
+        let mut written = Vec::with_capacity(streams.len());
         for stream in streams {
             let schema = stream.schema();
-            let mask = schema.index_of(keep).map_err(|e| query(e.into()))?;
+            let [kept, delete, key] =
+                [kept, delete, key.as_str()].map(|name| (schema.index_of(name), quote(name)));
+            let (kept, delete, key) = (
+                (kept.0.map_err(arrow)?, kept.1),
+                (delete.0.map_err(arrow)?, delete.1),
+                key.0.map_err(arrow)?,
+            );
             let columns = stored
                 .fields()
                 .iter()
                 .map(|f| schema.index_of(f.name()))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| query(e.into()))?;
-            let projected = Arc::new(schema.project(&columns).map_err(|e| query(e.into()))?);
-            let name = quote(keep);
+                .map_err(arrow)?;
+            let projected = Arc::new(schema.project(&columns).map_err(arrow)?);
+            let part = Arc::new(Mutex::new(
+                Seen::new(track_index.map(|i| stored.field(i))).map_err(query)?,
+            ));
+            seen.push(part.clone());
             let rows = stream.map(move |batch| {
                 let batch = batch?;
-                let keep = batch.column(mask).as_boolean_opt().ok_or_else(|| {
-                    datafusion::error::DataFusionError::Internal(format!(
-                        "column {name} is not a boolean"
-                    ))
-                })?;
-                Ok(filter_record_batch(&batch.project(&columns)?, keep)?)
+                let boolean = |(index, name): &(usize, String)| {
+                    batch
+                        .column(*index)
+                        .as_boolean_opt()
+                        .cloned()
+                        .ok_or_else(|| {
+                            DataFusionError::Internal(format!("column {name} is not a boolean"))
+                        })
+                };
+                let (kept, delete) = (boolean(&kept)?, boolean(&delete)?);
+                let rows =
+                    filter_record_batch(&batch.project(&columns)?, &and(&kept, &not(&delete)?)?)?;
+                part.lock()
+                    .map_err(|_| {
+                        DataFusionError::Internal("a first load's summary was poisoned".into())
+                    })?
+                    .observe(batch.column(key), &kept, &delete, &rows, track_index)?;
+                Ok(rows)
             });
-            kept.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
+            written.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
         }
-        let written =
-            super::files::write_new_files(&path, table.as_ref(), &stored, &options, kept, &layout)
-                .await?;
+        let written = super::files::write_new_files(
+            &path,
+            table.as_ref(),
+            &stored,
+            &options,
+            written,
+            &layout,
+        )
+        .await?;
+        // The streams are gone with the write: each share has one owner again.
+        let parts: Option<Vec<Seen>> = seen
+            .into_iter()
+            .map(|part| Arc::into_inner(part).and_then(|part| part.into_inner().ok()))
+            .collect();
+        let summary = parts
+            .ok_or_else(|| DataFusionError::Internal("a first load's summary is incomplete".into()))
+            .and_then(|parts| LoadSummary::of(parts, track.as_deref()));
+        let summary = match summary {
+            Ok(summary) => summary,
+            Err(error) => {
+                super::files::discard_new(&path, table.as_ref(), &written.adds).await;
+                return Err(query(error));
+            }
+        };
         Ok(StagedLoad {
             table,
             written,
             stored,
             options,
+            summary,
         })
     }
 }

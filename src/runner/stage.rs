@@ -1317,7 +1317,8 @@ async fn write_first_load(
     RunError,
 > {
     const COMPUTED: &str = "__medallion_first_load";
-    const WRITE: &str = "__medallion_write";
+    const KEPT: &str = "__medallion_kept";
+    const DELETE: &str = "__medallion_delete";
     let delta_err = |source| RunError::Delta {
         stage: stage.name.clone(),
         source,
@@ -1354,8 +1355,8 @@ async fn write_first_load(
     };
     progress.message("writing the first load");
 
-    // The output, each expectation's verdict, and whether the row goes to the table: it passes every
-    // expectation that removes rows, and is not a delete.
+    // The output, each expectation's verdict, whether the row is kept (it passes every expectation
+    // that removes rows) and whether it is a delete: the kept rows that are not deletes go to the table.
     let verdict = |i: usize| format!("__medallion_expectation_{i}");
     let mut columns = vec!["*".to_string()];
     let mut removing = Vec::new();
@@ -1372,14 +1373,18 @@ async fn write_first_load(
             removing.push(verdict(i));
         }
     }
-    removing.push(format!("NOT {}", delta::is_delete_sql(spec, "")));
     ctx.register_table(COMPUTED, output.clone().into_view())
         .map_err(query_err)?;
     // An expectation that does not plan is reported by the general path, as it reports it.
     let Ok(computed) = ctx
         .sql(&format!(
-            "SELECT *, {} AS {WRITE} FROM (SELECT {} FROM {COMPUTED})",
-            removing.join(" AND "),
+            "SELECT *, {} AS {KEPT}, {} AS {DELETE} FROM (SELECT {} FROM {COMPUTED})",
+            if removing.is_empty() {
+                "TRUE".to_string()
+            } else {
+                removing.join(" AND ")
+            },
+            delta::is_delete_sql(spec, ""),
             columns.join(", ")
         ))
         .await
@@ -1413,7 +1418,7 @@ async fn write_first_load(
         .map_err(query_err)?;
     let (streams, copies) = engine::scratch::tee(streams, &narrow).map_err(query_err)?;
     let (staged, copied) = tokio::join!(
-        load.write(streams, WRITE),
+        load.write(streams, KEPT, DELETE),
         scratch.materialize_streams(ctx, STAGE_OUTPUT, copies),
     );
     let staged = staged.map_err(delta_err)?;
