@@ -30,7 +30,7 @@ use std::{
 use crate::{
     engine::{
         scratch::Scratch,
-        udf::repeated::{append_keys, is_integer_key, repeated_keys},
+        udf::repeated::{Keys, is_integer_key},
     },
     storage::Location,
 };
@@ -272,7 +272,7 @@ async fn prepare(
         spec,
         &schema,
         rows_read,
-        summary.map(|s| s.repeated),
+        summary.and_then(|s| s.repeated),
         &mut timer,
     )
     .await?;
@@ -370,10 +370,10 @@ async fn prepare(
             .map_err(query)?;
     }
     timer.done("classification");
-    let summed_up = summary.filter(|s| first_load && s.repeated == 0);
+    let summed_up = summary.filter(|s| first_load && s.repeated == Some(0));
     let (counts, touched, key_bounds) = if let Some(summary) = summed_up {
-        // Each key once and nothing to compare with: every change is an insert or, a delete, a
-        // tombstone.
+        // Each key once and nothing to compare with: every change is an insert, or a tombstone when
+        // it is a delete.
         let counts = [
             ("insert", summary.rows.saturating_sub(summary.deletes)),
             ("tombstone", summary.deletes),
@@ -516,7 +516,9 @@ impl PreparedChanges {
             .join(", ");
         if let Some(staged) = staged {
             // The files hold every change but the deletes, so the classification must have found
-            // inserts and tombstones only, one per change.
+            // inserts and tombstones only, one per change. (When the load's summary stood in for the
+            // classification, its inserts are the files' rows by construction, and only its count of
+            // rows, checked against the batch's, guards it.)
             let inserts = count("insert");
             let written = staged.written.rows;
             if rewrites > 0 || inserts != written || metrics.rows_superseded > 0 {
@@ -582,8 +584,7 @@ impl PreparedChanges {
 /// Only keys changed more than once in the batch need ordering (and can tie), so only their changes'
 /// keys and sequences are sorted, and the changes they supersede set aside. [`LATEST`] is the batch
 /// less those, read where it is needed rather than copied (a full load is the whole table).
-/// Registers as [`LATEST`] the last change per key of [`CHANGES`]; returns its row count. `repeated`:
-/// how many keys the changes hold more than once, when already known.
+/// `repeated`: how many keys the batch holds more than once, when already known.
 #[allow(clippy::too_many_arguments)]
 async fn latest_per_key(
     path: &Location,
@@ -701,11 +702,7 @@ async fn repeated_integer_keys(
         .await?
         .execute_stream()
         .await?;
-    let (keys, nulls) = collect_keys(stream).await?;
-    let mut repeated: Vec<Option<i64>> = repeated_keys(keys).into_iter().map(Some).collect();
-    if nulls > 1 {
-        repeated.push(None);
-    }
+    let repeated = collect_keys(stream).await?.repeated();
     let count = repeated.len() as u64;
     let values: ArrayRef = Arc::new(Int64Array::from(repeated));
     let values = datafusion::arrow::compute::cast(&values, key.data_type())?;
@@ -1079,18 +1076,15 @@ pub(super) fn holds_files(table: &deltalake::DeltaTable) -> bool {
         .map_or(true, |s| s.log_data().num_files() > 0)
 }
 
-/// The integer keys of `stream`'s first column, and how many were NULL.
+/// The integer keys of `stream`'s first column.
 pub(super) async fn collect_keys(
     mut stream: datafusion::physical_plan::SendableRecordBatchStream,
-) -> datafusion::error::Result<(Vec<i64>, usize)> {
-    let mut keys = Vec::new();
-    let mut nulls = 0;
+) -> datafusion::error::Result<Keys> {
+    let mut keys = Keys::default();
     while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        nulls += batch.column(0).null_count();
-        append_keys(&mut keys, batch.column(0))?;
+        keys.append(batch?.column(0))?;
     }
-    Ok((keys, nulls))
+    Ok(keys)
 }
 
 /// [`CLASSIFIED_ROWS`] for a narrow [`CLASSIFIED`]: each change of [`LATEST`] (one per key, a NULL
@@ -1578,7 +1572,7 @@ mod tests {
             staged.summary,
             super::super::first_load::LoadSummary {
                 rows: 5,
-                repeated: 0,
+                repeated: Some(0),
                 deletes: 1,
                 bounds: Some(("1".into(), "7".into())),
                 touched: Touched::from([(
@@ -1630,6 +1624,137 @@ mod tests {
             (summed.write.rows_inserted, summed.tombstones_added),
             (4, 1)
         );
+    }
+
+    /// A first load whose SQL gives a key twice in the write where its plan saw it once (`random()`, a
+    /// `LIMIT`) is summed up with the key repeated, is classified the general way, and publishes
+    /// nothing: no commit, no file left.
+    #[tokio::test]
+    async fn a_first_load_written_with_a_key_its_plan_saw_once_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, path, meta) = table_in(dir.path(), &["day"]);
+        let ctx = super::super::session(None).unwrap();
+        let planned = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1)]);
+        let load = super::super::FirstLoad::plan(&path, &planned, &spec, &TableOptions::default())
+            .await
+            .unwrap()
+            .expect("each key once: written as computed");
+        let written = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (2, 2, "U", 3)]);
+        ctx.register_table("written", written.into_view()).unwrap();
+        let streams = ctx
+            .sql(&format!(
+                "SELECT *, TRUE AS kept, {} AS delete FROM written",
+                is_delete_sql(&spec, "")
+            ))
+            .await
+            .unwrap()
+            .execute_stream_partitioned()
+            .await
+            .unwrap();
+        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        assert_eq!((staged.summary.rows, staged.summary.repeated), (3, Some(1)));
+        let scratch = Scratch::new(None).unwrap();
+        let changes = ctx.table("written").await.unwrap();
+        let published = match prepare_changes(
+            &path,
+            &ctx,
+            &scratch,
+            changes,
+            3,
+            &spec,
+            &TableOptions::default(),
+            Some(staged),
+        )
+        .await
+        {
+            Ok(Some(prepared)) => prepared.commit(&ctx, &meta).await.is_ok(),
+            _ => false,
+        };
+        assert!(!published, "a load whose changes supersede one another");
+        let files: Vec<_> = walkdir(&dir.path().join("table"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
+        assert!(files.is_empty(), "no file left: {files:?}");
+        assert!(
+            super::super::open(&path)
+                .await
+                .unwrap()
+                .is_none_or(|t| !holds_files(&t)),
+            "nothing committed"
+        );
+    }
+
+    /// A first load whose keys are too sparse for bitsets is not summed up as written: its keys are
+    /// found again on the copy, and it publishes what the general path counts.
+    #[tokio::test]
+    async fn a_first_load_of_sparse_keys_is_classified_the_general_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, path, meta) = table_in(dir.path(), &["day"]);
+        let ctx = super::super::session(None).unwrap();
+        let rows = [(1, 1, "I", 0), (1_000_000, 1, "I", 1), (7, 1, "D", 2)];
+        let output = changes(&ctx, &rows);
+        ctx.register_table("output", output.clone().into_view())
+            .unwrap();
+        let load = super::super::FirstLoad::plan(&path, &output, &spec, &TableOptions::default())
+            .await
+            .unwrap()
+            .expect("each key once: written as computed");
+        let streams = ctx
+            .sql(&format!(
+                "SELECT *, TRUE AS kept, {} AS delete FROM output",
+                is_delete_sql(&spec, "")
+            ))
+            .await
+            .unwrap()
+            .execute_stream_partitioned()
+            .await
+            .unwrap();
+        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        assert_eq!(
+            (
+                staged.summary.rows,
+                staged.summary.repeated,
+                staged.summary.deletes
+            ),
+            (3, None, 1)
+        );
+        let scratch = Scratch::new(None).unwrap();
+        let metrics = prepare_changes(
+            &path,
+            &ctx,
+            &scratch,
+            output,
+            3,
+            &spec,
+            &TableOptions::default(),
+            Some(staged),
+        )
+        .await
+        .unwrap()
+        .expect("changes")
+        .commit(&ctx, &meta)
+        .await
+        .unwrap();
+        assert_eq!(
+            (metrics.write.rows_inserted, metrics.tombstones_added),
+            (2, 1)
+        );
+        assert_eq!(days(&metrics.touched), ["2020-01-01", "2020-01-02"]);
+    }
+
+    /// Every file under `dir`, at any depth.
+    fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(walkdir(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use std::{
 
 use datafusion::{
     arrow::{
-        array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch},
+        array::{ArrayRef, AsArray, BooleanArray, RecordBatch},
         compute::{
             cast, filter, filter_record_batch,
             kernels::boolean::{and, not},
@@ -43,7 +43,7 @@ use super::{
 };
 use crate::{
     delta::cdc::{CdcSpec, Touched, clustered, collect_keys, holds_files},
-    engine::udf::repeated::{append_keys, is_integer_key, repeated_keys},
+    engine::udf::repeated::{KeyBits, is_integer_key},
     storage::Location,
 };
 
@@ -59,6 +59,9 @@ pub struct FirstLoad {
     options: TableOptions,
     /// The key column.
     key: String,
+    /// The least and greatest key the plan found, and how many keys.
+    bounds: Option<(i64, i64)>,
+    rows: usize,
     /// The tracked column, if any (at most one).
     track: Option<String>,
 }
@@ -80,28 +83,32 @@ pub struct StagedLoad {
 pub struct LoadSummary {
     /// Rows kept.
     pub rows: u64,
-    /// Keys held by more than one kept row (NULL counted as one value, as `GROUP BY` counts it).
-    pub repeated: u64,
+    /// Keys held by more than one kept row (NULL counted as one value, as `GROUP BY` counts it);
+    /// `None` when not counted (keys too sparse for bitsets, or outside the bounds the plan found).
+    pub repeated: Option<u64>,
     /// Kept rows that are deletes: in a first load, each a tombstone.
     pub deletes: u64,
     /// The least and greatest key, as SQL literals.
     pub bounds: Option<(String, String)>,
-    /// The tracked column's values in the rows written, as text (no entry without a tracked column).
+    /// The tracked column's values in the rows written, as text (no entry without a tracked column
+    /// or without rows).
     pub touched: Touched,
 }
 
 /// One stream's share of a [`LoadSummary`], gathered as its batches pass.
 struct Seen {
-    keys: Vec<i64>,
-    nulls: usize,
+    /// Kept rows.
     rows: u64,
+    /// The keys of the kept rows, when they are dense enough for bitsets over the plan's bounds.
+    keys: Option<KeyBits>,
+    /// Kept rows that are deletes.
     deletes: u64,
-    /// The distinct tracked values, and the group ids of the last batch (reused).
+    /// The distinct tracked values of the rows written, and the group ids of the last batch (reused).
     values: Option<(Box<dyn GroupValues>, Vec<usize>)>,
 }
 
 impl Seen {
-    fn new(track: Option<&Field>) -> datafusion::error::Result<Seen> {
+    fn new(keys: Option<KeyBits>, track: Option<&Field>) -> datafusion::error::Result<Seen> {
         let values = match track {
             Some(field) => Some((
                 new_group_values(
@@ -113,9 +120,8 @@ impl Seen {
             None => None,
         };
         Ok(Seen {
-            keys: Vec::new(),
-            nulls: 0,
             rows: 0,
+            keys,
             deletes: 0,
             values,
         })
@@ -131,10 +137,11 @@ impl Seen {
         written: &RecordBatch,
         track: Option<usize>,
     ) -> datafusion::error::Result<()> {
-        let kept_keys = filter(keys, kept)?;
-        self.rows += kept_keys.len() as u64;
-        self.nulls += kept_keys.null_count();
-        append_keys(&mut self.keys, &kept_keys)?;
+        let keys = filter(keys, kept)?;
+        self.rows += keys.len() as u64;
+        if let Some(bits) = &mut self.keys {
+            bits.append(&keys)?;
+        }
         self.deletes += and(kept, delete)?.true_count() as u64;
         if let (Some((values, groups)), Some(index)) = (&mut self.values, track) {
             values.intern(&[written.column(index).clone()], groups)?;
@@ -147,14 +154,18 @@ impl LoadSummary {
     /// The summary of the streams' shares, the tracked column named `track`.
     fn of(seen: Vec<Seen>, track: Option<&str>) -> datafusion::error::Result<LoadSummary> {
         let mut summary = LoadSummary::default();
-        let mut keys = Vec::new();
-        let mut nulls = 0;
+        // The keys are counted only when every share counted them.
+        let mut keys: Option<KeyBits> = None;
+        let mut counted = true;
         let mut touched: BTreeSet<Option<String>> = BTreeSet::new();
         for part in seen {
             summary.rows += part.rows;
             summary.deletes += part.deletes;
-            nulls += part.nulls;
-            keys.extend(part.keys);
+            match (&mut keys, part.keys) {
+                (Some(all), Some(bits)) => all.merge(&bits),
+                (None, Some(bits)) => keys = Some(bits),
+                (_, None) => counted = false,
+            }
             if let Some((mut values, _)) = part.values {
                 for array in values.emit(EmitTo::All)? {
                     let text = cast(&array, &DataType::Utf8)?;
@@ -162,12 +173,12 @@ impl LoadSummary {
                 }
             }
         }
-        summary.bounds = keys
-            .iter()
-            .min()
-            .zip(keys.iter().max())
-            .map(|(low, high)| (low.to_string(), high.to_string()));
-        summary.repeated = repeated_keys(keys).len() as u64 + u64::from(nulls > 1);
+        if let Some(keys) = keys.filter(|_| counted) {
+            summary.repeated = keys.repeated();
+            summary.bounds = keys
+                .bounds()
+                .map(|(low, high)| (low.to_string(), high.to_string()));
+        }
         // As the classification's summary: an entry once there are rows, even all deletes.
         if let Some(column) = track.filter(|_| summary.rows > 0) {
             summary.touched.insert(column.to_string(), touched);
@@ -222,12 +233,12 @@ impl FirstLoad {
             .execute_stream()
             .await
             .map_err(query)?;
-        let (keys, nulls) = collect_keys(stream).await.map_err(query)?;
-        let rows = (keys.len() + nulls) as u64;
-        let bounds = keys.iter().min().zip(keys.iter().max());
-        let bounds = bounds.map(|(low, high)| (low.to_string(), high.to_string()));
+        let keys = collect_keys(stream).await.map_err(query)?;
+        let rows = keys.len() as u64;
+        let key_bounds = keys.bounds();
+        let bounds = key_bounds.map(|(low, high)| (low.to_string(), high.to_string()));
         // A NULL key is quarantined or fails the write: either way the general path reports it.
-        if nulls > 0 || !repeated_keys(keys).is_empty() {
+        if keys.nulls() > 0 || !keys.repeated().is_empty() {
             return Ok(None);
         }
         let stored: Vec<_> = schema
@@ -254,6 +265,8 @@ impl FirstLoad {
             stored,
             options: table_options,
             key: key.clone(),
+            bounds: key_bounds,
+            rows: rows as usize,
             track: spec.track.first().cloned(),
         }))
     }
@@ -275,6 +288,8 @@ impl FirstLoad {
             stored,
             options,
             key,
+            bounds,
+            rows: planned,
             track,
         } = self;
         let query = |e: DataFusionError| DeltaError::query(&path, e);
@@ -287,13 +302,9 @@ impl FirstLoad {
         let mut written = Vec::with_capacity(streams.len());
         for stream in streams {
             let schema = stream.schema();
-            let [kept, delete, key] =
-                [kept, delete, key.as_str()].map(|name| (schema.index_of(name), quote(name)));
-            let (kept, delete, key) = (
-                (kept.0.map_err(arrow)?, kept.1),
-                (delete.0.map_err(arrow)?, delete.1),
-                key.0.map_err(arrow)?,
-            );
+            let kept_at = (schema.index_of(kept).map_err(arrow)?, quote(kept));
+            let delete_at = (schema.index_of(delete).map_err(arrow)?, quote(delete));
+            let key_at = schema.index_of(&key).map_err(arrow)?;
             let columns = stored
                 .fields()
                 .iter()
@@ -301,9 +312,10 @@ impl FirstLoad {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(arrow)?;
             let projected = Arc::new(schema.project(&columns).map_err(arrow)?);
-            let part = Arc::new(Mutex::new(
-                Seen::new(track_index.map(|i| stored.field(i))).map_err(query)?,
-            ));
+            let bits = bounds.and_then(|(low, high)| KeyBits::new(low, high, planned));
+            let part = Arc::new(Mutex::new(Some(
+                Seen::new(bits, track_index.map(|i| projected.field(i))).map_err(query)?,
+            )));
             seen.push(part.clone());
             let rows = stream.map(move |batch| {
                 let batch = batch?;
@@ -316,14 +328,15 @@ impl FirstLoad {
                             DataFusionError::Internal(format!("column {name} is not a boolean"))
                         })
                 };
-                let (kept, delete) = (boolean(&kept)?, boolean(&delete)?);
+                let (kept, delete) = (boolean(&kept_at)?, boolean(&delete_at)?);
                 let rows =
                     filter_record_batch(&batch.project(&columns)?, &and(&kept, &not(&delete)?)?)?;
-                part.lock()
-                    .map_err(|_| {
-                        DataFusionError::Internal("a first load's summary was poisoned".into())
-                    })?
-                    .observe(batch.column(key), &kept, &delete, &rows, track_index)?;
+                let mut seen = part.lock().map_err(|_| {
+                    DataFusionError::Internal("a first load's summary was poisoned".into())
+                })?;
+                if let Some(seen) = seen.as_mut() {
+                    seen.observe(batch.column(key_at), &kept, &delete, &rows, track_index)?;
+                }
                 Ok(rows)
             });
             written.push(Box::pin(RecordBatchStreamAdapter::new(projected, rows)) as _);
@@ -337,10 +350,9 @@ impl FirstLoad {
             &layout,
         )
         .await?;
-        // The streams are gone with the write: each share has one owner again.
         let parts: Option<Vec<Seen>> = seen
-            .into_iter()
-            .map(|part| Arc::into_inner(part).and_then(|part| part.into_inner().ok()))
+            .iter()
+            .map(|part| part.lock().ok().and_then(|mut part| part.take()))
             .collect();
         let summary = parts
             .ok_or_else(|| DataFusionError::Internal("a first load's summary is incomplete".into()))

@@ -31,10 +31,7 @@ pub fn repeated_keys(mut keys: Vec<i64>) -> Vec<i64> {
     let (Some(&low), Some(&high)) = (keys.iter().min(), keys.iter().max()) else {
         return Vec::new();
     };
-    // Both bounds are i64, so the span fits in u64 and the bitset index below in usize (checked).
-    let span = (i128::from(high) - i128::from(low)) as u128 + 1;
-    let dense = span <= BITS_PER_KEY * keys.len() as u128 && usize::try_from(span).is_ok();
-    if !dense {
+    let Some(mut bits) = KeyBits::new(low, high, keys.len()) else {
         keys.sort_unstable();
         let mut repeated: Vec<i64> = keys
             .windows(2)
@@ -43,26 +40,143 @@ pub fn repeated_keys(mut keys: Vec<i64>) -> Vec<i64> {
             .collect();
         repeated.dedup();
         return repeated;
-    }
-    let words = (span as usize).div_ceil(64);
-    let mut seen = vec![0u64; words];
-    let mut again = vec![0u64; words];
+    };
     for key in keys {
-        // In range: low <= key <= high, and span fits in usize.
-        let offset = (i128::from(key) - i128::from(low)) as usize;
-        let (word, bit) = (offset / 64, 1u64 << (offset % 64));
-        again[word] |= seen[word] & bit;
-        seen[word] |= bit;
+        bits.insert(key);
     }
-    let mut repeated = Vec::new();
-    for (word, mut bits) in again.into_iter().enumerate() {
-        while bits != 0 {
-            let bit = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            repeated.push((i128::from(low) + (word * 64 + bit) as i128) as i64);
+    bits.repeated_values()
+}
+
+/// Integer keys within bounds known beforehand, gathered as they come into two bitsets over the
+/// bounds' range (seen once, seen again): a bit per possible key where a list of them takes 64. The
+/// bitsets end on a whole word, so a key up to 63 past the greatest bound still counts as within.
+#[derive(Debug, Clone)]
+pub struct KeyBits {
+    low: i64,
+    seen: Vec<u64>,
+    again: Vec<u64>,
+    /// Keys gathered, NULLs included.
+    rows: usize,
+    nulls: usize,
+    /// Whether a key fell outside the bounds: which keys are repeated is then unknown.
+    outside: bool,
+}
+
+impl KeyBits {
+    /// Bitsets for keys from `low` to `high`, when `rows` keys are dense enough in that range (the
+    /// range at most [`BITS_PER_KEY`] times their count); `None` otherwise.
+    pub fn new(low: i64, high: i64, rows: usize) -> Option<KeyBits> {
+        // Both bounds are i64, so the span fits in u128; the words must be addressable.
+        let span = i128::from(high) - i128::from(low) + 1;
+        if span < 1 || span as u128 > BITS_PER_KEY * rows.max(1) as u128 {
+            return None;
+        }
+        let words = usize::try_from(span).ok()?.div_ceil(64);
+        let mut bits = KeyBits::empty(low);
+        bits.seen = vec![0; words];
+        bits.again = vec![0; words];
+        Some(bits)
+    }
+
+    /// Bitsets of no range: every key falls outside.
+    fn empty(low: i64) -> KeyBits {
+        KeyBits {
+            low,
+            seen: Vec::new(),
+            again: Vec::new(),
+            rows: 0,
+            nulls: 0,
+            outside: false,
         }
     }
-    repeated
+
+    fn insert(&mut self, key: i64) {
+        let offset = i128::from(key) - i128::from(self.low);
+        match usize::try_from(offset)
+            .ok()
+            .filter(|o| o / 64 < self.seen.len())
+        {
+            Some(offset) => {
+                let (word, bit) = (offset / 64, 1u64 << (offset % 64));
+                self.again[word] |= self.seen[word] & bit;
+                self.seen[word] |= bit;
+            }
+            None => self.outside = true,
+        }
+    }
+
+    /// Adds the keys of an integer array ([`is_integer_key`]).
+    pub fn append(&mut self, array: &ArrayRef) -> Result<()> {
+        let values = datafusion::arrow::compute::cast(array, &DataType::Int64)?;
+        let values = values.as_primitive::<Int64Type>();
+        self.rows += values.len();
+        self.nulls += values.null_count();
+        if values.null_count() == 0 {
+            values.values().iter().for_each(|&key| self.insert(key));
+        } else {
+            values.iter().flatten().for_each(|key| self.insert(key));
+        }
+        Ok(())
+    }
+
+    /// Adds the keys `other` gathered; bitsets over other bounds count as keys outside.
+    pub fn merge(&mut self, other: &KeyBits) {
+        self.rows += other.rows;
+        self.nulls += other.nulls;
+        self.outside |= other.outside;
+        if (self.low, self.seen.len()) != (other.low, other.seen.len()) {
+            self.outside = true;
+            return;
+        }
+        for (word, (seen, again)) in other.seen.iter().zip(&other.again).enumerate() {
+            self.again[word] |= again | (self.seen[word] & seen);
+            self.seen[word] |= seen;
+        }
+    }
+
+    /// Keys gathered, NULLs included.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The least and greatest non-NULL key gathered, unless one fell outside the bounds.
+    pub fn bounds(&self) -> Option<(i64, i64)> {
+        let first = self.seen.iter().position(|&w| w != 0)?;
+        let last = self.seen.iter().rposition(|&w| w != 0)?;
+        (!self.outside).then(|| {
+            (
+                self.key_at(first, self.seen[first].trailing_zeros()),
+                self.key_at(last, 63 - self.seen[last].leading_zeros()),
+            )
+        })
+    }
+
+    /// How many values are held more than once (NULL counting as one value, as `GROUP BY` counts it),
+    /// unless a key fell outside the bounds.
+    pub fn repeated(&self) -> Option<u64> {
+        let values: u64 = self.again.iter().map(|w| u64::from(w.count_ones())).sum();
+        (!self.outside).then_some(values + u64::from(self.nulls > 1))
+    }
+
+    /// The key of `bit` in `word`: within the bounds, or past the greatest in the last word, where
+    /// [`KeyBits::insert`] puts only keys that fit in an i64.
+    fn key_at(&self, word: usize, bit: u32) -> i64 {
+        (i128::from(self.low) + (word * 64) as i128 + i128::from(bit)) as i64
+    }
+
+    /// The non-NULL keys held more than once, in ascending order (those within the bounds).
+    fn repeated_values(&self) -> Vec<i64> {
+        let mut repeated = Vec::new();
+        for (word, &bits) in self.again.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                repeated.push(self.key_at(word, bit));
+            }
+        }
+        repeated
+    }
 }
 
 /// The types [`append_keys`] and `count_repeated` take: integers that fit in an i64.
@@ -92,6 +206,57 @@ pub fn append_keys(keys: &mut Vec<i64>, values: &ArrayRef) -> Result<()> {
         keys.extend(values.iter().flatten());
     }
     Ok(())
+}
+
+/// The keys of integer arrays ([`is_integer_key`]), gathered to find the repeated ones: the non-NULL
+/// values, and how many were NULL.
+#[derive(Debug, Default)]
+pub struct Keys {
+    values: Vec<i64>,
+    nulls: usize,
+}
+
+impl Keys {
+    /// Adds the keys of `array`.
+    pub fn append(&mut self, array: &ArrayRef) -> Result<()> {
+        self.nulls += array.null_count();
+        append_keys(&mut self.values, array)
+    }
+
+    /// Keys gathered, NULLs included.
+    pub fn len(&self) -> usize {
+        self.values.len() + self.nulls
+    }
+
+    /// Whether no key was gathered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// NULL keys gathered.
+    pub fn nulls(&self) -> usize {
+        self.nulls
+    }
+
+    /// The least and greatest non-NULL key.
+    pub fn bounds(&self) -> Option<(i64, i64)> {
+        self.values
+            .iter()
+            .min()
+            .copied()
+            .zip(self.values.iter().max().copied())
+    }
+
+    /// The keys held more than once ([`repeated_keys`]), then NULL (`None`) when more than one was
+    /// NULL: NULL counts as one value, as `GROUP BY` counts it.
+    pub fn repeated(self) -> Vec<Option<i64>> {
+        let mut repeated: Vec<Option<i64>> =
+            repeated_keys(self.values).into_iter().map(Some).collect();
+        if self.nulls > 1 {
+            repeated.push(None);
+        }
+        repeated
+    }
 }
 
 /// The `count_repeated` aggregate function.
@@ -230,6 +395,47 @@ mod tests {
             let mixed: Vec<i64> = keys.iter().chain(&far).copied().collect();
             proptest::prop_assert_eq!(repeated_keys(mixed.clone()), by_counting(&mixed));
         }
+    }
+
+    proptest::proptest! {
+        /// Keys split between two bitsets over the bounds of all of them, merged: the repeated count
+        /// and the bounds of a count per key, NULLs one value; a key outside the bounds makes both
+        /// unknown.
+        #[test]
+        fn key_bits_merged_count_what_a_count_per_key_counts(
+            keys in proptest::collection::vec(proptest::option::weighted(0.9, -300i64..300), 1..400),
+            split in 0usize..400,
+            outside in proptest::option::of(1_000i64..10_000),
+        ) {
+            let values: Vec<i64> = keys.iter().flatten().copied().collect();
+            let (Some(&low), Some(&high)) = (values.iter().min(), values.iter().max()) else {
+                return Ok(());
+            };
+            let array = |keys: &[Option<i64>]| -> ArrayRef { Arc::new(Int64Array::from(keys.to_vec())) };
+            let split = split.min(keys.len());
+            let mut bits = KeyBits::new(low, high, 600).expect("dense enough");
+            let mut other = bits.clone();
+            bits.append(&array(&keys[..split])).unwrap();
+            other.append(&array(&keys[split..])).unwrap();
+            if let Some(key) = outside {
+                other.append(&array(&[Some(key)])).unwrap();
+            }
+            bits.merge(&other);
+            let nulls = keys.len() - values.len();
+            let counted = by_counting(&values).len() as u64 + u64::from(nulls > 1);
+            let known = outside.is_none();
+            proptest::prop_assert_eq!(bits.repeated(), known.then_some(counted));
+            proptest::prop_assert_eq!(bits.bounds(), known.then_some((low, high)));
+            proptest::prop_assert_eq!(bits.rows(), keys.len() + usize::from(!known));
+        }
+    }
+
+    #[test]
+    fn key_bits_refuse_bounds_too_sparse_for_their_keys() {
+        assert!(KeyBits::new(0, 64 * 10 - 1, 10).is_some());
+        assert!(KeyBits::new(0, 64 * 10, 10).is_none());
+        assert!(KeyBits::new(i64::MIN, i64::MAX, usize::MAX).is_none());
+        assert!(KeyBits::new(5, 4, 10).is_none());
     }
 
     #[tokio::test]
