@@ -30,7 +30,7 @@ use std::{
 use crate::{
     engine::{
         scratch::Scratch,
-        udf::repeated::{Keys, is_integer_key},
+        udf::repeated::{Keys, is_integer_key, key_in},
     },
     storage::Location,
 };
@@ -108,6 +108,8 @@ const SUPERSEDED: &str = "__medallion_superseded";
 const TARGET: &str = "__medallion_target";
 /// The target's files that hold keys the batch updates or deletes, read for the rewrite.
 const REWRITTEN: &str = "__medallion_rewritten";
+/// The function telling the keys a batch updates or deletes ([`crate::engine::udf::repeated::key_in`]).
+const CHANGED_KEY: &str = "__medallion_changed_key";
 /// In [`TARGET`], the file of each row (its full URL, as delta-rs's scans name files).
 const FILE_ID: &str = "__medallion_file";
 /// In [`CLASSIFIED`], the file holding the live row a change replaces or deletes.
@@ -1205,8 +1207,9 @@ async fn rewrite(
         .await
         .map_err(query)?;
     ctx.register_table(REWRITTEN, rewritten).map_err(query)?;
-    // The rows of those files whose key the batch does not update or delete. The batch's keys are the
-    // join's build side (a right anti join): hashing the files' rows instead would hold them all.
+    // The rows of those files whose key the batch does not update or delete: for one integer key
+    // whose changed values are dense enough, a bit test per row; otherwise a right anti join with the
+    // batch's keys as its build side (hashing the files' rows instead would hold them all).
     let changed_keys: Vec<String> = spec
         .keys
         .iter()
@@ -1220,19 +1223,43 @@ async fn rewrite(
         ))
         .await
         .map_err(query)?;
-    let files_rows = ctx
-        .sql(&format!("SELECT {cols} FROM {REWRITTEN}"))
-        .await
-        .map_err(query)?;
-    let on: Vec<Expr> = spec
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| ident(format!("__medallion_key_{i}")).eq(ident(k)))
-        .collect();
-    let kept = changed
-        .join_on(files_rows, JoinType::RightAnti, on)
-        .map_err(query)?;
+    let changed_set = match spec.keys.as_slice() {
+        [key] if is_integer_key(changed.schema().field(0).data_type()) => {
+            let stream = changed.clone().execute_stream().await.map_err(query)?;
+            collect_keys(stream)
+                .await
+                .map_err(query)?
+                .into_bits()
+                .map(|bits| (key, bits))
+        }
+        _ => None,
+    };
+    let kept = match changed_set {
+        Some((key, bits)) => {
+            ctx.register_udf(key_in(CHANGED_KEY, bits));
+            ctx.sql(&format!(
+                "SELECT {cols} FROM {REWRITTEN} WHERE NOT {CHANGED_KEY}({})",
+                quote(key)
+            ))
+            .await
+            .map_err(query)?
+        }
+        None => {
+            let files_rows = ctx
+                .sql(&format!("SELECT {cols} FROM {REWRITTEN}"))
+                .await
+                .map_err(query)?;
+            let on: Vec<Expr> = spec
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| ident(format!("__medallion_key_{i}")).eq(ident(k)))
+                .collect();
+            changed
+                .join_on(files_rows, JoinType::RightAnti, on)
+                .map_err(query)?
+        }
+    };
     let upserts = ctx
         .sql(&format!(
             "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"
@@ -1741,6 +1768,76 @@ mod tests {
             (2, 1)
         );
         assert_eq!(days(&metrics.touched), ["2020-01-01", "2020-01-02"]);
+    }
+
+    /// A batch's updates and deletes leave the rewritten files alike whether their keys are dense
+    /// (filtered by a bit test) or sparse (an anti join): the live rows are the rows kept plus the
+    /// upserts, each key once.
+    #[tokio::test]
+    async fn rewritten_files_keep_the_same_rows_for_dense_and_sparse_changed_keys() {
+        for step in [1, 1_000_000_000_i64] {
+            let dir = tempfile::tempdir().unwrap();
+            let (spec, path, meta) = table_in(dir.path(), &[]);
+            let key = |i: i64| i * step;
+            let ctx = super::super::session(None).unwrap();
+            let first: Vec<(i64, i64, &str, i32)> = (1..=6).map(|i| (key(i), 1, "I", 0)).collect();
+            let first = changes(&ctx, &first);
+            apply_changes(&path, &ctx, first, &spec, &TableOptions::default(), &meta)
+                .await
+                .unwrap();
+            let ctx = super::super::session(None).unwrap();
+            let batch = changes(
+                &ctx,
+                &[
+                    (key(2), 2, "U", 5),
+                    (key(5), 2, "D", 0),
+                    (key(9), 1, "I", 1),
+                ],
+            );
+            let metrics = apply_changes(&path, &ctx, batch, &spec, &TableOptions::default(), &meta)
+                .await
+                .unwrap();
+            assert_eq!(
+                (
+                    metrics.write.rows_inserted,
+                    metrics.write.rows_updated,
+                    metrics.write.rows_deleted
+                ),
+                (1, 1, 1)
+            );
+            let ctx = super::super::session(None).unwrap();
+            let table = super::super::open(&path).await.unwrap().unwrap();
+            ctx.register_table("t", super::super::provider(&path, &table).await.unwrap())
+                .unwrap();
+            let rows = ctx
+                .sql("SELECT k, seq FROM t ORDER BY k")
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            let live: Vec<(i64, i64)> = rows
+                .iter()
+                .flat_map(|b| {
+                    let k = b
+                        .column(0)
+                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+                    let seq = b
+                        .column(1)
+                        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+                    k.values()
+                        .iter()
+                        .copied()
+                        .zip(seq.values().iter().copied())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let expected: Vec<(i64, i64)> = [(1, 1), (2, 2), (3, 1), (4, 1), (6, 1), (9, 1)]
+                .into_iter()
+                .map(|(i, seq)| (key(i), seq))
+                .collect();
+            assert_eq!(live, expected, "keys {step} apart");
+        }
     }
 
     /// Every file under `dir`, at any depth.

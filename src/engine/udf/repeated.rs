@@ -11,13 +11,14 @@ use std::sync::Arc;
 
 use datafusion::{
     arrow::{
-        array::{Array, ArrayRef, AsArray, Int64Array, ListArray},
+        array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray},
         buffer::OffsetBuffer,
         datatypes::{DataType, Field, FieldRef, Int64Type},
     },
     common::{DataFusionError, Result, ScalarValue},
     logical_expr::{
-        Accumulator, AggregateUDF, AggregateUDFImpl, Signature, TypeSignature, Volatility,
+        Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF,
+        ScalarUDFImpl, Signature, TypeSignature, Volatility,
         function::{AccumulatorArgs, StateFieldsArgs},
     },
 };
@@ -139,6 +140,19 @@ impl KeyBits {
         self.rows
     }
 
+    /// Whether `key` was gathered.
+    pub fn contains(&self, key: i64) -> bool {
+        let offset = i128::from(key) - i128::from(self.low);
+        usize::try_from(offset)
+            .ok()
+            .and_then(|o| {
+                self.seen
+                    .get(o / 64)
+                    .map(|word| word & (1u64 << (o % 64)) != 0)
+            })
+            .unwrap_or(false)
+    }
+
     /// The least and greatest non-NULL key gathered, unless one fell outside the bounds.
     pub fn bounds(&self) -> Option<(i64, i64)> {
         let first = self.seen.iter().position(|&w| w != 0)?;
@@ -247,6 +261,21 @@ impl Keys {
             .zip(self.values.iter().max().copied())
     }
 
+    /// The keys as bitsets over their bounds ([`KeyBits`]), when no key is NULL and they are dense
+    /// enough for bitsets; `None` otherwise.
+    pub fn into_bits(self) -> Option<KeyBits> {
+        let (low, high) = self.bounds()?;
+        if self.nulls > 0 {
+            return None;
+        }
+        let mut bits = KeyBits::new(low, high, self.values.len())?;
+        bits.rows = self.values.len();
+        for key in self.values {
+            bits.insert(key);
+        }
+        Some(bits)
+    }
+
     /// The keys held more than once ([`repeated_keys`]), then NULL (`None`) when more than one was
     /// NULL: NULL counts as one value, as `GROUP BY` counts it.
     pub fn repeated(self) -> Vec<Option<i64>> {
@@ -256,6 +285,85 @@ impl Keys {
             repeated.push(None);
         }
         repeated
+    }
+}
+
+/// A scalar function named `name`, `name(key) -> BOOLEAN`: whether the integer key
+/// ([`is_integer_key`]) is one of `keys` (false for NULL). A filter on it keeps or drops rows by a set
+/// of keys at a bit test per row, where an anti join hashes every row against a hash table.
+pub fn key_in(name: &str, keys: KeyBits) -> ScalarUDF {
+    ScalarUDF::from(KeyIn {
+        name: name.to_string(),
+        signature: Signature::one_of(
+            INTEGER_TYPES
+                .into_iter()
+                .map(|t| TypeSignature::Exact(vec![t]))
+                .collect(),
+            Volatility::Immutable,
+        ),
+        keys: Arc::new(keys),
+    })
+}
+
+#[derive(Debug)]
+struct KeyIn {
+    name: String,
+    signature: Signature,
+    keys: Arc<KeyBits>,
+}
+
+// One function per name and set: two are the same when they hold the same set.
+impl PartialEq for KeyIn {
+    fn eq(&self, other: &KeyIn) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.keys, &other.keys)
+    }
+}
+
+impl Eq for KeyIn {}
+
+impl std::hash::Hash for KeyIn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+        Arc::as_ptr(&self.keys).hash(state);
+    }
+}
+
+impl ScalarUDFImpl for KeyIn {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let [input] = arrays.as_slice() else {
+            return Err(DataFusionError::Execution(format!(
+                "{} takes exactly one argument",
+                self.name
+            )));
+        };
+        let values = datafusion::arrow::compute::cast(input, &DataType::Int64)?;
+        let values = values.as_primitive::<Int64Type>();
+        let found: BooleanArray = if values.null_count() == 0 {
+            values
+                .values()
+                .iter()
+                .map(|&k| Some(self.keys.contains(k)))
+                .collect()
+        } else {
+            values
+                .iter()
+                .map(|k| Some(k.is_some_and(|k| self.keys.contains(k))))
+                .collect()
+        };
+        Ok(ColumnarValue::Array(Arc::new(found)))
     }
 }
 
@@ -436,6 +544,42 @@ mod tests {
         assert!(KeyBits::new(0, 64 * 10, 10).is_none());
         assert!(KeyBits::new(i64::MIN, i64::MAX, usize::MAX).is_none());
         assert!(KeyBits::new(5, 4, 10).is_none());
+    }
+
+    /// `key_in` over a set of keys: true for its keys, false for others, those outside its bounds and
+    /// NULL, over BIGINT and INT columns alike; a filter on its negation keeps the rest.
+    #[tokio::test]
+    async fn key_in_tells_the_keys_of_its_set() {
+        let mut keys = Keys::default();
+        keys.append(&(Arc::new(Int64Array::from(vec![3, 5, 6, 130])) as ArrayRef))
+            .unwrap();
+        let bits = keys.into_bits().expect("dense");
+        for (key, inside) in [(3, true), (4, false), (130, true), (2, false), (131, false)] {
+            assert_eq!(bits.contains(key), inside, "{key}");
+        }
+        assert!(!bits.contains(i64::MIN) && !bits.contains(i64::MAX));
+        let ctx = SessionContext::new();
+        ctx.register_udf(key_in("changed", bits));
+        let values = "(VALUES (1), (3), (NULL), (5), (7), (130), (1000)) AS t(k)";
+        for sql in [
+            format!("SELECT k FROM {values} WHERE NOT changed(k) ORDER BY k"),
+            format!(
+                "SELECT CAST(k32 AS BIGINT) FROM (SELECT CAST(k AS INT) AS k32 FROM {values}) \
+                 WHERE NOT changed(k32) ORDER BY 1"
+            ),
+        ] {
+            let out = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+            let kept: Vec<Option<i64>> = out
+                .iter()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_primitive::<Int64Type>()
+                        .iter()
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(kept, [Some(1), Some(7), Some(1000), None], "{sql}");
+        }
     }
 
     #[tokio::test]
