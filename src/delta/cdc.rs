@@ -1223,8 +1223,21 @@ async fn rewrite(
         ))
         .await
         .map_err(query)?;
+    // The key's type in the files, which the filter reads.
+    let stored_key = match spec.keys.as_slice() {
+        [key] => ctx.table(REWRITTEN).await.ok().and_then(|t| {
+            t.schema()
+                .field_with_unqualified_name(key)
+                .ok()
+                .map(|f| f.data_type().clone())
+        }),
+        _ => None,
+    };
     let changed_set = match spec.keys.as_slice() {
-        [key] if is_integer_key(changed.schema().field(0).data_type()) => {
+        [key]
+            if is_integer_key(changed.schema().field(0).data_type())
+                && stored_key.as_ref().is_some_and(is_integer_key) =>
+        {
             let stream = changed.clone().execute_stream().await.map_err(query)?;
             collect_keys(stream)
                 .await
@@ -1797,6 +1810,12 @@ mod tests {
             let metrics = apply_changes(&path, &ctx, batch, &spec, &TableOptions::default(), &meta)
                 .await
                 .unwrap();
+            use datafusion::execution::FunctionRegistry;
+            assert_eq!(
+                ctx.udf(CHANGED_KEY).is_ok(),
+                step == 1,
+                "a bit test for dense keys, an anti join for sparse ones"
+            );
             assert_eq!(
                 (
                     metrics.write.rows_inserted,
