@@ -1592,21 +1592,7 @@ mod tests {
                 .unwrap()
         };
         let options = TableOptions::default();
-        let load = super::super::FirstLoad::plan(&path, &output, &spec, &options)
-            .await
-            .unwrap()
-            .expect("each key once: written as computed");
-        let streams = ctx
-            .sql(&format!(
-                "SELECT *, passes AS kept, {} AS delete FROM computed",
-                is_delete_sql(&spec, "")
-            ))
-            .await
-            .unwrap()
-            .execute_stream_partitioned()
-            .await
-            .unwrap();
-        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        let staged = stage_first_load(&ctx, &path, &spec, &output, "passes", "computed").await;
         let day = |d: &str| Some(d.to_string());
         assert_eq!(
             staged.summary,
@@ -1675,23 +1661,9 @@ mod tests {
         let (spec, path, meta) = table_in(dir.path(), &["day"]);
         let ctx = super::super::session(None).unwrap();
         let planned = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1)]);
-        let load = super::super::FirstLoad::plan(&path, &planned, &spec, &TableOptions::default())
-            .await
-            .unwrap()
-            .expect("each key once: written as computed");
         let written = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (2, 2, "U", 3)]);
         ctx.register_table("written", written.into_view()).unwrap();
-        let streams = ctx
-            .sql(&format!(
-                "SELECT *, TRUE AS kept, {} AS delete FROM written",
-                is_delete_sql(&spec, "")
-            ))
-            .await
-            .unwrap()
-            .execute_stream_partitioned()
-            .await
-            .unwrap();
-        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        let staged = stage_first_load(&ctx, &path, &spec, &planned, "TRUE", "written").await;
         assert_eq!((staged.summary.rows, staged.summary.repeated), (3, Some(1)));
         let scratch = Scratch::new(None).unwrap();
         let changes = ctx.table("written").await.unwrap();
@@ -1736,21 +1708,7 @@ mod tests {
         let output = changes(&ctx, &rows);
         ctx.register_table("output", output.clone().into_view())
             .unwrap();
-        let load = super::super::FirstLoad::plan(&path, &output, &spec, &TableOptions::default())
-            .await
-            .unwrap()
-            .expect("each key once: written as computed");
-        let streams = ctx
-            .sql(&format!(
-                "SELECT *, TRUE AS kept, {} AS delete FROM output",
-                is_delete_sql(&spec, "")
-            ))
-            .await
-            .unwrap()
-            .execute_stream_partitioned()
-            .await
-            .unwrap();
-        let staged = load.write(streams, "kept", "delete").await.unwrap();
+        let staged = stage_first_load(&ctx, &path, &spec, &output, "TRUE", "output").await;
         assert_eq!(
             (
                 staged.summary.rows,
@@ -1857,6 +1815,33 @@ mod tests {
                 .collect();
             assert_eq!(live, expected, "keys {step} apart");
         }
+    }
+
+    /// A first load planned on `planned` and written from the table `written` of `ctx`, its rows
+    /// kept where `kept` (SQL) holds.
+    async fn stage_first_load(
+        ctx: &SessionContext,
+        path: &Location,
+        spec: &CdcSpec,
+        planned: &DataFrame,
+        kept: &str,
+        written: &str,
+    ) -> StagedLoad {
+        let load = super::super::FirstLoad::plan(path, planned, spec, &TableOptions::default())
+            .await
+            .unwrap()
+            .expect("each key once: written as computed");
+        let streams = ctx
+            .sql(&format!(
+                "SELECT *, {kept} AS kept, {} AS delete FROM {written}",
+                is_delete_sql(spec, "")
+            ))
+            .await
+            .unwrap()
+            .execute_stream_partitioned()
+            .await
+            .unwrap();
+        load.write(streams, "kept", "delete").await.unwrap()
     }
 
     /// Every file under `dir`, at any depth.

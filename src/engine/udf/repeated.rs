@@ -288,19 +288,24 @@ impl Keys {
     }
 }
 
+/// One argument of any of [`INTEGER_TYPES`].
+fn integer_signature() -> Signature {
+    Signature::one_of(
+        INTEGER_TYPES
+            .into_iter()
+            .map(|t| TypeSignature::Exact(vec![t]))
+            .collect(),
+        Volatility::Immutable,
+    )
+}
+
 /// A scalar function named `name`, `name(key) -> BOOLEAN`: whether the integer key
 /// ([`is_integer_key`]) is one of `keys` (false for NULL). A filter on it keeps or drops rows by a set
 /// of keys at a bit test per row, where an anti join hashes every row against a hash table.
 pub fn key_in(name: &str, keys: KeyBits) -> ScalarUDF {
     ScalarUDF::from(KeyIn {
         name: name.to_string(),
-        signature: Signature::one_of(
-            INTEGER_TYPES
-                .into_iter()
-                .map(|t| TypeSignature::Exact(vec![t]))
-                .collect(),
-            Volatility::Immutable,
-        ),
+        signature: integer_signature(),
         keys: Arc::new(keys),
     })
 }
@@ -371,13 +376,7 @@ impl ScalarUDFImpl for KeyIn {
 /// The `count_repeated` aggregate function.
 pub fn count_repeated() -> AggregateUDF {
     AggregateUDF::from(CountRepeated {
-        signature: Signature::one_of(
-            INTEGER_TYPES
-                .into_iter()
-                .map(|t| TypeSignature::Exact(vec![t]))
-                .collect(),
-            Volatility::Immutable,
-        ),
+        signature: integer_signature(),
     })
 }
 
