@@ -8,6 +8,7 @@ mod card;
 mod channel;
 mod distinct;
 mod money;
+mod regex_match;
 pub mod repeated;
 mod timestamp;
 mod zip;
@@ -46,6 +47,7 @@ pub fn register_all(ctx: &SessionContext) {
     }
     ctx.register_udaf(repeated::count_repeated());
     ctx.register_udaf(distinct::count());
+    ctx.add_optimizer_rule(Arc::new(regex_match::CompiledRegex));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,9 +94,12 @@ impl Parser {
     /// where it is (Bronze's strings arrive as views: a cast to `Utf8` copied every value first).
     fn apply(self, input: &ArrayRef) -> Result<ArrayRef> {
         match input.data_type() {
-            DataType::Utf8 => self.apply_to(input.as_string::<i32>()),
-            DataType::LargeUtf8 => self.apply_to(input.as_string::<i64>()),
-            DataType::Utf8View => self.apply_to(input.as_string_view()),
+            DataType::Utf8 => self.apply_to(input.as_string::<i32>(), None),
+            DataType::LargeUtf8 => self.apply_to(input.as_string::<i64>(), None),
+            DataType::Utf8View => {
+                let views = input.as_string_view();
+                self.apply_to(views, Some(views.views()))
+            }
             other => Err(DataFusionError::Execution(format!(
                 "{} takes a string, not {other}",
                 self.name()
@@ -102,8 +107,15 @@ impl Parser {
         }
     }
 
-    fn apply_to<'a, S: StringArrayType<'a>>(self, input: S) -> Result<ArrayRef> {
-        // String results go straight into one builder: no `String` per row.
+    /// Applies the parser to `input`, whose `views`, when it has them, let a typed parser look up a
+    /// value met again in the array instead of parsing it ([`ViewMemo`]).
+    fn apply_to<'a, S: StringArrayType<'a>>(
+        self,
+        input: S,
+        views: Option<&'a [u128]>,
+    ) -> Result<ArrayRef> {
+        // String results go straight into one builder: no `String` per row. Their parsers cost about
+        // what a lookup in the memo would, so they parse every value.
         let text = |f: &dyn Fn(&str, &mut StringBuilder) -> bool| -> ArrayRef {
             let mut out = StringBuilder::with_capacity(input.len(), input.len() * 6);
             for value in input.iter() {
@@ -116,9 +128,7 @@ impl Parser {
         };
         Ok(match self {
             Parser::Money => Arc::new(
-                input
-                    .iter()
-                    .map(|v| v.and_then(parse_money))
+                parsed(input, views, parse_money)
                     .collect::<Decimal128Array>()
                     .with_precision_and_scale(MONEY_PRECISION, MONEY_SCALE)?,
             ),
@@ -136,19 +146,86 @@ impl Parser {
                 text(&|v, out| parse_channel(v).map(|c| out.append_value(c)).is_some())
             }
             Parser::Last4 => text(&|v, out| card_last4(v).map(|l| out.append_value(l)).is_some()),
-            Parser::Timestamp => Arc::new(
-                input
-                    .iter()
-                    .map(|v| v.and_then(parse_ts))
-                    .collect::<TimestampMicrosecondArray>(),
-            ),
-            Parser::Month => Arc::new(
-                input
-                    .iter()
-                    .map(|v| v.and_then(parse_month))
-                    .collect::<Date32Array>(),
-            ),
+            Parser::Timestamp => {
+                Arc::new(parsed(input, views, parse_ts).collect::<TimestampMicrosecondArray>())
+            }
+            Parser::Month => Arc::new(parsed(input, views, parse_month).collect::<Date32Array>()),
         })
+    }
+}
+
+/// `parse` over each value of `input`: `None` where the value is NULL or does not parse. With the
+/// array's `views`, each value is looked up in a [`ViewMemo`] first.
+fn parsed<'a, S: StringArrayType<'a>, T: Clone>(
+    input: S,
+    views: Option<&'a [u128]>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> impl Iterator<Item = Option<T>> {
+    let mut memo = views.map(|views| (views, ViewMemo::new()));
+    input.iter().enumerate().map(move |(row, value)| {
+        let value = value?;
+        match memo
+            .as_mut()
+            .and_then(|(views, memo)| Some((*views.get(row)?, memo)))
+        {
+            Some((view, memo)) => memo.get_or(view, || parse(value)),
+            None => parse(value),
+        }
+    })
+}
+
+/// A parser's results by string view, for the values of one array of views. Equal views hold equal
+/// values: a value of up to 12 bytes is held in its view, a longer one is pointed at (buffer and
+/// offset in this array), and a column read from a Parquet dictionary repeats the dictionary's views.
+/// So a value met again in the array (a DMS commit time, a recurring amount) is looked up instead of
+/// parsed: a timestamp's parse costs several times the lookup. The table is small and direct-mapped;
+/// when fewer than one lookup in eight finds its value in the first 1,024 (a key, a transaction's
+/// time), the memo stops for the rest of the array. The text parsers cost about what a lookup costs
+/// and do without it.
+struct ViewMemo<T> {
+    slots: Vec<Option<(u128, Option<T>)>>,
+    lookups: u32,
+    hits: u32,
+    on: bool,
+}
+
+impl<T: Clone> ViewMemo<T> {
+    /// The table's size is `1 << SLOT_BITS`.
+    const SLOT_BITS: u32 = 8;
+    /// Lookups before the memo decides whether it pays, and the hits it needs by then.
+    const TRIAL: u32 = 1024;
+    const TRIAL_HITS: u32 = Self::TRIAL / 8;
+
+    fn new() -> ViewMemo<T> {
+        ViewMemo {
+            slots: vec![None; 1 << Self::SLOT_BITS],
+            lookups: 0,
+            hits: 0,
+            on: true,
+        }
+    }
+
+    /// The result for the value of `view`: remembered, or `parse()` (then remembered).
+    fn get_or(&mut self, view: u128, parse: impl FnOnce() -> Option<T>) -> Option<T> {
+        if !self.on {
+            return parse();
+        }
+        let folded = (view as u64) ^ ((view >> 64) as u64);
+        // The top SLOT_BITS bits of the product: an index within the table.
+        let slot = (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - Self::SLOT_BITS)) as usize;
+        self.lookups += 1;
+        if let Some((seen, result)) = &self.slots[slot]
+            && *seen == view
+        {
+            self.hits += 1;
+            return result.clone();
+        }
+        let result = parse();
+        self.slots[slot] = Some((view, result.clone()));
+        if self.lookups == Self::TRIAL && self.hits < Self::TRIAL_HITS {
+            self.on = false;
+        }
+        result
     }
 }
 
@@ -254,5 +331,80 @@ mod tests {
         let wrong: ArrayRef = Arc::new(Int64Array::from(vec![1]));
         let error = Parser::Zip.apply(&wrong).unwrap_err().to_string();
         assert!(error.contains("parse_zip takes a string"), "{error}");
+    }
+
+    /// Values repeated as a Parquet dictionary gives them (one view per distinct value), short ones
+    /// held in their views, long ones equal in content but at other offsets, NULLs, and a slice: every
+    /// parser gives through the memo what it gives without it, value by value.
+    #[test]
+    fn the_view_memo_gives_what_parsing_each_value_gives() {
+        use datafusion::arrow::array::StringViewBuilder;
+        let distinct = [
+            "2010-01-01 00:01:00.000000",
+            "Swipe Transaction",
+            "Online Transaction",
+            "$-77.00",
+            "58523.0",
+            "4344 6760 3124 1102",
+            "not a value anything parses",
+        ];
+        let mut shared = StringViewBuilder::new().with_deduplicate_strings();
+        let mut copied = StringViewBuilder::new();
+        let mut plain = Vec::new();
+        for row in 0..5_000usize {
+            let value = (row % 11 != 0).then(|| distinct[(row * 7 + row / 13) % distinct.len()]);
+            shared.append_option(value);
+            copied.append_option(value);
+            plain.push(value);
+        }
+        let shared: ArrayRef = Arc::new(shared.finish());
+        let copied: ArrayRef = Arc::new(copied.finish());
+        let plain: ArrayRef = Arc::new(StringArray::from(plain));
+        for parser in Parser::ALL {
+            let expected = parser.apply(&plain).unwrap();
+            assert_eq!(
+                &parser.apply(&shared).unwrap(),
+                &expected,
+                "{}",
+                parser.name()
+            );
+            assert_eq!(
+                &parser.apply(&copied).unwrap(),
+                &expected,
+                "{}",
+                parser.name()
+            );
+            assert_eq!(
+                &parser.apply(&shared.slice(17, 3_000)).unwrap(),
+                &expected.slice(17, 3_000),
+                "{}",
+                parser.name()
+            );
+        }
+    }
+
+    /// The memo finds values it has seen, tells apart values whose views differ, and stops after its
+    /// trial when values seldom repeat.
+    #[test]
+    fn the_view_memo_stops_where_values_do_not_repeat() {
+        let mut parses = 0;
+        let mut memo = ViewMemo::<u32>::new();
+        for round in 0..3u128 {
+            for view in 0..10u128 {
+                let got = memo.get_or(view << 32 | 5, || {
+                    parses += 1;
+                    Some(view as u32 + 1)
+                });
+                assert_eq!(got, Some(view as u32 + 1), "round {round}");
+            }
+        }
+        assert_eq!(parses, 10);
+        assert!(memo.on);
+        let mut unique = ViewMemo::<u32>::new();
+        for view in 0..(ViewMemo::<u32>::TRIAL as u128 + 10) {
+            assert_eq!(unique.get_or(view, || Some(view as u32)), Some(view as u32));
+        }
+        assert!(!unique.on);
+        assert_eq!(unique.hits, 0);
     }
 }
