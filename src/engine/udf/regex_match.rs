@@ -16,15 +16,15 @@ use datafusion::{
     arrow::{
         array::{Array, ArrayRef, AsArray, BooleanArray, StringArrayType},
         buffer::BooleanBuffer,
-        datatypes::DataType,
+        datatypes::{DataType, Field, FieldRef},
     },
     common::{
         DFSchema, DataFusionError, Result, ScalarValue,
         tree_node::{Transformed, TreeNode},
     },
     logical_expr::{
-        BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ScalarFunctionArgs,
-        ScalarUDF, ScalarUDFImpl, Signature, Volatility, expr::ScalarFunction,
+        BinaryExpr, ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ReturnFieldArgs,
+        ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, expr::ScalarFunction,
         expr_rewriter::NamePreserver,
     },
     optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule},
@@ -61,6 +61,10 @@ impl OptimizerRule for CompiledRegex {
         drop(inputs);
         let names = NamePreserver::new(&plan);
         plan.map_expressions(|expr| {
+            // A grouping set's name is its sets': an alias around it would make it a plain expression.
+            if matches!(expr, Expr::GroupingSet(_)) {
+                return Ok(Transformed::no(expr));
+            }
             let name = names.save(&expr);
             expr.transform_up(|e| compile(e, &schema))
                 .map(|rewritten| rewritten.update_data(|e| name.restore(e)))
@@ -90,8 +94,10 @@ fn compile(expr: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
         left.get_type(schema),
         Ok(DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8)
     );
-    let Some(function) = RegexMatch::new(pattern, case_insensitive, negated).filter(|_| is_text)
-    else {
+    if !is_text {
+        return Ok(Transformed::no(expr));
+    }
+    let Some(function) = RegexMatch::new(pattern, case_insensitive, negated) else {
         return Ok(Transformed::no(expr));
     };
     let call = Expr::ScalarFunction(ScalarFunction::new_udf(
@@ -177,6 +183,20 @@ impl ScalarUDFImpl for RegexMatch {
         Ok(DataType::Boolean)
     }
 
+    /// NULL only where the value is, as the operator: a plan's schema keeps the operator's nullability.
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let nullable = args.arg_fields.iter().any(|f| f.is_nullable());
+        Ok(Arc::new(Field::new(
+            self.name(),
+            DataType::Boolean,
+            nullable,
+        )))
+    }
+
+    fn is_strict(&self) -> bool {
+        true
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let [value] = args.args.as_slice() else {
             return Err(DataFusionError::Execution(format!(
@@ -209,8 +229,8 @@ mod tests {
     use super::*;
     use datafusion::{
         arrow::{
-            array::{RecordBatch, StringArray, StringViewArray},
-            datatypes::{Field, Schema},
+            array::{LargeStringArray, RecordBatch, StringArray, StringViewArray},
+            datatypes::Schema,
         },
         prelude::SessionContext,
     };
@@ -319,5 +339,98 @@ mod tests {
             .to_string();
         // `a(b`, the first row's pattern, does not compile either: the column's patterns reach DataFusion.
         assert!(error.contains("did not compile"), "{error}");
+    }
+
+    /// Where the plan's schema depends on the match (a value never NULL, grouped by; grouping sets) and
+    /// where the expectations use it (a filter, an aggregate's FILTER), over every string type, the
+    /// rule gives what DataFusion's operator gives.
+    #[tokio::test]
+    async fn grouped_filtered_and_not_null_matches_plan_and_count_as_before() {
+        let values = ["ABC", "abc", "XYZW", "DEF", "", "Q"];
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("v", DataType::Utf8, false),
+                Field::new("w", DataType::Utf8View, true),
+                Field::new("x", DataType::LargeUtf8, true),
+            ])),
+            vec![
+                Arc::new(StringArray::from(values.to_vec())),
+                Arc::new(StringViewArray::from(vec![
+                    Some("Bad PIN"),
+                    None,
+                    Some("Nope"),
+                    Some("Bad PIN"),
+                    None,
+                    Some("bad pin"),
+                ])),
+                Arc::new(LargeStringArray::from(vec![
+                    None,
+                    Some("ABC"),
+                    Some("abc"),
+                    None,
+                    Some("x"),
+                    Some("ABC"),
+                ])),
+            ],
+        )
+        .unwrap();
+        let queries = [
+            "SELECT m, count(*) AS n FROM (SELECT v ~ '^[A-Z]{3}$' AS m FROM t) s GROUP BY m ORDER BY m",
+            "SELECT v ~* '^[a-z]{3}$', count(*) FROM t GROUP BY v ~* '^[a-z]{3}$' ORDER BY 1",
+            "SELECT v ~ '^[A-Z]{3}$' AS m, count(*) AS n FROM t \
+             GROUP BY ROLLUP (v ~ '^[A-Z]{3}$') ORDER BY m NULLS LAST",
+            "SELECT count(*) FILTER (WHERE COALESCE(w ~ '^Bad (PIN|CVV)$', FALSE)) AS a, \
+             count(*) FILTER (WHERE x !~* '^abc$') AS b FROM t",
+            "SELECT v FROM t WHERE v ~ '^[A-Z]' AND (w IS NULL OR w !~ 'PIN') ORDER BY v",
+        ];
+        for sql in queries {
+            let run = |rule: bool| {
+                let batch = batch.clone();
+                async move {
+                    let ctx = SessionContext::new();
+                    if rule {
+                        ctx.add_optimizer_rule(Arc::new(CompiledRegex));
+                    }
+                    ctx.register_batch("t", batch).unwrap();
+                    let frame = ctx.sql(sql).await.unwrap();
+                    let plan = frame.clone().into_optimized_plan().unwrap();
+                    let plan = plan.display_indent().to_string();
+                    let rows = frame.collect().await.unwrap();
+                    (
+                        datafusion::arrow::util::pretty::pretty_format_batches(&rows)
+                            .unwrap()
+                            .to_string(),
+                        plan,
+                    )
+                }
+            };
+            let (expected, _) = run(false).await;
+            let (got, plan) = run(true).await;
+            assert_eq!(got, expected, "{sql}");
+            if !sql.contains("ROLLUP") {
+                assert!(plan.contains("regex_"), "{sql}: {plan}");
+            }
+        }
+        // A match over a value never NULL is never NULL, in the plan and in what it executes.
+        let ctx = SessionContext::new();
+        ctx.add_optimizer_rule(Arc::new(CompiledRegex));
+        ctx.register_batch("t", batch).unwrap();
+        let frame = ctx
+            .sql("SELECT v ~ '^[A-Z]{3}$' AS m, w ~ '^[A-Z]{3}$' AS n FROM t")
+            .await
+            .unwrap();
+        let plan = frame.clone().into_optimized_plan().unwrap();
+        assert!(
+            plan.display_indent().to_string().contains("regex_match"),
+            "{plan}"
+        );
+        let physical = frame.clone().create_physical_plan().await.unwrap();
+        for schema in [
+            frame.schema().as_arrow().clone(),
+            (*physical.schema()).clone(),
+        ] {
+            assert!(!schema.field(0).is_nullable(), "{schema:?}");
+            assert!(schema.field(1).is_nullable(), "{schema:?}");
+        }
     }
 }
