@@ -320,23 +320,16 @@ mod tests {
         )
         .unwrap();
         ctx.register_batch("t", batch).unwrap();
-        let error = ctx
-            .sql("SELECT v ~ 'a(' FROM t")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap_err()
-            .to_string();
+        let fails = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move {
+                let frame = ctx.sql(sql).await.unwrap();
+                frame.collect().await.unwrap_err().to_string()
+            }
+        };
+        let error = fails("SELECT v ~ 'a(' FROM t").await;
         assert!(error.contains("unclosed group"), "{error}");
-        let error = ctx
-            .sql("SELECT v ~ v AS m FROM t")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap_err()
-            .to_string();
+        let error = fails("SELECT v ~ v AS m FROM t").await;
         // `a(b`, the first row's pattern, does not compile either: the column's patterns reach DataFusion.
         assert!(error.contains("did not compile"), "{error}");
     }
