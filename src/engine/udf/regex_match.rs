@@ -210,6 +210,8 @@ impl ScalarUDFImpl for RegexMatch {
             DataType::Utf8 => self.matches(array.as_string::<i32>()),
             DataType::LargeUtf8 => self.matches(array.as_string::<i64>()),
             DataType::Utf8View => self.matches(array.as_string_view()),
+            // The optimizer may try a predicate with its columns as NULL: NULL, as for any NULL value.
+            DataType::Null => BooleanArray::new_null(array.len()),
             other => {
                 return Err(DataFusionError::Execution(format!(
                     "{} takes a string, not {other}",
@@ -419,11 +421,48 @@ mod tests {
         );
         let physical = frame.clone().create_physical_plan().await.unwrap();
         for schema in [
-            frame.schema().as_arrow().clone(),
+            plan.schema().as_arrow().clone(),
             (*physical.schema()).clone(),
         ] {
             assert!(!schema.field(0).is_nullable(), "{schema:?}");
             assert!(schema.field(1).is_nullable(), "{schema:?}");
         }
+    }
+
+    /// A NULL-typed value (the optimizer tries predicates with columns as NULL) and a constant value
+    /// give NULL and a constant, as the operator.
+    #[test]
+    fn a_null_or_constant_value_gives_null_or_a_constant() {
+        use datafusion::{arrow::array::NullArray, config::ConfigOptions};
+        let function = RegexMatch::new("^a", false, true).unwrap();
+        let call = |value: ColumnarValue, data_type: DataType| {
+            function.invoke_with_args(ScalarFunctionArgs {
+                args: vec![value],
+                arg_fields: vec![Arc::new(Field::new("v", data_type, true))],
+                number_rows: 3,
+                return_field: Arc::new(Field::new("m", DataType::Boolean, true)),
+                config_options: Arc::new(ConfigOptions::default()),
+            })
+        };
+        let nulls = call(
+            ColumnarValue::Array(Arc::new(NullArray::new(3))),
+            DataType::Null,
+        )
+        .unwrap()
+        .to_array(3)
+        .unwrap();
+        assert_eq!(nulls.null_count(), 3);
+        let constant = call(
+            ColumnarValue::Scalar(ScalarValue::Utf8(Some("abc".into()))),
+            DataType::Utf8,
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                constant,
+                ColumnarValue::Scalar(ScalarValue::Boolean(Some(false)))
+            ),
+            "{constant:?}"
+        );
     }
 }
