@@ -4,7 +4,7 @@
 //! versions it consumed, which are the watermarks of its next run.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -216,11 +216,24 @@ async fn ingest(
             known.size == file.size && known.modified_micros == file.modified_micros
         })
     };
+    // A file is hashed with SHA-256 too where it may be content an older ledger recorded by its SHA-256
+    // (landing::Checksum): of one of its sizes, or set aside under its name.
+    let legacy_sizes: HashSet<u64> = ledger
+        .values()
+        .filter(|entry| landing::is_legacy(&entry.checksum))
+        .map(|entry| entry.size)
+        .collect();
+    let legacy = |file: &LandingFile| {
+        legacy_sizes.contains(&file.size)
+            || known_bad
+                .iter()
+                .any(|(name, checksum)| name == &file.relative && landing::is_legacy(checksum))
+    };
     let hashing: Vec<_> = files
         .iter()
-        .map(|file| checksum_unless(file, unchanged(file)))
+        .map(|file| checksum_unless(file, unchanged(file), legacy(file)))
         .collect();
-    let checksums: Vec<Option<String>> = futures::stream::iter(hashing)
+    let checksums: Vec<Option<landing::Checksum>> = futures::stream::iter(hashing)
         .buffered(std::thread::available_parallelism().map_or(1, |n| n.get()))
         .try_collect()
         .await
@@ -232,25 +245,28 @@ async fn ingest(
         };
         match ledger.get(&file.relative) {
             Some(known) => {
-                if known.size != file.size || known.checksum != checksum {
+                if known.size != file.size || !checksum.matches(&known.checksum) {
                     return Err(RunError::ChangedFile {
                         source_name: source_name.to_string(),
                         file: file.relative.clone(),
                         detail: format!(
-                            "size {} → {}, sha256 {} → {}",
+                            "size {} → {}, checksum {} → {}",
                             known.size,
                             file.size,
                             short(&known.checksum),
-                            short(&checksum)
+                            short(checksum.recorded())
                         ),
                     });
                 }
             }
             None => {
-                if known_bad.contains(&(file.relative.clone(), checksum.clone())) {
+                let set_aside = known_bad
+                    .iter()
+                    .any(|(name, recorded)| name == &file.relative && checksum.matches(recorded));
+                if set_aside {
                     continue;
                 }
-                if let Some(original) = known_content.get(&checksum) {
+                if let Some(original) = checksum.values().find_map(|v| known_content.get(v)) {
                     warn!(
                         file = %file.relative,
                         original = %original,
@@ -259,8 +275,9 @@ async fn ingest(
                     redelivered.push(format!("`{}` (same as `{original}`)", file.relative));
                     continue;
                 }
-                known_content.insert(checksum.clone(), file.relative.clone());
-                new_files.push((file, checksum, modified));
+                let recorded = checksum.recorded().to_string();
+                known_content.insert(recorded.clone(), file.relative.clone());
+                new_files.push((file, recorded, modified));
             }
         }
     }
@@ -384,14 +401,16 @@ async fn ingest(
     Ok((report, BTreeMap::new()))
 }
 
-/// The checksum of `file`, unless it is `unchanged` since it was landed.
+/// The checksum of `file` (with its SHA-256 when `legacy`), unless it is `unchanged` since it was
+/// landed.
 async fn checksum_unless(
     file: &LandingFile,
     unchanged: bool,
-) -> Result<Option<String>, landing::LandingError> {
+    legacy: bool,
+) -> Result<Option<landing::Checksum>, landing::LandingError> {
     match unchanged {
         true => Ok(None),
-        false => file.checksum().await.map(Some),
+        false => file.checksum(legacy).await.map(Some),
     }
 }
 
@@ -1631,6 +1650,8 @@ async fn raw_value(
     None
 }
 
+/// The first 12 hex digits of a ledger's checksum, of either format.
 fn short(checksum: &str) -> &str {
-    checksum.get(..12).unwrap_or(checksum)
+    let hex = landing::checksum_hex(checksum);
+    hex.get(..12).unwrap_or(hex)
 }

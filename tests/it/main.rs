@@ -10,6 +10,7 @@ mod concurrency;
 mod crash;
 mod end_to_end;
 mod interop;
+mod ledger;
 mod malformed;
 mod notify;
 mod python_reader;

@@ -1,0 +1,227 @@
+//! The ingest ledger's checksums: BLAKE3 for what is landed now, and the SHA-256 that older versions
+//! recorded still recognized, so that a lake landed by an older medallion keeps skipping re-deliveries and
+//! stopping on rewritten files.
+
+use std::{path::Path, sync::Arc};
+
+use arrow::{
+    array::{Array, ArrayRef, AsArray, RecordBatch, StringArray},
+    compute::cast,
+    datatypes::{DataType, Field, Schema},
+};
+use medallion::storage::Location;
+use sha2::Digest;
+
+use crate::common::{Scratch, assert_success, delta_version, text};
+
+/// The ledger's (file, checksum) rows of the transactions source, by file.
+async fn ledger(lake: &Path) -> Vec<(String, String)> {
+    let batches = read_ledger(lake).await;
+    let mut rows = Vec::new();
+    for batch in &batches {
+        let sources = strings(batch, "source");
+        let files = strings(batch, "file");
+        let checksums = strings(batch, "checksum");
+        for row in (0..batch.num_rows()).filter(|&row| sources.value(row) == "transactions") {
+            rows.push((
+                files.value(row).to_string(),
+                checksums.value(row).to_string(),
+            ));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+fn ledger_path(lake: &Path) -> Location {
+    Location::local(lake.join("_medallion").join("ingested_files"))
+}
+
+async fn read_ledger(lake: &Path) -> Vec<RecordBatch> {
+    let path = ledger_path(lake);
+    let table = medallion::delta::open(&path)
+        .await
+        .expect("open")
+        .expect("a ledger");
+    let provider = medallion::delta::provider(&path, &table)
+        .await
+        .expect("provider");
+    let ctx = medallion::delta::session(None).expect("session");
+    ctx.register_table("ledger", provider).expect("register");
+    ctx.sql("SELECT * FROM ledger")
+        .await
+        .expect("query")
+        .collect()
+        .await
+        .expect("collect")
+}
+
+fn strings(batch: &RecordBatch, column: &str) -> StringArray {
+    let column = batch.column_by_name(column).expect("column");
+    cast(column, &DataType::Utf8)
+        .expect("cast")
+        .as_string::<i32>()
+        .clone()
+}
+
+/// Rewrites the ledger as a medallion before BLAKE3 wrote it: each checksum the bare SHA-256 hex of its
+/// file, in its source's folder under `landing` (as `pipelines/transactions.yaml` names them).
+async fn make_legacy(lake: &Path, landing: &Path) {
+    let batches = read_ledger(lake).await;
+    let path = ledger_path(lake);
+    let table = medallion::delta::open(&path)
+        .await
+        .expect("open")
+        .expect("a ledger");
+    let mut rewritten = Vec::new();
+    for batch in batches {
+        let sources = strings(&batch, "source");
+        let files = strings(&batch, "file");
+        let legacy: StringArray = (0..batch.num_rows())
+            .map(|row| {
+                let folder = match sources.value(row) {
+                    "mcc_codes" => landing.join("mcc_codes"),
+                    source => landing.join("public").join(source),
+                };
+                let file = folder.join(files.value(row));
+                let bytes = std::fs::read(file).expect("landed file");
+                Some(hex::encode(sha2::Sha256::digest(&bytes)))
+            })
+            .collect();
+        let schema = batch.schema();
+        let mut fields = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            let column = match field.name().as_str() {
+                "checksum" => Arc::new(legacy.clone()) as ArrayRef,
+                _ if field.data_type() == &DataType::Utf8View => {
+                    cast(column, &DataType::Utf8).expect("cast")
+                }
+                _ => column.clone(),
+            };
+            fields.push(Field::new(
+                field.name(),
+                column.data_type().clone(),
+                field.is_nullable(),
+            ));
+            columns.push(column);
+        }
+        rewritten
+            .push(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch"));
+    }
+    table
+        .write(rewritten)
+        .with_save_mode(deltalake::protocol::SaveMode::Overwrite)
+        .await
+        .expect("overwrite the ledger");
+}
+
+/// A change file no generated landing holds.
+const NEW_FILE: &str = "20300101-0000000001.csv";
+
+/// The version of Bronze's transactions table: it moves when a run lands anything.
+fn bronze_version(scratch: &Scratch) -> Option<u64> {
+    delta_version(&scratch.table("bronze", "transactions"))
+}
+
+#[tokio::test]
+async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
+    let scratch = Scratch::new();
+    scratch.generate(200, 3, 2, 77);
+    assert_success(&scratch.run());
+    let folder = scratch.transactions_dir();
+
+    // What a run lands now is recorded by its BLAKE3.
+    let landed = ledger(&scratch.lake()).await;
+    assert!(landed.len() >= 3, "full load and change files: {landed:?}");
+    assert!(landed.iter().all(|(f, _)| f != NEW_FILE));
+    for (file, checksum) in &landed {
+        let bytes = std::fs::read(folder.join(file)).expect("landed file");
+        assert_eq!(
+            checksum,
+            &format!("blake3:{}", blake3::hash(&bytes).to_hex()),
+            "{file}"
+        );
+    }
+
+    // The same lake as an older medallion left it.
+    make_legacy(&scratch.lake(), &scratch.landing()).await;
+    assert!(
+        ledger(&scratch.lake())
+            .await
+            .iter()
+            .all(|(_, c)| c.len() == 64 && !c.starts_with("blake3:"))
+    );
+    let bronze = bronze_version(&scratch);
+    // A change file (their names sort before the full load's `LOAD…`).
+    let (file, _) = landed.first().expect("a landed file").clone();
+    assert!(!file.starts_with("LOAD"), "{file}");
+
+    // A landed file touched (same content, new modification time) is not landed again.
+    let original = folder.join(&file);
+    let content = std::fs::read(&original).expect("read");
+    std::fs::write(&original, &content).expect("touch");
+    let touched = scratch.run();
+    assert_success(&touched);
+    assert_eq!(bronze_version(&scratch), bronze, "nothing landed again");
+
+    // The same content under another name is a re-delivery.
+    let copy = folder.join("redelivered").join(&file);
+    std::fs::create_dir_all(copy.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&copy, &content).expect("copy");
+    let redelivered = scratch.run();
+    assert_success(&redelivered);
+    assert!(
+        text(&redelivered).contains("same content as a file already landed"),
+        "{}",
+        text(&redelivered)
+    );
+    assert_eq!(
+        bronze_version(&scratch),
+        bronze,
+        "the re-delivery is skipped"
+    );
+    std::fs::remove_file(&copy).expect("remove the copy");
+
+    // A landed file rewritten with other bytes of the same size stops the ingest.
+    let mut changed = content.clone();
+    let last = changed.len() - 2;
+    changed[last] = if changed[last] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&original, &changed).expect("rewrite");
+    let stopped = scratch.run();
+    assert!(!stopped.status.success(), "{}", text(&stopped));
+    assert!(
+        text(&stopped).contains(&format!(
+            "landing file `{file}` was already ingested but its content changed"
+        )),
+        "{}",
+        text(&stopped)
+    );
+    assert_eq!(bronze_version(&scratch), bronze, "nothing landed");
+    std::fs::write(&original, &content).expect("restore");
+
+    // A new file lands, and the ledger records it by its BLAKE3 next to the older entries.
+    let fresh = folder.join(NEW_FILE);
+    std::fs::write(
+        &fresh,
+        "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,merchant_state,zip,mcc,errors\n\
+         I,2030-01-01 00:00:00.000000,9900000001,2019-10-30 12:00:00,1,1,$10.00,Chip Transaction,5,Springfield,IL,62701.0,5812,\n",
+    )
+    .expect("new file");
+    let landed_again = scratch.run();
+    assert_success(&landed_again);
+    assert_ne!(bronze_version(&scratch), bronze, "the new file landed");
+    let after = ledger(&scratch.lake()).await;
+    let (_, checksum) = after
+        .iter()
+        .find(|(f, _)| f == NEW_FILE)
+        .expect("the new file in the ledger");
+    assert_eq!(
+        checksum,
+        &format!(
+            "blake3:{}",
+            blake3::hash(&std::fs::read(&fresh).expect("read")).to_hex()
+        )
+    );
+    assert_eq!(after.len(), landed.len() + 1);
+}
