@@ -185,30 +185,61 @@ impl Checksum {
     }
 
     /// Whether `recorded`, a checksum from a ledger of either format, is this content's. A legacy
-    /// value never matches a checksum computed without its SHA-256.
+    /// value never matches a checksum computed without its SHA-256, nor a value of another format.
     pub fn matches(&self, recorded: &str) -> bool {
-        match is_legacy(recorded) {
-            true => self.sha256.as_deref() == Some(recorded),
-            false => self.recorded == recorded,
-        }
+        self.in_format_of(recorded) == Some(recorded)
     }
 
     /// The values a ledger may hold for this content: the current one, and the legacy one if known.
     pub fn values(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.recorded.as_str()).chain(self.sha256.as_deref())
     }
+
+    /// For an error about a known file whose content changed: the algorithm and the first 12 hex
+    /// digits of `recorded` and of this content's checksum in its format; `None` when that was not
+    /// computed (a legacy entry of another size: its size tells the change).
+    pub fn change_from(&self, recorded: &str) -> Option<String> {
+        let short = |hex: &str| hex.get(..12).unwrap_or(hex).to_string();
+        let Some(now) = self.in_format_of(recorded) else {
+            return match is_legacy(recorded) {
+                true => None,
+                false => Some(format!(
+                    "the ledger's checksum `{recorded}` is of a format this medallion does not know \
+                     (written by a newer one?)"
+                )),
+            };
+        };
+        let (algorithm, before, after) = match recorded.strip_prefix(BLAKE3_PREFIX) {
+            Some(hex) => (
+                "blake3",
+                hex,
+                now.strip_prefix(BLAKE3_PREFIX).unwrap_or(now),
+            ),
+            None => ("sha256", recorded, now),
+        };
+        Some(format!("{algorithm} {} → {}", short(before), short(after)))
+    }
+
+    /// This content's checksum in the format of `recorded`, when it was computed.
+    fn in_format_of(&self, recorded: &str) -> Option<&str> {
+        if recorded.starts_with(BLAKE3_PREFIX) {
+            Some(&self.recorded)
+        } else if is_legacy(recorded) {
+            self.sha256.as_deref()
+        } else {
+            None
+        }
+    }
 }
 
 const BLAKE3_PREFIX: &str = "blake3:";
 
-/// Whether a ledger's checksum is the SHA-256 of an older ledger (bare hex), not a [`Checksum`].
+/// Whether a ledger's checksum is the SHA-256 an older ledger recorded: 64 lowercase hex digits.
 pub fn is_legacy(recorded: &str) -> bool {
-    !recorded.starts_with(BLAKE3_PREFIX)
-}
-
-/// The hex digits of a ledger's checksum, of either format.
-pub fn checksum_hex(recorded: &str) -> &str {
-    recorded.strip_prefix(BLAKE3_PREFIX).unwrap_or(recorded)
+    recorded.len() == 64
+        && recorded
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A [`Checksum`] being computed.
@@ -403,6 +434,27 @@ mod tests {
             [abc_blake3, abc_sha256]
         );
         assert!(is_legacy(abc_sha256) && !is_legacy(abc_blake3));
+        assert!(!is_legacy("") && !is_legacy(&abc_sha256.to_uppercase()) && !is_legacy("xxh3:12"));
+        // A value of no known format matches nothing.
+        assert!(!legacy.matches("") && !legacy.matches("xxh3:12"));
+
+        // What an error about a changed file says.
+        let other_sha256 = "0".repeat(64);
+        assert_eq!(
+            legacy.change_from(&other_sha256).unwrap(),
+            "sha256 000000000000 → ba7816bf8f01"
+        );
+        assert_eq!(
+            plain.change_from("blake3:00").unwrap(),
+            "blake3 00 → 6437b3ac3846"
+        );
+        assert_eq!(plain.change_from(&other_sha256), None);
+        assert!(
+            plain
+                .change_from("xxh3:12")
+                .unwrap()
+                .contains("does not know")
+        );
 
         let streamed = files[1].checksum(true).await.unwrap();
         assert_eq!(

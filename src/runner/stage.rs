@@ -223,11 +223,15 @@ async fn ingest(
         .filter(|entry| landing::is_legacy(&entry.checksum))
         .map(|entry| entry.size)
         .collect();
+    let mut bad_by_name: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, checksum) in &known_bad {
+        bad_by_name.entry(name).or_default().push(checksum);
+    }
     let legacy = |file: &LandingFile| {
         legacy_sizes.contains(&file.size)
-            || known_bad
-                .iter()
-                .any(|(name, checksum)| name == &file.relative && landing::is_legacy(checksum))
+            || bad_by_name
+                .get(file.relative.as_str())
+                .is_some_and(|recorded| recorded.iter().any(|c| landing::is_legacy(c)))
     };
     let hashing: Vec<_> = files
         .iter()
@@ -246,23 +250,21 @@ async fn ingest(
         match ledger.get(&file.relative) {
             Some(known) => {
                 if known.size != file.size || !checksum.matches(&known.checksum) {
+                    let sizes = format!("size {} → {}", known.size, file.size);
                     return Err(RunError::ChangedFile {
                         source_name: source_name.to_string(),
                         file: file.relative.clone(),
-                        detail: format!(
-                            "size {} → {}, checksum {} → {}",
-                            known.size,
-                            file.size,
-                            short(&known.checksum),
-                            short(checksum.recorded())
-                        ),
+                        detail: match checksum.change_from(&known.checksum) {
+                            Some(change) => format!("{sizes}, {change}"),
+                            None => sizes,
+                        },
                     });
                 }
             }
             None => {
-                let set_aside = known_bad
-                    .iter()
-                    .any(|(name, recorded)| name == &file.relative && checksum.matches(recorded));
+                let set_aside = bad_by_name
+                    .get(file.relative.as_str())
+                    .is_some_and(|recorded| recorded.iter().any(|c| checksum.matches(c)));
                 if set_aside {
                     continue;
                 }
@@ -1648,10 +1650,4 @@ async fn raw_value(
         return Some(text.value(0).to_string());
     }
     None
-}
-
-/// The first 12 hex digits of a ledger's checksum, of either format.
-fn short(checksum: &str) -> &str {
-    let hex = landing::checksum_hex(checksum);
-    hex.get(..12).unwrap_or(hex)
 }

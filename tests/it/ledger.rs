@@ -16,7 +16,7 @@ use crate::common::{Scratch, assert_success, delta_version, text};
 
 /// The ledger's (file, checksum) rows of the transactions source, by file.
 async fn ledger(lake: &Path) -> Vec<(String, String)> {
-    let batches = read_ledger(lake).await;
+    let batches = read_state(lake, "ingested_files").await;
     let mut rows = Vec::new();
     for batch in &batches {
         let sources = strings(batch, "source");
@@ -33,22 +33,23 @@ async fn ledger(lake: &Path) -> Vec<(String, String)> {
     rows
 }
 
-fn ledger_path(lake: &Path) -> Location {
-    Location::local(lake.join("_medallion").join("ingested_files"))
+fn state_path(lake: &Path, table: &str) -> Location {
+    Location::local(lake.join("_medallion").join(table))
 }
 
-async fn read_ledger(lake: &Path) -> Vec<RecordBatch> {
-    let path = ledger_path(lake);
+/// Every row of the state table `table` (`ingested_files`, `bad_files`).
+async fn read_state(lake: &Path, table: &str) -> Vec<RecordBatch> {
+    let path = state_path(lake, table);
     let table = medallion::delta::open(&path)
         .await
         .expect("open")
-        .expect("a ledger");
+        .expect("a state table");
     let provider = medallion::delta::provider(&path, &table)
         .await
         .expect("provider");
     let ctx = medallion::delta::session(None).expect("session");
-    ctx.register_table("ledger", provider).expect("register");
-    ctx.sql("SELECT * FROM ledger")
+    ctx.register_table("state", provider).expect("register");
+    ctx.sql("SELECT * FROM state")
         .await
         .expect("query")
         .collect()
@@ -64,15 +65,16 @@ fn strings(batch: &RecordBatch, column: &str) -> StringArray {
         .clone()
 }
 
-/// Rewrites the ledger as a medallion before BLAKE3 wrote it: each checksum the bare SHA-256 hex of its
-/// file, in its source's folder under `landing` (as `pipelines/transactions.yaml` names them).
-async fn make_legacy(lake: &Path, landing: &Path) {
-    let batches = read_ledger(lake).await;
-    let path = ledger_path(lake);
+/// Rewrites the state table `table` (`ingested_files`, `bad_files`) as a medallion before BLAKE3 wrote
+/// it: each checksum the bare SHA-256 hex of its file, in its source's folder under `landing` (as
+/// `pipelines/transactions.yaml` names them).
+async fn make_legacy(lake: &Path, table: &str, landing: &Path) {
+    let batches = read_state(lake, table).await;
+    let path = state_path(lake, table);
     let table = medallion::delta::open(&path)
         .await
         .expect("open")
-        .expect("a ledger");
+        .expect("a state table");
     let mut rewritten = Vec::new();
     for batch in batches {
         let sources = strings(&batch, "source");
@@ -113,7 +115,22 @@ async fn make_legacy(lake: &Path, landing: &Path) {
         .write(rewritten)
         .with_save_mode(deltalake::protocol::SaveMode::Overwrite)
         .await
-        .expect("overwrite the ledger");
+        .expect("overwrite the state table");
+}
+
+/// Moves the file's modification time an hour on, so that the ledger no longer knows it unchanged.
+fn touch(path: &Path) {
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open");
+    let modified = file
+        .metadata()
+        .expect("metadata")
+        .modified()
+        .expect("mtime");
+    file.set_modified(modified + std::time::Duration::from_secs(3600))
+        .expect("set the modification time");
 }
 
 /// A change file no generated landing holds.
@@ -145,7 +162,7 @@ async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
     }
 
     // The same lake as an older medallion left it.
-    make_legacy(&scratch.lake(), &scratch.landing()).await;
+    make_legacy(&scratch.lake(), "ingested_files", &scratch.landing()).await;
     assert!(
         ledger(&scratch.lake())
             .await
@@ -157,10 +174,11 @@ async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
     let (file, _) = landed.first().expect("a landed file").clone();
     assert!(!file.starts_with("LOAD"), "{file}");
 
-    // A landed file touched (same content, new modification time) is not landed again.
+    // A landed file touched (same content, new modification time) is not landed again: it is hashed
+    // again, and its SHA-256 matches.
     let original = folder.join(&file);
     let content = std::fs::read(&original).expect("read");
-    std::fs::write(&original, &content).expect("touch");
+    touch(&original);
     let touched = scratch.run();
     assert_success(&touched);
     assert_eq!(bronze_version(&scratch), bronze, "nothing landed again");
@@ -197,6 +215,17 @@ async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
         "{}",
         text(&stopped)
     );
+    // The older entry is compared by its own algorithm.
+    let sha256 = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes))[..12].to_string();
+    assert!(
+        text(&stopped).contains(&format!(
+            "sha256 {} → {}",
+            sha256(&content),
+            sha256(&changed)
+        )),
+        "{}",
+        text(&stopped)
+    );
     assert_eq!(bronze_version(&scratch), bronze, "nothing landed");
     std::fs::write(&original, &content).expect("restore");
 
@@ -224,4 +253,67 @@ async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
         )
     );
     assert_eq!(after.len(), landed.len() + 1);
+}
+
+#[tokio::test]
+async fn a_file_an_older_medallion_set_aside_stays_aside() {
+    let scratch = Scratch::new();
+    scratch.generate(200, 3, 0, 78);
+    let skip = |yaml: String| {
+        yaml.replacen(
+            "    dms:\n      timestamp_column: dms_commit_ts\n",
+            "    on_bad_file: skip\n    dms:\n      timestamp_column: dms_commit_ts\n",
+            1,
+        )
+    };
+    assert_success(&scratch.run_edited(&skip, None));
+    let bad = scratch
+        .transactions_dir()
+        .join("20300101-wrong_column_count.csv");
+    std::fs::copy(
+        crate::common::repo().join("tests/fixtures/bad/wrong_column_count.csv"),
+        &bad,
+    )
+    .expect("deliver a bad file");
+    let set_aside = scratch.run_edited(&skip, None);
+    assert_success(&set_aside);
+    assert!(
+        text(&set_aside).contains("1 bad file(s) skipped"),
+        "{}",
+        text(&set_aside)
+    );
+
+    // As an older medallion recorded it, by its SHA-256.
+    make_legacy(&scratch.lake(), "bad_files", &scratch.landing()).await;
+    let recorded = |batches: Vec<RecordBatch>| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let checksums = strings(b, "checksum");
+                (0..b.num_rows())
+                    .map(|row| checksums.value(row).to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let before = recorded(read_state(&scratch.lake(), "bad_files").await);
+    assert_eq!(
+        before,
+        [hex::encode(sha2::Sha256::digest(
+            std::fs::read(&bad).expect("read")
+        ))]
+    );
+
+    // The next run hashes it again (a file set aside is not in the ledger): its SHA-256 is the one set
+    // aside, so it is not read to be landed again, nor recorded again.
+    let bronze = bronze_version(&scratch);
+    let again = scratch.run_edited(&skip, None);
+    assert_success(&again);
+    assert!(!text(&again).contains("bad file"), "{}", text(&again));
+    assert_eq!(
+        recorded(read_state(&scratch.lake(), "bad_files").await),
+        before,
+        "no second record"
+    );
+    assert_eq!(bronze_version(&scratch), bronze);
 }
