@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::common::{Scratch, assert_success, delta_version, query, repo, text};
+use crate::common::{Scratch, assert_success, delta_version, on_bad_file, query, repo, text};
 
 enum Outcome {
     /// The run fails naming the file; the message contains this; no table changes.
@@ -226,13 +226,7 @@ async fn every_file_of_the_bad_input_corpus_has_its_documented_outcome() {
 async fn on_bad_file_quarantine_sets_the_file_aside_and_lands_the_good_ones() {
     let scratch = Scratch::new();
     scratch.generate(300, 3, 0, 52);
-    let quarantine = |yaml: String| {
-        yaml.replacen(
-            "    dms:\n      timestamp_column: dms_commit_ts\n",
-            "    on_bad_file: quarantine\n    dms:\n      timestamp_column: dms_commit_ts\n",
-            1,
-        )
-    };
+    let quarantine = on_bad_file("quarantine");
     assert_success(&scratch.run_edited(&quarantine, None));
     let bad = deliver(&scratch, "wrong_column_count.csv");
     deliver(&scratch, "bom.csv");

@@ -205,6 +205,19 @@ impl Scratch {
     }
 }
 
+/// A YAML edit for [`Scratch::run_edited`]: the reference transactions source with `on_bad_file: policy`.
+pub fn on_bad_file(policy: &str) -> impl Fn(String) -> String + '_ {
+    move |yaml: String| {
+        yaml.replacen(
+            "    dms:\n      timestamp_column: dms_commit_ts\n",
+            &format!(
+                "    on_bad_file: {policy}\n    dms:\n      timestamp_column: dms_commit_ts\n"
+            ),
+            1,
+        )
+    }
+}
+
 pub fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())

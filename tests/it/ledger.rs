@@ -12,7 +12,7 @@ use arrow::{
 use medallion::storage::Location;
 use sha2::Digest;
 
-use crate::common::{Scratch, assert_success, delta_version, text};
+use crate::common::{Scratch, assert_success, delta_version, on_bad_file, text};
 
 /// The ledger's (file, checksum) rows of the transactions source, by file.
 async fn ledger(lake: &Path) -> Vec<(String, String)> {
@@ -259,13 +259,7 @@ async fn checksums_are_blake3_and_an_older_ledgers_sha256_still_counts() {
 async fn a_file_an_older_medallion_set_aside_stays_aside() {
     let scratch = Scratch::new();
     scratch.generate(200, 3, 0, 78);
-    let skip = |yaml: String| {
-        yaml.replacen(
-            "    dms:\n      timestamp_column: dms_commit_ts\n",
-            "    on_bad_file: skip\n    dms:\n      timestamp_column: dms_commit_ts\n",
-            1,
-        )
-    };
+    let skip = on_bad_file("skip");
     assert_success(&scratch.run_edited(&skip, None));
     let bad = scratch
         .transactions_dir()
