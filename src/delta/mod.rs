@@ -119,6 +119,29 @@ pub async fn open(path: &Location) -> Result<Option<DeltaTable>, DeltaError> {
     }
 }
 
+/// Sets `column` to `value` (a SQL expression) in the rows of the table at `path` that match
+/// `predicate` (SQL), in one commit with `meta`'s lineage; nothing when there is no table. delta-rs
+/// rewrites each file that holds a matching row: for medallion's small state tables.
+pub async fn update_rows(
+    path: &Location,
+    predicate: &str,
+    column: &str,
+    value: &str,
+    meta: &CommitMeta,
+) -> Result<(), DeltaError> {
+    let Some(table) = open(path).await? else {
+        return Ok(());
+    };
+    table
+        .update()
+        .with_predicate(predicate)
+        .with_update(column, value)
+        .with_commit_properties(meta.properties())
+        .await
+        .map(|_| ())
+        .map_err(|e| DeltaError::table(path, e))
+}
+
 /// Latest version of the table at `path`, if it exists.
 pub async fn version(path: &Location) -> Result<Option<u64>, DeltaError> {
     Ok(open(path).await?.and_then(|t| t.version()))

@@ -242,6 +242,8 @@ async fn ingest(
         .try_collect()
         .await
         .map_err(landing_err)?;
+    // Known files found with their content under a new modification time (a copy job touched them).
+    let mut touched: Vec<(String, i64)> = Vec::new();
     for (file, checksum) in files.into_iter().zip(checksums) {
         let modified = file.modified_micros;
         let Some(checksum) = checksum else {
@@ -249,7 +251,9 @@ async fn ingest(
         };
         match ledger.get(&file.relative) {
             Some(known) => {
-                if known.size != file.size || !checksum.matches(&known.checksum) {
+                if known.size == file.size && checksum.matches(&known.checksum) {
+                    touched.push((file.relative.clone(), modified));
+                } else {
                     let sizes = format!("size {} → {}", known.size, file.size);
                     return Err(RunError::ChangedFile {
                         source_name: source_name.to_string(),
@@ -282,6 +286,18 @@ async fn ingest(
                 new_files.push((file, recorded, modified));
             }
         }
+    }
+    // Recorded so that the next run knows them unchanged without reading them; if that fails, the next
+    // run reads them again, and nothing else changes.
+    if let Err(error) = context
+        .state
+        .record_touched(source_name, &touched, &commit_meta(context, stage))
+        .await
+    {
+        warn!(
+            files = touched.len(),
+            "could not record the new modification times of touched landing files: {error}"
+        );
     }
     let redelivered_note = (!redelivered.is_empty()).then(|| {
         format!(

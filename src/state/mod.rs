@@ -190,6 +190,40 @@ impl StateStore {
         self.append("ingested_files", columns, meta).await
     }
 
+    /// Records the new modification times of ledger entries of `source` whose files were found with the
+    /// content the ledger has for them (`(file, modified_micros)`: a copy job touched them), so that later
+    /// runs know them unchanged by size and time again instead of reading them each time.
+    pub async fn record_touched(
+        &self,
+        source: &str,
+        touched: &[(String, i64)],
+        meta: &CommitMeta,
+    ) -> Result<(), StateError> {
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let path = self.table("ingested_files");
+        let names: Vec<String> = touched.iter().map(|(file, _)| literal(file)).collect();
+        let times: String = touched
+            .iter()
+            .map(|(file, micros)| format!(" WHEN {} THEN CAST({micros} AS BIGINT)", literal(file)))
+            .collect();
+        let _one_writer = self.writes.lock().await;
+        delta::update_rows(
+            &path,
+            &format!(
+                "source = {} AND file IN ({})",
+                literal(source),
+                names.join(", ")
+            ),
+            "modified_micros",
+            &format!("CASE file{times} END"),
+            meta,
+        )
+        .await
+        .map_err(|source| StateError::Delta { path, source })
+    }
+
     /// Input versions of the stage's latest successful run that wrote or checked its target.
     pub async fn last_success(
         &self,
