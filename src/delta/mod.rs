@@ -132,10 +132,12 @@ pub async fn update_rows(
     let Some(table) = open(path).await? else {
         return Ok(());
     };
+    let properties = table_writer_properties(&table);
     table
         .update()
         .with_predicate(predicate)
         .with_update(column, value)
+        .with_writer_properties(properties)
         .with_commit_properties(meta.properties())
         .await
         .map(|_| ())

@@ -184,6 +184,7 @@ async fn ingest(
             message: format!("unknown source `{source_name}`"),
         })?
         .clone();
+    let listed_at = state::now_micros();
     let mut files = landing::discover(&source).await.map_err(landing_err)?;
     let prefix_empty = files.is_empty();
     if let Some(date) = context.options.logical_date {
@@ -243,6 +244,10 @@ async fn ingest(
         .await
         .map_err(landing_err)?;
     // Known files found with their content under a new modification time (a copy job touched them).
+    // Only a time older than the listing by more than a clock tick is recorded: a file written again
+    // within the tick it was listed in may hold other bytes under the same time, which the next run,
+    // finding its time unchanged, would not read (S3 gives whole seconds).
+    let settled = listed_at - RACY_MICROS;
     let mut touched: Vec<(String, i64)> = Vec::new();
     for (file, checksum) in files.into_iter().zip(checksums) {
         let modified = file.modified_micros;
@@ -252,7 +257,9 @@ async fn ingest(
         match ledger.get(&file.relative) {
             Some(known) => {
                 if known.size == file.size && checksum.matches(&known.checksum) {
-                    touched.push((file.relative.clone(), modified));
+                    if modified < settled {
+                        touched.push((file.relative.clone(), modified));
+                    }
                 } else {
                     let sizes = format!("size {} → {}", known.size, file.size);
                     return Err(RunError::ChangedFile {
@@ -294,9 +301,12 @@ async fn ingest(
         .record_touched(source_name, &touched, &commit_meta(context, stage))
         .await
     {
+        let error = error.to_string();
         warn!(
+            source = source_name,
             files = touched.len(),
-            "could not record the new modification times of touched landing files: {error}"
+            "could not record the new modification times of touched landing files (they are read again next run): {}",
+            error.get(..500).unwrap_or(&error)
         );
     }
     let redelivered_note = (!redelivered.is_empty()).then(|| {
@@ -418,6 +428,10 @@ async fn ingest(
     apply_write(&mut report, &metrics);
     Ok((report, BTreeMap::new()))
 }
+
+/// How close to the listing a file's modification time may be for the time to be trusted: two
+/// seconds, more than the coarsest clock of the stores medallion reads (S3's whole seconds).
+const RACY_MICROS: i64 = 2_000_000;
 
 /// The checksum of `file` (with its SHA-256 when `legacy`), unless it is `unchanged` since it was
 /// landed.

@@ -103,6 +103,9 @@ pub struct UnitRecord {
     pub run_id: String,
 }
 
+/// Ledger entries [`StateStore::record_touched`] updates in one commit.
+const TOUCHED_PER_COMMIT: usize = 500;
+
 pub struct StateStore {
     root: Location,
     /// Stages run in parallel and record into the same state tables; one write at a time keeps the
@@ -203,25 +206,35 @@ impl StateStore {
             return Ok(());
         }
         let path = self.table("ingested_files");
-        let names: Vec<String> = touched.iter().map(|(file, _)| literal(file)).collect();
-        let times: String = touched
-            .iter()
-            .map(|(file, micros)| format!(" WHEN {} THEN CAST({micros} AS BIGINT)", literal(file)))
-            .collect();
         let _one_writer = self.writes.lock().await;
-        delta::update_rows(
-            &path,
-            &format!(
-                "source = {} AND file IN ({})",
-                literal(source),
-                names.join(", ")
-            ),
-            "modified_micros",
-            &format!("CASE file{times} END"),
-            meta,
-        )
-        .await
-        .map_err(|source| StateError::Delta { path, source })
+        // A few hundred files per commit keep each statement (and the predicate delta-rs writes into
+        // the commit info) small when a copy job touched a whole landing folder.
+        for chunk in touched.chunks(TOUCHED_PER_COMMIT) {
+            let names: Vec<String> = chunk.iter().map(|(file, _)| literal(file)).collect();
+            let times: String = chunk
+                .iter()
+                .map(|(file, micros)| {
+                    format!(" WHEN {} THEN CAST({micros} AS BIGINT)", literal(file))
+                })
+                .collect();
+            delta::update_rows(
+                &path,
+                &format!(
+                    "source = {} AND file IN ({})",
+                    literal(source),
+                    names.join(", ")
+                ),
+                "modified_micros",
+                &format!("CASE file{times} ELSE modified_micros END"),
+                meta,
+            )
+            .await
+            .map_err(|source| StateError::Delta {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Input versions of the stage's latest successful run that wrote or checked its target.
