@@ -12,25 +12,30 @@ use arrow::{
 use medallion::storage::Location;
 use sha2::Digest;
 
-use crate::common::{Scratch, assert_success, delta_version, on_bad_file, text};
+use crate::common::{Scratch, assert_success, delta_version, on_bad_file, query, text};
 
 /// The ledger's (file, checksum) rows of the transactions source, by file.
 async fn ledger(lake: &Path) -> Vec<(String, String)> {
-    let batches = read_state(lake, "ingested_files").await;
-    let mut rows = Vec::new();
-    for batch in &batches {
-        let sources = strings(batch, "source");
-        let files = strings(batch, "file");
-        let checksums = strings(batch, "checksum");
-        for row in (0..batch.num_rows()).filter(|&row| sources.value(row) == "transactions") {
-            rows.push((
-                files.value(row).to_string(),
-                checksums.value(row).to_string(),
-            ));
-        }
-    }
-    rows.sort();
-    rows
+    query(
+        lake,
+        &["_medallion.ingested_files"],
+        "SELECT file, checksum FROM _medallion.ingested_files WHERE source = 'transactions' \
+         ORDER BY file",
+    )
+    .await
+    .into_iter()
+    .map(|row| (row[0].clone(), row[1].clone()))
+    .collect()
+}
+
+/// The checksums of the files set aside as bad.
+async fn bad_checksums(lake: &Path) -> Vec<Vec<String>> {
+    query(
+        lake,
+        &["_medallion.bad_files"],
+        "SELECT checksum FROM _medallion.bad_files",
+    )
+    .await
 }
 
 fn state_path(lake: &Path, table: &str) -> Location {
@@ -282,23 +287,12 @@ async fn a_file_an_older_medallion_set_aside_stays_aside() {
 
     // As an older medallion recorded it, by its SHA-256.
     make_legacy(&scratch.lake(), "bad_files", &scratch.landing()).await;
-    let recorded = |batches: Vec<RecordBatch>| -> Vec<String> {
-        batches
-            .iter()
-            .flat_map(|b| {
-                let checksums = strings(b, "checksum");
-                (0..b.num_rows())
-                    .map(|row| checksums.value(row).to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
-    let before = recorded(read_state(&scratch.lake(), "bad_files").await);
+    let before = bad_checksums(&scratch.lake()).await;
     assert_eq!(
         before,
-        [hex::encode(sha2::Sha256::digest(
+        [[hex::encode(sha2::Sha256::digest(
             std::fs::read(&bad).expect("read")
-        ))]
+        ))]]
     );
 
     // The next run hashes it again (a file set aside is not in the ledger): its SHA-256 is the one set
@@ -308,7 +302,7 @@ async fn a_file_an_older_medallion_set_aside_stays_aside() {
     assert_success(&again);
     assert!(!text(&again).contains("bad file"), "{}", text(&again));
     assert_eq!(
-        recorded(read_state(&scratch.lake(), "bad_files").await),
+        bad_checksums(&scratch.lake()).await,
         before,
         "no second record"
     );
@@ -336,7 +330,7 @@ async fn a_touched_file_is_read_once_then_known_by_its_new_time() {
             .as_micros() as i64
     };
     let recorded_time = |lake: std::path::PathBuf, file: String| async move {
-        crate::common::query(
+        query(
             &lake,
             &["_medallion.ingested_files"],
             &format!(
