@@ -135,16 +135,26 @@ pub async fn evaluate(
     Ok(results)
 }
 
-/// The columns of `schema` that `checks` read from `tables` (names of the candidate result), by index
-/// in `schema`, found by planning every query against empty tables of that schema. `None` when a query
-/// does not plan here: its evaluation reports why.
+/// What checks read of the candidate result's relations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The columns read, by index in the relations' schema.
+    pub columns: Vec<usize>,
+    /// The relations read (some of `tables`), even for their row count alone.
+    pub tables: BTreeSet<String>,
+}
+
+/// What `checks` read from `tables` (names of the candidate result, all of `schema`), found by
+/// planning every query against empty tables of that schema. `None` when a query does not plan here:
+/// its evaluation reports why.
 pub async fn columns_read(
     ctx: &SessionContext,
     checks: &[Check],
     schema: SchemaRef,
     tables: &[&str],
-) -> Option<Vec<usize>> {
+) -> Option<Reads> {
     let mut read = BTreeSet::new();
+    let mut scanned = BTreeSet::new();
     for table in tables {
         let empty = MemTable::try_new(schema.clone(), vec![vec![]]).ok()?;
         ctx.register_table(*table, Arc::new(empty)).ok()?;
@@ -164,8 +174,9 @@ pub async fn columns_read(
         };
         let _ = plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node
-                && tables.iter().any(|t| scan.table_name.table() == *t)
+                && let Some(table) = tables.iter().find(|t| scan.table_name.table() == **t)
             {
+                scanned.insert(table.to_string());
                 match &scan.projection {
                     Some(columns) => read.extend(columns.iter().copied()),
                     None => read.extend(0..schema.fields().len()),
@@ -177,7 +188,10 @@ pub async fn columns_read(
     for table in tables {
         let _ = ctx.deregister_table(*table);
     }
-    planned.then(|| read.into_iter().collect())
+    planned.then(|| Reads {
+        columns: read.into_iter().collect(),
+        tables: scanned,
+    })
 }
 
 /// The first value of the first row of `sql`, as an exact decimal (`None` for NULL or no row).
@@ -272,9 +286,16 @@ mod tests {
             let schema = schema.clone();
             async move { columns_read(&ctx, &checks, schema, &["candidate", "batch"]).await }
         };
+        let reads = |columns: Vec<usize>, tables: &[&str]| {
+            Some(Reads {
+                columns,
+                tables: tables.iter().map(|t| t.to_string()).collect(),
+            })
+        };
+        // A count reads no column, but it reads the relation.
         assert_eq!(
             read(vec![check("SELECT COUNT(*) FROM candidate", positive())]).await,
-            Some(vec![])
+            reads(vec![], &["candidate"])
         );
         let sums = check(
             "SELECT SUM(b) FROM candidate",
@@ -284,10 +305,13 @@ mod tests {
                 tolerance: Decimal::ZERO,
             },
         );
-        assert_eq!(read(vec![sums]).await, Some(vec![1, 2]));
+        assert_eq!(
+            read(vec![sums]).await,
+            reads(vec![1, 2], &["batch", "candidate"])
+        );
         assert_eq!(
             read(vec![check("SELECT * FROM candidate", positive())]).await,
-            Some(vec![0, 1, 2])
+            reads(vec![0, 1, 2], &["candidate"])
         );
         // A query that does not plan (its evaluation will say why) tells nothing.
         assert_eq!(

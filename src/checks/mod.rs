@@ -8,6 +8,7 @@ mod quarantine;
 
 pub use expectations::{Evaluation, ExpectationResult, Split, evaluate, split};
 pub use kpi::{
-    BATCH, CANDIDATE, CHANGED, CheckResult, RELATIONS, columns_read, evaluate as evaluate_checks,
+    BATCH, CANDIDATE, CHANGED, CheckResult, RELATIONS, Reads, columns_read,
+    evaluate as evaluate_checks,
 };
 pub use quarantine::{quarantine_table, write_quarantine};

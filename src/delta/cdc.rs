@@ -53,7 +53,7 @@ use futures::StreamExt;
 use super::{
     CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing,
     files::{KeyRanges, Layout},
-    first_load::StagedLoad,
+    first_load::{LoadCopy, StagedLoad},
     merge::key_predicate,
     quote,
 };
@@ -438,11 +438,11 @@ impl PreparedChanges {
     }
 
     /// SQL for the table as it will be after the commit: live rows the batch does not replace or
-    /// delete, plus the batch's inserts and updates ([`PreparedChanges::changed_sql`]). A staged first
-    /// load has no live rows: its candidate is what it adds.
-    pub fn candidate_sql(&self) -> String {
+    /// delete, plus the batch's inserts and updates ([`PreparedChanges::changed`], registered as
+    /// `changed`). A staged first load has no live rows: its candidate is what it adds.
+    pub fn candidate_sql(&self, changed: &str) -> String {
         if self.staged.is_some() {
-            return self.changed_sql();
+            return format!("SELECT * FROM {changed}");
         }
         let join: Vec<String> = self
             .spec
@@ -460,9 +460,23 @@ impl PreparedChanges {
         )
     }
 
-    /// SQL for the rows the commit adds to the table (inserts, and updates' new versions), as stored:
-    /// what a check that should follow the batch, not the table, reads.
-    pub fn changed_sql(&self) -> String {
+    /// The rows the commit adds to the table (inserts, and updates' new versions), as stored: what a
+    /// check that should follow the batch, not the table, reads. A first load that kept only its
+    /// flagged rows in scratch reads them from its files.
+    pub async fn changed(&self, ctx: &SessionContext) -> Result<DataFrame, DeltaError> {
+        match &self.staged {
+            Some(staged) if staged.copy == LoadCopy::Flagged => {
+                staged.written_rows(ctx, &self.table, &self.path).await
+            }
+            _ => ctx
+                .sql(&self.changed_sql())
+                .await
+                .map_err(|e| DeltaError::query(&self.path, e)),
+        }
+    }
+
+    /// SQL for [`PreparedChanges::changed`] over the classified changes.
+    fn changed_sql(&self) -> String {
         format!(
             "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')",
             cols = self.stored_columns()
@@ -1592,11 +1606,22 @@ mod tests {
                 .unwrap()
         };
         let options = TableOptions::default();
-        let staged = stage_first_load(&ctx, &path, &spec, &output, "passes", "computed").await;
+        // Kept in scratch: the flagged rows and deletes alone; the rows added are read from the files.
+        let staged = stage_first_load(
+            &ctx,
+            &path,
+            &spec,
+            &output,
+            "passes",
+            "computed",
+            LoadCopy::Flagged,
+        )
+        .await;
         let day = |d: &str| Some(d.to_string());
         assert_eq!(
             staged.summary,
             super::super::first_load::LoadSummary {
+                seen: 6,
                 rows: 5,
                 repeated: Some(0),
                 deletes: 1,
@@ -1621,6 +1646,32 @@ mod tests {
         .await
         .unwrap()
         .expect("changes");
+        let changed = prepared
+            .changed(&ctx)
+            .await
+            .unwrap()
+            .sort_by(vec![datafusion::prelude::col("k")])
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            datafusion::arrow::util::pretty::pretty_format_batches(&changed)
+                .unwrap()
+                .to_string(),
+            [
+                "+---+-----+------------+",
+                "| k | seq | day        |",
+                "+---+-----+------------+",
+                "| 1 | 1   | 2020-01-02 |",
+                "| 2 | 1   | 2020-01-01 |",
+                "| 3 | 1   |            |",
+                "| 7 | 1   | 2020-01-01 |",
+                "+---+-----+------------+",
+            ]
+            .join("\n"),
+            "the rows added, from the files: not the dropped row, not the delete"
+        );
         let summed = prepared.commit(&ctx, &meta).await.unwrap();
 
         let other = tempfile::tempdir().unwrap();
@@ -1663,7 +1714,16 @@ mod tests {
         let planned = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1)]);
         let written = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (2, 2, "U", 3)]);
         ctx.register_table("written", written.into_view()).unwrap();
-        let staged = stage_first_load(&ctx, &path, &spec, &planned, "TRUE", "written").await;
+        let staged = stage_first_load(
+            &ctx,
+            &path,
+            &spec,
+            &planned,
+            "TRUE",
+            "written",
+            LoadCopy::Every,
+        )
+        .await;
         assert_eq!((staged.summary.rows, staged.summary.repeated), (3, Some(1)));
         let scratch = Scratch::new(None).unwrap();
         let changes = ctx.table("written").await.unwrap();
@@ -1708,7 +1768,16 @@ mod tests {
         let output = changes(&ctx, &rows);
         ctx.register_table("output", output.clone().into_view())
             .unwrap();
-        let staged = stage_first_load(&ctx, &path, &spec, &output, "TRUE", "output").await;
+        let staged = stage_first_load(
+            &ctx,
+            &path,
+            &spec,
+            &output,
+            "TRUE",
+            "output",
+            LoadCopy::Every,
+        )
+        .await;
         assert_eq!(
             (
                 staged.summary.rows,
@@ -1826,6 +1895,7 @@ mod tests {
         planned: &DataFrame,
         kept: &str,
         written: &str,
+        copy: LoadCopy,
     ) -> StagedLoad {
         let load = super::super::FirstLoad::plan(path, planned, spec, &TableOptions::default())
             .await
@@ -1841,7 +1911,7 @@ mod tests {
             .execute_stream_partitioned()
             .await
             .unwrap();
-        load.write(streams, "kept", "delete").await.unwrap()
+        load.write(streams, "kept", "delete", copy).await.unwrap()
     }
 
     /// Every file under `dir`, at any depth.

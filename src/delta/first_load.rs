@@ -5,8 +5,11 @@
 //! files are published ([`super::PreparedChanges::commit`]) or removed
 //! ([`super::PreparedChanges::discard`]). The same pass also counts what the cdc steps would otherwise
 //! read the copy again for ([`LoadSummary`]): the keys held twice, the deletes, the key bounds and the
-//! tracked values. The general path instead keeps the whole result in scratch files and writes it
-//! after, reading it again.
+//! tracked values. When that summary can stand in for the copy (the keys dense enough for bitsets, no
+//! partition columns), the copy needs only the rows the steps after the write look at one by one: those
+//! an expectation flags and the deletes; the checks read the rows the load adds from its files
+//! ([`StagedLoad::written_rows`]). The general path instead keeps the whole result in scratch files and
+//! writes it after, reading it again.
 
 use std::{
     collections::BTreeSet,
@@ -32,7 +35,7 @@ use datafusion::{
         },
         stream::RecordBatchStreamAdapter,
     },
-    prelude::{DataFrame, ident},
+    prelude::{DataFrame, ParquetReadOptions, SessionContext, ident},
 };
 use futures::StreamExt;
 
@@ -66,6 +69,16 @@ pub struct FirstLoad {
     track: Option<String>,
 }
 
+/// What a first load's copy in scratch holds, besides its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadCopy {
+    /// Every row of the stage's output (some of its columns).
+    Every,
+    /// Only the rows an expectation flags and the deletes: the others are in the files alone, and
+    /// the rows the load adds are read from there ([`StagedLoad::written_rows`]).
+    Flagged,
+}
+
 /// A first load's files, written and not yet committed.
 pub struct StagedLoad {
     pub(super) table: Option<deltalake::DeltaTable>,
@@ -74,6 +87,8 @@ pub struct StagedLoad {
     pub(super) options: TableOptions,
     /// What the write saw of the rows the stage keeps.
     pub(super) summary: LoadSummary,
+    /// What the copy in scratch holds.
+    pub copy: LoadCopy,
 }
 
 /// What a first load's write saw of the rows the stage keeps (those no expectation drops or
@@ -81,6 +96,8 @@ pub struct StagedLoad {
 /// for. It holds as long as the copy holds the same rows, which a count tells.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadSummary {
+    /// Rows of the stage's output, kept or not.
+    pub seen: u64,
     /// Rows kept.
     pub rows: u64,
     /// Keys held by more than one kept row (NULL counted as one value, as `GROUP BY` counts it);
@@ -97,6 +114,8 @@ pub struct LoadSummary {
 
 /// One stream's share of a [`LoadSummary`], gathered as its batches pass.
 struct Seen {
+    /// Rows of the output.
+    seen: u64,
     /// Kept rows.
     rows: u64,
     /// The keys of the kept rows, when they are dense enough for bitsets over the plan's bounds.
@@ -120,6 +139,7 @@ impl Seen {
             None => None,
         };
         Ok(Seen {
+            seen: 0,
             rows: 0,
             keys,
             deletes: 0,
@@ -137,6 +157,7 @@ impl Seen {
         written: &RecordBatch,
         track: Option<usize>,
     ) -> datafusion::error::Result<()> {
+        self.seen += keys.len() as u64;
         let keys = filter(keys, kept)?;
         self.rows += keys.len() as u64;
         if let Some(bits) = &mut self.keys {
@@ -159,6 +180,7 @@ impl LoadSummary {
         let mut counted = true;
         let mut touched: BTreeSet<Option<String>> = BTreeSet::new();
         for part in seen {
+            summary.seen += part.seen;
             summary.rows += part.rows;
             summary.deletes += part.deletes;
             match (&mut keys, part.keys) {
@@ -271,15 +293,26 @@ impl FirstLoad {
         }))
     }
 
+    /// Whether the write's summary can stand in for a copy of every row ([`LoadCopy::Flagged`]): the
+    /// keys are dense enough for bitsets, and the files hold every column as computed (no partition
+    /// columns), so that they can be read back as the rows the load adds.
+    pub fn summarizes(&self) -> bool {
+        self.options.partition_by.is_empty()
+            && self
+                .bounds
+                .is_some_and(|(low, high)| KeyBits::fits(low, high, self.rows))
+    }
+
     /// Writes the rows of `streams` (batches of the stage's output plus boolean columns `kept` and
     /// `delete`) that are kept and not deletes, as the table's files, uncommitted, and sums up the kept
     /// rows ([`LoadSummary`]). The streams' other columns go elsewhere (see
-    /// [`crate::engine::scratch::tee`]) as they are read.
+    /// [`crate::engine::scratch::tee`]) as they are read: `copy` says what.
     pub async fn write(
         self,
         streams: Vec<SendableRecordBatchStream>,
         kept: &str,
         delete: &str,
+        copy: LoadCopy,
     ) -> Result<StagedLoad, DeltaError> {
         let FirstLoad {
             path,
@@ -370,6 +403,7 @@ impl FirstLoad {
             stored,
             options,
             summary,
+            copy,
         })
     }
 }
@@ -378,6 +412,49 @@ impl StagedLoad {
     /// Deletes the written files: nothing is published.
     pub async fn discard(self, path: &Location) {
         super::files::discard_new(path, self.table.as_ref(), &self.written.adds).await;
+    }
+
+    /// What the write saw of the rows the stage keeps.
+    pub fn summary(&self) -> &LoadSummary {
+        &self.summary
+    }
+
+    /// The rows the load adds, read back from its files (written, not published), with the table's
+    /// columns; `table` is the load's table ([`StagedLoad::table`]).
+    pub(super) async fn written_rows(
+        &self,
+        ctx: &SessionContext,
+        table: &deltalake::DeltaTable,
+        path: &Location,
+    ) -> Result<DataFrame, DeltaError> {
+        let query = |e| DeltaError::query(path, e);
+        let names: Vec<&str> = self
+            .stored
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        if self.written.adds.is_empty() {
+            let empty = RecordBatch::new_empty(self.stored.clone());
+            return ctx.read_batch(empty).map_err(query);
+        }
+        // The files by their full address, in the store of the table's root (delta-rs's store for
+        // the table itself gives listings whose paths do not match their prefix); a file's path is
+        // relative to the table's root, and names no partition folder (see `FirstLoad::summarizes`).
+        let store = table.log_store();
+        let location = store.config().location();
+        ctx.register_object_store(location, store.root_object_store(None));
+        let root = location.as_str().trim_end_matches('/');
+        let files: Vec<String> = self
+            .written
+            .adds
+            .iter()
+            .map(|add| format!("{root}/{}", add.path))
+            .collect();
+        ctx.read_parquet(files, ParquetReadOptions::default())
+            .await
+            .and_then(|frame| frame.select_columns(&names))
+            .map_err(query)
     }
 
     /// The table, created now when the load was written before it existed.

@@ -29,7 +29,7 @@ pub use cdc::{
     CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, is_delete_sql, prepare_changes,
     touched_since,
 };
-pub use first_load::{FirstLoad, StagedLoad};
+pub use first_load::{FirstLoad, LoadCopy, LoadSummary, StagedLoad};
 pub use merge::upsert;
 pub use overwrite::{Replacement, Scope, Staged, overwrite};
 pub use slices::{SLICE_ROWS, Slices};

@@ -18,8 +18,9 @@ use std::{
 
 use datafusion::{
     arrow::{
-        array::ArrayRef,
+        array::{ArrayRef, AsArray},
         buffer::Buffer,
+        compute::filter_record_batch,
         datatypes::{Schema, SchemaRef},
         ipc::{Block, reader::FileDecoder, writer::FileWriter},
         record_batch::{RecordBatch, RecordBatchOptions},
@@ -174,12 +175,14 @@ impl Scratch {
 }
 
 /// Splits each of `streams` in two: the first of each pair passes every batch on; the second receives
-/// the same rows with only the `columns` (by index; none keeps the row counts), as the first is read.
+/// the same rows with only the `columns` (by index; none keeps the row counts), as the first is read,
+/// or with `only` (the index of a boolean column) only the rows where that column is true.
 /// The copies go through a short queue, so the first stream waits while its copy is not read: both
 /// sides must be read together. A copy ends when its original does, or ends early when it fails.
 pub fn tee(
     streams: Vec<SendableRecordBatchStream>,
     columns: &[usize],
+    only: Option<usize>,
 ) -> Result<
     (
         Vec<SendableRecordBatchStream>,
@@ -199,8 +202,19 @@ pub fn tee(
             let columns = columns.clone();
             async move {
                 let batch = batch?;
+                let mut copy = batch.project(&columns)?;
+                if let Some(index) = only {
+                    let mask = batch.column(index).as_boolean_opt().ok_or_else(|| {
+                        DataFusionError::Internal(format!(
+                            "column {index} of a copy's filter is not a boolean"
+                        ))
+                    })?;
+                    copy = filter_record_batch(&copy, mask)?;
+                }
                 // A copy nobody reads any more (its reader failed) is no reason to stop the original.
-                let _ = sender.send(batch.project(&columns)?).await;
+                if copy.num_rows() > 0 {
+                    let _ = sender.send(copy).await;
+                }
                 Ok(batch)
             }
         });
@@ -852,17 +866,22 @@ mod tests {
             .value(0)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_tee_passes_every_row_on_and_copies_the_columns_asked_for() {
+    /// Tees 100,000 rows of `a`, `b = 2a`, `c` (text) and `d` (whether `a` is a multiple of 3),
+    /// copying `b` (where `only` is true, with `only`), and reads both sides: the rows passed on, the
+    /// rows copied, the sum of `b` over the copy and the copy's columns.
+    async fn tee_sum(only: Option<usize>) -> (usize, u64, i64, Vec<String>) {
         let ctx = SessionContext::new();
         let frame = ctx
-            .sql("SELECT v AS a, v * 2 AS b, CAST(v AS VARCHAR) AS c FROM generate_series(1, 100000) AS t(v)")
+            .sql(
+                "SELECT v AS a, v * 2 AS b, CAST(v AS VARCHAR) AS c, v % 3 = 0 AS d \
+                  FROM generate_series(1, 100000) AS t(v)",
+            )
             .await
             .unwrap()
             .repartition(datafusion::logical_expr::Partitioning::RoundRobinBatch(2))
             .unwrap();
         let streams = frame.execute_stream_partitioned().await.unwrap();
-        let (originals, copies) = tee(streams, &[1]).unwrap();
+        let (originals, copies) = tee(streams, &[1], only).unwrap();
         let parent = tempfile::tempdir().unwrap();
         let scratch = Scratch::new_in(parent.path(), 0).unwrap();
         let read_all = async {
@@ -870,7 +889,7 @@ mod tests {
             for mut stream in originals {
                 while let Some(batch) = stream.next().await {
                     let batch = batch.unwrap();
-                    assert_eq!(batch.num_columns(), 3);
+                    assert_eq!(batch.num_columns(), 4);
                     rows += batch.num_rows();
                 }
             }
@@ -879,23 +898,28 @@ mod tests {
         // Both sides are read together, or the first waits on its full queue.
         let (rows, copied) =
             tokio::join!(read_all, scratch.materialize_streams(&ctx, "copy", copies));
-        assert_eq!(rows, 100_000);
-        assert_eq!(copied.unwrap(), 100_000);
-        let sums = ctx
-            .sql("SELECT SUM(b) FROM copy")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let sum = sums[0]
-            .column(0)
-            .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-            .value(0);
-        assert_eq!(sum, 100_000 * 100_001);
+        let sum = first_int(&ctx, "SELECT COALESCE(SUM(b), 0) FROM copy").await;
         let schema = ctx.table("copy").await.unwrap().schema().as_arrow().clone();
-        assert_eq!(schema.fields().len(), 1);
-        assert_eq!(schema.field(0).name(), "b");
+        let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+        (rows, copied.unwrap(), sum, names)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tee_passes_every_row_on_and_copies_the_columns_asked_for() {
+        assert_eq!(
+            tee_sum(None).await,
+            (100_000, 100_000, 100_000 * 100_001, vec!["b".to_string()])
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_filtered_tee_passes_every_row_on_and_copies_only_the_rows_asked_for() {
+        // The multiples of 3 up to 99,999: 33,333 of them, summing to 3 * (33,333 * 33,334 / 2).
+        let sum_of_multiples = 3 * 33_333 * 33_334 / 2;
+        assert_eq!(
+            tee_sum(Some(3)).await,
+            (100_000, 33_333, 2 * sum_of_multiples, vec!["b".to_string()])
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ use std::{
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::{StreamExt, TryStreamExt};
 
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{RunContext, RunError, StageOutcome, StageReport, progress::StageProgress};
 use crate::checks::CheckResult;
@@ -881,6 +881,7 @@ async fn sql_stage(
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
     let mut expectations = stage.expectations.clone();
     let mut staged_load = None;
+    let mut uncopied = 0;
     // Only a run with no success before, or whose target is gone, can be a first load.
     let may_be_first = last.is_none() || !target_exists;
     if let Some(spec) = cdc_spec
@@ -888,7 +889,7 @@ async fn sql_stage(
         .filter(|_| scope.is_none() && may_be_first)
     {
         progress.message("planning a first load");
-        if let Some((staged, narrow, evaluated)) = write_first_load(
+        if let Some(written) = write_first_load(
             &ctx,
             stage,
             spec,
@@ -901,9 +902,10 @@ async fn sql_stage(
         )
         .await?
         {
-            staged_load = Some(staged);
-            output = narrow;
-            expectations = evaluated;
+            staged_load = Some(written.staged);
+            output = written.copy;
+            expectations = written.expectations;
+            uncopied = written.uncopied;
         }
     }
     if staged_load.is_none() && (stage.write.is_incremental() || !stage.expectations.is_empty()) {
@@ -925,7 +927,9 @@ async fn sql_stage(
     } else {
         let evaluation = checks::evaluate(&ctx, &output, &expectations).await;
         match (evaluation, staged_load.take()) {
-            (Ok(evaluation), staged) => {
+            (Ok(mut evaluation), staged) => {
+                // Rows no expectation flags that a first load did not copy: counted, all kept.
+                evaluation.rows += uncopied;
                 staged_load = staged;
                 evaluation
             }
@@ -1313,13 +1317,14 @@ async fn stage_replacement(
         return Ok(None);
     };
     let schema = Arc::new(output.schema().as_arrow().clone());
-    let Some(columns) = checks::columns_read(ctx, &stage.checks, schema, &checks::RELATIONS).await
+    let Some(read) = checks::columns_read(ctx, &stage.checks, schema, &checks::RELATIONS).await
     else {
         return Ok(None);
     };
     progress.message("writing the candidate");
     let (streams, slices) = replacement.execute().await.map_err(delta_err)?;
-    let (streams, copies) = engine::scratch::tee(streams, &columns).map_err(candidate_err)?;
+    let (streams, copies) =
+        engine::scratch::tee(streams, &read.columns, None).map_err(candidate_err)?;
     let (staged, _) = tokio::try_join!(
         async { replacement.write(streams).await.map_err(delta_err) },
         async {
@@ -1341,13 +1346,28 @@ async fn stage_replacement(
     Ok(Some((staged, slices)))
 }
 
+/// A cdc stage's first load, written to its table's files as it is computed.
+struct FirstLoadWritten {
+    staged: delta::StagedLoad,
+    /// The copy in scratch, registered as the stage's output.
+    copy: datafusion::prelude::DataFrame,
+    /// The expectations restated over the copy's boolean columns.
+    expectations: Vec<crate::config::Expectation>,
+    /// Rows of the output that are in the files alone (not in the copy).
+    uncopied: u64,
+}
+
 /// A cdc stage's first load written to its table's files as it is computed ([`delta::FirstLoad`]),
 /// uncommitted. Every expectation is evaluated in the same pass, into a boolean column of the output;
-/// what goes to scratch, registered as the stage's output, is a narrow copy of every row: the cdc
-/// columns, the lineage, the columns the checks read and those booleans. Returns the staged files, that
-/// copy, and the expectations restated over the booleans; `None` (nothing computed) when the load
-/// cannot go this way: see [`delta::FirstLoad::plan`], and quarantined rows need the lineage and the
-/// Bronze table their raw values are read from, and the checks' columns must be known.
+/// what goes to scratch, registered as the stage's output, is a narrow copy: the cdc columns, the
+/// lineage and those booleans, of every row with the columns the checks read when a check reads the
+/// stage's output (`batch`) or the write cannot sum the load up ([`delta::LoadCopy::Every`]), else of
+/// the rows an expectation flags and the deletes alone ([`delta::LoadCopy::Flagged`]). `None`
+/// (nothing published) when the load cannot go this way: see [`delta::FirstLoad::plan`], and
+/// quarantined rows need the lineage and the Bronze table their raw values are read from, and the
+/// checks' columns must be known; or when a flagged-only load's write did not find what its plan did
+/// (a key twice or outside the plan's bounds): its files are removed, and the general path computes it
+/// again.
 #[allow(clippy::too_many_arguments)]
 async fn write_first_load(
     ctx: &datafusion::prelude::SessionContext,
@@ -1359,17 +1379,11 @@ async fn write_first_load(
     reads: &[crate::config::TableName],
     scratch: &Scratch,
     progress: &StageProgress,
-) -> Result<
-    Option<(
-        delta::StagedLoad,
-        datafusion::prelude::DataFrame,
-        Vec<crate::config::Expectation>,
-    )>,
-    RunError,
-> {
+) -> Result<Option<FirstLoadWritten>, RunError> {
     const COMPUTED: &str = "__medallion_first_load";
     const KEPT: &str = "__medallion_kept";
     const DELETE: &str = "__medallion_delete";
+    const COPIED: &str = "__medallion_copied";
     let delta_err = |source| RunError::Delta {
         stage: stage.name.clone(),
         source,
@@ -1404,6 +1418,12 @@ async fn write_first_load(
     else {
         return Ok(None);
     };
+    // The checks read the rows the load adds from its files, but the stage's output only from the copy.
+    let copy = if load.summarizes() && !checked.tables.contains(checks::BATCH) {
+        delta::LoadCopy::Flagged
+    } else {
+        delta::LoadCopy::Every
+    };
     progress.message("writing the first load");
 
     // The output, each expectation's verdict, whether the row is kept (it passes every expectation
@@ -1426,10 +1446,23 @@ async fn write_first_load(
     }
     ctx.register_table(COMPUTED, output.clone().into_view())
         .map_err(query_err)?;
+    // A row is copied when the steps after the write look at it: an expectation flags it (they count
+    // and quarantine it), or it is a delete (a tombstone), or every row is.
+    let copied = match copy {
+        delta::LoadCopy::Every => "TRUE".to_string(),
+        delta::LoadCopy::Flagged => {
+            let written: Vec<String> = (0..stage.expectations.len())
+                .map(verdict)
+                .chain([format!("NOT {DELETE}")])
+                .collect();
+            format!("NOT ({})", written.join(" AND "))
+        }
+    };
     // An expectation that does not plan is reported by the general path, as it reports it.
     let Ok(computed) = ctx
         .sql(&format!(
-            "SELECT *, {} AS {KEPT}, {} AS {DELETE} FROM (SELECT {} FROM {COMPUTED})",
+            "SELECT *, {copied} AS {COPIED} FROM \
+             (SELECT *, {} AS {KEPT}, {} AS {DELETE} FROM (SELECT {} FROM {COMPUTED}))",
             if removing.is_empty() {
                 "TRUE".to_string()
             } else {
@@ -1453,7 +1486,13 @@ async fn write_first_load(
         .map(String::as_str)
         .chain(lineage.iter().copied().filter(|_| has_lineage))
         .map(String::from)
-        .chain(checked.iter().map(|&i| schema.field(i).name().clone()))
+        .chain(
+            checked
+                .columns
+                .iter()
+                .filter(|_| copy == delta::LoadCopy::Every)
+                .map(|&i| schema.field(i).name().clone()),
+        )
         .chain((0..stage.expectations.len()).map(verdict));
     for name in wanted {
         let index = computed_schema
@@ -1467,21 +1506,49 @@ async fn write_first_load(
         .execute_stream_partitioned()
         .await
         .map_err(query_err)?;
-    let (streams, copies) = engine::scratch::tee(streams, &narrow).map_err(query_err)?;
+    let only = match copy {
+        delta::LoadCopy::Every => None,
+        delta::LoadCopy::Flagged => Some(
+            computed_schema
+                .index_of(COPIED)
+                .map_err(|e| query_err(e.into()))?,
+        ),
+    };
+    let (streams, copies) = engine::scratch::tee(streams, &narrow, only).map_err(query_err)?;
     let (staged, copied) = tokio::join!(
-        load.write(streams, KEPT, DELETE),
+        load.write(streams, KEPT, DELETE, copy),
         scratch.materialize_streams(ctx, STAGE_OUTPUT, copies),
     );
     let staged = staged.map_err(delta_err)?;
-    if let Err(source) = copied {
+    let copied = match copied {
+        Ok(copied) => copied,
+        Err(source) => {
+            staged.discard(target_path).await;
+            return Err(RunError::Engine {
+                stage: stage.name.clone(),
+                source,
+            });
+        }
+    };
+    let summary = staged.summary();
+    debug!(
+        stage = %stage.name,
+        "first load: {copied} of {} row(s) copied to scratch ({copy:?})",
+        summary.seen
+    );
+    if copy == delta::LoadCopy::Flagged && summary.repeated != Some(0) {
+        // Without a copy of every row, only the summary tells what the load holds.
+        info!(
+            stage = %stage.name,
+            "the first load's rows differ from its plan's; computing it again"
+        );
         staged.discard(target_path).await;
-        return Err(RunError::Engine {
-            stage: stage.name.clone(),
-            source,
-        });
+        let _ = ctx.deregister_table(STAGE_OUTPUT);
+        return Ok(None);
     }
-    let copy = match ctx.table(STAGE_OUTPUT).await {
-        Ok(copy) => copy,
+    let uncopied = summary.seen.saturating_sub(copied);
+    let frame = match ctx.table(STAGE_OUTPUT).await {
+        Ok(frame) => frame,
         Err(error) => {
             staged.discard(target_path).await;
             return Err(query_err(error));
@@ -1496,7 +1563,12 @@ async fn write_first_load(
             ..e.clone()
         })
         .collect();
-    Ok(Some((staged, copy, evaluated)))
+    Ok(Some(FirstLoadWritten {
+        staged,
+        copy: frame,
+        expectations: evaluated,
+        uncopied,
+    }))
 }
 
 /// SQL for the stage's candidate result: the target as it would be after the write.
@@ -1517,10 +1589,10 @@ async fn candidate_sql(
     ctx.register_table(checks::BATCH, output.clone().into_view())
         .map_err(query)?;
     if let Some(prepared) = prepared {
-        let changed = ctx.sql(&prepared.changed_sql()).await.map_err(query)?;
+        let changed = prepared.changed(ctx).await?;
         ctx.register_table(checks::CHANGED, changed.into_view())
             .map_err(query)?;
-        return Ok(prepared.candidate_sql());
+        return Ok(prepared.candidate_sql(checks::CHANGED));
     }
     // Every other write adds its batch as it is; an empty cdc batch adds nothing.
     let changed = match stage.write {

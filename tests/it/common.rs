@@ -150,6 +150,16 @@ impl Scratch {
         edit_yaml: &dyn Fn(String) -> String,
         edit_sql: Option<(&str, &dyn Fn(String) -> String)>,
     ) -> Output {
+        let project = self.edit_project(edit_yaml, edit_sql);
+        self.command_in(&project, &["run", "pipelines/t.yaml"])
+    }
+
+    /// Writes the project [`Scratch::run_edited`] runs (`pipelines/t.yaml`); returns its folder.
+    pub fn edit_project(
+        &self,
+        edit_yaml: &dyn Fn(String) -> String,
+        edit_sql: Option<(&str, &dyn Fn(String) -> String)>,
+    ) -> PathBuf {
         let project = self.dir.path().join("project");
         let _ = std::fs::remove_dir_all(&project);
         std::fs::create_dir_all(project.join("pipelines")).expect("project");
@@ -162,20 +172,25 @@ impl Scratch {
             let text = std::fs::read_to_string(&path).expect("sql file");
             std::fs::write(&path, edit(text)).expect("write sql");
         }
-        self.command_in(&project, &["run", "pipelines/t.yaml"])
+        project
     }
 
     /// Runs medallion with `args` from `dir` against this scratch landing and lake. Stages here keep no
     /// intermediate result in memory (`MEDALLION_SCRATCH_MEMORY=0`), so that the tests running edited
     /// projects cover the on-disk path and those running the reference one the in-memory path.
     pub fn command_in(&self, dir: &Path, args: &[&str]) -> Output {
+        self.command_in_logging(dir, args, "warn")
+    }
+
+    /// As [`Scratch::command_in`], logging what `rust_log` says.
+    pub fn command_in_logging(&self, dir: &Path, args: &[&str], rust_log: &str) -> Output {
         Command::new(BIN)
             .args(args)
             .current_dir(dir)
             .env("MEDALLION_LANDING", self.landing())
             .env("MEDALLION_LAKE", self.lake())
             .env("MEDALLION_SCRATCH_MEMORY", "0")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .output()
             .expect("run medallion")
     }

@@ -650,6 +650,127 @@ async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
     );
 }
 
+/// A first load whose checks read only the rows it adds keeps in scratch only the rows the steps after
+/// its write look at (those an expectation flags, and the deletes): its checks read the rows added from
+/// the files it wrote, a warning and a quarantine are counted as before, and the delete is a tombstone.
+/// A check that reads the stage's output (`batch`) keeps a copy of every row again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote() {
+    let scratch = Scratch::new();
+    scratch.generate(500, 5, 1, 37);
+    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
+    }
+    let header = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
+                  merchant_state,zip,mcc,errors";
+    let row = |op: &str, id: u32, amount: &str| {
+        format!(
+            "{op},2020-01-02 00:00:00.000000,{id},2020-01-01 10:00:00,1,2,{amount},Swipe Transaction,3,Reno,NV,89501.0,5411,"
+        )
+    };
+    // Written: 1, 2, 3 and 6 (flagged by a warning). Copied: 4 (a delete), 5 (quarantined) and 6.
+    let rows = [
+        row("I", 1, "$10.00"),
+        row("I", 2, "$20.05"),
+        row("U", 3, "$-30.00"),
+        row("D", 4, "$40.00"),
+        row("I", 5, "$12x"),
+        row("I", 6, "$5000.00"),
+    ];
+    std::fs::write(
+        scratch.transactions_dir().join("20200102-0000000001.csv"),
+        format!("{header}\n{}\n", rows.join("\n")),
+    )
+    .expect("write changes");
+    let edit = |reads_batch: bool| {
+        move |yaml: String| {
+            let batch_check = if reads_batch {
+                "      - { name: batch_rows, query: \"SELECT COUNT(*) FROM batch\", expect: \"< 0\", severity: warn }\n"
+            } else {
+                ""
+            };
+            yaml.replacen(
+                "    checks:\n      - { name: dms_id_unique",
+                &[
+                    "    checks:\n",
+                    batch_check,
+                    "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                    "      - { name: changed_cents, query: \"SELECT CAST(SUM(amount) * 100 AS BIGINT) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                    "      - { name: candidate_zips, query: \"SELECT COUNT(zip) FROM candidate\", expect: \"< 0\", severity: warn }\n",
+                    "      - { name: dms_id_unique",
+                ]
+                .concat(),
+                1,
+            )
+            .replacen(
+                "      - { name: commit_ts_parses",
+                "      - { name: small_amounts, expr: \"amount IS NULL OR amount < 1000\", column: amount, action: warn }\n      - { name: commit_ts_parses",
+                1,
+            )
+        }
+    };
+    let observed = |scratch: &Scratch| -> std::collections::BTreeMap<String, String> {
+        scratch.edited_history()[0]["checks_not_passed"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .map(|c| {
+                (
+                    c["check"].as_str().expect("name").to_string(),
+                    c["observed"].as_str().expect("observed").to_string(),
+                )
+            })
+            .collect()
+    };
+    let silver =
+        "SELECT CAST(COUNT(*) AS VARCHAR), CAST(SUM(amount) AS VARCHAR) FROM silver.transactions";
+    for reads_batch in [false, true] {
+        let _ = std::fs::remove_dir_all(scratch.lake());
+        let project = scratch.edit_project(&edit(reads_batch), None);
+        let output =
+            scratch.command_in_logging(&project, &["run", "pipelines/t.yaml"], "medallion=debug");
+        assert_success(&output);
+        let copied = if reads_batch {
+            "first load: 6 of 6 row(s) copied to scratch (Every)"
+        } else {
+            "first load: 3 of 6 row(s) copied to scratch (Flagged)"
+        };
+        assert!(text(&output).contains(copied), "{}", text(&output));
+        let seen = observed(&scratch);
+        assert_eq!(seen["changed_rows"], "4", "{seen:?}");
+        assert_eq!(seen["changed_cents"], "500005", "{seen:?}");
+        assert_eq!(seen["candidate_zips"], "4", "{seen:?}");
+        assert_eq!(seen["small_amounts"], "1 row(s) violating", "{seen:?}");
+        assert_eq!(seen["amount_parses"], "1 row(s) violating", "{seen:?}");
+        if reads_batch {
+            // The output the expectations keep: all but the quarantined row.
+            assert_eq!(seen["batch_rows"], "5", "{seen:?}");
+        }
+        assert_eq!(
+            query(&scratch.lake(), &["silver.transactions"], silver).await,
+            vec![vec!["4".to_string(), "5000.05".to_string()]]
+        );
+        assert_eq!(
+            query(
+                &scratch.lake(),
+                &["quarantine.transactions"],
+                "SELECT id, _reason FROM quarantine.transactions"
+            )
+            .await,
+            vec![vec!["5".to_string(), "amount_parses".to_string()]]
+        );
+        assert!(
+            delta_version(
+                &scratch
+                    .lake()
+                    .join("_medallion/tombstones/silver/transactions")
+            )
+            .is_some(),
+            "the delete is kept as a tombstone"
+        );
+    }
+}
+
 /// A first load holding a key twice (a DMS full load delivered with its first changes) is computed into
 /// scratch and written after, as every later batch is, and equals a replay of the files.
 #[tokio::test(flavor = "multi_thread")]

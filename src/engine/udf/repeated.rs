@@ -67,16 +67,22 @@ impl KeyBits {
     /// Bitsets for keys from `low` to `high`, when `rows` keys are dense enough in that range (the
     /// range at most [`BITS_PER_KEY`] times their count); `None` otherwise.
     pub fn new(low: i64, high: i64, rows: usize) -> Option<KeyBits> {
-        // Both bounds are i64, so the span fits in u128; the words must be addressable.
-        let span = i128::from(high) - i128::from(low) + 1;
-        if span < 1 || span as u128 > BITS_PER_KEY * rows.max(1) as u128 {
+        if !KeyBits::fits(low, high, rows) {
             return None;
         }
+        // Both bounds are i64, so the span fits in u128; the words must be addressable.
+        let span = i128::from(high) - i128::from(low) + 1;
         let words = usize::try_from(span).ok()?.div_ceil(64);
         let mut bits = KeyBits::empty(low);
         bits.seen = vec![0; words];
         bits.again = vec![0; words];
         Some(bits)
+    }
+
+    /// Whether `rows` keys from `low` to `high` are dense enough for bitsets ([`KeyBits::new`]).
+    pub fn fits(low: i64, high: i64, rows: usize) -> bool {
+        let span = i128::from(high) - i128::from(low) + 1;
+        span >= 1 && span as u128 <= BITS_PER_KEY * rows.max(1) as u128
     }
 
     /// Bitsets of no range: every key falls outside.
