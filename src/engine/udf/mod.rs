@@ -2,7 +2,8 @@
 //! parser; [`TextFunction`] lifts it into a DataFusion scalar function over any string column. Values that
 //! do not parse give NULL, so that a stage's expectations can name the offending row. One aggregate,
 //! `count_repeated` ([`repeated`]), counts the keys a column holds more than once, for uniqueness checks;
-//! `count` is DataFusion's, with a faster `COUNT(DISTINCT integer)` per group ([`distinct`]).
+//! `count` is DataFusion's, with a faster `COUNT(DISTINCT integer)` per group ([`distinct`]); `TRIM` is
+//! DataFusion's, without a copy of a column with nothing to trim ([`trim`]).
 
 mod card;
 mod channel;
@@ -11,6 +12,7 @@ mod money;
 mod regex_match;
 pub mod repeated;
 mod timestamp;
+mod trim;
 mod zip;
 
 use std::{fmt::Write, sync::Arc};
@@ -47,6 +49,7 @@ pub fn register_all(ctx: &SessionContext) {
     }
     ctx.register_udaf(repeated::count_repeated());
     ctx.register_udaf(distinct::count());
+    ctx.register_udf(trim::trim());
     ctx.add_optimizer_rule(Arc::new(regex_match::CompiledRegex));
 }
 
