@@ -771,6 +771,50 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
     }
 }
 
+/// A first load whose write does not find the keys its plan found (here the keys move with `now()`,
+/// which each query reads anew) cannot be summed up without a copy of every row: its files are removed
+/// and the stage is computed again the general way, every row once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_whose_keys_moved_since_its_plan_is_computed_again() {
+    let scratch = Scratch::new();
+    scratch.generate(600, 5, 1, 38);
+    scratch.hold_back_all_changes();
+    let clean = crate::common::replay(&scratch.transactions_dir());
+    let moving = |sql: String| {
+        sql.replacen(
+            "TRY_CAST(id AS BIGINT)                           AS dms_id",
+            "TRY_CAST(id AS BIGINT) + (CAST(date_part('epoch', now()) * 1000000 AS BIGINT) % 1000000) \
+             * 1000000000 AS dms_id",
+            1,
+        )
+    };
+    let project = scratch.edit_project(&|yaml| yaml, Some(("silver/transactions.sql", &moving)));
+    let output =
+        scratch.command_in_logging(&project, &["run", "pipelines/t.yaml"], "medallion=debug");
+    assert_success(&output);
+    assert!(
+        text(&output).contains("the first load's rows differ from its plan's; computing it again")
+            && silver_step(&output, "computing"),
+        "{}",
+        text(&output)
+    );
+    let silver = scratch.table("silver", "transactions");
+    assert_eq!(
+        data_files(&silver).len(),
+        delta_files_in_log(&silver),
+        "no file of the abandoned write is left"
+    );
+    assert_eq!(
+        query(
+            &scratch.lake(),
+            &["silver.transactions"],
+            "SELECT COUNT(*), COUNT(DISTINCT dms_id) FROM silver.transactions",
+        )
+        .await,
+        vec![vec![clean.len().to_string(), clean.len().to_string()]]
+    );
+}
+
 /// A first load holding a key twice (a DMS full load delivered with its first changes) is computed into
 /// scratch and written after, as every later batch is, and equals a replay of the files.
 #[tokio::test(flavor = "multi_thread")]
