@@ -267,6 +267,17 @@ async fn prepare(
         .as_ref()
         .map(|s| &s.summary)
         .filter(|s| s.rows == rows_read);
+    if let Some(staged) = staged.as_ref().filter(|s| s.copy == LoadCopy::Flagged)
+        && summary.is_none_or(|s| s.repeated != Some(0))
+    {
+        // Its copy holds only the flagged rows: classifying it would miss the others. (The caller,
+        // `prepare_changes`, removes the files.)
+        return Err(invalid(format!(
+            "a first load that kept only its flagged rows could not be summed up as it was \
+             written ({} row(s) kept, {rows_read} counted); nothing was published",
+            staged.summary.rows
+        )));
+    }
     let latest_rows = latest_per_key(
         path,
         ctx,

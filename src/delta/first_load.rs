@@ -441,6 +441,9 @@ impl StagedLoad {
         // The files by their full address, in the store of the table's root (delta-rs's store for
         // the table itself gives listings whose paths do not match their prefix); a file's path is
         // relative to the table's root, and names no partition folder (see `FirstLoad::summarizes`).
+        // Registered by scheme and host (`file://`, `s3://bucket`): the same store delta-rs reads this
+        // table's files with, for the rest of the stage's session. Strings come back as views, as
+        // every scan of the session reads them.
         let store = table.log_store();
         let location = store.config().location();
         ctx.register_object_store(location, store.root_object_store(None));

@@ -37,6 +37,8 @@ const INGEST_BATCH_ROWS: usize = 16 * 1024;
 
 /// The name a SQL stage's materialized output is registered under.
 const STAGE_OUTPUT: &str = "__medallion_stage_output";
+/// The copy a first load written as it is computed keeps in scratch ([`write_first_load`]).
+const FIRST_LOAD_COPY: &str = "__medallion_first_load_copy";
 
 /// Runs stage `index`; never fails: errors become a failed [`StageReport`].
 pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
@@ -1449,19 +1451,19 @@ async fn write_first_load(
     // A row is copied when the steps after the write look at it: an expectation flags it (they count
     // and quarantine it), or it is a delete (a tombstone), or every row is.
     let copied = match copy {
-        delta::LoadCopy::Every => "TRUE".to_string(),
+        delta::LoadCopy::Every => String::new(),
         delta::LoadCopy::Flagged => {
             let written: Vec<String> = (0..stage.expectations.len())
                 .map(verdict)
                 .chain([format!("NOT {DELETE}")])
                 .collect();
-            format!("NOT ({})", written.join(" AND "))
+            format!(", NOT ({}) AS {COPIED}", written.join(" AND "))
         }
     };
     // An expectation that does not plan is reported by the general path, as it reports it.
     let Ok(computed) = ctx
         .sql(&format!(
-            "SELECT *, {copied} AS {COPIED} FROM \
+            "SELECT *{copied} FROM \
              (SELECT *, {} AS {KEPT}, {} AS {DELETE} FROM (SELECT {} FROM {COMPUTED}))",
             if removing.is_empty() {
                 "TRUE".to_string()
@@ -1486,11 +1488,12 @@ async fn write_first_load(
         .map(String::as_str)
         .chain(lineage.iter().copied().filter(|_| has_lineage))
         .map(String::from)
+        // Also in a copy of the flagged rows: a load that keeps no row has no files, and its checks
+        // read this copy instead.
         .chain(
             checked
                 .columns
                 .iter()
-                .filter(|_| copy == delta::LoadCopy::Every)
                 .map(|&i| schema.field(i).name().clone()),
         )
         .chain((0..stage.expectations.len()).map(verdict));
@@ -1517,7 +1520,7 @@ async fn write_first_load(
     let (streams, copies) = engine::scratch::tee(streams, &narrow, only).map_err(query_err)?;
     let (staged, copied) = tokio::join!(
         load.write(streams, KEPT, DELETE, copy),
-        scratch.materialize_streams(ctx, STAGE_OUTPUT, copies),
+        scratch.materialize_streams(ctx, FIRST_LOAD_COPY, copies),
     );
     let staged = staged.map_err(delta_err)?;
     let copied = match copied {
@@ -1536,18 +1539,22 @@ async fn write_first_load(
         "first load: {copied} of {} row(s) copied to scratch ({copy:?})",
         summary.seen
     );
-    if copy == delta::LoadCopy::Flagged && summary.repeated != Some(0) {
-        // Without a copy of every row, only the summary tells what the load holds.
+    // A write that found a key twice (its plan found each once: a stage's SQL need not give the same
+    // rows twice) cannot publish its files; nor can a copy of the flagged rows stand in for the
+    // classification when the summary could not count the keys (one outside the plan's bounds).
+    let repeated = summary.repeated.is_some_and(|n| n > 0);
+    if repeated || (copy == delta::LoadCopy::Flagged && summary.repeated.is_none()) {
         info!(
             stage = %stage.name,
             "the first load's rows differ from its plan's; computing it again"
         );
         staged.discard(target_path).await;
-        let _ = ctx.deregister_table(STAGE_OUTPUT);
+        let _ = ctx.deregister_table(FIRST_LOAD_COPY);
+        let _ = ctx.deregister_table(COMPUTED);
         return Ok(None);
     }
     let uncopied = summary.seen.saturating_sub(copied);
-    let frame = match ctx.table(STAGE_OUTPUT).await {
+    let frame = match ctx.table(FIRST_LOAD_COPY).await {
         Ok(frame) => frame,
         Err(error) => {
             staged.discard(target_path).await;

@@ -771,6 +771,65 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
     }
 }
 
+/// A first load that keeps no row (every row quarantined) has no files: its checks read what they
+/// read of the rows from its copy, and find none.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
+    let scratch = Scratch::new();
+    scratch.generate(100, 2, 1, 39);
+    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
+    }
+    add_load_file(
+        &scratch,
+        "LOAD00000001.csv",
+        &[
+            "2010-01-01 00:00:00.000000,1,2010-01-01 10:00:00,1,2,$1x,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string(),
+            "2010-01-01 00:00:00.000000,2,2010-01-01 10:00:00,1,2,$2x,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string(),
+        ],
+    );
+    let checks = with_silver_checks(
+        "      - { name: changed_cents, query: \"SELECT COALESCE(SUM(amount), 0) FROM changed\", expect: \"< 0\", severity: warn }\n",
+    );
+    // The Gold stages fail (no Silver table was created: noted on the issue); Silver succeeds.
+    let output = scratch.run_edited(&checks, None);
+    let silver = text(&output)
+        .lines()
+        .find(|l| l.trim_start().starts_with("silver_transactions"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(silver.contains("succeeded"), "{}", text(&output));
+    let history = scratch.edited_history();
+    let observed: Vec<(String, String)> = history[0]["checks_not_passed"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().expect("name").to_string(),
+                c["observed"].as_str().expect("observed").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        observed.contains(&("changed_cents".to_string(), "0".to_string()))
+            && observed.contains(&(
+                "amount_parses".to_string(),
+                "2 row(s) violating".to_string()
+            )),
+        "{observed:?}"
+    );
+    assert_eq!(
+        query(
+            &scratch.lake(),
+            &["quarantine.transactions"],
+            "SELECT CAST(COUNT(*) AS VARCHAR) FROM quarantine.transactions"
+        )
+        .await,
+        vec![vec!["2".to_string()]]
+    );
+}
+
 /// A first load whose write does not find the keys its plan found (here the keys move with `now()`,
 /// which each query reads anew) cannot be summed up without a copy of every row: its files are removed
 /// and the stage is computed again the general way, every row once.

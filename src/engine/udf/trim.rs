@@ -114,6 +114,7 @@ mod tests {
     use super::*;
     use datafusion::{
         arrow::{array::StringArray, datatypes::Field},
+        common::tree_node::TreeNode,
         config::ConfigOptions,
     };
 
@@ -210,11 +211,22 @@ mod tests {
                 .to_string(),
             "+---+---+---+\n| t | b | c |\n+---+---+---+\n| a | a | b |\n| c | c | d |\n+---+---+---+"
         );
-        use datafusion::execution::FunctionRegistry;
-        for name in ["trim", "btrim"] {
-            let function = ctx.udf(name).unwrap();
-            let inner: &dyn std::any::Any = function.inner().as_ref();
-            assert!(inner.downcast_ref::<Trim>().is_some(), "{name}");
+        // The plan of `TRIM(x)` and `btrim(x)` calls this function, not DataFusion's.
+        let plan = ctx
+            .sql("SELECT TRIM(x) AS a, btrim(x) AS b FROM (VALUES ('a')) AS v(x)")
+            .await
+            .unwrap()
+            .into_unoptimized_plan();
+        let mut calls = Vec::new();
+        for expr in plan.expressions() {
+            let _ = expr.apply(|e| {
+                if let datafusion::logical_expr::Expr::ScalarFunction(call) = e {
+                    let inner: &dyn std::any::Any = call.func.inner().as_ref();
+                    calls.push(inner.downcast_ref::<Trim>().is_some());
+                }
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            });
         }
+        assert_eq!(calls, vec![true, true]);
     }
 }
