@@ -270,15 +270,22 @@ async fn history_and_python_read_the_same_runs() {
 /// The observed value of each check of the latest run that did not pass, by name, from
 /// `medallion history`.
 fn not_passed(scratch: &Scratch) -> std::collections::BTreeMap<String, u64> {
+    observed(scratch)
+        .into_iter()
+        .map(|(check, seen)| (check, seen.parse().expect("a count")))
+        .collect()
+}
+
+/// What each check and expectation that did not pass observed in the latest run of the edited project.
+fn observed(scratch: &Scratch) -> std::collections::BTreeMap<String, String> {
     scratch.edited_history()[0]["checks_not_passed"]
         .as_array()
         .expect("checks")
         .iter()
         .map(|c| {
-            let observed = c["observed"].as_str().expect("observed");
             (
                 c["check"].as_str().expect("name").to_string(),
-                observed.parse().expect("a count"),
+                c["observed"].as_str().expect("observed").to_string(),
             )
         })
         .collect()
@@ -574,22 +581,40 @@ fn delta_files_in_log(table: &std::path::Path) -> usize {
     live.len()
 }
 
+/// Removes every transactions file from the scratch landing.
+fn clear_transactions(scratch: &Scratch) {
+    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
+    }
+}
+
+/// A DMS change row (`Op,dms_commit_ts,id,...`) of transaction `id`, dated 2020-01-01, committed at
+/// `commit`.
+fn change_row(op: &str, commit: &str, id: u32, amount: &str) -> String {
+    format!(
+        "{op},{commit},{id},2020-01-01 10:00:00,1,2,{amount},Swipe Transaction,3,Reno,NV,89501.0,5411,"
+    )
+}
+
+/// Writes change file `name` of `rows` ([`change_row`]) to the scratch landing, with its header.
+fn write_changes(scratch: &Scratch, name: &str, rows: &[String]) {
+    let header = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
+                  merchant_state,zip,mcc,errors";
+    std::fs::write(
+        scratch.transactions_dir().join(name),
+        format!("{header}\n{}\n", rows.join("\n")),
+    )
+    .expect("write changes");
+}
+
 /// A first load of change files, each key once, deletes among them: written as computed, its deletes
 /// become tombstones, so a late insert of a deleted key stays out and a new key goes in.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
     let scratch = Scratch::new();
     scratch.generate(500, 5, 1, 35);
-    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
-        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
-    }
-    let header = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
-                  merchant_state,zip,mcc,errors";
-    let row = |op: &str, ts: &str, id: u32, amount: &str| {
-        format!(
-            "{op},{ts},{id},2020-01-01 10:00:00,1,2,{amount},Swipe Transaction,3,Reno,NV,89501.0,5411,"
-        )
-    };
+    clear_transactions(&scratch);
+    let row = change_row;
     let at = "2020-01-02 00:00:00.000000";
     let first = [
         row("I", at, 1, "$10.00"),
@@ -597,11 +622,7 @@ async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
         row("U", at, 3, "$-30.00"),
         row("D", at, 4, "$40.00"),
     ];
-    std::fs::write(
-        scratch.transactions_dir().join("20200102-0000000001.csv"),
-        format!("{header}\n{}\n", first.join("\n")),
-    )
-    .expect("write changes");
+    write_changes(&scratch, "20200102-0000000001.csv", &first);
     let output = run_logged(&scratch);
     assert_success(&output);
     assert!(
@@ -633,11 +654,7 @@ async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
         row("I", "2020-01-01 00:00:00.000000", 4, "$40.00"),
         row("I", at, 5, "$5.00"),
     ];
-    std::fs::write(
-        scratch.transactions_dir().join("20200102-0000000002.csv"),
-        format!("{header}\n{}\n", late.join("\n")),
-    )
-    .expect("write changes");
+    write_changes(&scratch, "20200102-0000000002.csv", &late);
     assert_success(&scratch.run());
     assert_eq!(
         query(&scratch.lake(), &["silver.transactions"], silver).await,
@@ -658,16 +675,9 @@ async fn a_first_load_of_changes_keeps_its_deletes_as_tombstones() {
 async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote() {
     let scratch = Scratch::new();
     scratch.generate(500, 5, 1, 37);
-    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
-        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
-    }
-    let header = "Op,dms_commit_ts,id,date,client_id,card_id,amount,use_chip,merchant_id,merchant_city,\
-                  merchant_state,zip,mcc,errors";
-    let row = |op: &str, id: u32, amount: &str| {
-        format!(
-            "{op},2020-01-02 00:00:00.000000,{id},2020-01-01 10:00:00,1,2,{amount},Swipe Transaction,3,Reno,NV,89501.0,5411,"
-        )
-    };
+    clear_transactions(&scratch);
+    let row =
+        |op: &str, id: u32, amount: &str| change_row(op, "2020-01-02 00:00:00.000000", id, amount);
     // Written: 1, 2, 3 and 6 (flagged by a warning). Copied: 4 (a delete), 5 (quarantined) and 6.
     let rows = [
         row("I", 1, "$10.00"),
@@ -677,11 +687,7 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
         row("I", 5, "$12x"),
         row("I", 6, "$5000.00"),
     ];
-    std::fs::write(
-        scratch.transactions_dir().join("20200102-0000000001.csv"),
-        format!("{header}\n{}\n", rows.join("\n")),
-    )
-    .expect("write changes");
+    write_changes(&scratch, "20200102-0000000001.csv", &rows);
     let edit = |reads_batch: bool| {
         move |yaml: String| {
             let batch_check = if reads_batch {
@@ -708,19 +714,6 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
                 1,
             )
         }
-    };
-    let observed = |scratch: &Scratch| -> std::collections::BTreeMap<String, String> {
-        scratch.edited_history()[0]["checks_not_passed"]
-            .as_array()
-            .expect("checks")
-            .iter()
-            .map(|c| {
-                (
-                    c["check"].as_str().expect("name").to_string(),
-                    c["observed"].as_str().expect("observed").to_string(),
-                )
-            })
-            .collect()
     };
     let silver =
         "SELECT CAST(COUNT(*) AS VARCHAR), CAST(SUM(amount) AS VARCHAR) FROM silver.transactions";
@@ -777,9 +770,7 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
 async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
     let scratch = Scratch::new();
     scratch.generate(100, 2, 1, 39);
-    for entry in std::fs::read_dir(scratch.transactions_dir()).expect("landing") {
-        std::fs::remove_file(entry.expect("entry").path()).expect("clear transactions");
-    }
+    clear_transactions(&scratch);
     add_load_file(
         &scratch,
         "LOAD00000001.csv",
@@ -799,26 +790,9 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
         .map(str::to_string)
         .unwrap_or_default();
     assert!(silver.contains("succeeded"), "{}", text(&output));
-    let history = scratch.edited_history();
-    let observed: Vec<(String, String)> = history[0]["checks_not_passed"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .map(|c| {
-            (
-                c["check"].as_str().expect("name").to_string(),
-                c["observed"].as_str().expect("observed").to_string(),
-            )
-        })
-        .collect();
-    assert!(
-        observed.contains(&("changed_cents".to_string(), "0".to_string()))
-            && observed.contains(&(
-                "amount_parses".to_string(),
-                "2 row(s) violating".to_string()
-            )),
-        "{observed:?}"
-    );
+    let seen = observed(&scratch);
+    assert_eq!(seen["changed_cents"], "0", "{seen:?}");
+    assert_eq!(seen["amount_parses"], "2 row(s) violating", "{seen:?}");
     assert_eq!(
         query(
             &scratch.lake(),
