@@ -1719,53 +1719,59 @@ mod tests {
     /// nothing: no commit, no file left.
     #[tokio::test]
     async fn a_first_load_written_with_a_key_its_plan_saw_once_publishes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spec, path, meta) = table_in(dir.path(), &["day"]);
-        let ctx = super::super::session(None).unwrap();
-        let planned = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1)]);
-        let written = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (2, 2, "U", 3)]);
-        ctx.register_table("written", written.into_view()).unwrap();
-        let staged = stage_first_load(
-            &ctx,
-            &path,
-            &spec,
-            &planned,
-            "TRUE",
-            "written",
-            LoadCopy::Every,
-        )
-        .await;
-        assert_eq!((staged.summary.rows, staged.summary.repeated), (3, Some(1)));
-        let scratch = Scratch::new(None).unwrap();
-        let changes = ctx.table("written").await.unwrap();
-        let published = match prepare_changes(
-            &path,
-            &ctx,
-            &scratch,
-            changes,
-            3,
-            &spec,
-            &TableOptions::default(),
-            Some(staged),
-        )
-        .await
-        {
-            Ok(Some(prepared)) => prepared.commit(&ctx, &meta).await.is_ok(),
-            _ => false,
-        };
-        assert!(!published, "a load whose changes supersede one another");
-        let files: Vec<_> = walkdir(&dir.path().join("table"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect();
-        assert!(files.is_empty(), "no file left: {files:?}");
-        assert!(
-            super::super::open(&path)
-                .await
-                .unwrap()
-                .is_none_or(|t| !holds_files(&t)),
-            "nothing committed"
-        );
+        // With a copy of its flagged rows alone, the load is refused before it is classified.
+        for copy in [LoadCopy::Every, LoadCopy::Flagged] {
+            let dir = tempfile::tempdir().unwrap();
+            let (spec, path, meta) = table_in(dir.path(), &["day"]);
+            let ctx = super::super::session(None).unwrap();
+            let planned = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1)]);
+            let written = changes(&ctx, &[(1, 1, "I", 0), (2, 1, "I", 1), (2, 2, "U", 3)]);
+            ctx.register_table("written", written.into_view()).unwrap();
+            let staged =
+                stage_first_load(&ctx, &path, &spec, &planned, "TRUE", "written", copy).await;
+            assert_eq!((staged.summary.rows, staged.summary.repeated), (3, Some(1)));
+            let scratch = Scratch::new(None).unwrap();
+            let changes = ctx.table("written").await.unwrap();
+            let prepared = prepare_changes(
+                &path,
+                &ctx,
+                &scratch,
+                changes,
+                3,
+                &spec,
+                &TableOptions::default(),
+                Some(staged),
+            )
+            .await;
+            let published = match prepared {
+                Ok(Some(prepared)) => {
+                    assert_eq!(copy, LoadCopy::Every, "refused before it is classified");
+                    prepared.commit(&ctx, &meta).await.is_ok()
+                }
+                Ok(None) => false,
+                Err(error) => {
+                    assert_eq!(
+                        error.to_string().contains("kept only its flagged rows"),
+                        copy == LoadCopy::Flagged,
+                        "{error}"
+                    );
+                    false
+                }
+            };
+            assert!(!published, "a load whose changes supersede one another");
+            let files: Vec<_> = walkdir(&dir.path().join("table"))
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+                .collect();
+            assert!(files.is_empty(), "no file left: {files:?}");
+            assert!(
+                super::super::open(&path)
+                    .await
+                    .unwrap()
+                    .is_none_or(|t| !holds_files(&t)),
+                "nothing committed"
+            );
+        }
     }
 
     /// A first load whose keys are too sparse for bitsets is not summed up as written: its keys are

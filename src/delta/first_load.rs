@@ -88,7 +88,7 @@ pub struct StagedLoad {
     /// What the write saw of the rows the stage keeps.
     pub(super) summary: LoadSummary,
     /// What the copy in scratch holds.
-    pub copy: LoadCopy,
+    pub(super) copy: LoadCopy,
 }
 
 /// What a first load's write saw of the rows the stage keeps (those no expectation drops or

@@ -1361,15 +1361,15 @@ struct FirstLoadWritten {
 
 /// A cdc stage's first load written to its table's files as it is computed ([`delta::FirstLoad`]),
 /// uncommitted. Every expectation is evaluated in the same pass, into a boolean column of the output;
-/// what goes to scratch, registered as the stage's output, is a narrow copy: the cdc columns, the
-/// lineage and those booleans, of every row with the columns the checks read when a check reads the
+/// what goes to scratch, registered as the stage's output, is a narrow copy (the cdc columns, the
+/// lineage, the columns the checks read and those booleans) of every row when a check reads the
 /// stage's output (`batch`) or the write cannot sum the load up ([`delta::LoadCopy::Every`]), else of
 /// the rows an expectation flags and the deletes alone ([`delta::LoadCopy::Flagged`]). `None`
 /// (nothing published) when the load cannot go this way: see [`delta::FirstLoad::plan`], and
 /// quarantined rows need the lineage and the Bronze table their raw values are read from, and the
-/// checks' columns must be known; or when a flagged-only load's write did not find what its plan did
-/// (a key twice or outside the plan's bounds): its files are removed, and the general path computes it
-/// again.
+/// checks' columns must be known; or when its write did not find what its plan did (a key twice, or
+/// with the flagged rows alone a key outside the plan's bounds): its files are removed, and the
+/// general path computes it again.
 #[allow(clippy::too_many_arguments)]
 async fn write_first_load(
     ctx: &datafusion::prelude::SessionContext,
