@@ -883,7 +883,6 @@ async fn sql_stage(
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
     let mut expectations = stage.expectations.clone();
     let mut staged_load = None;
-    let mut uncopied = 0;
     // Only a run with no success before, or whose target is gone, can be a first load.
     let may_be_first = last.is_none() || !target_exists;
     if let Some(spec) = cdc_spec
@@ -907,7 +906,6 @@ async fn sql_stage(
             staged_load = Some(written.staged);
             output = written.copy;
             expectations = written.expectations;
-            uncopied = written.uncopied;
         }
     }
     if staged_load.is_none() && (stage.write.is_incremental() || !stage.expectations.is_empty()) {
@@ -930,8 +928,10 @@ async fn sql_stage(
         let evaluation = checks::evaluate(&ctx, &output, &expectations).await;
         match (evaluation, staged_load.take()) {
             (Ok(mut evaluation), staged) => {
-                // Rows no expectation flags that a first load did not copy: counted, all kept.
-                evaluation.rows += uncopied;
+                // A first load counted its rows as it wrote them; its copy may hold only the flagged.
+                if let Some(staged) = &staged {
+                    evaluation.rows = staged.summary().seen;
+                }
                 staged_load = staged;
                 evaluation
             }
@@ -1355,8 +1355,6 @@ struct FirstLoadWritten {
     copy: datafusion::prelude::DataFrame,
     /// The expectations restated over the copy's boolean columns.
     expectations: Vec<crate::config::Expectation>,
-    /// Rows of the output that are in the files alone (not in the copy).
-    uncopied: u64,
 }
 
 /// A cdc stage's first load written to its table's files as it is computed ([`delta::FirstLoad`]),
@@ -1553,7 +1551,6 @@ async fn write_first_load(
         let _ = ctx.deregister_table(COMPUTED);
         return Ok(None);
     }
-    let uncopied = summary.seen.saturating_sub(copied);
     let frame = match ctx.table(FIRST_LOAD_COPY).await {
         Ok(frame) => frame,
         Err(error) => {
@@ -1574,7 +1571,6 @@ async fn write_first_load(
         staged,
         copy: frame,
         expectations: evaluated,
-        uncopied,
     }))
 }
 

@@ -67,12 +67,7 @@ impl KeyBits {
     /// Bitsets for keys from `low` to `high`, when `rows` keys are dense enough in that range (the
     /// range at most [`BITS_PER_KEY`] times their count); `None` otherwise.
     pub fn new(low: i64, high: i64, rows: usize) -> Option<KeyBits> {
-        if !KeyBits::fits(low, high, rows) {
-            return None;
-        }
-        // Both bounds are i64, so the span fits in u128; the words must be addressable.
-        let span = i128::from(high) - i128::from(low) + 1;
-        let words = usize::try_from(span).ok()?.div_ceil(64);
+        let words = KeyBits::span(low, high, rows)?.div_ceil(64);
         let mut bits = KeyBits::empty(low);
         bits.seen = vec![0; words];
         bits.again = vec![0; words];
@@ -81,8 +76,15 @@ impl KeyBits {
 
     /// Whether `rows` keys from `low` to `high` are dense enough for bitsets ([`KeyBits::new`]).
     pub fn fits(low: i64, high: i64, rows: usize) -> bool {
+        KeyBits::span(low, high, rows).is_some()
+    }
+
+    /// The keys from `low` to `high`, when `rows` keys are dense enough in them for bitsets.
+    fn span(low: i64, high: i64, rows: usize) -> Option<usize> {
+        // Both bounds are i64, so the span fits in i128; the words must be addressable.
         let span = i128::from(high) - i128::from(low) + 1;
-        span >= 1 && span as u128 <= BITS_PER_KEY * rows.max(1) as u128
+        let dense = span >= 1 && span as u128 <= BITS_PER_KEY * rows.max(1) as u128;
+        dense.then(|| usize::try_from(span).ok()).flatten()
     }
 
     /// Bitsets of no range: every key falls outside.
