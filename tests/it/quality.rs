@@ -689,26 +689,22 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
     ];
     write_changes(&scratch, "20200102-0000000001.csv", &rows);
     let edit = |reads_batch: bool| {
-        move |yaml: String| {
-            let batch_check = if reads_batch {
-                "      - { name: batch_rows, query: \"SELECT COUNT(*) FROM batch\", expect: \"< 0\", severity: warn }\n"
-            } else {
-                ""
-            };
-            yaml.replacen(
-                "    checks:\n      - { name: dms_id_unique",
-                &[
-                    "    checks:\n",
-                    batch_check,
-                    "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
-                    "      - { name: changed_cents, query: \"SELECT CAST(SUM(amount) * 100 AS BIGINT) FROM changed\", expect: \"< 0\", severity: warn }\n",
-                    "      - { name: candidate_zips, query: \"SELECT COUNT(zip) FROM candidate\", expect: \"< 0\", severity: warn }\n",
-                    "      - { name: dms_id_unique",
-                ]
-                .concat(),
-                1,
+        let checks = with_silver_checks(if reads_batch {
+            concat!(
+                "      - { name: batch_rows, query: \"SELECT COUNT(*) FROM batch\", expect: \"< 0\", severity: warn }\n",
+                "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                "      - { name: changed_cents, query: \"SELECT CAST(SUM(amount) * 100 AS BIGINT) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                "      - { name: candidate_zips, query: \"SELECT COUNT(zip) FROM candidate\", expect: \"< 0\", severity: warn }\n",
             )
-            .replacen(
+        } else {
+            concat!(
+                "      - { name: changed_rows, query: \"SELECT COUNT(*) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                "      - { name: changed_cents, query: \"SELECT CAST(SUM(amount) * 100 AS BIGINT) FROM changed\", expect: \"< 0\", severity: warn }\n",
+                "      - { name: candidate_zips, query: \"SELECT COUNT(zip) FROM candidate\", expect: \"< 0\", severity: warn }\n",
+            )
+        });
+        move |yaml: String| {
+            checks(yaml).replacen(
                 "      - { name: commit_ts_parses",
                 "      - { name: small_amounts, expr: \"amount IS NULL OR amount < 1000\", column: amount, action: warn }\n      - { name: commit_ts_parses",
                 1,
