@@ -37,7 +37,7 @@ use crate::{
 use datafusion::{
     arrow::{
         array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch},
-        datatypes::{DataType, Field, Schema},
+        datatypes::{DataType, Field, Schema, SchemaRef},
     },
     common::ScalarValue,
     datasource::MemTable,
@@ -292,20 +292,8 @@ async fn prepare(
     timer.done("latest change per key");
 
     // The table holds every column but the op; the tombstones hold keys and sequence.
-    let stored: Vec<Field> = schema
-        .fields()
-        .iter()
-        .filter(|f| f.name() != &spec.op_column)
-        .filter(|f| {
-            staged
-                .as_ref()
-                .is_none_or(|s| s.stored.field_with_name(f.name()).is_ok())
-        })
-        .map(|f| f.as_ref().clone())
-        .collect();
-    let stored_schema = Arc::new(Schema::new(stored));
-    let mut table_options = options.clone();
-    table_options.not_null.extend(spec.keys.iter().cloned());
+    let (stored_schema, table_options) =
+        stored_table(&schema, spec, options, staged.as_ref().map(|s| &s.stored));
     let table = match &staged {
         Some(staged) => staged.table(path).await?,
         None => create_if_missing(path, &stored_schema, &table_options).await?,
@@ -605,6 +593,43 @@ impl PreparedChanges {
         }
         Ok(metrics)
     }
+}
+
+/// The columns and options of the table a cdc stage whose output is `schema` writes: every column but
+/// the op (of those in `written`, when the rows were already written), its keys not null.
+fn stored_table(
+    schema: &Schema,
+    spec: &CdcSpec,
+    options: &TableOptions,
+    written: Option<&SchemaRef>,
+) -> (SchemaRef, TableOptions) {
+    let stored: Vec<Field> = schema
+        .fields()
+        .iter()
+        .filter(|f| f.name() != &spec.op_column)
+        .filter(|f| written.is_none_or(|w| w.field_with_name(f.name()).is_ok()))
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut table_options = options.clone();
+    table_options.not_null.extend(spec.keys.iter().cloned());
+    (Arc::new(Schema::new(stored)), table_options)
+}
+
+/// Creates the table a cdc stage writes, empty, when it does not exist yet: a first batch whose every
+/// change was dropped or quarantined still leaves a table for the stages that read it, which then find
+/// no rows rather than no table. The version created, or `None` when the table was there.
+pub async fn create_empty(
+    path: &Location,
+    schema: &Schema,
+    spec: &CdcSpec,
+    options: &TableOptions,
+) -> Result<Option<u64>, DeltaError> {
+    if super::open(path).await?.is_some() {
+        return Ok(None);
+    }
+    let (stored, table_options) = stored_table(schema, spec, options, None);
+    let table = create_if_missing(path, &stored, &table_options).await?;
+    Ok(table.version())
 }
 
 /// Steps 1 and 2: registers as [`LATEST`] the last change per key of the batch; returns its row count.

@@ -26,8 +26,8 @@ use crate::storage::{Location, StorageError};
 
 pub use append::{BatchAppender, append_batches, append_frame};
 pub use cdc::{
-    CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, is_delete_sql, prepare_changes,
-    touched_since,
+    CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, create_empty, is_delete_sql,
+    prepare_changes, touched_since,
 };
 pub use first_load::{FirstLoad, LoadCopy, LoadSummary, StagedLoad};
 pub use merge::upsert;

@@ -882,6 +882,8 @@ async fn sql_stage(
     // table's first load goes to its files as it is computed, and only a narrow copy to scratch.
     let scratch = Scratch::new(context.options.memory_limit).map_err(engine_err)?;
     let mut expectations = stage.expectations.clone();
+    // The stage's columns: `output` may become a narrower copy below.
+    let output_schema = output.schema().inner().clone();
     let mut staged_load = None;
     // Only a run with no success before, or whose target is gone, can be a first load.
     let may_be_first = last.is_none() || !target_exists;
@@ -1230,6 +1232,13 @@ async fn sql_stage(
                 report.files_removed = metrics.files_removed;
                 report.files_scanned = metrics.files_scanned;
                 apply_write(&mut report, &metrics.write);
+            } else if let Some(spec) = &cdc_spec {
+                // Nothing to apply (every change dropped or quarantined): a first run still leaves
+                // the table, empty.
+                report.output_version =
+                    delta::create_empty(&target_path, &output_schema, spec, &options)
+                        .await
+                        .map_err(delta_err)?;
             }
         }
     }

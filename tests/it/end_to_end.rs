@@ -389,8 +389,8 @@ async fn an_aggregation_without_checks_is_rebuilt_in_slices_too() {
     let without_checks = |yaml: String| {
         let checks = "    incremental: { column: txn_date, source: silver.transactions }\n    checks:\n      \
                       - name: total_amount_matches_silver\n        \
-                      query: SELECT SUM(total_amount) FROM candidate\n        \
-                      equals: SELECT SUM(amount) FROM silver.transactions\n  - name: gold_fact_transactions";
+                      query: SELECT COALESCE(SUM(total_amount), 0) FROM candidate\n        \
+                      equals: SELECT COALESCE(SUM(amount), 0) FROM silver.transactions\n  - name: gold_fact_transactions";
         assert!(yaml.contains(checks), "the reference YAML changed");
         yaml.replace(
             checks,
