@@ -256,6 +256,9 @@ pub struct Stage {
     /// The only columns the target keeps statistics for (`delta.dataSkippingStatsColumns`), set when
     /// it is created; `None`: every column (Bronze: its lineage columns).
     pub stats_columns: Option<Vec<String>>,
+    /// The Parquet compression of the target's files, set when it is created; `None`: the layer's
+    /// default (zstd level 1; Bronze: snappy).
+    pub compression: Option<crate::delta::Codec>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
 }

@@ -245,6 +245,10 @@ pub struct StageSpec {
     /// column (Bronze: its lineage columns).
     #[serde(default)]
     pub stats_columns: Option<Vec<String>>,
+    /// The Parquet compression of the target's files, set when it is created: `zstd` (level 1, the
+    /// default; Bronze: `snappy`), `zstd(<level>)`, `snappy`, `lz4`, `gzip` or `none`.
+    #[serde(default)]
+    pub compression: Option<String>,
     /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,

@@ -594,6 +594,13 @@ impl Compiler<'_> {
                     self.issue(at, format!("stage `{name}`: `stats_columns` {problem}"));
                 }
             }
+            let compression = spec.compression.as_deref().and_then(|text| {
+                text.parse::<crate::delta::Codec>()
+                    .map_err(|problem| {
+                        self.issue(at, format!("stage `{name}`: `compression`: {problem}"))
+                    })
+                    .ok()
+            });
             let incremental = match &spec.incremental {
                 None => None,
                 Some(inc) => {
@@ -652,6 +659,7 @@ impl Compiler<'_> {
                     zorder_by: spec.zorder_by,
                     column_comments: spec.column_comments,
                     stats_columns: spec.stats_columns,
+                    compression,
                     incremental,
                 },
                 line,

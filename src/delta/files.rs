@@ -291,6 +291,7 @@ pub(super) async fn write_new_files(
     let properties = super::statistics_properties(
         options.stats_columns.as_deref(),
         &super::integer_columns(&schema),
+        options.compression.unwrap_or_else(super::Codec::zstd),
     );
     write_streams(path, new_writer, properties, streams, layout).await
 }

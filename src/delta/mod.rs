@@ -163,14 +163,106 @@ pub struct TableOptions {
     /// The only columns given statistics (`delta.dataSkippingStatsColumns`, and Parquet's min and max
     /// with it); `None`: every column. Set when the table is created.
     pub stats_columns: Option<Vec<String>>,
+    /// The Parquet compression of the table's files ([`COMPRESSION_PROPERTY`]); `None`: zstd level 1.
+    /// Set when the table is created.
+    pub compression: Option<Codec>,
 }
 
-/// Parquet settings of every file medallion writes to `table`: zstd level 1 (every Delta reader decodes
-/// it; files two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU for the whole
-/// Bronze write, see BENCHMARKS.md), page-level statistics for pruning, and the encodings of
-/// [`properties_builder`].
+/// The table property that keeps a table's Parquet compression, so that every later write (appends,
+/// merges, rebuilds, `maintain`) uses the codec the table was created with. Delta readers ignore
+/// properties they do not know; each file names its codec.
+pub const COMPRESSION_PROPERTY: &str = "medallion.parquet.compression";
+
+/// A Parquet compression codec that every Delta reader decodes: `zstd` (level 1 unless given,
+/// `zstd(3)`), `snappy`, `lz4` (LZ4_RAW), `gzip` (level 6 unless given) or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec(deltalake::parquet::basic::Compression);
+
+impl Codec {
+    /// Snappy.
+    pub const SNAPPY: Codec = Codec(deltalake::parquet::basic::Compression::SNAPPY);
+
+    /// What a table without [`COMPRESSION_PROPERTY`] is written with: zstd level 1. Every Delta reader
+    /// decodes it; files two thirds the size of snappy's, and within 2% of level 3's at 10% less CPU
+    /// for the whole Bronze write (BENCHMARKS.md).
+    pub fn zstd() -> Codec {
+        use deltalake::parquet::basic::{Compression, ZstdLevel};
+        Codec(Compression::ZSTD(ZstdLevel::default()))
+    }
+
+    /// The Parquet codec.
+    pub fn compression(self) -> deltalake::parquet::basic::Compression {
+        self.0
+    }
+}
+
+impl std::str::FromStr for Codec {
+    type Err = String;
+
+    /// Parses what a pipeline names (`zstd`, `zstd(3)`, `snappy`, `lz4`, `gzip`, `gzip(9)`, `none`) or
+    /// [`Codec`]'s own `Display` (what the table property keeps).
+    fn from_str(text: &str) -> Result<Codec, String> {
+        use deltalake::parquet::basic::Compression;
+        let text = text.trim().to_ascii_lowercase();
+        let parsed = match text.as_str() {
+            "zstd" => Ok(Codec::zstd().0),
+            "gzip" => text.replace("gzip", "gzip(6)").parse(),
+            "lz4" | "lz4_raw" => Ok(Compression::LZ4_RAW),
+            "none" | "uncompressed" => Ok(Compression::UNCOMPRESSED),
+            // Codecs some readers lack: the deprecated Hadoop LZ4, LZO, Brotli.
+            _ if ["lzo", "brotli", "lz4("]
+                .iter()
+                .any(|c| text.starts_with(c)) =>
+            {
+                Err(deltalake::parquet::errors::ParquetError::General(
+                    "not every Delta reader decodes it".into(),
+                ))
+            }
+            _ => text.parse::<Compression>(),
+        };
+        parsed.map(Codec).map_err(|e| {
+            format!(
+                "`{text}` is not a compression medallion writes ({e}); use zstd, zstd(<1-22>), \
+                 snappy, lz4, gzip, gzip(<0-9>) or none"
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for Codec {
+    /// The codec as the table property keeps it: `zstd(1)`, `snappy`, `lz4_raw`, `gzip(6)`, `none`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use deltalake::parquet::basic::Compression;
+        match self.0 {
+            Compression::ZSTD(level) => write!(f, "zstd({})", level.compression_level()),
+            Compression::GZIP(level) => write!(f, "gzip({})", level.compression_level()),
+            Compression::SNAPPY => f.write_str("snappy"),
+            Compression::LZ4_RAW => f.write_str("lz4_raw"),
+            Compression::UNCOMPRESSED => f.write_str("none"),
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+/// Parquet settings of every file medallion writes to `table`: its codec ([`compression`]), page-level
+/// statistics for pruning, and the encodings of [`properties_builder`].
 pub fn writer_properties(table: &DeltaTable) -> WriterProperties {
-    properties_builder(&table_integer_columns(table)).build()
+    properties_builder(&table_integer_columns(table), compression(table)).build()
+}
+
+/// The codec `table` is written with: its [`COMPRESSION_PROPERTY`], or zstd level 1 ([`Codec::zstd`])
+/// without one (or with one this version cannot read).
+pub fn compression(table: &DeltaTable) -> Codec {
+    table
+        .snapshot()
+        .ok()
+        .and_then(|s| {
+            s.metadata()
+                .configuration()
+                .get(COMPRESSION_PROPERTY)
+                .and_then(|text| text.parse().ok())
+        })
+        .unwrap_or_else(Codec::zstd)
 }
 
 /// [`writer_properties`] for files of `table`: when the table names its statistics columns
@@ -181,20 +273,25 @@ pub fn table_writer_properties(table: &DeltaTable) -> WriterProperties {
     statistics_properties(
         stats_columns(table).as_deref(),
         &table_integer_columns(table),
+        compression(table),
     )
 }
 
-/// [`writer_properties`] with statistics for `columns` only, or for every column (`None`), and
-/// `DELTA_BINARY_PACKED` for the columns named in `integers`.
-fn statistics_properties(columns: Option<&[String]>, integers: &[String]) -> WriterProperties {
+/// [`writer_properties`] with statistics for `columns` only, or for every column (`None`),
+/// `DELTA_BINARY_PACKED` for the columns named in `integers`, and `codec`.
+fn statistics_properties(
+    columns: Option<&[String]>,
+    integers: &[String],
+    codec: Codec,
+) -> WriterProperties {
     use deltalake::parquet::{file::properties::EnabledStatistics, schema::types::ColumnPath};
     let Some(columns) = columns else {
-        return properties_builder(integers).build();
+        return properties_builder(integers, codec).build();
     };
     columns
         .iter()
         .fold(
-            properties_builder(integers).set_statistics_enabled(EnabledStatistics::None),
+            properties_builder(integers, codec).set_statistics_enabled(EnabledStatistics::None),
             |builder, column| {
                 builder.set_column_statistics_enabled(
                     ColumnPath::from(column.as_str()),
@@ -217,14 +314,12 @@ const DICTIONARY_PAGE_LIMIT: usize = 128 * 1024;
 /// `DELTA_BINARY_PACKED` for the columns in `integers` (keys, dates and timestamps, which are often
 /// near-sorted: a few bits per value where PLAIN takes eight) and PLAIN for the others. Every Delta
 /// reader decodes both (Spark's vectorized reader since 3.3).
-fn properties_builder(integers: &[String]) -> WriterPropertiesBuilder {
+fn properties_builder(integers: &[String], codec: Codec) -> WriterPropertiesBuilder {
     use deltalake::parquet::{
-        basic::{Compression, Encoding, ZstdLevel},
-        file::properties::EnabledStatistics,
-        schema::types::ColumnPath,
+        basic::Encoding, file::properties::EnabledStatistics, schema::types::ColumnPath,
     };
     let builder = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).unwrap_or_default()))
+        .set_compression(codec.compression())
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_dictionary_page_size_limit(DICTIONARY_PAGE_LIMIT);
     integers.iter().fold(builder, |builder, column| {
@@ -415,6 +510,12 @@ pub async fn create_if_missing(
             TableProperty::DataSkippingStatsColumns,
             Some(format_stats_columns(columns)),
         );
+    }
+    if let Some(codec) = options.compression {
+        // A property of medallion's own, which delta-rs refuses unless told to keep it.
+        builder = builder
+            .with_configuration([(COMPRESSION_PROPERTY, Some(codec.to_string()))])
+            .with_raise_if_key_not_exists(false);
     }
     match builder.await {
         Ok(table) => Ok(table),
@@ -633,6 +734,42 @@ pub(crate) async fn assert_hashed_once(ctx: &datafusion::prelude::SessionContext
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codecs_parse_from_what_a_pipeline_names_and_survive_the_table_property() {
+        for (named, kept) in [
+            ("zstd", "zstd(1)"),
+            ("ZSTD(3)", "zstd(3)"),
+            (" snappy ", "snappy"),
+            ("lz4", "lz4_raw"),
+            ("LZ4_RAW", "lz4_raw"),
+            ("gzip", "gzip(6)"),
+            ("gzip(9)", "gzip(9)"),
+            ("none", "none"),
+            ("uncompressed", "none"),
+        ] {
+            let codec: Codec = named.parse().unwrap_or_else(|e| panic!("{named}: {e}"));
+            assert_eq!(codec.to_string(), kept, "{named}");
+            assert_eq!(kept.parse::<Codec>(), Ok(codec), "{kept} read back");
+        }
+        assert_eq!("zstd".parse::<Codec>(), Ok(Codec::zstd()));
+        for refused in [
+            "brotli(1)",
+            "lzo",
+            "lz4(1)",
+            "zstd(0)",
+            "zstd(23)",
+            "gzip(10)",
+            "",
+            "zip",
+        ] {
+            let error = refused.parse::<Codec>().expect_err(refused);
+            assert!(
+                error.contains("use zstd, zstd(<1-22>), snappy"),
+                "{refused}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn statistics_columns_with_any_name_survive_the_table_property() {

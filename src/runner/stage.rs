@@ -75,7 +75,7 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
                 )
             }
         };
-        report.warnings.extend(stats_columns_drift(context, stage).await);
+        report.warnings.extend(creation_drift(context, stage).await);
         report.elapsed = clock.elapsed();
         drop(progress);
         if !matches!(report.outcome, StageOutcome::UpToDate(_)) {
@@ -130,20 +130,39 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
     .await
 }
 
-/// A note when the stage names `stats_columns` other than those its existing target keeps: the setting
-/// applies when a table is created, and a table is not re-created for it.
-async fn stats_columns_drift(context: &RunContext, stage: &Stage) -> Option<String> {
-    let wanted = stage.stats_columns.as_ref()?;
+/// Notes for the settings a table takes when it is created (`stats_columns`, `compression`) that the
+/// stage names otherwise than its existing target keeps: a table is not re-created for them.
+async fn creation_drift(context: &RunContext, stage: &Stage) -> Vec<String> {
+    if stage.stats_columns.is_none() && stage.compression.is_none() {
+        return Vec::new();
+    }
     let path = context.pipeline.table_path(&stage.target);
-    let table = delta::open(&path).await.ok()??;
-    let kept = delta::stats_columns(&table);
-    (kept.as_ref() != Some(wanted)).then(|| {
-        format!(
-            "`stats_columns` differs from the statistics columns of the existing table ({}); it applies \
-             when a table is created: set `delta.dataSkippingStatsColumns` with a Delta tool, or rebuild",
-            kept.map_or_else(|| "every column".to_string(), |c| c.join(", "))
-        )
-    })
+    let Ok(Some(table)) = delta::open(&path).await else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    if let Some(wanted) = &stage.stats_columns {
+        let kept = delta::stats_columns(&table);
+        if kept.as_ref() != Some(wanted) {
+            notes.push(format!(
+                "`stats_columns` differs from the statistics columns of the existing table ({}); it \
+                 applies when a table is created: set `delta.dataSkippingStatsColumns` with a Delta \
+                 tool, or rebuild",
+                kept.map_or_else(|| "every column".to_string(), |c| c.join(", "))
+            ));
+        }
+    }
+    if let Some(wanted) = stage.compression {
+        let kept = delta::compression(&table);
+        if kept != wanted {
+            notes.push(format!(
+                "`compression` is {wanted}, the existing table's files are written with {kept}; it \
+                 applies when a table is created: set `{}` with a Delta tool, or rebuild",
+                delta::COMPRESSION_PROPERTY
+            ));
+        }
+    }
+    notes
 }
 
 fn commit_meta(context: &RunContext, stage: &Stage) -> CommitMeta {
@@ -161,10 +180,15 @@ fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
         comments: stage.column_comments.clone(),
         target_file_size: Some(context.pipeline.maintenance.target_file_bytes),
         stats_columns: stage.stats_columns.clone(),
+        compression: stage.compression,
     }
 }
 
 type StageResult = Result<(StageReport, BTreeMap<String, u64>), RunError>;
+
+/// The codec of a Bronze table whose stage names none: snappy. Against zstd level 1, ingesting the 10M
+/// benchmark rows took ... (BENCHMARKS.md, item 54).
+const BRONZE_CODEC: delta::Codec = delta::Codec::SNAPPY;
 
 /// Lands the source's new files in the Bronze target in one commit, then records them in the ledger.
 async fn ingest(
@@ -477,6 +501,9 @@ async fn land_files(
     options
         .stats_columns
         .get_or_insert_with(|| BronzeLayout::LINEAGE.map(String::from).to_vec());
+    // Unless the stage names one, snappy: Bronze is written once per landing file and read once by
+    // the stage after it, so codec time counts more than bytes (see BRONZE_CODEC).
+    options.compression.get_or_insert(BRONZE_CODEC);
     let mut appender = BatchAppender::open(path, &layout.schema(), &options, meta)
         .await
         .map_err(delta_err)?

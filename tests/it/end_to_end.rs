@@ -475,6 +475,119 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// The table property that keeps a table's codec (`None` when it names none), from its first commit,
+/// and the codecs of its data files' columns, each once.
+fn codecs(table: &std::path::Path) -> (Option<String>, std::collections::BTreeSet<String>) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000000.json")).unwrap();
+    let property = log.lines().find_map(|line| {
+        let action: serde_json::Value = serde_json::from_str(line).unwrap();
+        action["metaData"]["configuration"]["medallion.parquet.compression"]
+            .as_str()
+            .map(str::to_string)
+    });
+    let mut found = std::collections::BTreeSet::new();
+    for file in walk(table)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        let footer = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+        for group in footer.metadata().row_groups() {
+            found.extend(group.columns().iter().map(|c| c.compression().to_string()));
+        }
+    }
+    (property, found)
+}
+
+/// Bronze is written with snappy and the other layers with zstd level 1 unless a stage names its
+/// `compression`, which the table keeps (a later change of the YAML is noted, not applied); every
+/// reader reads each codec back; a codec some Delta readers lack is refused by `validate`.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_table_keeps_the_compression_it_was_created_with() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 20, 2, 5);
+    let fact = "    target: gold.fact_transactions\n";
+    let with_codec = |codec: &'static str| {
+        move |yaml: String| {
+            assert!(yaml.contains(fact), "the reference YAML changed");
+            yaml.replacen(fact, &format!("{fact}    compression: {codec}\n"), 1)
+        }
+    };
+    let held = scratch.hold_back_changes(1);
+    assert_success(&scratch.run_edited(&with_codec("LZ4"), None));
+    let one = |codec: &str| std::collections::BTreeSet::from([codec.to_string()]);
+    assert_eq!(
+        codecs(&scratch.table("bronze", "transactions")),
+        (Some("snappy".to_string()), one("SNAPPY"))
+    );
+    assert_eq!(
+        codecs(&scratch.table("silver", "transactions")),
+        (None, one("ZSTD(ZstdLevel(1))"))
+    );
+    assert_eq!(
+        codecs(&scratch.table("gold", "fact_transactions")),
+        (Some("lz4_raw".to_string()), one("LZ4_RAW"))
+    );
+    let counts = query(
+        &scratch.lake(),
+        &[
+            "bronze.transactions",
+            "silver.transactions",
+            "gold.fact_transactions",
+        ],
+        "SELECT CAST((SELECT COUNT(*) FROM bronze.transactions) AS VARCHAR) AS b, \
+                CAST((SELECT COUNT(*) FROM silver.transactions) AS VARCHAR) AS s, \
+                CAST((SELECT COUNT(*) FROM gold.fact_transactions) AS VARCHAR) AS f",
+    )
+    .await;
+    let [bronze, silver, fact] = [0, 1, 2].map(|i| counts[0][i].parse::<u64>().unwrap());
+    assert!(
+        silver == fact && bronze >= silver && silver > 1_000,
+        "{counts:?}"
+    );
+
+    // Another codec named later: the run says so, and the table's new files keep its own.
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("restore change file");
+    }
+    let output = scratch.run_edited(&with_codec("gzip"), None);
+    assert_success(&output);
+    let text = crate::common::text(&output);
+    assert!(
+        text.contains(
+            "`compression` is gzip(6), the existing table's files are written with lz4_raw"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        codecs(&scratch.table("gold", "fact_transactions")),
+        (Some("lz4_raw".to_string()), one("LZ4_RAW"))
+    );
+    assert_eq!(
+        codecs(&scratch.table("bronze", "transactions")).1,
+        one("SNAPPY")
+    );
+
+    // A codec not every Delta reader decodes, or none at all: refused before anything runs.
+    for (codec, problem) in [
+        ("brotli(3)", "not every Delta reader decodes it"),
+        ("zip", "unsupport compression zip"),
+        ("zstd(40)", "zstd(40)"),
+    ] {
+        let output = scratch.command_in(
+            &scratch.edit_project(&with_codec(codec), None),
+            &["validate", "pipelines/t.yaml"],
+        );
+        assert_eq!(output.status.code(), Some(2), "{codec}");
+        let text = crate::common::text(&output);
+        assert!(
+            text.contains("stage `gold_fact_transactions`: `compression`")
+                && text.contains(problem),
+            "{codec}: {text}"
+        );
+    }
+}
+
 /// Bronze keeps statistics for its lineage only, Silver and the fact for the columns the YAML names;
 /// queries filtering on the others still answer right; a name that is not a column is an error that
 /// says so, a repeated one is refused by `validate`.
