@@ -248,14 +248,8 @@ impl FirstLoad {
         {
             return Ok(None);
         }
-        let stream = output
-            .clone()
-            .select(vec![ident(key)])
-            .map_err(query)?
-            .execute_stream()
-            .await
-            .map_err(query)?;
-        let keys = collect_keys(stream).await.map_err(query)?;
+        let keys = output.clone().select(vec![ident(key)]).map_err(query)?;
+        let keys = collect_keys(keys).await.map_err(query)?;
         let rows = keys.len() as u64;
         let key_bounds = keys.bounds();
         let bounds = key_bounds.map(|(low, high)| (low.to_string(), high.to_string()));
