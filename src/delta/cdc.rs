@@ -1120,7 +1120,7 @@ pub fn is_delete_sql(spec: &CdcSpec, prefix: &str) -> String {
 }
 
 /// Whether `table` holds files (or its snapshot cannot tell, which counts as holding some).
-pub(super) fn holds_files(table: &deltalake::DeltaTable) -> bool {
+pub fn holds_files(table: &deltalake::DeltaTable) -> bool {
     table
         .snapshot()
         .map_or(true, |s| s.log_data().num_files() > 0)

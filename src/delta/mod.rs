@@ -26,8 +26,8 @@ use crate::storage::{Location, StorageError};
 
 pub use append::{BatchAppender, append_batches, append_frame};
 pub use cdc::{
-    CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, create_empty, is_delete_sql,
-    prepare_changes, touched_since,
+    CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, create_empty, holds_files,
+    is_delete_sql, prepare_changes, touched_since,
 };
 pub use first_load::{FirstLoad, LoadCopy, LoadSummary, StagedLoad};
 pub use merge::upsert;
@@ -173,8 +173,9 @@ pub struct TableOptions {
 /// properties they do not know; each file names its codec.
 pub const COMPRESSION_PROPERTY: &str = "medallion.parquet.compression";
 
-/// A Parquet compression codec that every Delta reader decodes: `zstd` (level 1 unless given,
-/// `zstd(3)`), `snappy`, `lz4` (LZ4_RAW), `gzip` (level 6 unless given) or `none`.
+/// A Parquet compression codec that Delta readers decode: `zstd` (level 1 unless given, `zstd(3)`),
+/// `snappy`, `lz4` (LZ4_RAW: Spark reads it from 3.5, parquet-mr 1.13), `gzip` (level 6 unless given)
+/// or `none`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec(deltalake::parquet::basic::Compression);
 
@@ -200,33 +201,57 @@ impl std::str::FromStr for Codec {
     type Err = String;
 
     /// Parses what a pipeline names (`zstd`, `zstd(3)`, `snappy`, `lz4`, `gzip`, `gzip(9)`, `none`) or
-    /// [`Codec`]'s own `Display` (what the table property keeps).
+    /// [`Codec`]'s own `Display` (what the table property keeps): a name, then at most a level of
+    /// digits in parentheses.
     fn from_str(text: &str) -> Result<Codec, String> {
-        use deltalake::parquet::basic::Compression;
+        use deltalake::parquet::basic::{Compression, GzipLevel, ZstdLevel};
         let text = text.trim().to_ascii_lowercase();
-        let parsed = match text.as_str() {
-            "zstd" => Ok(Codec::zstd().0),
-            "gzip" => text.replace("gzip", "gzip(6)").parse(),
-            "lz4" | "lz4_raw" => Ok(Compression::LZ4_RAW),
-            "none" | "uncompressed" => Ok(Compression::UNCOMPRESSED),
-            // Codecs some readers lack: the deprecated Hadoop LZ4, LZO, Brotli.
-            _ if ["lzo", "brotli", "lz4("]
-                .iter()
-                .any(|c| text.starts_with(c)) =>
-            {
-                Err(deltalake::parquet::errors::ParquetError::General(
-                    "not every Delta reader decodes it".into(),
-                ))
+        let (name, level) = match text.split_once('(') {
+            None => (text.as_str(), None),
+            Some((name, rest)) => {
+                let level = rest
+                    .strip_suffix(')')
+                    .filter(|l| {
+                        !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit())
+                    })
+                    .and_then(|l| l.parse::<u32>().ok());
+                match level {
+                    Some(level) => (name, Some(level)),
+                    None => return Err(codec_error(&text, "a level is digits in parentheses")),
+                }
             }
-            _ => text.parse::<Compression>(),
         };
-        parsed.map(Codec).map_err(|e| {
-            format!(
-                "`{text}` is not a compression medallion writes ({e}); use zstd, zstd(<1-22>), \
-                 snappy, lz4, gzip, gzip(<0-9>) or none"
-            )
-        })
+        let parsed = match (name, level) {
+            ("zstd", None) => Ok(Codec::zstd().0),
+            ("zstd", Some(level)) => i32::try_from(level)
+                .map_err(|e| e.to_string())
+                .and_then(|l| ZstdLevel::try_new(l).map_err(|e| e.to_string()))
+                .map(Compression::ZSTD),
+            ("gzip", level) => GzipLevel::try_new(level.unwrap_or(6))
+                .map(Compression::GZIP)
+                .map_err(|e| e.to_string()),
+            ("snappy", None) => Ok(Compression::SNAPPY),
+            ("lz4" | "lz4_raw", None) => Ok(Compression::LZ4_RAW),
+            ("none" | "uncompressed", None) => Ok(Compression::UNCOMPRESSED),
+            // Codecs some readers lack: the deprecated Hadoop LZ4, LZO, Brotli.
+            ("lzo" | "brotli", _) => Err("not every Delta reader decodes it".to_string()),
+            ("snappy" | "lz4" | "lz4_raw" | "none" | "uncompressed", Some(_)) => {
+                Err("it takes no level".to_string())
+            }
+            _ => Err("unknown codec".to_string()),
+        };
+        parsed
+            .map(Codec)
+            .map_err(|problem| codec_error(&text, &problem))
     }
+}
+
+/// Why `text` is not a [`Codec`].
+fn codec_error(text: &str, problem: &str) -> String {
+    format!(
+        "`{text}` is not a compression medallion writes ({problem}); use zstd, zstd(<1-22>), snappy, \
+         lz4, gzip, gzip(<0-9>) or none"
+    )
 }
 
 impl std::fmt::Display for Codec {
@@ -760,6 +785,13 @@ mod tests {
             "zstd(0)",
             "zstd(23)",
             "gzip(10)",
+            "zstd(",
+            "snappy()",
+            "snappy(1)",
+            "zstd(1é)",
+            "zstd(-1)",
+            "zstd(99999999999)",
+            "gzip(6",
             "",
             "zip",
         ] {

@@ -571,7 +571,11 @@ async fn each_table_keeps_the_compression_it_was_created_with() {
     // A codec not every Delta reader decodes, or none at all: refused before anything runs.
     for (codec, problem) in [
         ("brotli(3)", "not every Delta reader decodes it"),
-        ("zip", "unsupport compression zip"),
+        (
+            "zip",
+            "`zip` is not a compression medallion writes (unknown codec)",
+        ),
+        ("zstd(", "a level is digits in parentheses"),
         ("zstd(40)", "zstd(40)"),
     ] {
         let output = scratch.command_in(

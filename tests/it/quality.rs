@@ -809,14 +809,22 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
         vec![vec!["0".to_string(), "0".to_string(), "0".to_string()]],
         "Silver is created empty, and Gold built from it"
     );
-    // The next delivery loads into the empty table.
+    // The next delivery loads into the empty table,
     add_load_file(
         &scratch,
         "LOAD00000002.csv",
         &["2010-01-01 00:00:01.000000,3,2010-01-01 10:00:00,1,2,$3.25,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string()],
     );
-    let output = scratch.run_edited(&checks, None);
+    // as a first load: written as it is computed.
+    let project = scratch.edit_project(&checks, None);
+    let output =
+        scratch.command_in_logging(&project, &["run", "pipelines/t.yaml"], "medallion=debug");
     assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        silver_step(&output, "writing the first load"),
+        "{}",
+        text(&output)
+    );
     assert_eq!(
         query(
             &scratch.lake(),

@@ -41,7 +41,11 @@ fn repeated_in(parts: Vec<Vec<i64>>) -> Vec<i64> {
     if let Some(bits) = KeyBits::new(low, high, rows) {
         return filled(bits, &parts).repeated_values();
     }
-    let mut keys = parts.concat();
+    // One list to sort, each part freed as it is copied.
+    let mut keys = Vec::with_capacity(rows);
+    for part in parts {
+        keys.extend_from_slice(&part);
+    }
     keys.sort_unstable();
     let mut repeated: Vec<i64> = keys
         .windows(2)
@@ -68,37 +72,70 @@ fn bounds_of(parts: &[Vec<i64>]) -> Option<(i64, i64)> {
 const PARALLEL_KEYS: usize = 1 << 20;
 
 /// `bits` with the keys of `parts` added (not counted as rows). Many keys are split among the machine's
-/// cores, each filling bitsets of its own over the same bounds, merged after: at 10M keys a pass takes
-/// about a tenth of a second.
+/// cores, each filling bitsets of its own over the same bounds, merged after (at 10M keys a pass takes
+/// about a tenth of a second), when those bitsets are small next to the keys: at most 2 bytes a key
+/// for the pair (the range at most 8 times the keys), so that the copies add a quarter of the keys'
+/// memory at most. A thread that cannot be started leaves its share to this one.
 fn filled(mut bits: KeyBits, parts: &[Vec<i64>]) -> KeyBits {
     let total: usize = parts.iter().map(Vec::len).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if total < PARALLEL_KEYS || cores < 2 {
+    let small = bits.seen.len().saturating_mul(16) <= total.saturating_mul(2);
+    if total < PARALLEL_KEYS || cores < 2 || !small {
         parts.iter().flatten().for_each(|&key| bits.insert(key));
         return bits;
     }
+    // At most `cores` shares of about equal size, cut across the parts.
     let share = total.div_ceil(cores);
-    let pieces: Vec<&[i64]> = parts.iter().flat_map(|part| part.chunks(share)).collect();
+    let mut shares: Vec<Vec<&[i64]>> = vec![Vec::new()];
+    let mut room = share;
+    for part in parts {
+        let mut rest = part.as_slice();
+        while !rest.is_empty() {
+            if room == 0 {
+                shares.push(Vec::new());
+                room = share;
+            }
+            let (taken, left) = rest.split_at(rest.len().min(room));
+            room -= taken.len();
+            rest = left;
+            if let Some(current) = shares.last_mut() {
+                current.push(taken);
+            }
+        }
+    }
+    let fill = |template: &KeyBits, share: &[&[i64]]| {
+        let mut own = template.clone();
+        share
+            .iter()
+            .copied()
+            .flatten()
+            .for_each(|&key| own.insert(key));
+        own
+    };
     let template = &bits;
-    let filled: Vec<std::thread::Result<KeyBits>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = pieces
-            .into_iter()
-            .map(|piece| {
-                scope.spawn(move || {
-                    let mut own = template.clone();
-                    piece.iter().for_each(|&key| own.insert(key));
-                    own
-                })
+    let filled: Vec<KeyBits> = std::thread::scope(|scope| {
+        let workers: Vec<_> = shares
+            .iter()
+            .map(|share| {
+                let started =
+                    std::thread::Builder::new().spawn_scoped(scope, move || fill(template, share));
+                (share, started)
             })
             .collect();
-        workers.into_iter().map(|w| w.join()).collect()
+        workers
+            .into_iter()
+            .map(|(share, started)| match started {
+                Ok(worker) => match worker.join() {
+                    Ok(own) => own,
+                    // `insert` checks its bounds and does not panic; were it to, the panic goes on.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                },
+                Err(_) => fill(template, share),
+            })
+            .collect()
     });
-    for piece in filled {
-        match piece {
-            Ok(piece) => bits.merge(&piece),
-            // `insert` checks its bounds and does not panic; were it to, the panic goes on.
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+    for own in &filled {
+        bits.merge(own);
     }
     bits
 }
@@ -599,6 +636,24 @@ mod tests {
         );
         assert_eq!((bits.rows(), bits.repeated()), (all.len(), Some(4)));
         assert!((0..n).all(|key| bits.contains(key)) && !bits.contains(n + 64));
+        // NULLs over two parts count as one value held twice; bitsets then do not stand for the keys.
+        let with_nulls = |parts: [&[Option<i64>]; 2]| {
+            let mut keys = Keys::default();
+            for part in parts {
+                let mut own = Keys::default();
+                own.append(&(Arc::new(Int64Array::from(part.to_vec())) as ArrayRef))
+                    .expect("integers");
+                keys.extend(own);
+            }
+            keys
+        };
+        let keys = with_nulls([&[Some(1), None, Some(2)], &[None, Some(2)]]);
+        assert_eq!(
+            (keys.len(), keys.nulls(), keys.bounds()),
+            (5, 2, Some((1, 2)))
+        );
+        assert_eq!(keys.repeated(), vec![Some(2), None]);
+        assert!(with_nulls([&[Some(1)], &[None]]).into_bits().is_none());
     }
 
     proptest::proptest! {
