@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use datafusion::{
     arrow::{
-        array::{Array, ArrayRef, AsArray, PrimitiveArray, StringArrayType, StringViewArray},
+        array::{Array, ArrayRef, AsArray, PrimitiveArray, StringArrayType},
         buffer::{NullBuffer, ScalarBuffer},
         datatypes::{ArrowPrimitiveType, DataType, Field, FieldRef, Int32Type, Int64Type},
     },
@@ -154,7 +154,7 @@ where
     Ok(match array.data_type() {
         DataType::Utf8 => parse_strings::<T, _>(array.as_string::<i32>()),
         DataType::LargeUtf8 => parse_strings::<T, _>(array.as_string::<i64>()),
-        DataType::Utf8View => parse_views::<T>(array.as_string_view()),
+        DataType::Utf8View => parse_strings::<T, _>(array.as_string_view()),
         _ => {
             let options = datafusion::arrow::compute::CastOptions {
                 safe: true,
@@ -165,67 +165,26 @@ where
     })
 }
 
-/// The integers of a string or large string array.
 fn parse_strings<'a, T, S>(strings: S) -> ArrayRef
 where
     T: ArrowPrimitiveType,
     T::Native: TryFrom<i64>,
     S: StringArrayType<'a> + Array,
 {
-    collect::<T>(strings.len(), |row| {
-        strings
-            .is_valid(row)
-            .then(|| parse(strings.value(row).as_bytes()))
-            .flatten()
-    })
-}
-
-/// The integers of a string view array: a value of up to 12 bytes (any id) is read from its view.
-fn parse_views<T>(strings: &StringViewArray) -> ArrayRef
-where
-    T: ArrowPrimitiveType,
-    T::Native: TryFrom<i64>,
-{
-    let views = strings.views();
-    collect::<T>(strings.len(), |row| {
-        if !strings.is_valid(row) {
-            return None;
-        }
-        // The low 32 bits of a view are its value's length; up to 12 bytes follow inline.
-        let view = views[row];
-        let length = view as u32 as usize;
-        if length <= 12 {
-            let bytes = view.to_le_bytes();
-            parse(&bytes[4..4 + length])
-        } else {
-            parse(strings.value(row).as_bytes())
-        }
-    })
-}
-
-/// An array of `T` of `rows` values, `value(row)` each, NULL where it is `None` or out of `T`'s range.
-fn collect<T>(rows: usize, value: impl Fn(usize) -> Option<i64>) -> ArrayRef
-where
-    T: ArrowPrimitiveType,
-    T::Native: TryFrom<i64>,
-{
+    let rows = strings.len();
     let mut values: Vec<T::Native> = Vec::with_capacity(rows);
-    let mut valid = datafusion::arrow::array::BooleanBufferBuilder::new(rows);
-    let mut nulls = 0;
+    let mut valid: Vec<bool> = Vec::with_capacity(rows);
+    let mut any_null = false;
     for row in 0..rows {
-        match value(row).and_then(|n| T::Native::try_from(n).ok()) {
-            Some(n) => {
-                values.push(n);
-                valid.append(true);
-            }
-            None => {
-                values.push(T::Native::default());
-                valid.append(false);
-                nulls += 1;
-            }
-        }
+        let parsed = match strings.is_valid(row) {
+            true => parse(strings.value(row).as_bytes()).and_then(|n| T::Native::try_from(n).ok()),
+            false => None,
+        };
+        any_null |= parsed.is_none();
+        valid.push(parsed.is_some());
+        values.push(parsed.unwrap_or_default());
     }
-    let nulls = (nulls > 0).then(|| NullBuffer::new(valid.finish()));
+    let nulls = any_null.then(|| NullBuffer::from(valid));
     Arc::new(PrimitiveArray::<T>::new(ScalarBuffer::from(values), nulls))
 }
 
@@ -240,18 +199,6 @@ fn parse(text: &[u8]) -> Option<i64> {
     };
     if digits.is_empty() {
         return None;
-    }
-    // Up to 18 digits cannot leave an i64: no check but that each is a digit.
-    if digits.len() <= 18 {
-        let mut value: i64 = 0;
-        for &byte in digits {
-            let digit = byte.wrapping_sub(b'0');
-            if digit > 9 {
-                return None;
-            }
-            value = value * 10 + i64::from(digit);
-        }
-        return Some(if negative { -value } else { value });
     }
     // Negative values are summed below zero, so that i64::MIN fits.
     let mut value: i64 = 0;
@@ -325,12 +272,6 @@ mod tests {
             "99999999999999999999999",
             "123456789012345",
             "\u{b}5",
-            "0000000000000000000000012",
-            "-000000000000000000009",
-            "  123456789012  ",
-            "999999999999999999",
-            "-999999999999999999",
-            "1000000000000000000",
         ]
         .iter()
         .map(|t| Some(t.to_string()))
@@ -383,10 +324,11 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_text_parses_as_arrows_cast_parses_it(
-            noise in proptest::collection::vec(proptest::option::of("[ \\t+\\-0-9a]{0,26}"), 0..40),
-            numbers in proptest::collection::vec(proptest::option::of(" ?[+-]?0*[0-9]{1,20} ?"), 0..40),
+            texts in proptest::collection::vec(
+                proptest::option::of("[ \\t+\\-0-9a]{0,22}"),
+                0..40,
+            ),
         ) {
-            let texts: Vec<Option<String>> = noise.into_iter().chain(numbers).collect();
             for array in arrays(&texts) {
                 for target in [DataType::Int64, DataType::Int32] {
                     let parsed = match target {
