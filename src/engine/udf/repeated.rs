@@ -600,6 +600,17 @@ mod tests {
         );
     }
 
+    /// Keys gathered from each array as a partition gathers them, then put together.
+    fn in_parts(parts: impl IntoIterator<Item = Int64Array>) -> Keys {
+        let mut keys = Keys::default();
+        for part in parts {
+            let mut own = Keys::default();
+            own.append(&(Arc::new(part) as ArrayRef)).expect("integers");
+            keys.extend(own);
+        }
+        keys
+    }
+
     /// Over [`PARALLEL_KEYS`], in one part or several (as partitions gather them), the bitsets are
     /// filled on several threads: the same repeated keys, bounds and bits as one pass over them all.
     #[test]
@@ -609,16 +620,8 @@ mod tests {
         let all: Vec<i64> = (0..n).chain([0, 7, 7, n / 2, n - 1]).collect();
         let expected = vec![0, 7, n / 2, n - 1];
         assert_eq!(repeated_keys(all.clone()), expected);
-        let keys_of = |parts: &[&[i64]]| {
-            let mut keys = Keys::default();
-            for part in parts {
-                let mut own = Keys::default();
-                own.append(&(Arc::new(Int64Array::from(part.to_vec())) as ArrayRef))
-                    .expect("integers");
-                keys.extend(own);
-            }
-            keys
-        };
+        let keys_of =
+            |parts: &[&[i64]]| in_parts(parts.iter().map(|p| Int64Array::from(p.to_vec())));
         let (head, tail) = all.split_at(all.len() / 3);
         let parts = keys_of(&[head, tail, &[]]);
         assert_eq!(parts.len(), all.len());
@@ -637,16 +640,8 @@ mod tests {
         assert_eq!((bits.rows(), bits.repeated()), (all.len(), Some(4)));
         assert!((0..n).all(|key| bits.contains(key)) && !bits.contains(n + 64));
         // NULLs over two parts count as one value held twice; bitsets then do not stand for the keys.
-        let with_nulls = |parts: [&[Option<i64>]; 2]| {
-            let mut keys = Keys::default();
-            for part in parts {
-                let mut own = Keys::default();
-                own.append(&(Arc::new(Int64Array::from(part.to_vec())) as ArrayRef))
-                    .expect("integers");
-                keys.extend(own);
-            }
-            keys
-        };
+        let with_nulls =
+            |parts: [&[Option<i64>]; 2]| in_parts(parts.map(|p| Int64Array::from(p.to_vec())));
         let keys = with_nulls([&[Some(1), None, Some(2)], &[None, Some(2)]]);
         assert_eq!(
             (keys.len(), keys.nulls(), keys.bounds()),
