@@ -615,18 +615,15 @@ fn stored_table(
     (Arc::new(Schema::new(stored)), table_options)
 }
 
-/// Creates the table a cdc stage writes, empty, when it does not exist yet: a first batch whose every
+/// Creates the table a cdc stage writes, empty (the caller found it missing): a first batch whose every
 /// change was dropped or quarantined still leaves a table for the stages that read it, which then find
-/// no rows rather than no table. The version created, or `None` when the table was there.
+/// no rows rather than no table. Its version.
 pub async fn create_empty(
     path: &Location,
     schema: &Schema,
     spec: &CdcSpec,
     options: &TableOptions,
 ) -> Result<Option<u64>, DeltaError> {
-    if super::open(path).await?.is_some() {
-        return Ok(None);
-    }
     let (stored, table_options) = stored_table(schema, spec, options, None);
     let table = create_if_missing(path, &stored, &table_options).await?;
     Ok(table.version())

@@ -1260,7 +1260,7 @@ async fn sql_stage(
                 report.files_removed = metrics.files_removed;
                 report.files_scanned = metrics.files_scanned;
                 apply_write(&mut report, &metrics.write);
-            } else if let Some(spec) = &cdc_spec {
+            } else if let Some(spec) = cdc_spec.as_ref().filter(|_| !target_exists) {
                 // Nothing to apply (every change dropped or quarantined): a first run still leaves
                 // the table, empty.
                 report.output_version =

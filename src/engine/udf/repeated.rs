@@ -335,13 +335,13 @@ impl Keys {
     /// Adds the keys of `array`.
     pub fn append(&mut self, array: &ArrayRef) -> Result<()> {
         self.nulls += array.null_count();
-        if self.parts.is_empty() {
-            self.parts.push(Vec::new());
+        if let Some(part) = self.parts.last_mut() {
+            return append_keys(part, array);
         }
-        match self.parts.last_mut() {
-            Some(part) => append_keys(part, array),
-            None => Ok(()),
-        }
+        let mut part = Vec::new();
+        append_keys(&mut part, array)?;
+        self.parts.push(part);
+        Ok(())
     }
 
     /// Adds the keys `other` gathered, as parts of their own (no copy).
