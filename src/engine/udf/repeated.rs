@@ -12,7 +12,7 @@ use std::sync::Arc;
 use datafusion::{
     arrow::{
         array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, ListArray},
-        buffer::OffsetBuffer,
+        buffer::{OffsetBuffer, ScalarBuffer},
         datatypes::{DataType, Field, FieldRef, Int64Type},
     },
     common::{DataFusionError, Result, ScalarValue},
@@ -27,17 +27,21 @@ use datafusion::{
 /// the 8 bytes the key itself takes).
 const BITS_PER_KEY: u128 = 64;
 
+/// Keys as gathered from one array: its values when it held no NULL (shared, not copied), its non-NULL
+/// values otherwise.
+type Part = ScalarBuffer<i64>;
+
 /// The values that occur more than once in `keys`, each once, in ascending order.
 pub fn repeated_keys(keys: Vec<i64>) -> Vec<i64> {
-    repeated_in(vec![keys])
+    repeated_in(vec![Part::from(keys)])
 }
 
 /// [`repeated_keys`] of `parts` taken together.
-fn repeated_in(parts: Vec<Vec<i64>>) -> Vec<i64> {
+fn repeated_in(parts: Vec<Part>) -> Vec<i64> {
     let Some((low, high)) = bounds_of(&parts) else {
         return Vec::new();
     };
-    let rows = parts.iter().map(Vec::len).sum();
+    let rows = parts.iter().map(|part| part.len()).sum();
     if let Some(bits) = KeyBits::new(low, high, rows) {
         return filled(bits, &parts).repeated_values();
     }
@@ -57,10 +61,10 @@ fn repeated_in(parts: Vec<Vec<i64>>) -> Vec<i64> {
 }
 
 /// The least and greatest of `parts`' values, in one pass.
-fn bounds_of(parts: &[Vec<i64>]) -> Option<(i64, i64)> {
+fn bounds_of(parts: &[Part]) -> Option<(i64, i64)> {
     parts
         .iter()
-        .flatten()
+        .flat_map(|part| part.iter())
         .fold(None, |bounds, &key| match bounds {
             None => Some((key, key)),
             Some((low, high)) => Some((low.min(key), high.max(key))),
@@ -76,12 +80,15 @@ const PARALLEL_KEYS: usize = 1 << 20;
 /// about a tenth of a second), when those bitsets are small next to the keys: at most 2 bytes a key
 /// for the pair (the range at most 8 times the keys), so that the copies add a quarter of the keys'
 /// memory at most. A thread that cannot be started leaves its share to this one.
-fn filled(mut bits: KeyBits, parts: &[Vec<i64>]) -> KeyBits {
-    let total: usize = parts.iter().map(Vec::len).sum();
+fn filled(mut bits: KeyBits, parts: &[Part]) -> KeyBits {
+    let total: usize = parts.iter().map(|part| part.len()).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let small = bits.seen.len().saturating_mul(16) <= total.saturating_mul(2);
     if total < PARALLEL_KEYS || cores < 2 || !small {
-        parts.iter().flatten().for_each(|&key| bits.insert(key));
+        parts
+            .iter()
+            .flat_map(|part| part.iter())
+            .for_each(|&key| bits.insert(key));
         return bits;
     }
     // At most `cores` shares of about equal size, cut across the parts.
@@ -89,7 +96,7 @@ fn filled(mut bits: KeyBits, parts: &[Vec<i64>]) -> KeyBits {
     let mut shares: Vec<Vec<&[i64]>> = vec![Vec::new()];
     let mut room = share;
     for part in parts {
-        let mut rest = part.as_slice();
+        let mut rest: &[i64] = part;
         while !rest.is_empty() {
             if room == 0 {
                 shares.push(Vec::new());
@@ -293,7 +300,7 @@ impl KeyBits {
     }
 }
 
-/// The types [`append_keys`] and `count_repeated` take: integers that fit in an i64.
+/// The types [`key_part`] and `count_repeated` take: integers that fit in an i64.
 const INTEGER_TYPES: [DataType; 7] = [
     DataType::Int8,
     DataType::Int16,
@@ -304,30 +311,29 @@ const INTEGER_TYPES: [DataType; 7] = [
     DataType::UInt32,
 ];
 
-/// Whether values of this type fit in an i64: [`append_keys`] and `COUNT(DISTINCT)` per group
+/// Whether values of this type fit in an i64: [`key_part`] and `COUNT(DISTINCT)` per group
 /// (the `distinct` module) take them.
 pub fn is_integer_key(data_type: &DataType) -> bool {
     INTEGER_TYPES.contains(data_type)
 }
 
-/// Appends the non-NULL values of an integer array ([`is_integer_key`]) to `keys`.
-pub fn append_keys(keys: &mut Vec<i64>, values: &ArrayRef) -> Result<()> {
+/// The non-NULL values of an integer array ([`is_integer_key`]) as a [`Part`]: the array's own values
+/// when it holds no NULL and is of 64 bits. Gathering 10M keys into one growing list copied each key
+/// about twice and touched twice their memory, page by page (a tenth of a first load's page faults).
+fn key_part(values: &ArrayRef) -> Result<Part> {
     let values = datafusion::arrow::compute::cast(values, &DataType::Int64)?;
     let values = values.as_primitive::<Int64Type>();
     if values.null_count() == 0 {
-        keys.extend_from_slice(values.values());
-    } else {
-        keys.extend(values.iter().flatten());
+        return Ok(values.values().clone());
     }
-    Ok(())
+    Ok(values.iter().flatten().collect())
 }
 
 /// The keys of integer arrays ([`is_integer_key`]), gathered to find the repeated ones: the non-NULL
-/// values, in parts (one per partition that gathered them, see [`Keys::extend`]), and how many were
-/// NULL.
+/// values, a part per array (see [`key_part`]), and how many were NULL.
 #[derive(Debug, Default)]
 pub struct Keys {
-    parts: Vec<Vec<i64>>,
+    parts: Vec<Part>,
     nulls: usize,
 }
 
@@ -335,12 +341,10 @@ impl Keys {
     /// Adds the keys of `array`.
     pub fn append(&mut self, array: &ArrayRef) -> Result<()> {
         self.nulls += array.null_count();
-        if let Some(part) = self.parts.last_mut() {
-            return append_keys(part, array);
+        let part = key_part(array)?;
+        if !part.is_empty() {
+            self.parts.push(part);
         }
-        let mut part = Vec::new();
-        append_keys(&mut part, array)?;
-        self.parts.push(part);
         Ok(())
     }
 
@@ -352,12 +356,17 @@ impl Keys {
 
     /// Keys gathered, NULLs included.
     pub fn len(&self) -> usize {
-        self.parts.iter().map(Vec::len).sum::<usize>() + self.nulls
+        self.non_null() + self.nulls
     }
 
     /// Whether no key was gathered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Non-NULL keys gathered.
+    fn non_null(&self) -> usize {
+        self.parts.iter().map(|part| part.len()).sum()
     }
 
     /// NULL keys gathered.
@@ -521,7 +530,7 @@ impl AggregateUDFImpl for CountRepeated {
 /// Every non-NULL key of its partition; the repeated ones are found when the result is asked for.
 #[derive(Debug, Default)]
 struct KeysAccumulator {
-    keys: Vec<i64>,
+    keys: Keys,
 }
 
 impl Accumulator for KeysAccumulator {
@@ -531,7 +540,7 @@ impl Accumulator for KeysAccumulator {
                 "count_repeated takes exactly one argument".into(),
             ));
         };
-        append_keys(&mut self.keys, values)
+        self.keys.append(values)
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
@@ -542,13 +551,23 @@ impl Accumulator for KeysAccumulator {
         };
         let lists = lists.as_list::<i32>();
         for list in lists.iter().flatten() {
-            append_keys(&mut self.keys, &list)?;
+            self.keys.append(&list)?;
         }
         Ok(())
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let keys = Int64Array::from(std::mem::take(&mut self.keys));
+        let mut parts = std::mem::take(&mut self.keys).parts;
+        let keys = match parts.len() {
+            0 => Part::from(Vec::new()),
+            1 => parts.swap_remove(0),
+            _ => {
+                let mut all = Vec::with_capacity(parts.iter().map(|part| part.len()).sum());
+                parts.iter().for_each(|part| all.extend_from_slice(part));
+                Part::from(all)
+            }
+        };
+        let keys = Int64Array::new(keys, None);
         let list = ListArray::try_new(
             Arc::new(Field::new_list_field(DataType::Int64, false)),
             OffsetBuffer::from_lengths([keys.len()]),
@@ -559,12 +578,14 @@ impl Accumulator for KeysAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        let repeated = repeated_keys(std::mem::take(&mut self.keys));
+        let repeated = repeated_in(std::mem::take(&mut self.keys).parts);
         Ok(ScalarValue::Int64(Some(repeated.len() as i64)))
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.keys.capacity() * std::mem::size_of::<i64>()
+        std::mem::size_of_val(self)
+            + self.keys.non_null() * std::mem::size_of::<i64>()
+            + self.keys.parts.capacity() * std::mem::size_of::<Part>()
     }
 }
 
