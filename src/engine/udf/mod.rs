@@ -8,7 +8,6 @@
 mod card;
 mod channel;
 mod distinct;
-mod literal_case;
 mod money;
 mod regex_match;
 pub mod repeated;
@@ -52,7 +51,6 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udaf(distinct::count());
     ctx.register_udf(trim::trim());
     ctx.add_optimizer_rule(Arc::new(regex_match::CompiledRegex));
-    ctx.add_optimizer_rule(Arc::new(literal_case::LiteralCase));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
