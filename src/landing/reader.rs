@@ -167,6 +167,22 @@ pub struct FileBatches {
     inner: Inner,
     /// Storage failures while reading an object (none for local files and bytes).
     failure: Option<ReadFailure>,
+    /// The lineage columns of one value, for as many rows as the longest batch yet; each batch takes a
+    /// slice (their copies of the file's name, order key and run id took 8 MB a batch, built anew).
+    constants: Option<Constants>,
+    /// Bytes each string column held in the last batch: the next one's builders start that large
+    /// rather than growing to it.
+    value_bytes: Vec<usize>,
+}
+
+/// See [`FileBatches::constants`].
+struct Constants {
+    rows: usize,
+    source_file: ArrayRef,
+    order_key: ArrayRef,
+    ingested_at: ArrayRef,
+    run_id: ArrayRef,
+    batch_id: ArrayRef,
 }
 
 enum Inner {
@@ -254,6 +270,8 @@ impl FileBatches {
             rows: 0,
             inner,
             failure,
+            constants: None,
+            value_bytes: vec![batch_size * 8; layout.columns.len()],
         })
     }
 
@@ -330,8 +348,10 @@ impl FileBatches {
             return Ok(None);
         };
         let width = self.layout.columns.len();
-        let mut builders: Vec<StringBuilder> = (0..width)
-            .map(|_| StringBuilder::with_capacity(self.batch_size, self.batch_size * 8))
+        let mut builders: Vec<StringBuilder> = self
+            .value_bytes
+            .iter()
+            .map(|&bytes| StringBuilder::with_capacity(self.batch_size, bytes + bytes / 16))
             .collect();
         let mut record = csv::StringRecord::new();
         let mut count = 0;
@@ -375,6 +395,7 @@ impl FileBatches {
         if count == 0 {
             return Ok(None);
         }
+        self.value_bytes = builders.iter().map(|b| b.values_slice().len()).collect();
         let columns: Vec<ArrayRef> = builders
             .into_iter()
             .map(|mut b| Arc::new(b.finish()) as ArrayRef)
@@ -442,34 +463,48 @@ impl FileBatches {
     }
 
     fn with_lineage(
-        &self,
+        &mut self,
         mut columns: Vec<ArrayRef>,
         count: usize,
     ) -> Result<RecordBatch, LandingError> {
         let first_row = self.rows as i64 - count as i64 + 1;
-        let constant = |value: &str| {
-            constant_strings(value, count).ok_or_else(|| LandingError::BadFile {
-                file: self.file.relative.clone(),
-                message: format!("{count} copies of the lineage value `{value}` exceed one batch"),
-            })
+        let constants = match self.constants.take() {
+            Some(constants) if constants.rows >= count => constants,
+            _ => self.constants(count)?,
         };
-        columns.push(constant(&self.file.relative)?);
-        columns.push(constant(&self.file.order_key())?);
+        columns.push(constants.source_file.slice(0, count));
+        columns.push(constants.order_key.slice(0, count));
         columns.push(Arc::new(Int64Array::from_iter_values(
             first_row..first_row + count as i64,
         )));
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from_value(self.lineage.ingested_at_micros, count)
-                .with_timezone("UTC"),
-        ));
-        columns.push(constant(&self.lineage.run_id)?);
-        columns.push(Arc::new(Int64Array::from_value(
-            self.lineage.batch_id,
-            count,
-        )));
+        columns.push(constants.ingested_at.slice(0, count));
+        columns.push(constants.run_id.slice(0, count));
+        columns.push(constants.batch_id.slice(0, count));
+        self.constants = Some(constants);
         RecordBatch::try_new(self.layout.schema(), columns).map_err(|e| LandingError::BadFile {
             file: self.file.relative.clone(),
             message: format!("internal error building a batch: {e}"),
+        })
+    }
+
+    /// The lineage columns of one value for `rows` rows.
+    fn constants(&self, rows: usize) -> Result<Constants, LandingError> {
+        let constant = |value: &str| {
+            constant_strings(value, rows).ok_or_else(|| LandingError::BadFile {
+                file: self.file.relative.clone(),
+                message: format!("{rows} copies of the lineage value `{value}` exceed one batch"),
+            })
+        };
+        Ok(Constants {
+            rows,
+            source_file: constant(&self.file.relative)?,
+            order_key: constant(&self.file.order_key())?,
+            ingested_at: Arc::new(
+                TimestampMicrosecondArray::from_value(self.lineage.ingested_at_micros, rows)
+                    .with_timezone("UTC"),
+            ),
+            run_id: constant(&self.lineage.run_id)?,
+            batch_id: Arc::new(Int64Array::from_value(self.lineage.batch_id, rows)),
         })
     }
 
@@ -664,5 +699,99 @@ mod tests {
             "an empty value still fills every row"
         );
         assert!(constant_strings("abc", 1 << 30).is_none());
+    }
+
+    /// Batches of a file, the last one shorter and a column's values longer in a later batch than in
+    /// the first: every batch's lineage holds its own row numbers and the one value of each constant,
+    /// for exactly its rows.
+    #[test]
+    fn every_batch_holds_its_own_rows_and_lineage() {
+        use crate::config::{BadFilePolicy, DmsLayout};
+        use arrow::array::AsArray;
+        let source = Source {
+            name: "t".into(),
+            path: crate::storage::Location::local("/nonexistent"),
+            format: FileFormat::Csv,
+            header: false,
+            delimiter: b',',
+            columns: vec!["id".into(), "val".into()],
+            key: vec!["id".into()],
+            dms: Some(DmsLayout {
+                timestamp_column: None,
+                include_op_for_full_load: false,
+                change_seq: false,
+            }),
+            on_bad_file: BadFilePolicy::Fail,
+        };
+        let content = "1,a\n2,b\n3,a much longer value than the first batch held\n4,d\n5,e\n";
+        let file = LandingFile {
+            path: crate::storage::Location::local("/nonexistent/LOAD00000001.csv"),
+            relative: "LOAD00000001.csv".into(),
+            kind: FileKind::FullLoad,
+            format: FileFormat::Csv,
+            compression: Compression::None,
+            size: content.len() as u64,
+            modified_micros: 0,
+        };
+        let lineage = Lineage {
+            run_id: "run-1".into(),
+            batch_id: 7,
+            ingested_at_micros: 42,
+        };
+        let layout = BronzeLayout::new(&source);
+        let input = Input::Bytes(bytes::Bytes::from(content));
+        let batches: Vec<RecordBatch> = FileBatches::from_input(&layout, &file, lineage, 2, input)
+            .expect("open")
+            .collect::<Result<_, _>>()
+            .expect("read");
+        assert_eq!(
+            batches
+                .iter()
+                .map(RecordBatch::num_rows)
+                .collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        let column =
+            |batch: &RecordBatch, name: &str| batch.column_by_name(name).cloned().expect(name);
+        let strings = |batch: &RecordBatch, name: &str| -> Vec<Option<String>> {
+            let column = column(batch, name);
+            column
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect()
+        };
+        let integers = |batch: &RecordBatch, name: &str| -> Vec<i64> {
+            let column = column(batch, name);
+            column
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec()
+        };
+        let (mut rows, mut values) = (Vec::new(), Vec::new());
+        for batch in &batches {
+            let n = batch.num_rows();
+            let one = |value: String| vec![Some(value); n];
+            assert_eq!(strings(batch, SOURCE_FILE), one("LOAD00000001.csv".into()));
+            assert_eq!(strings(batch, FILE_ORDER), one(file.order_key()));
+            assert_eq!(strings(batch, RUN_ID), one("run-1".into()));
+            assert_eq!(integers(batch, BATCH_ID), vec![7; n]);
+            let ingested = column(batch, INGESTED_AT);
+            let ingested = ingested.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            assert_eq!(ingested.values().to_vec(), vec![42; n]);
+            rows.extend(integers(batch, SOURCE_ROW));
+            values.extend(strings(batch, "val").into_iter().flatten());
+        }
+        assert_eq!(rows, vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            values,
+            [
+                "a",
+                "b",
+                "a much longer value than the first batch held",
+                "d",
+                "e"
+            ]
+        );
     }
 }
