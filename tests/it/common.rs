@@ -465,3 +465,41 @@ pub fn daily(live: &BTreeMap<i64, Live>) -> BTreeMap<String, (u64, Decimal, u64,
     }
     days
 }
+
+/// Every file under `dir`, its `_delta_log` left out.
+pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.ends_with("_delta_log") {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// The table property that keeps a table's codec (`None` when it names none), from its first commit,
+/// and the codecs of its data files' columns, each once.
+pub fn codecs(table: &std::path::Path) -> (Option<String>, std::collections::BTreeSet<String>) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000000.json")).unwrap();
+    let property = log.lines().find_map(|line| {
+        let action: serde_json::Value = serde_json::from_str(line).unwrap();
+        action["metaData"]["configuration"]["medallion.parquet.compression"]
+            .as_str()
+            .map(str::to_string)
+    });
+    let mut found = std::collections::BTreeSet::new();
+    for file in walk(table)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        let footer = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
+        for group in footer.metadata().row_groups() {
+            found.extend(group.columns().iter().map(|c| c.compression().to_string()));
+        }
+    }
+    (property, found)
+}

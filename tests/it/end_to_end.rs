@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 
-use crate::common::{Scratch, assert_success, daily, delta_version, query, replay, schema};
+use crate::common::{
+    Scratch, assert_success, codecs, daily, delta_version, query, replay, schema, walk,
+};
 
 const CONTRACT_TABLES: [(&str, &str); 15] = [
     ("bronze", "transactions"),
@@ -460,43 +462,6 @@ fn statistics(table: &std::path::Path) -> (Option<String>, Vec<String>) {
         .map(|i| group.column(i).column_path().string())
         .collect();
     (property, with_stats)
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() && !path.ends_with("_delta_log") {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
-
-/// The table property that keeps a table's codec (`None` when it names none), from its first commit,
-/// and the codecs of its data files' columns, each once.
-fn codecs(table: &std::path::Path) -> (Option<String>, std::collections::BTreeSet<String>) {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000000.json")).unwrap();
-    let property = log.lines().find_map(|line| {
-        let action: serde_json::Value = serde_json::from_str(line).unwrap();
-        action["metaData"]["configuration"]["medallion.parquet.compression"]
-            .as_str()
-            .map(str::to_string)
-    });
-    let mut found = std::collections::BTreeSet::new();
-    for file in walk(table)
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-    {
-        let footer = SerializedFileReader::new(std::fs::File::open(file).unwrap()).unwrap();
-        for group in footer.metadata().row_groups() {
-            found.extend(group.columns().iter().map(|c| c.compression().to_string()));
-        }
-    }
-    (property, found)
 }
 
 /// Bronze is written with snappy and the other layers with zstd level 1 unless a stage names its

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::common::{Scratch, assert_success, delta_version, python, query, repo, text};
+use crate::common::{Scratch, assert_success, codecs, delta_version, python, query, repo, text};
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
     scratch.versions(&[
@@ -762,7 +762,8 @@ async fn a_first_load_copies_only_its_flagged_rows_and_checks_the_rows_it_wrote(
 
 /// A first load that keeps no row (every row quarantined) has no files: its checks read what they
 /// read of the rows from its copy, and find none. The table is created all the same, empty, so that
-/// the stages reading it run (and find no rows) rather than fail on a table that does not exist.
+/// the stages reading it run (and find no rows) rather than fail on a table that does not exist,
+/// with the stage's options (its codec here), which the files it gets later follow.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
     let scratch = Scratch::new();
@@ -776,9 +777,14 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
             "2010-01-01 00:00:00.000000,2,2010-01-01 10:00:00,1,2,$2x,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string(),
         ],
     );
-    let checks = with_silver_checks(
+    let with_checks = with_silver_checks(
         "      - { name: changed_cents, query: \"SELECT COALESCE(SUM(amount), 0) FROM changed\", expect: \"< 0\", severity: warn }\n",
     );
+    // The stage names its codec, which the table created empty keeps for the files it gets later.
+    let silver = "    target: silver.transactions\n";
+    let checks = |yaml: String| {
+        with_checks(yaml).replacen(silver, &format!("{silver}    compression: lz4\n"), 1)
+    };
     let output = scratch.run_edited(&checks, None);
     assert!(output.status.success(), "{}", text(&output));
     let seen = observed(&scratch);
@@ -809,6 +815,11 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
         vec![vec!["0".to_string(), "0".to_string(), "0".to_string()]],
         "Silver is created empty, and Gold built from it"
     );
+    let silver_table = scratch.table("silver", "transactions");
+    assert_eq!(
+        codecs(&silver_table),
+        (Some("lz4_raw".to_string()), Default::default())
+    );
     // The next delivery loads into the empty table,
     add_load_file(
         &scratch,
@@ -834,6 +845,10 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
         )
         .await,
         vec![vec!["3.25".to_string(), "1".to_string()]]
+    );
+    assert_eq!(
+        codecs(&silver_table),
+        (Some("lz4_raw".to_string()), ["LZ4_RAW".to_string()].into())
     );
 }
 
