@@ -1123,8 +1123,9 @@ pub fn holds_files(table: &deltalake::DeltaTable) -> bool {
         .map_or(true, |s| s.log_data().num_files() > 0)
 }
 
-/// The integer keys of `frame`'s first column, each partition gathered on a task of its own, as a part
-/// of its own (one consumer appending every key took a third of a 10M first load's plan).
+/// The integer keys of `frame`'s first column, each partition gathered on a task of its own (one
+/// consumer appending every key took a third of a 10M first load's plan), a part per batch (see
+/// [`Keys::append`]).
 pub(super) async fn collect_keys(frame: DataFrame) -> datafusion::error::Result<Keys> {
     let mut tasks = tokio::task::JoinSet::new();
     for mut stream in frame.execute_stream_partitioned().await? {

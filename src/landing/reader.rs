@@ -470,7 +470,7 @@ impl FileBatches {
         let first_row = self.rows as i64 - count as i64 + 1;
         let constants = match self.constants.take() {
             Some(constants) if constants.rows >= count => constants,
-            _ => self.constants(count)?,
+            _ => self.lineage_constants(count)?,
         };
         columns.push(constants.source_file.slice(0, count));
         columns.push(constants.order_key.slice(0, count));
@@ -488,7 +488,7 @@ impl FileBatches {
     }
 
     /// The lineage columns of one value for `rows` rows.
-    fn constants(&self, rows: usize) -> Result<Constants, LandingError> {
+    fn lineage_constants(&self, rows: usize) -> Result<Constants, LandingError> {
         let constant = |value: &str| {
             constant_strings(value, rows).ok_or_else(|| LandingError::BadFile {
                 file: self.file.relative.clone(),

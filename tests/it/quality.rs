@@ -826,8 +826,8 @@ async fn a_first_load_that_keeps_no_row_is_checked_on_its_copy() {
         "LOAD00000002.csv",
         &["2010-01-01 00:00:01.000000,3,2010-01-01 10:00:00,1,2,$3.25,Swipe Transaction,3,Reno,NV,89501.0,5411,".to_string()],
     );
-    // as a first load: written as it is computed.
-    let project = scratch.edit_project(&checks, None);
+    // as a first load: written as it is computed, with the table's codec though the YAML names none now.
+    let project = scratch.edit_project(&with_checks, None);
     let output =
         scratch.command_in_logging(&project, &["run", "pipelines/t.yaml"], "medallion=debug");
     assert!(output.status.success(), "{}", text(&output));

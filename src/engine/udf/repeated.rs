@@ -318,15 +318,24 @@ pub fn is_integer_key(data_type: &DataType) -> bool {
 }
 
 /// The non-NULL values of an integer array ([`is_integer_key`]) as a [`Part`]: the array's own values
-/// when it holds no NULL and is of 64 bits. Gathering 10M keys into one growing list copied each key
-/// about twice and touched twice their memory, page by page (a tenth of a first load's page faults).
+/// when it holds no NULL, is of 64 bits and takes at least half of the memory it holds (a slice of a
+/// larger batch is copied rather than keeping the batch alive; so is memory arrow does not own, such
+/// as a mapped file). Gathering 10M keys into one growing list copied each key about twice and touched
+/// twice their memory, page by page (a tenth of a first load's page faults).
 fn key_part(values: &ArrayRef) -> Result<Part> {
     let values = datafusion::arrow::compute::cast(values, &DataType::Int64)?;
     let values = values.as_primitive::<Int64Type>();
     if values.null_count() == 0 {
-        return Ok(values.values().clone());
+        let own = values.values();
+        let held = own.inner().capacity();
+        if held > 0 && held <= 2 * std::mem::size_of_val(own.as_ref()) {
+            return Ok(own.clone());
+        }
+        return Ok(Part::from(own.to_vec()));
     }
-    Ok(values.iter().flatten().collect())
+    let mut keys = Vec::with_capacity(values.len() - values.null_count());
+    keys.extend(values.iter().flatten());
+    Ok(Part::from(keys))
 }
 
 /// The keys of integer arrays ([`is_integer_key`]), gathered to find the repeated ones: the non-NULL
@@ -335,6 +344,8 @@ fn key_part(values: &ArrayRef) -> Result<Part> {
 pub struct Keys {
     parts: Vec<Part>,
     nulls: usize,
+    /// Bytes of memory the parts hold (a shared buffer counted by each part that shares it).
+    held: usize,
 }
 
 impl Keys {
@@ -343,6 +354,7 @@ impl Keys {
         self.nulls += array.null_count();
         let part = key_part(array)?;
         if !part.is_empty() {
+            self.held += part.inner().capacity();
             self.parts.push(part);
         }
         Ok(())
@@ -352,6 +364,7 @@ impl Keys {
     pub fn extend(&mut self, other: Keys) {
         self.parts.extend(other.parts);
         self.nulls += other.nulls;
+        self.held += other.held;
     }
 
     /// Keys gathered, NULLs included.
@@ -557,21 +570,30 @@ impl Accumulator for KeysAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let total = self.keys.non_null();
+        // A list's offsets are 32-bit: more keys in one partition cannot be handed on.
+        let length = i32::try_from(total).map_err(|_| {
+            DataFusionError::Execution(format!(
+                "count_repeated holds {total} keys in one partition, more than a list holds"
+            ))
+        })?;
         let mut parts = std::mem::take(&mut self.keys).parts;
         let keys = match parts.len() {
             0 => Part::from(Vec::new()),
             1 => parts.swap_remove(0),
             _ => {
-                let mut all = Vec::with_capacity(parts.iter().map(|part| part.len()).sum());
-                parts.iter().for_each(|part| all.extend_from_slice(part));
+                // Each part freed as it is copied.
+                let mut all = Vec::with_capacity(total);
+                for part in parts {
+                    all.extend_from_slice(&part);
+                }
                 Part::from(all)
             }
         };
-        let keys = Int64Array::new(keys, None);
         let list = ListArray::try_new(
             Arc::new(Field::new_list_field(DataType::Int64, false)),
-            OffsetBuffer::from_lengths([keys.len()]),
-            Arc::new(keys),
+            OffsetBuffer::new(ScalarBuffer::from(vec![0, length])),
+            Arc::new(Int64Array::new(keys, None)),
             None,
         )?;
         Ok(vec![ScalarValue::List(Arc::new(list))])
@@ -584,7 +606,7 @@ impl Accumulator for KeysAccumulator {
 
     fn size(&self) -> usize {
         std::mem::size_of_val(self)
-            + self.keys.non_null() * std::mem::size_of::<i64>()
+            + self.keys.held
             + self.keys.parts.capacity() * std::mem::size_of::<Part>()
     }
 }
@@ -630,6 +652,28 @@ mod tests {
             keys.extend(own);
         }
         keys
+    }
+
+    /// An array's keys are its own buffer, shared; a small slice of a larger array's is copied, so that
+    /// the keys do not keep the whole array alive; NULLs are left out.
+    #[test]
+    fn a_part_shares_its_arrays_buffer_only_when_it_takes_most_of_it() {
+        let whole: ArrayRef = Arc::new(Int64Array::from_iter_values(0..10_000));
+        let shared = key_part(&whole).unwrap();
+        assert_eq!(
+            shared.as_ptr(),
+            whole.as_primitive::<Int64Type>().values().as_ptr()
+        );
+        let slice = whole.slice(100, 10);
+        let copied = key_part(&slice).unwrap();
+        assert_eq!(copied.as_ref(), (100..110).collect::<Vec<i64>>().as_slice());
+        assert!(
+            copied.inner().capacity() < 1_000,
+            "{}",
+            copied.inner().capacity()
+        );
+        let with_nulls: ArrayRef = Arc::new(Int64Array::from(vec![Some(3), None, Some(4)]));
+        assert_eq!(key_part(&with_nulls).unwrap().as_ref(), &[3, 4]);
     }
 
     /// Over [`PARALLEL_KEYS`], in one part or several (as partitions gather them), the bitsets are
