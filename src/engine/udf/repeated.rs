@@ -33,12 +33,14 @@ type Part = ScalarBuffer<i64>;
 
 /// The values that occur more than once in `keys`, each once, in ascending order.
 pub fn repeated_keys(keys: Vec<i64>) -> Vec<i64> {
-    repeated_in(vec![Part::from(keys)])
+    let parts = vec![Part::from(keys)];
+    let bounds = bounds_of(&parts);
+    repeated_in(parts, bounds)
 }
 
-/// [`repeated_keys`] of `parts` taken together.
-fn repeated_in(parts: Vec<Part>) -> Vec<i64> {
-    let Some((low, high)) = bounds_of(&parts) else {
+/// [`repeated_keys`] of `parts` taken together, whose least and greatest values are `bounds`.
+fn repeated_in(parts: Vec<Part>, bounds: Option<(i64, i64)>) -> Vec<i64> {
+    let Some((low, high)) = bounds else {
         return Vec::new();
     };
     let rows = parts.iter().map(|part| part.len()).sum();
@@ -65,10 +67,15 @@ fn bounds_of(parts: &[Part]) -> Option<(i64, i64)> {
     parts
         .iter()
         .flat_map(|part| part.iter())
-        .fold(None, |bounds, &key| match bounds {
-            None => Some((key, key)),
-            Some((low, high)) => Some((low.min(key), high.max(key))),
-        })
+        .fold(None, |bounds, &key| wider(bounds, Some((key, key))))
+}
+
+/// Bounds that hold both `a` and `b`.
+fn wider(a: Option<(i64, i64)>, b: Option<(i64, i64)>) -> Option<(i64, i64)> {
+    match (a, b) {
+        (Some((low, high)), Some((l, h))) => Some((low.min(l), high.max(h))),
+        (bounds, None) | (None, bounds) => bounds,
+    }
 }
 
 /// Keys at which [`filled`] fills bitsets on several threads: below it, starting them costs more than
@@ -346,6 +353,9 @@ pub struct Keys {
     nulls: usize,
     /// Bytes of memory the parts hold (a shared buffer counted by each part that shares it).
     held: usize,
+    /// The least and greatest non-NULL key, found as each part is added (by the task that gathers
+    /// it) rather than in a pass of its own over every key.
+    bounds: Option<(i64, i64)>,
 }
 
 impl Keys {
@@ -355,6 +365,7 @@ impl Keys {
         let part = key_part(array)?;
         if !part.is_empty() {
             self.held += part.inner().capacity();
+            self.bounds = wider(self.bounds, bounds_of(std::slice::from_ref(&part)));
             self.parts.push(part);
         }
         Ok(())
@@ -365,6 +376,7 @@ impl Keys {
         self.parts.extend(other.parts);
         self.nulls += other.nulls;
         self.held += other.held;
+        self.bounds = wider(self.bounds, other.bounds);
     }
 
     /// Keys gathered, NULLs included.
@@ -389,7 +401,7 @@ impl Keys {
 
     /// The least and greatest non-NULL key.
     pub fn bounds(&self) -> Option<(i64, i64)> {
-        bounds_of(&self.parts)
+        self.bounds
     }
 
     /// The keys as bitsets over their bounds ([`KeyBits`]), when no key is NULL and they are dense
@@ -408,8 +420,10 @@ impl Keys {
     /// The keys held more than once ([`repeated_keys`]), then NULL (`None`) when more than one was
     /// NULL: NULL counts as one value, as `GROUP BY` counts it.
     pub fn repeated(self) -> Vec<Option<i64>> {
-        let mut repeated: Vec<Option<i64>> =
-            repeated_in(self.parts).into_iter().map(Some).collect();
+        let mut repeated: Vec<Option<i64>> = repeated_in(self.parts, self.bounds)
+            .into_iter()
+            .map(Some)
+            .collect();
         if self.nulls > 1 {
             repeated.push(None);
         }
@@ -600,7 +614,8 @@ impl Accumulator for KeysAccumulator {
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        let repeated = repeated_in(std::mem::take(&mut self.keys).parts);
+        let keys = std::mem::take(&mut self.keys);
+        let repeated = repeated_in(keys.parts, keys.bounds);
         Ok(ScalarValue::Int64(Some(repeated.len() as i64)))
     }
 
