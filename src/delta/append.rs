@@ -16,11 +16,12 @@ use deltalake::{
     DeltaTable,
     kernel::{Action, Add},
     protocol::SaveMode,
-    writer::{DeltaWriter, RecordBatchWriter},
 };
 use tokio::{sync::mpsc, task::JoinSet};
 
-use super::{CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing};
+use super::{
+    CommitMeta, DeltaError, TableOptions, WriteMetrics, create_if_missing, file_writer::FileWriter,
+};
 
 use super::files::{Layout, TARGET_FILE_SIZE};
 
@@ -33,6 +34,8 @@ pub struct BatchAppender {
     path: Location,
     table: DeltaTable,
     schema: SchemaRef,
+    /// Whether the writers take string views as they are (see [`FileWriter::takes_views`]).
+    takes_views: bool,
     writers: Vec<mpsc::Sender<RecordBatch>>,
     tasks: JoinSet<Result<Vec<Add>, DeltaError>>,
     next: usize,
@@ -59,27 +62,24 @@ impl BatchAppender {
         let mut writers = Vec::with_capacity(count);
         let mut tasks = JoinSet::new();
         let mut table_schema = None;
+        let mut takes_views = true;
         let properties = super::table_writer_properties(&table);
         for _ in 0..count {
-            let mut writer = RecordBatchWriter::for_table(&table)
-                .map_err(|e| DeltaError::table(path, e))?
-                .with_target_file_size(options.target_file_size.unwrap_or(TARGET_FILE_SIZE))
-                .with_writer_properties(properties.clone());
+            let mut writer = FileWriter::for_table(
+                path,
+                &table,
+                properties.clone(),
+                options.target_file_size.unwrap_or(TARGET_FILE_SIZE),
+            )?;
             table_schema.get_or_insert_with(|| writer.arrow_schema());
+            takes_views &= writer.takes_views();
             // One batch waiting per writer: memory stays bounded when the writers are slower.
             let (sender, mut receiver) = mpsc::channel::<RecordBatch>(1);
-            let path = path.clone();
             tasks.spawn(async move {
                 while let Some(batch) = receiver.recv().await {
-                    writer
-                        .write(batch)
-                        .await
-                        .map_err(|e| DeltaError::table(&path, e))?;
+                    writer.write(batch).await?;
                 }
-                writer
-                    .flush()
-                    .await
-                    .map_err(|e| DeltaError::table(&path, e))
+                writer.flush().await
             });
             writers.push(sender);
         }
@@ -91,6 +91,7 @@ impl BatchAppender {
             path: path.clone(),
             table,
             schema,
+            takes_views,
             writers,
             tasks,
             next: 0,
@@ -117,7 +118,7 @@ impl BatchAppender {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let batch = conform(&self.path, batch, &self.schema)?;
+        let batch = conform(&self.path, batch, &self.schema, self.takes_views)?;
         self.rows += batch.num_rows() as u64;
         let writer = &self.writers[self.next % self.writers.len()];
         self.next += 1;
@@ -202,11 +203,14 @@ impl BatchAppender {
     }
 }
 
-/// Casts `batch` to the table's arrow schema, matching columns by name.
+/// Casts `batch` to the table's arrow schema, matching columns by name. With `keep_views`, string views
+/// stay views where the table stores strings (for a writer that encodes them as strings, see
+/// [`super::file_writer::FileWriter::takes_views`]), and the batch's schema says so.
 pub(super) fn conform(
     path: &Location,
     batch: RecordBatch,
     schema: &SchemaRef,
+    keep_views: bool,
 ) -> Result<RecordBatch, DeltaError> {
     if batch.schema().fields() == schema.fields() {
         return Ok(batch);
@@ -216,6 +220,7 @@ pub(super) fn conform(
         message,
     };
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let mut fields = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
         let column = batch.column_by_name(field.name()).ok_or_else(|| {
             invalid(format!(
@@ -224,6 +229,13 @@ pub(super) fn conform(
             ))
         })?;
         let column = match (column.data_type(), field.data_type()) {
+            (DataType::Utf8View, DataType::Utf8) if keep_views => {
+                fields.push(Arc::new(
+                    field.as_ref().clone().with_data_type(DataType::Utf8View),
+                ));
+                columns.push(column.clone());
+                continue;
+            }
             (DataType::Utf8View, DataType::Utf8) => {
                 views_to_strings(column.as_string_view()).map(|s| Arc::new(s) as ArrayRef)
             }
@@ -236,9 +248,14 @@ pub(super) fn conform(
                 field.data_type()
             ))
         })?;
+        fields.push(field.clone());
         columns.push(column);
     }
-    RecordBatch::try_new(schema.clone(), columns).map_err(|e| invalid(e.to_string()))
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ));
+    RecordBatch::try_new(schema, columns).map_err(|e| invalid(e.to_string()))
 }
 
 /// `views` as a string array, its bytes copied in one pass into one buffer; an error when they exceed a
@@ -291,7 +308,7 @@ pub async fn append_batches(
     let mut rows = 0;
     for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
         rows += batch.num_rows() as u64;
-        conformed.push(conform(path, batch, &schema)?);
+        conformed.push(conform(path, batch, &schema, false)?);
     }
     let properties = super::table_writer_properties(&table);
     let table = table

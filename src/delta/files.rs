@@ -24,15 +24,18 @@ use deltalake::{
         Action, Add,
         transaction::{CommitBuilder, CommitProperties},
     },
-    parquet::file::properties::WriterProperties,
     protocol::DeltaOperation,
-    writer::{DeltaWriter, RecordBatchWriter},
+    writer::RecordBatchWriter,
 };
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use tokio::task::JoinSet;
 
-use super::{DeltaError, append::conform};
+use super::{
+    DeltaError,
+    append::conform,
+    file_writer::{FileWriter, StatsScope},
+};
 use crate::storage::Location;
 
 /// Parquet files are cut at about this size while streaming, unless the table's options say otherwise.
@@ -247,14 +250,9 @@ pub(super) async fn write_files(
         partition_by: partition_columns(table),
         ..layout.clone()
     };
-    write_streams(
-        path,
-        || RecordBatchWriter::for_table(table),
-        super::table_writer_properties(table),
-        streams,
-        &layout,
-    )
-    .await
+    let properties = super::table_writer_properties(table);
+    let new_writer = || FileWriter::for_table(path, table, properties.clone(), layout.target_size);
+    write_streams(path, new_writer, streams, &layout).await
 }
 
 /// As [`write_streams`], as new files of `table`, or, when it does not exist yet, of the table that
@@ -268,9 +266,10 @@ pub(super) async fn write_new_files(
     layout: &Layout,
 ) -> Result<Written, DeltaError> {
     if let Some(table) = table {
-        let new_writer = || RecordBatchWriter::for_table(table);
         let properties = super::table_writer_properties(table);
-        return write_streams(path, new_writer, properties, streams, layout).await;
+        let new_writer =
+            || FileWriter::for_table(path, table, properties.clone(), layout.target_size);
+        return write_streams(path, new_writer, streams, layout).await;
     }
     let url = path.url().map_err(|source| DeltaError::Storage {
         table: path.to_string(),
@@ -280,20 +279,29 @@ pub(super) async fn write_new_files(
     let partition_by = &options.partition_by;
     let partitions = (!partition_by.is_empty()).then(|| partition_by.clone());
     let storage = path.delta_options();
-    let new_writer = || {
-        RecordBatchWriter::try_new(
-            url.as_str(),
-            schema.clone(),
-            partitions.clone(),
-            Some(storage.clone()),
-        )
-    };
     let properties = super::statistics_properties(
         options.stats_columns.as_deref(),
         &super::integer_columns(&schema),
         options.compression.unwrap_or_else(super::Codec::zstd),
     );
-    write_streams(path, new_writer, properties, streams, layout).await
+    let new_writer = || {
+        let writer = RecordBatchWriter::try_new(
+            url.as_str(),
+            schema.clone(),
+            partitions.clone(),
+            Some(storage.clone()),
+        )
+        .map_err(|e| DeltaError::table(path, e))?;
+        Ok(FileWriter::new(
+            path,
+            writer,
+            partitions.is_some(),
+            StatsScope::for_new(options.stats_columns.as_deref()),
+            properties.clone(),
+            layout.target_size,
+        ))
+    };
+    write_streams(path, new_writer, streams, layout).await
 }
 
 /// `table`'s partition columns (none when its snapshot cannot be read).
@@ -305,22 +313,13 @@ pub(super) fn partition_columns(table: &DeltaTable) -> Vec<String> {
 }
 
 /// As [`write_files`], for the partitions of a result already running, each written by a writer from
-/// `new_writer` (for a table, or for one not created yet) with `properties`.
+/// `new_writer` (for a table, or for one not created yet).
 pub(super) async fn write_streams(
     path: &Location,
-    new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaTableError>,
-    properties: WriterProperties,
+    new_writer: impl Fn() -> Result<FileWriter, DeltaError>,
     streams: Vec<SendableRecordBatchStream>,
     layout: &Layout,
 ) -> Result<Written, DeltaError> {
-    let new_writer = || {
-        new_writer()
-            .map(|w| {
-                w.with_target_file_size(layout.target_size)
-                    .with_writer_properties(properties.clone())
-            })
-            .map_err(|e| DeltaError::table(path, e))
-    };
     if let Some(ranges) = &layout.ranges {
         return write_clustered(path, new_writer, streams, ranges, layout.target_size).await;
     }
@@ -331,32 +330,21 @@ pub(super) async fn write_streams(
         let partition_by = layout.partition_by.clone();
         tasks.spawn(async move {
             let schema = writer.arrow_schema();
+            let keep_views = writer.takes_views();
             let mut partitions = PartitionsSeen::new(&partition_by, &schema);
             let mut rows = 0u64;
             let mut adds = Vec::new();
-            while let Some(batch) = next_rows(&mut stream, &path, &schema, &mut rows).await? {
+            let table_schema = (&schema, keep_views);
+            while let Some(batch) = next_rows(&mut stream, &path, table_schema, &mut rows).await? {
                 if let Some(partitions) = partitions.as_mut()
                     && partitions.moved_on(&batch)
                     && writer.buffer_len() >= MIN_EARLY_FINISH_BYTES
                 {
-                    adds.extend(
-                        writer
-                            .flush()
-                            .await
-                            .map_err(|e| DeltaError::table(&path, e))?,
-                    );
+                    adds.extend(writer.flush().await?);
                 }
-                writer
-                    .write(batch)
-                    .await
-                    .map_err(|e| DeltaError::table(&path, e))?;
+                writer.write(batch).await?;
             }
-            adds.extend(
-                writer
-                    .flush()
-                    .await
-                    .map_err(|e| DeltaError::table(&path, e))?,
-            );
+            adds.extend(writer.flush().await?);
             Ok::<_, DeltaError>(Written { adds, rows })
         });
     }
@@ -370,19 +358,19 @@ pub(super) async fn write_streams(
     Ok(written)
 }
 
-/// The next batch of `stream` that holds rows, cast to the table's `schema`; its rows are added to
-/// `rows`. `None` at the end of the stream.
+/// The next batch of `stream` that holds rows, cast to the table's `schema` (string views kept with
+/// `keep_views`); its rows are added to `rows`. `None` at the end of the stream.
 async fn next_rows(
     stream: &mut SendableRecordBatchStream,
     path: &Location,
-    schema: &datafusion::arrow::datatypes::SchemaRef,
+    (schema, keep_views): (&datafusion::arrow::datatypes::SchemaRef, bool),
     rows: &mut u64,
 ) -> Result<Option<RecordBatch>, DeltaError> {
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(|e| DeltaError::query(path, e))?;
         if batch.num_rows() > 0 {
             *rows += batch.num_rows() as u64;
-            return conform(path, batch, schema).map(Some);
+            return conform(path, batch, schema, keep_views).map(Some);
         }
     }
     Ok(None)
@@ -400,7 +388,7 @@ fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError
 /// range, which bounds memory.
 async fn write_clustered(
     path: &Location,
-    new_writer: impl Fn() -> Result<RecordBatchWriter, DeltaError>,
+    new_writer: impl Fn() -> Result<FileWriter, DeltaError>,
     streams: Vec<SendableRecordBatchStream>,
     ranges: &KeyRanges,
     target_size: u64,
@@ -425,25 +413,19 @@ async fn write_clustered(
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for _ in 0..per_range {
             let mut writer = new_writer()?;
-            schema.get_or_insert_with(|| writer.arrow_schema());
-            let (path, receiver) = (path.clone(), receiver.clone());
+            schema.get_or_insert_with(|| (writer.arrow_schema(), writer.takes_views()));
+            let receiver = receiver.clone();
             writers.spawn(async move {
                 loop {
                     let part = receiver.lock().await.recv().await;
                     let Some(part) = part else { break };
-                    writer
-                        .write(part)
-                        .await
-                        .map_err(|e| DeltaError::table(&path, e))?;
+                    writer.write(part).await?;
                 }
-                writer
-                    .flush()
-                    .await
-                    .map_err(|e| DeltaError::table(&path, e))
+                writer.flush().await
             });
         }
     }
-    let Some(schema) = schema else {
+    let Some((schema, keep_views)) = schema else {
         return Ok(Written::default());
     };
     let mut routers = JoinSet::new();
@@ -456,7 +438,8 @@ async fn write_clustered(
         );
         routers.spawn(async move {
             let mut rows = 0u64;
-            while let Some(batch) = next_rows(&mut stream, &path, &schema, &mut rows).await? {
+            let table_schema = (&schema, keep_views);
+            while let Some(batch) = next_rows(&mut stream, &path, table_schema, &mut rows).await? {
                 let parts = ranges.split(&batch).map_err(|e| DeltaError::Invalid {
                     table: path.to_string(),
                     message: format!("cannot split the rows by key range: {e}"),

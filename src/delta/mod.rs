@@ -4,6 +4,7 @@
 
 mod append;
 mod cdc;
+mod file_writer;
 mod files;
 mod first_load;
 mod merge;
