@@ -85,7 +85,7 @@ pub(super) struct FileWriter {
 
 enum Kind {
     Delta(Box<RecordBatchWriter>),
-    Local(LocalFiles),
+    Local(Box<LocalFiles>),
 }
 
 impl FileWriter {
@@ -102,7 +102,7 @@ impl FileWriter {
         let schema = writer.arrow_schema();
         let flat = schema.fields().iter().all(|f| !f.data_type().is_nested());
         let kind = match table.local_path() {
-            Some(dir) if !partitioned && flat => Kind::Local(LocalFiles {
+            Some(dir) if !partitioned && flat => Kind::Local(Box::new(LocalFiles {
                 dir: dir.to_path_buf(),
                 schema,
                 stats,
@@ -110,7 +110,7 @@ impl FileWriter {
                 target_size,
                 open: None,
                 finished: Vec::new(),
-            }),
+            })),
             _ => Kind::Delta(Box::new(
                 writer
                     .with_target_file_size(target_size)
@@ -216,6 +216,7 @@ struct LocalFiles {
 struct OpenFile {
     /// Its name in the table's directory.
     name: String,
+    path: PathBuf,
     writer: ArrowWriter<File>,
 }
 
@@ -253,12 +254,15 @@ impl LocalFiles {
             .map_err(|e| format!("cannot create data file `{}`: {e}", path.display()))?;
         let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.properties.clone()))
             .map_err(|e| format!("cannot write data file `{name}`: {e}"))?;
-        Ok(OpenFile { name, writer })
+        Ok(OpenFile { name, path, writer })
     }
 
     /// Finishes the open file, if any, and keeps its `add`.
     fn finish(&mut self) -> Result<(), String> {
-        let Some(OpenFile { name, mut writer }) = self.open.take() else {
+        let Some(OpenFile {
+            name, mut writer, ..
+        }) = self.open.take()
+        else {
             return Ok(());
         };
         let failed = |e: &dyn std::fmt::Display| format!("cannot finish data file `{name}`: {e}");
@@ -285,6 +289,22 @@ impl LocalFiles {
     fn flush(&mut self) -> Result<Vec<Add>, String> {
         self.finish()?;
         Ok(std::mem::take(&mut self.finished))
+    }
+}
+
+/// A file left unfinished (a write failed, or the writer was dropped for another's error) is
+/// deleted: no `add` will name it. Finished files are the caller's to commit or discard.
+impl Drop for LocalFiles {
+    fn drop(&mut self) {
+        if let Some(OpenFile { path, writer, .. }) = self.open.take() {
+            drop(writer);
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(
+                    "could not remove the unfinished data file `{}`: {error}",
+                    path.display()
+                );
+            }
+        }
     }
 }
 
@@ -635,7 +655,7 @@ mod tests {
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
     }
 
-    async fn table(dir: &std::path::Path) -> (Location, DeltaTable) {
+    async fn new_table(dir: &std::path::Path) -> (Location, DeltaTable) {
         let path = Location::from(dir);
         let table = create_if_missing(&path, &schema(), &TableOptions::default())
             .await
@@ -659,7 +679,7 @@ mod tests {
         let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let batches = [batch(0, 700, false), batch(700, 600, false)];
 
-        let (path, table) = table(ours.path()).await;
+        let (path, table) = new_table(ours.path()).await;
         let properties = table_writer_properties(&table);
         let mut writer =
             FileWriter::for_table(&path, &table, properties.clone(), u64::MAX).unwrap();
@@ -676,7 +696,7 @@ mod tests {
             .collect();
         let local = write(&mut writer, &viewed).await;
 
-        let (their_path, their_table) = table(theirs.path()).await;
+        let (their_path, their_table) = new_table(theirs.path()).await;
         let mut delta = FileWriter {
             table: their_path.clone(),
             kind: Kind::Delta(Box::new(
@@ -735,7 +755,7 @@ mod tests {
     #[tokio::test]
     async fn a_bound_is_widened_where_delta_holds_less_than_the_value() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, table) = table(dir.path()).await;
+        let (path, table) = new_table(dir.path()).await;
         let properties = table_writer_properties(&table);
         let mut writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
         let adds = write(&mut writer, &[batch(0, 100, true)]).await;
@@ -783,6 +803,36 @@ mod tests {
         );
         assert_ne!(adds[0].path, adds[1].path);
         assert_eq!(writer.buffer_len(), 0, "nothing left open after a flush");
+
+        // A writer dropped before it finishes its file leaves no file behind.
+        let properties = table_writer_properties(&table);
+        let mut writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
+        writer.write(batch(100, 50, false)).await.unwrap();
+        assert!(writer.buffer_len() > 0);
+        drop(writer);
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".parquet"))
+            .collect();
+        files.sort();
+        let mut written: Vec<String> = adds.iter().map(|a| a.path.clone()).collect();
+        written.sort();
+        assert_eq!(files, written);
+    }
+
+    #[tokio::test]
+    async fn a_partitioned_table_keeps_delta_rs_s_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let options = TableOptions {
+            partition_by: vec!["small".into()],
+            ..TableOptions::default()
+        };
+        let table = create_if_missing(&path, &schema(), &options).await.unwrap();
+        let properties = table_writer_properties(&table);
+        let writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
+        assert!(!writer.is_local() && !writer.takes_views());
     }
 
     #[test]
