@@ -14,7 +14,13 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use datafusion::arrow::{array::RecordBatch, datatypes::SchemaRef};
+use std::sync::Arc;
+
+use datafusion::arrow::{
+    array::{AsArray, RecordBatch, UInt32Array},
+    compute::{cast, take_record_batch},
+    datatypes::{DataType, Int64Type, Schema, SchemaRef},
+};
 use deltalake::{
     DeltaTable,
     kernel::Add,
@@ -89,28 +95,46 @@ enum Kind {
 }
 
 impl FileWriter {
-    /// A writer of files for the table at `table`, whose delta-rs writer is `writer`: medallion's own
-    /// when the table is local, unpartitioned and flat, `writer` itself otherwise.
+    /// A writer of files for the table at `table`, whose delta-rs writer is `writer` and partition
+    /// columns `partition_by`: medallion's own when the table is local and flat, and partitioned by
+    /// at most one column of integers or dates; `writer` itself otherwise.
     pub fn new(
         table: &Location,
         writer: RecordBatchWriter,
-        partitioned: bool,
+        partition_by: &[String],
         stats: StatsScope,
         properties: WriterProperties,
         target_size: u64,
     ) -> FileWriter {
         let schema = writer.arrow_schema();
         let flat = schema.fields().iter().all(|f| !f.data_type().is_nested());
-        let kind = match table.local_path() {
-            Some(dir) if !partitioned && flat => Kind::Local(Box::new(LocalFiles {
-                dir: dir.to_path_buf(),
-                schema,
-                stats,
-                properties,
-                target_size,
-                open: None,
-                finished: Vec::new(),
-            })),
+        let partition = match partition_by {
+            [] => Ok(None),
+            [column] => Partition::new(&schema, column).map(Some).ok_or(()),
+            _ => Err(()),
+        };
+        let kind = match (table.local_path(), partition) {
+            (Some(dir), Ok(partition)) if flat => {
+                let file_schema = match &partition {
+                    Some(p) => {
+                        let mut fields = schema.fields().to_vec();
+                        fields.remove(p.index);
+                        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+                    }
+                    None => schema.clone(),
+                };
+                Kind::Local(Box::new(LocalFiles {
+                    dir: dir.to_path_buf(),
+                    schema,
+                    file_schema,
+                    partition,
+                    stats,
+                    properties,
+                    target_size,
+                    open: Vec::new(),
+                    finished: Vec::new(),
+                }))
+            }
             _ => Kind::Delta(Box::new(
                 writer
                     .with_target_file_size(target_size)
@@ -136,7 +160,7 @@ impl FileWriter {
         Ok(FileWriter::new(
             path,
             writer,
-            !metadata.partition_columns().is_empty(),
+            metadata.partition_columns(),
             StatsScope::of(metadata.configuration()),
             properties,
             target_size,
@@ -167,7 +191,7 @@ impl FileWriter {
     pub fn buffer_len(&self) -> usize {
         match &self.kind {
             Kind::Delta(writer) => writer.buffer_len(),
-            Kind::Local(files) => files.open.as_ref().map_or(0, OpenFile::bytes),
+            Kind::Local(files) => files.open.iter().map(OpenFile::bytes).sum(),
         }
     }
 
@@ -200,21 +224,90 @@ impl FileWriter {
     }
 }
 
+/// A table's one partition column, of integers or dates: values that name a folder as they are.
+#[derive(Debug, Clone)]
+struct Partition {
+    column: String,
+    /// Its place among the table's columns.
+    index: usize,
+    date: bool,
+}
+
+/// A row's partition value: an integer, or a date's days since 1970-01-01; `None` for NULL.
+type PartitionKey = Option<i64>;
+
+impl Partition {
+    fn new(schema: &Schema, column: &str) -> Option<Partition> {
+        let index = schema.index_of(column).ok()?;
+        let date = match schema.field(index).data_type() {
+            DataType::Date32 => true,
+            DataType::Int8
+            | DataType::Int16
+            | DataType::Int32
+            | DataType::Int64
+            | DataType::UInt8
+            | DataType::UInt16
+            | DataType::UInt32 => false,
+            _ => return None,
+        };
+        Some(Partition {
+            column: column.to_string(),
+            index,
+            date,
+        })
+    }
+
+    /// Each row's key.
+    fn keys(&self, batch: &RecordBatch) -> Result<Vec<PartitionKey>, String> {
+        let column = batch.column(self.index);
+        let column = if self.date {
+            cast(column, &DataType::Int32).and_then(|days| cast(&days, &DataType::Int64))
+        } else {
+            cast(column, &DataType::Int64)
+        }
+        .map_err(|e| format!("cannot read partition column `{}`: {e}", self.column))?;
+        Ok(column.as_primitive::<Int64Type>().iter().collect())
+    }
+
+    /// The value as the `add` gives it (`None` for NULL), as delta-rs serializes it.
+    fn value(&self, key: PartitionKey) -> Option<String> {
+        let key = key?;
+        Some(match self.date {
+            true => (chrono::DateTime::UNIX_EPOCH.date_naive() + chrono::Duration::days(key))
+                .format("%Y-%m-%d")
+                .to_string(),
+            false => key.to_string(),
+        })
+    }
+
+    /// The folder of the key's files: `column=value`, Hive's default partition for NULL.
+    fn folder(&self, key: PartitionKey) -> String {
+        let value = self.value(key);
+        let value = value.as_deref().unwrap_or("__HIVE_DEFAULT_PARTITION__");
+        format!("{}={value}", self.column)
+    }
+}
+
 /// Data files written straight into a local table's directory.
 struct LocalFiles {
     dir: PathBuf,
+    /// The table's schema, which batches come in.
     schema: SchemaRef,
+    /// What its files hold: the schema without the partition column.
+    file_schema: SchemaRef,
+    partition: Option<Partition>,
     stats: StatsScope,
     properties: WriterProperties,
     target_size: u64,
-    /// The file being written, if any.
-    open: Option<OpenFile>,
+    /// The files being written, one per partition value at most.
+    open: Vec<OpenFile>,
     /// The `add` actions of the files finished since the last flush.
     finished: Vec<Add>,
 }
 
 struct OpenFile {
-    /// Its name in the table's directory.
+    key: PartitionKey,
+    /// Its path from the table's directory.
     name: String,
     path: PathBuf,
     writer: ArrowWriter<File>,
@@ -228,52 +321,104 @@ impl OpenFile {
 
 impl LocalFiles {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), String> {
-        let file = match self.open.take() {
-            Some(file) => file,
-            None => self.create()?,
+        let Some(partition) = &self.partition else {
+            return self.write_to(None, batch.clone());
         };
-        // The encoded row groups go to the page cache as they are finished: a wait no longer than
-        // the encoding before it, on the task that encodes, as with delta-rs's writer.
-        let file = self.open.insert(file);
-        file.writer
-            .write(batch)
-            .map_err(|e| format!("cannot write data file `{}`: {e}", file.name))?;
-        if file.bytes() as u64 >= self.target_size {
-            self.finish()?;
+        let keys = partition.keys(batch)?;
+        let columns: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| i != partition.index)
+            .collect();
+        let project = |rows: RecordBatch| rows.project(&columns).map_err(|e| e.to_string());
+        // Rows come clustered by time: a batch usually holds one partition.
+        if keys.iter().all(|k| *k == keys[0]) {
+            return self.write_to(keys[0], project(batch.clone())?);
+        }
+        let mut groups: Vec<(PartitionKey, Vec<u32>)> = Vec::new();
+        for (row, key) in keys.iter().enumerate() {
+            match groups.iter_mut().find(|(k, _)| k == key) {
+                Some((_, rows)) => rows.push(row as u32),
+                None => groups.push((*key, vec![row as u32])),
+            }
+        }
+        for (key, rows) in groups {
+            let rows =
+                take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| e.to_string())?;
+            self.write_to(key, project(rows)?)?;
         }
         Ok(())
     }
 
-    fn create(&self) -> Result<OpenFile, String> {
-        let name = file_name(&self.properties);
-        let path = self.dir.join(&name);
-        // A table not created yet (a first load's files come before its first commit) has no folder.
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create folder `{}`: {e}", self.dir.display()))?;
-        let file = File::create(&path)
-            .map_err(|e| format!("cannot create data file `{}`: {e}", path.display()))?;
-        let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.properties.clone()))
-            .map_err(|e| format!("cannot write data file `{name}`: {e}"))?;
-        Ok(OpenFile { name, path, writer })
+    /// Writes `rows` (without the partition column) into the open file of partition `key`.
+    fn write_to(&mut self, key: PartitionKey, rows: RecordBatch) -> Result<(), String> {
+        let at = match self.open.iter().position(|f| f.key == key) {
+            Some(at) => at,
+            None => {
+                let file = self.create(key)?;
+                self.open.push(file);
+                self.open.len() - 1
+            }
+        };
+        // The encoded row groups go to the page cache as they are finished: a wait no longer than
+        // the encoding before it, on the task that encodes, as with delta-rs's writer.
+        let file = &mut self.open[at];
+        file.writer
+            .write(&rows)
+            .map_err(|e| format!("cannot write data file `{}`: {e}", file.name))?;
+        if file.bytes() as u64 >= self.target_size {
+            let file = self.open.swap_remove(at);
+            self.finish(file)?;
+        }
+        Ok(())
     }
 
-    /// Finishes the open file, if any, and keeps its `add`.
-    fn finish(&mut self) -> Result<(), String> {
-        let Some(OpenFile {
-            name, mut writer, ..
-        }) = self.open.take()
-        else {
-            return Ok(());
-        };
+    fn create(&self, key: PartitionKey) -> Result<OpenFile, String> {
+        let mut name = file_name(&self.properties);
+        let mut dir = self.dir.clone();
+        if let Some(partition) = &self.partition {
+            let folder = partition.folder(key);
+            dir.push(&folder);
+            // Folder names of integers, dates and `-`: the path needs no escaping.
+            name = format!("{folder}/{name}");
+        }
+        // A table not created yet (a first load's files come before its first commit) has no folder.
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create folder `{}`: {e}", dir.display()))?;
+        let path = self.dir.join(&name);
+        let file = File::create(&path)
+            .map_err(|e| format!("cannot create data file `{}`: {e}", path.display()))?;
+        let properties = Some(self.properties.clone());
+        let writer = ArrowWriter::try_new(file, self.file_schema.clone(), properties)
+            .map_err(|e| format!("cannot write data file `{name}`: {e}"))?;
+        Ok(OpenFile {
+            key,
+            name,
+            path,
+            writer,
+        })
+    }
+
+    /// Finishes `file` and keeps its `add`.
+    fn finish(&mut self, file: OpenFile) -> Result<(), String> {
+        let OpenFile {
+            key,
+            name,
+            mut writer,
+            ..
+        } = file;
         let failed = |e: &dyn std::fmt::Display| format!("cannot finish data file `{name}`: {e}");
         let metadata = writer.finish().map_err(|e| failed(&e))?;
         let size = i64::try_from(writer.bytes_written()).map_err(|e| failed(&e))?;
         let stats = file_stats(&metadata, &self.stats);
+        let partition_values = self
+            .partition
+            .iter()
+            .map(|p| (p.column.clone(), p.value(key)))
+            .collect();
         self.finished.push(Add {
-            // Names are made of ASCII letters, digits, `-` and `.`: the path needs no escaping.
+            // Names are made of ASCII letters, digits, `-`, `=`, `_`, `/` and `.`: no escaping.
             path: name,
             size,
-            partition_values: HashMap::new(),
+            partition_values,
             modification_time: now_millis(),
             data_change: true,
             stats: Some(stats.to_string()),
@@ -287,7 +432,9 @@ impl LocalFiles {
     }
 
     fn flush(&mut self) -> Result<Vec<Add>, String> {
-        self.finish()?;
+        for file in std::mem::take(&mut self.open) {
+            self.finish(file)?;
+        }
         Ok(std::mem::take(&mut self.finished))
     }
 }
@@ -296,7 +443,7 @@ impl LocalFiles {
 /// deleted: no `add` will name it. Finished files are the caller's to commit or discard.
 impl Drop for LocalFiles {
     fn drop(&mut self) {
-        if let Some(OpenFile { path, writer, .. }) = self.open.take() {
+        for OpenFile { path, writer, .. } in std::mem::take(&mut self.open) {
             drop(writer);
             if let Err(error) = std::fs::remove_file(&path) {
                 tracing::warn!(
@@ -822,17 +969,124 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partitioned_table_keeps_delta_rs_s_writer() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = Location::from(dir.path());
+    async fn a_table_partitioned_by_other_than_one_integer_or_date_keeps_delta_rs_s_writer() {
+        for partition_by in [vec!["name"], vec!["small", "day"]] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = Location::from(dir.path());
+            let options = TableOptions {
+                partition_by: partition_by.iter().map(|c| c.to_string()).collect(),
+                ..TableOptions::default()
+            };
+            let table = create_if_missing(&path, &schema(), &options).await.unwrap();
+            let properties = table_writer_properties(&table);
+            let writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
+            assert!(
+                !writer.is_local() && !writer.takes_views(),
+                "{partition_by:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_table_partitioned_by_a_year_has_the_files_and_adds_delta_rs_gives_it() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("year", DataType::Int32, true),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        // Years in runs, as rows come clustered by time, with a NULL year and a batch of one year.
+        let batch = |keys: std::ops::Range<i64>| {
+            let year = |k: i64| (k % 40 != 7).then_some(2010 + (k / 100) as i32);
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(keys.clone())),
+                    Arc::new(Int32Array::from_iter(keys.clone().map(year))),
+                    Arc::new(StringArray::from_iter_values(keys.map(|k| format!("v{k}")))),
+                ],
+            )
+            .unwrap()
+        };
+        let batches = [batch(0..250), batch(250..300), batch(300..330)];
         let options = TableOptions {
-            partition_by: vec!["small".into()],
+            partition_by: vec!["year".into()],
             ..TableOptions::default()
         };
-        let table = create_if_missing(&path, &schema(), &options).await.unwrap();
-        let properties = table_writer_properties(&table);
-        let writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
-        assert!(!writer.is_local() && !writer.takes_views());
+        let mut written = Vec::new();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        for (n, dir) in dirs.iter().enumerate() {
+            let path = Location::from(dir.path());
+            let table = create_if_missing(&path, &schema, &options).await.unwrap();
+            let properties = table_writer_properties(&table);
+            let mut writer =
+                FileWriter::for_table(&path, &table, properties.clone(), u64::MAX).unwrap();
+            if n == 1 {
+                assert!(writer.is_local());
+            } else {
+                writer.kind = Kind::Delta(Box::new(
+                    RecordBatchWriter::for_table(&table)
+                        .unwrap()
+                        .with_writer_properties(properties),
+                ));
+            }
+            let mut adds = write(&mut writer, &batches).await;
+            adds.sort_by_key(|a| format!("{:?}", a.partition_values.get("year")));
+            written.push((path, table, adds));
+        }
+        let (theirs, ours) = (&written[0].2, &written[1].2);
+        assert_eq!(ours.len(), 5, "2010, 2011, 2012, 2013 and NULL");
+        assert_eq!(ours.len(), theirs.len());
+        for (our, their) in ours.iter().zip(theirs) {
+            assert_eq!(our.partition_values, their.partition_values);
+            assert_eq!(stats(our), stats(their));
+            let folder = |p: &str| p.split('/').next().unwrap().to_string();
+            assert_eq!(folder(&our.path), folder(&their.path));
+            let on_disk = std::fs::metadata(dirs[1].path().join(&our.path))
+                .unwrap()
+                .len();
+            assert_eq!(our.size, on_disk as i64);
+        }
+        assert_eq!(ours[0].partition_values.get("year"), Some(&None));
+        assert!(ours[0].path.starts_with("year=__HIVE_DEFAULT_PARTITION__/"));
+        assert_eq!(
+            ours[1].partition_values.get("year"),
+            Some(&Some("2010".to_string()))
+        );
+
+        // Committed, each year's rows read back in their partition.
+        let (path, table, adds) = &written[1];
+        super::super::files::commit(
+            path,
+            table,
+            adds.iter().cloned().map(Action::Add).collect(),
+            super::super::files::append_operation(path, table).unwrap(),
+            CommitProperties::default(),
+        )
+        .await
+        .unwrap();
+        let table = crate::delta::open(path).await.unwrap().unwrap();
+        let ctx = crate::delta::session(None).unwrap();
+        ctx.register_table("t", crate::delta::provider(path, &table).await.unwrap())
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT year, count(*) AS n, sum(k) AS s, min(v) AS v FROM t GROUP BY year ORDER BY year")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        for row in [
+            "| 2010 | 97 |",
+            "| 2011 | 98 |",
+            "| 2012 | 97 |",
+            "| 2013 | 29 |",
+            "|      | 9  |",
+        ] {
+            assert!(text.contains(row), "{row} in\n{text}");
+        }
     }
 
     #[test]

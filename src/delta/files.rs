@@ -295,7 +295,7 @@ pub(super) async fn write_new_files(
         Ok(FileWriter::new(
             path,
             writer,
-            partitions.is_some(),
+            partition_by,
             StatsScope::for_new(options.stats_columns.as_deref()),
             properties.clone(),
             layout.target_size,
