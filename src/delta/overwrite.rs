@@ -1,5 +1,6 @@
 //! Overwrite: replace the whole table, or only the rows of some values of one column, with a query's
-//! result in one commit. The query streams through delta-rs's writer; it is not collected in memory.
+//! result in one commit. The query streams through the table's file writers
+//! ([`super::file_writer`]); it is not collected in memory.
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -346,7 +347,7 @@ impl Replacement {
 
     /// Starts the query: the partitions of its result, to hand to [`Replacement::write`], and the number
     /// of slices it is computed in (1: all at once). A Delta table has no row order, so a final
-    /// `ORDER BY` is not run (delta-rs's writer drops it too): sorting ten million Gold rows cost more
+    /// `ORDER BY` is not run (delta-rs's own writes drop it too): sorting ten million Gold rows cost more
     /// than the rest of the stage, and more memory than a 1 GiB limit. A query that holds state
     /// (aggregations, joins, sorts, windows) runs one slice after another when there are slices: its
     /// memory is that of a slice, not of the whole result.
