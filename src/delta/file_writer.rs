@@ -4,8 +4,9 @@
 //! then hands the buffer to the object store: at 10M rows that growth was a third of the ingest's page
 //! faults (BENCHMARKS.md, item 60). A local table's files are instead written straight to its
 //! directory by Parquet's writer, as the CSV→Parquet floor writes its files, and given the `add`
-//! action delta-rs gives its files: path, size, and the statistics of the Parquet footer. Tables on
-//! object stores, partitioned tables and tables with nested columns keep delta-rs's writer.
+//! action delta-rs gives its files: path, size, partition values, and the statistics of the Parquet
+//! footer. Tables on object stores, tables partitioned other than by one column of integers or dates,
+//! and tables with nested columns keep delta-rs's writer.
 
 use std::{
     collections::HashMap,
@@ -37,6 +38,10 @@ use serde_json::{Map, Value};
 use super::DeltaError;
 use crate::storage::Location;
 
+/// At most this many files of one writer are open at once (one per partition value): past it, the
+/// longest open is finished, so that a table of many partitions cannot run out of file handles.
+const MAX_OPEN_FILES: usize = 64;
+
 /// How many leading columns get statistics when a table names neither its stats columns nor a count
 /// (the default of `delta.dataSkippingNumIndexedCols`).
 const DEFAULT_INDEXED_COLUMNS: usize = 32;
@@ -51,10 +56,12 @@ pub(super) enum StatsScope {
 }
 
 impl StatsScope {
-    /// The scope of a table whose configuration is `configuration`.
+    /// The scope of a table whose configuration is `configuration`. A negative count means every
+    /// column, as the Delta protocol says (delta-rs 1.1 reads it as the default, 32).
     pub fn of(configuration: &HashMap<String, String>) -> StatsScope {
         if let Some(columns) = configuration.get("delta.dataSkippingStatsColumns") {
-            return StatsScope::Named(columns.split(',').map(|c| c.trim().to_string()).collect());
+            // Names as medallion writes them: quoted in backticks where they need it.
+            return StatsScope::Named(super::parse_stats_columns(columns));
         }
         match configuration
             .get("delta.dataSkippingNumIndexedCols")
@@ -167,12 +174,6 @@ impl FileWriter {
         ))
     }
 
-    /// Whether files are written by medallion itself.
-    #[cfg(test)]
-    fn is_local(&self) -> bool {
-        matches!(self.kind, Kind::Local(_))
-    }
-
     /// The schema batches must have.
     pub fn arrow_schema(&self) -> SchemaRef {
         match &self.kind {
@@ -239,15 +240,10 @@ type PartitionKey = Option<i64>;
 impl Partition {
     fn new(schema: &Schema, column: &str) -> Option<Partition> {
         let index = schema.index_of(column).ok()?;
+        // A Delta table's integers are signed.
         let date = match schema.field(index).data_type() {
             DataType::Date32 => true,
-            DataType::Int8
-            | DataType::Int16
-            | DataType::Int32
-            | DataType::Int64
-            | DataType::UInt8
-            | DataType::UInt16
-            | DataType::UInt32 => false,
+            DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => false,
             _ => return None,
         };
         Some(Partition {
@@ -269,15 +265,14 @@ impl Partition {
         Ok(column.as_primitive::<Int64Type>().iter().collect())
     }
 
-    /// The value as the `add` gives it (`None` for NULL), as delta-rs serializes it.
+    /// The value as the `add` gives it (`None` for NULL, and for a date chrono cannot write), as
+    /// delta-rs serializes it.
     fn value(&self, key: PartitionKey) -> Option<String> {
         let key = key?;
-        Some(match self.date {
-            true => (chrono::DateTime::UNIX_EPOCH.date_naive() + chrono::Duration::days(key))
-                .format("%Y-%m-%d")
-                .to_string(),
-            false => key.to_string(),
-        })
+        match self.date {
+            true => date(key),
+            false => Some(key.to_string()),
+        }
     }
 
     /// The folder of the key's files: `column=value`, Hive's default partition for NULL.
@@ -321,6 +316,9 @@ impl OpenFile {
 
 impl LocalFiles {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), String> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
         let Some(partition) = &self.partition else {
             return self.write_to(None, batch.clone());
         };
@@ -333,12 +331,9 @@ impl LocalFiles {
         if keys.iter().all(|k| *k == keys[0]) {
             return self.write_to(keys[0], project(batch.clone())?);
         }
-        let mut groups: Vec<(PartitionKey, Vec<u32>)> = Vec::new();
+        let mut groups: HashMap<PartitionKey, Vec<u32>> = HashMap::new();
         for (row, key) in keys.iter().enumerate() {
-            match groups.iter_mut().find(|(k, _)| k == key) {
-                Some((_, rows)) => rows.push(row as u32),
-                None => groups.push((*key, vec![row as u32])),
-            }
+            groups.entry(*key).or_default().push(row as u32);
         }
         for (key, rows) in groups {
             let rows =
@@ -353,13 +348,17 @@ impl LocalFiles {
         let at = match self.open.iter().position(|f| f.key == key) {
             Some(at) => at,
             None => {
+                if self.open.len() >= MAX_OPEN_FILES {
+                    let longest = self.open.remove(0);
+                    self.finish(longest)?;
+                }
                 let file = self.create(key)?;
                 self.open.push(file);
                 self.open.len() - 1
             }
         };
-        // The encoded row groups go to the page cache as they are finished: a wait no longer than
-        // the encoding before it, on the task that encodes, as with delta-rs's writer.
+        // The encoded row groups go to the page cache as they are finished, on the task that encodes:
+        // a wait no longer than the encoding before it.
         let file = &mut self.open[at];
         file.writer
             .write(&rows)
@@ -377,7 +376,8 @@ impl LocalFiles {
         if let Some(partition) = &self.partition {
             let folder = partition.folder(key);
             dir.push(&folder);
-            // Folder names of integers, dates and `-`: the path needs no escaping.
+            // Values of integers and dates: the folder needs no escaping (nor does a column name,
+            // which delta-rs takes as it is too).
             name = format!("{folder}/{name}");
         }
         // A table not created yet (a first load's files come before its first commit) has no folder.
@@ -397,15 +397,18 @@ impl LocalFiles {
         })
     }
 
-    /// Finishes `file` and keeps its `add`.
+    /// Finishes `file` and keeps its `add`; a file that cannot be finished is deleted.
     fn finish(&mut self, file: OpenFile) -> Result<(), String> {
         let OpenFile {
             key,
             name,
+            path,
             mut writer,
-            ..
         } = file;
-        let failed = |e: &dyn std::fmt::Display| format!("cannot finish data file `{name}`: {e}");
+        let failed = |e: &dyn std::fmt::Display| {
+            let _ = std::fs::remove_file(&path);
+            format!("cannot finish data file `{name}`: {e}")
+        };
         let metadata = writer.finish().map_err(|e| failed(&e))?;
         let size = i64::try_from(writer.bytes_written()).map_err(|e| failed(&e))?;
         let stats = file_stats(&metadata, &self.stats);
@@ -415,7 +418,7 @@ impl LocalFiles {
             .map(|p| (p.column.clone(), p.value(key)))
             .collect();
         self.finished.push(Add {
-            // Names are made of ASCII letters, digits, `-`, `=`, `_`, `/` and `.`: no escaping.
+            // A uuid, a codec and a partition folder: no escaping (see `create`).
             path: name,
             size,
             partition_values,
@@ -432,8 +435,13 @@ impl LocalFiles {
     }
 
     fn flush(&mut self) -> Result<Vec<Add>, String> {
-        for file in std::mem::take(&mut self.open) {
-            self.finish(file)?;
+        let mut files = std::mem::take(&mut self.open).into_iter();
+        while let Some(file) = files.next() {
+            if let Err(error) = self.finish(file) {
+                // The others stay open, for `drop` to delete.
+                self.open.extend(files);
+                return Err(error);
+            }
         }
         Ok(std::mem::take(&mut self.finished))
     }
@@ -455,7 +463,7 @@ impl Drop for LocalFiles {
     }
 }
 
-/// A new data file's name, as delta-rs names its files: `part-00000-<uuid>-c000.<codec>.parquet`.
+/// A new data file's name, in delta-rs's pattern: `part-00000-<uuid>-c000.<codec>.parquet`.
 fn file_name(properties: &WriterProperties) -> String {
     let codec = match properties.compression(&ColumnPath::new(Vec::new())) {
         Compression::UNCOMPRESSED => "",
@@ -478,8 +486,8 @@ fn now_millis() -> i64 {
 
 /// The `stats` of an `add` for the file whose footer is `metadata`: its rows, and each column in
 /// `scope`'s least and greatest value and NULL count. A bound is left out when a row group has values
-/// but no bound for them, or when Delta has no way to say it exactly enough (binary columns, unsigned
-/// integers); readers then read the file whatever their filter.
+/// but no bound for them (floats that are all NaN), or when Delta cannot say it (binary columns,
+/// infinite floats, decimals past 28 digits); readers then read the file whatever their filter.
 fn file_stats(metadata: &ParquetMetaData, scope: &StatsScope) -> Value {
     let (mut mins, mut maxes, mut nulls) = (Map::new(), Map::new(), Map::new());
     let schema = metadata.file_metadata().schema_descr();
@@ -609,10 +617,8 @@ impl Bound {
                 pair(s.min_opt(), s.max_opt(), |v| Some(Bound::Float(v)))
             }
             (Statistics::ByteArray(s), Some(LogicalType::String)) => {
-                // A truncated bound is not a value of the column, which Delta's bounds must be.
-                if !s.min_is_exact() || !s.max_is_exact() {
-                    return None;
-                }
+                // Past 64 bytes Parquet truncates a least value (a prefix, still a bound) and a
+                // greatest one with its last character raised (still a bound): delta-rs takes both.
                 let text = |b: Option<&[u8]>| String::from_utf8(b?.to_vec()).ok();
                 Some((
                     Bound::String(text(s.min_bytes_opt())?),
@@ -646,13 +652,9 @@ impl Bound {
         Some(match self {
             Bound::Boolean(v) => Value::from(*v),
             Bound::Integer(v) => Value::from(*v),
-            Bound::Float(v) => Value::from(*v),
-            Bound::Date(days) => Value::from(
-                (chrono::DateTime::UNIX_EPOCH.date_naive()
-                    + chrono::Duration::days((*days).into()))
-                .format("%Y-%m-%d")
-                .to_string(),
-            ),
+            // JSON has no infinity (serde_json would write `null`).
+            Bound::Float(v) => v.is_finite().then(|| Value::from(*v))?,
+            Bound::Date(days) => Value::from(date((*days).into())?),
             Bound::Timestamp { nanos, utc } => {
                 let widen = greatest && nanos.rem_euclid(1_000_000) != 0;
                 let millis = i64::try_from(nanos.div_euclid(1_000_000) + i128::from(widen)).ok()?;
@@ -669,6 +671,14 @@ impl Bound {
             Bound::String(v) => Value::from(v.as_str()),
         })
     }
+}
+
+/// The date `days` after 1970-01-01, as `YYYY-MM-DD`; `None` past what chrono holds (±262,000 years).
+fn date(days: i64) -> Option<String> {
+    let date = chrono::DateTime::UNIX_EPOCH
+        .date_naive()
+        .checked_add_signed(chrono::TimeDelta::try_days(days)?)?;
+    Some(date.format("%Y-%m-%d").to_string())
 }
 
 /// A two's-complement big-endian integer of 1 to 16 bytes (a decimal's unscaled value).
@@ -752,8 +762,14 @@ mod tests {
             Arc::new(Int32Array::from_iter(
                 ids.iter().map(|&i| nth(i, 7).then_some(i as i32 - 500)),
             )),
+            // Some names past the 64 bytes at which Parquet truncates a bound.
             Arc::new(StringArray::from_iter(ids.iter().map(|&i| {
-                nth(i, 5).then(|| format!("name {:04}", i * 37 % 1000))
+                let long = if i % 11 == 0 {
+                    "~".repeat(70)
+                } else {
+                    String::new()
+                };
+                nth(i, 5).then(|| format!("name {:04}{long}", i * 37 % 1000))
             }))),
             Arc::new(
                 Decimal128Array::from_iter(
@@ -821,16 +837,41 @@ mod tests {
         writer.flush().await.unwrap()
     }
 
+    /// Commits `adds` to `table` as an append.
+    async fn commit(path: &Location, table: &DeltaTable, adds: Vec<Add>) {
+        let operation = super::super::files::append_operation(path, table).unwrap();
+        let actions = adds.into_iter().map(Action::Add).collect();
+        super::super::files::commit(path, table, actions, operation, CommitProperties::default())
+            .await
+            .unwrap();
+    }
+
+    /// `sql`'s result over the table at `path` (as `t`), as text.
+    async fn query(path: &Location, sql: &str) -> String {
+        let table = crate::delta::open(path).await.unwrap().unwrap();
+        let ctx = crate::delta::session(None).unwrap();
+        let provider = crate::delta::provider(path, &table).await.unwrap();
+        ctx.register_table("t", provider).unwrap();
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string()
+    }
+
     #[tokio::test]
     async fn a_local_file_has_the_add_that_delta_rs_gives_it() {
         let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let batches = [batch(0, 700, false), batch(700, 600, false)];
 
         let (path, table) = new_table(ours.path()).await;
-        let properties = table_writer_properties(&table);
+        // Row groups of 300 rows: bounds are merged over five of them, a column NULL in some.
+        let properties = table_writer_properties(&table)
+            .into_builder()
+            .set_max_row_group_row_count(Some(300))
+            .build();
         let mut writer =
             FileWriter::for_table(&path, &table, properties.clone(), u64::MAX).unwrap();
-        assert!(writer.is_local() && writer.takes_views());
+        assert!(writer.takes_views());
         // Strings come as DataFusion computes them, views, and are written as they come.
         let viewed: Vec<RecordBatch> = batches
             .iter()
@@ -861,6 +902,8 @@ mod tests {
         assert_eq!(stats(ours_add)["nullCount"]["empty"], json!(1300));
         assert_eq!(stats(ours_add)["minValues"]["amount"], json!(-999.99));
         assert_eq!(stats(ours_add)["maxValues"]["day"], json!("2025-07-29"));
+        // The first row group's least name is truncated: still a bound, taken as delta-rs takes it.
+        assert_eq!(stats(ours_add)["minValues"]["name"], json!("name 0000"));
         assert!(ours_add.data_change && ours_add.partition_values.is_empty());
         let on_disk = std::fs::metadata(ours.path().join(&ours_add.path))
             .unwrap()
@@ -871,28 +914,8 @@ mod tests {
         );
 
         // Committed, the file reads back as written, and a filter on its bounds keeps it.
-        super::super::files::commit(
-            &path,
-            &table,
-            local.into_iter().map(Action::Add).collect(),
-            super::super::files::append_operation(&path, &table).unwrap(),
-            CommitProperties::default(),
-        )
-        .await
-        .unwrap();
-        let table = crate::delta::open(&path).await.unwrap().unwrap();
-        let ctx = crate::delta::session(None).unwrap();
-        ctx.register_table("t", crate::delta::provider(&path, &table).await.unwrap())
-            .unwrap();
-        let count = |sql: &'static str| {
-            let ctx = ctx.clone();
-            async move {
-                let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-                datafusion::arrow::util::pretty::pretty_format_batches(&batches)
-                    .unwrap()
-                    .to_string()
-            }
-        };
+        commit(&path, &table, local).await;
+        let count = |sql| query(&path, sql);
         let all = count("SELECT count(*) AS n, sum(id) AS s, sum(amount) AS a FROM t").await;
         assert!(all.contains("| 1300 | 844350 | 6833453.25 |"), "{all}");
         let last = count("SELECT count(*) AS n FROM t WHERE id >= 1299 AND name IS NOT NULL").await;
@@ -939,7 +962,9 @@ mod tests {
         let adds = write(&mut writer, &[batch(0, 50, false), batch(50, 50, false)]).await;
         assert_eq!(adds.len(), 2, "a file per batch past a target of one byte");
         let stats: Vec<Value> = adds.iter().map(stats).collect();
-        assert_eq!(stats[0]["minValues"], json!({"id": 0, "name": "name 0000"}));
+        // Row 0's name is 79 bytes: its bound is Parquet's first 64.
+        let truncated = format!("name 0000{}", "~".repeat(55));
+        assert_eq!(stats[0]["minValues"], json!({"id": 0, "name": truncated}));
         assert_eq!(stats[1]["minValues"]["id"], json!(50));
         assert_eq!(stats[1]["maxValues"]["id"], json!(99));
         assert_eq!(
@@ -980,10 +1005,7 @@ mod tests {
             let table = create_if_missing(&path, &schema(), &options).await.unwrap();
             let properties = table_writer_properties(&table);
             let writer = FileWriter::for_table(&path, &table, properties, u64::MAX).unwrap();
-            assert!(
-                !writer.is_local() && !writer.takes_views(),
-                "{partition_by:?}"
-            );
+            assert!(!writer.takes_views(), "{partition_by:?}");
         }
     }
 
@@ -1021,7 +1043,7 @@ mod tests {
             let mut writer =
                 FileWriter::for_table(&path, &table, properties.clone(), u64::MAX).unwrap();
             if n == 1 {
-                assert!(writer.is_local());
+                assert!(writer.takes_views(), "medallion's own writer");
             } else {
                 writer.kind = Kind::Delta(Box::new(
                     RecordBatchWriter::for_table(&table)
@@ -1055,29 +1077,12 @@ mod tests {
 
         // Committed, each year's rows read back in their partition.
         let (path, table, adds) = &written[1];
-        super::super::files::commit(
+        commit(path, table, adds.clone()).await;
+        let text = query(
             path,
-            table,
-            adds.iter().cloned().map(Action::Add).collect(),
-            super::super::files::append_operation(path, table).unwrap(),
-            CommitProperties::default(),
+            "SELECT year, count(*) AS n, sum(k) AS s, min(v) AS v FROM t GROUP BY year ORDER BY year",
         )
-        .await
-        .unwrap();
-        let table = crate::delta::open(path).await.unwrap().unwrap();
-        let ctx = crate::delta::session(None).unwrap();
-        ctx.register_table("t", crate::delta::provider(path, &table).await.unwrap())
-            .unwrap();
-        let batches = ctx
-            .sql("SELECT year, count(*) AS n, sum(k) AS s, min(v) AS v FROM t GROUP BY year ORDER BY year")
-            .await
-            .unwrap()
-            .collect()
-            .await
-            .unwrap();
-        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
-            .unwrap()
-            .to_string();
+        .await;
         for row in [
             "| 2010 | 97 |",
             "| 2011 | 98 |",
@@ -1087,6 +1092,47 @@ mod tests {
         ] {
             assert!(text.contains(row), "{row} in\n{text}");
         }
+    }
+
+    #[test]
+    fn partition_values_and_folders_are_delta_rs_s() {
+        let schema = Schema::new(vec![
+            Field::new("year", DataType::Int32, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new("name", DataType::Utf8, true),
+        ]);
+        let year = Partition::new(&schema, "year").unwrap();
+        assert_eq!(year.value(Some(-12)), Some("-12".to_string()));
+        assert_eq!(year.folder(Some(2010)), "year=2010");
+        assert_eq!(year.folder(None), "year=__HIVE_DEFAULT_PARTITION__");
+        let day = Partition::new(&schema, "day").unwrap();
+        assert_eq!(day.value(Some(19_000)), Some("2022-01-08".to_string()));
+        assert_eq!(day.folder(Some(-1)), "day=1969-12-31");
+        assert_eq!(
+            day.value(Some(i64::from(i32::MAX))),
+            None,
+            "past chrono's range"
+        );
+        let keys = day.keys(&batch_of(&schema, vec![None, Some(3)])).unwrap();
+        assert_eq!(keys, vec![None, Some(3)]);
+        assert!(
+            Partition::new(&schema, "name").is_none(),
+            "strings keep delta-rs's writer"
+        );
+    }
+
+    /// A batch of `schema` whose date column holds `days`, the others NULL.
+    fn batch_of(schema: &Schema, days: Vec<Option<i32>>) -> RecordBatch {
+        let rows = days.len();
+        RecordBatch::try_new(
+            Arc::new(schema.clone()),
+            vec![
+                Arc::new(Int32Array::from(vec![None; rows])),
+                Arc::new(Date32Array::from(days)),
+                Arc::new(StringArray::from(vec![None::<&str>; rows])),
+            ],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1101,6 +1147,14 @@ mod tests {
         assert_eq!(
             StatsScope::of(&config(&[("delta.dataSkippingNumIndexedCols", "-1")])),
             StatsScope::First(None)
+        );
+        assert_eq!(
+            StatsScope::of(&config(&[(
+                "delta.dataSkippingStatsColumns",
+                "a,`order id`"
+            )])),
+            StatsScope::Named(vec!["a".into(), "order id".into()]),
+            "names as medallion writes them"
         );
         assert_eq!(
             StatsScope::of(&config(&[

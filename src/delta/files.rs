@@ -163,9 +163,9 @@ impl Layout {
 const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The partitions a writer has written to since its files were last finished. A writer keeps a file
-/// open for each (an upload buffer and a Parquet writer's state, several MiB each): the fact's ten
-/// year partitions held 215 MiB at 10M rows. When a batch holds none of them, the rows have moved on
-/// (they come clustered by time), and the open files can be finished.
+/// open for each (a Parquet writer's state, and on an object store an upload buffer, several MiB
+/// each): the fact's ten year partitions held 215 MiB at 10M rows. When a batch holds none of them,
+/// the rows have moved on (they come clustered by time), and the open files can be finished.
 struct PartitionsSeen {
     columns: Vec<usize>,
     converter: datafusion::arrow::row::RowConverter,
