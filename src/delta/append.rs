@@ -62,7 +62,6 @@ impl BatchAppender {
         let mut writers = Vec::with_capacity(count);
         let mut tasks = JoinSet::new();
         let mut table_schema = None;
-        let mut takes_views = true;
         let properties = super::table_writer_properties(&table);
         for _ in 0..count {
             let mut writer = FileWriter::for_table(
@@ -71,8 +70,8 @@ impl BatchAppender {
                 properties.clone(),
                 options.target_file_size.unwrap_or(TARGET_FILE_SIZE),
             )?;
-            table_schema.get_or_insert_with(|| writer.arrow_schema());
-            takes_views &= writer.takes_views();
+            // Every writer of the table is of one kind: the first says what they take.
+            table_schema.get_or_insert_with(|| (writer.arrow_schema(), writer.takes_views()));
             // One batch waiting per writer: memory stays bounded when the writers are slower.
             let (sender, mut receiver) = mpsc::channel::<RecordBatch>(1);
             tasks.spawn(async move {
@@ -83,7 +82,7 @@ impl BatchAppender {
             });
             writers.push(sender);
         }
-        let schema = table_schema.ok_or_else(|| DeltaError::Invalid {
+        let (schema, takes_views) = table_schema.ok_or_else(|| DeltaError::Invalid {
             table: path.to_string(),
             message: "no writer for the append".into(),
         })?;

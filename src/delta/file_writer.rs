@@ -304,7 +304,6 @@ struct OpenFile {
     key: PartitionKey,
     /// Its path from the table's directory.
     name: String,
-    path: PathBuf,
     writer: ArrowWriter<File>,
 }
 
@@ -389,12 +388,7 @@ impl LocalFiles {
         let properties = Some(self.properties.clone());
         let writer = ArrowWriter::try_new(file, self.file_schema.clone(), properties)
             .map_err(|e| format!("cannot write data file `{name}`: {e}"))?;
-        Ok(OpenFile {
-            key,
-            name,
-            path,
-            writer,
-        })
+        Ok(OpenFile { key, name, writer })
     }
 
     /// Finishes `file` and keeps its `add`; a file that cannot be finished is deleted.
@@ -402,11 +396,10 @@ impl LocalFiles {
         let OpenFile {
             key,
             name,
-            path,
             mut writer,
         } = file;
         let failed = |e: &dyn std::fmt::Display| {
-            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(self.dir.join(&name));
             format!("cannot finish data file `{name}`: {e}")
         };
         let metadata = writer.finish().map_err(|e| failed(&e))?;
@@ -451,8 +444,9 @@ impl LocalFiles {
 /// deleted: no `add` will name it. Finished files are the caller's to commit or discard.
 impl Drop for LocalFiles {
     fn drop(&mut self) {
-        for OpenFile { path, writer, .. } in std::mem::take(&mut self.open) {
+        for OpenFile { name, writer, .. } in std::mem::take(&mut self.open) {
             drop(writer);
+            let path = self.dir.join(name);
             if let Err(error) = std::fs::remove_file(&path) {
                 tracing::warn!(
                     "could not remove the unfinished data file `{}`: {error}",
