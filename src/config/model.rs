@@ -261,6 +261,8 @@ pub struct Stage {
     pub compression: Option<crate::delta::Codec>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
+    /// CDC stages: the target is created with deletion vectors (`delta.enableDeletionVectors`).
+    pub deletion_vectors: bool,
 }
 
 /// An overwrite stage that replaces only the rows whose `column` value was touched by the changes applied

@@ -252,6 +252,10 @@ pub struct StageSpec {
     /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,
+    /// CDC stages: create the target with deletion vectors (`delta.enableDeletionVectors`), so that a
+    /// change batch marks the rows it replaces or deletes instead of rewriting the files holding them.
+    #[serde(default)]
+    pub deletion_vectors: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -601,6 +601,15 @@ impl Compiler<'_> {
                     })
                     .ok()
             });
+            if spec.deletion_vectors && !matches!(write, WriteMode::Cdc { .. }) {
+                self.issue(
+                    at,
+                    format!(
+                        "stage `{name}`: `deletion_vectors` needs mode `cdc` (only a change batch \
+                         marks rows deleted)"
+                    ),
+                );
+            }
             let incremental = match &spec.incremental {
                 None => None,
                 Some(inc) => {
@@ -661,6 +670,7 @@ impl Compiler<'_> {
                     stats_columns: spec.stats_columns,
                     compression,
                     incremental,
+                    deletion_vectors: spec.deletion_vectors,
                 },
                 line,
                 spec.depends_on,

@@ -1260,9 +1260,12 @@ async fn rewrite(
     let rewritten = table
         .table_provider()
         .with_file_paths(files.iter().cloned())
+        .build()
         .await
         .map_err(query)?;
-    ctx.register_table(REWRITTEN, rewritten).map_err(query)?;
+    let rewritten = Arc::new(rewritten);
+    ctx.register_table(REWRITTEN, rewritten.clone())
+        .map_err(query)?;
     // The rows of those files whose key the batch does not update or delete: for one integer key
     // whose changed values are dense enough, a bit test per row; otherwise a right anti join with the
     // batch's keys as its build side (hashing the files' rows instead would hold them all).
@@ -1302,6 +1305,49 @@ async fn rewrite(
         }
         _ => None,
     };
+    if let Some((key, bits)) = &changed_set
+        && super::deletion_vectors_enabled(table)
+    {
+        let kept = rewritten
+            .deletion_vectors(&ctx.state())
+            .await
+            .map_err(query)?;
+        let kept = kept
+            .into_iter()
+            .map(|selection| (selection.filepath, selection.keep_mask))
+            .collect();
+        let expected = count("update") + count("delete");
+        let marked =
+            super::deletion_vectors::mark(path, table, &files, &kept, key, bits, expected).await?;
+        let upserts = ctx
+            .sql(&format!(
+                "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"
+            ))
+            .await
+            .map_err(query)?;
+        let layout = Layout::unclustered(options.target_file_size);
+        let written = match super::files::write_files(path, table, upserts, &layout).await {
+            Ok(written) => written,
+            Err(error) => {
+                marked.discard(path, table).await;
+                return Err(error);
+            }
+        };
+        let adds = written.adds.len() as u64;
+        let mut actions = marked.actions;
+        actions.extend(written.adds.into_iter().map(Action::Add));
+        // A failed commit leaves its files: it may have landed all the same (a lost reply), and an
+        // unreferenced file is invisible to readers until `medallion maintain` vacuums it.
+        let version = super::files::commit(
+            path,
+            table,
+            actions,
+            merge_operation(&spec.keys),
+            meta.properties_with(extra),
+        )
+        .await?;
+        return Ok((write_metrics(version, count, adds), files.len() as u64));
+    }
     let kept = match changed_set {
         Some((key, bits)) => {
             ctx.register_udf(key_in(CHANGED_KEY, bits));
@@ -1354,24 +1400,42 @@ async fn rewrite(
     let files_added = written.adds.len() as u64;
     let mut actions = super::files::removes(path, table, &files)?;
     actions.extend(written.adds.into_iter().map(Action::Add));
+    let version = super::files::commit(
+        path,
+        table,
+        actions,
+        merge_operation(&spec.keys),
+        meta.properties_with(extra),
+    )
+    .await?;
+    Ok((
+        write_metrics(version, count, files_added),
+        files.len() as u64,
+    ))
+}
+
+/// The operation a batch's commit records: a merge on `keys`.
+fn merge_operation(keys: &[String]) -> DeltaOperation {
     let predicate = |action: &str, predicate: &str| MergePredicate {
         action_type: action.to_string(),
         predicate: Some(predicate.to_string()),
     };
-    let operation = DeltaOperation::Merge {
+    DeltaOperation::Merge {
         // No predicate: the commit conflicts with any concurrent change to the table.
         predicate: None,
-        merge_predicate: Some(key_predicate(&spec.keys)),
+        merge_predicate: Some(key_predicate(keys)),
         matched_predicates: vec![
             predicate("delete", "the change is a newer delete"),
             predicate("update", "the change is a newer update"),
         ],
         not_matched_predicates: vec![predicate("insert", "the change is an insert")],
         not_matched_by_source_predicates: Vec::new(),
-    };
-    let version =
-        super::files::commit(path, table, actions, operation, meta.properties_with(extra)).await?;
-    let write = WriteMetrics {
+    }
+}
+
+/// What a batch's commit at `version` wrote, from its action counts.
+fn write_metrics(version: u64, count: impl Fn(&str) -> u64, files_added: u64) -> WriteMetrics {
+    WriteMetrics {
         rows_source: None,
         version: Some(version),
         rows_written: count("insert") + count("update"),
@@ -1379,8 +1443,7 @@ async fn rewrite(
         rows_updated: count("update"),
         rows_deleted: count("delete"),
         files_added,
-    };
-    Ok((write, files.len() as u64))
+    }
 }
 
 /// The files (scan file ids) holding the live rows that the batch updates or deletes.
@@ -2048,6 +2111,140 @@ mod tests {
             ),
             (1, 1, 1)
         );
+    }
+
+    /// The live rows of the table at `path`, `key:seq:day` in key order.
+    async fn live_rows(path: &Location) -> Vec<String> {
+        let table = super::super::open(path).await.unwrap().unwrap();
+        let ctx = super::super::session(None).unwrap();
+        ctx.register_table("t", table.table_provider().await.unwrap())
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT CAST(k AS VARCHAR) || ':' || CAST(seq AS VARCHAR) || ':' || CAST(day AS VARCHAR) AS r FROM t ORDER BY k")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        batches
+            .iter()
+            .flat_map(|b| {
+                let column =
+                    datafusion::arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                column
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The `add` actions of the table's current version.
+    async fn live_adds(path: &Location) -> Vec<deltalake::kernel::Add> {
+        let table = super::super::open(path).await.unwrap().unwrap();
+        #[allow(deprecated)]
+        table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .into_iter()
+            .map(|f| f.add_action())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_table_with_deletion_vectors_marks_changed_rows_and_ends_as_a_rewrite_does() {
+        let batches: [&[(i64, i64, &str, i32)]; 4] = [
+            &[
+                (1, 1, "I", 0),
+                (2, 1, "I", 1),
+                (3, 1, "I", 2),
+                (4, 1, "I", 3),
+                (5, 1, "I", 4),
+            ],
+            // 1 updated, 2 deleted, 6 new.
+            &[(1, 2, "U", 10), (2, 2, "D", 1), (6, 1, "I", 6)],
+            // 1 again (its live row is now in the batch's new file), 3 updated, 1's old row stays
+            // deleted, 4 deleted.
+            &[(1, 3, "U", 11), (3, 2, "U", 12), (4, 2, "D", 3)],
+            // Every row left of the first file: 5 deleted, 3 updated again (new file), the
+            // first file then holds no live row.
+            &[(5, 2, "D", 4), (3, 3, "U", 13)],
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        // Each table with tombstones of its own.
+        let (dv_spec, dv_path, meta) = table_in(&dir.path().join("dv"), &[]);
+        let (rewrite_spec, rewrite_path, _) = table_in(&dir.path().join("rewrite"), &[]);
+        let with_vectors = TableOptions {
+            deletion_vectors: true,
+            ..TableOptions::default()
+        };
+        let mut versions = Vec::new();
+        for (i, rows) in batches.iter().enumerate() {
+            for (path, spec, options) in [
+                (&dv_path, &dv_spec, &with_vectors),
+                (&rewrite_path, &rewrite_spec, &TableOptions::default()),
+            ] {
+                let ctx = super::super::session(None).unwrap();
+                let metrics = apply_changes(path, &ctx, changes(&ctx, rows), spec, options, &meta)
+                    .await
+                    .unwrap();
+                if i == 1 {
+                    assert_eq!(
+                        (
+                            metrics.write.rows_inserted,
+                            metrics.write.rows_updated,
+                            metrics.write.rows_deleted
+                        ),
+                        (1, 1, 1),
+                        "{path}"
+                    );
+                }
+            }
+            let marked = live_rows(&dv_path).await;
+            assert_eq!(marked, live_rows(&rewrite_path).await, "after batch {i}");
+            versions.push(live_adds(&dv_path).await);
+        }
+        let table = super::super::open(&dv_path).await.unwrap().unwrap();
+        assert!(super::super::deletion_vectors_enabled(&table));
+        assert!(!super::super::deletion_vectors_enabled(
+            &super::super::open(&rewrite_path).await.unwrap().unwrap()
+        ));
+        assert_eq!(
+            live_rows(&dv_path).await,
+            ["1:3:2020-01-12", "3:3:2020-01-14", "6:1:2020-01-07"]
+        );
+        // After batch 1 the first file is kept with a vector of its two changed rows, beside a new
+        // file of the update and the insert.
+        let first = &versions[0][0].path;
+        let after = &versions[1];
+        assert_eq!(after.len(), 2);
+        let kept = after
+            .iter()
+            .find(|a| &a.path == first)
+            .expect("first file kept");
+        let vector = kept.deletion_vector.as_ref().expect("a deletion vector");
+        assert_eq!(vector.cardinality, 2);
+        assert!(
+            kept.stats
+                .as_deref()
+                .unwrap()
+                .contains("\"tightBounds\":false")
+        );
+        let file = dir.path().join("dv/table").join(format!(
+            "deletion_vector_{}.bin",
+            uuid::Uuid::from_slice(&z85::decode(&vector.path_or_inline_dv).unwrap()).unwrap()
+        ));
+        assert!(file.exists(), "{}", file.display());
+        // After batch 2 the first file's vector holds its earlier rows and the two new ones.
+        let kept = versions[2]
+            .iter()
+            .find(|a| &a.path == first)
+            .expect("first file kept");
+        assert_eq!(kept.deletion_vector.as_ref().unwrap().cardinality, 4);
+        // After batch 3 no row of the first file is live: it is removed, not marked.
+        assert!(versions[3].iter().all(|a| &a.path != first));
     }
 
     #[test]

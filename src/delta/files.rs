@@ -510,7 +510,7 @@ pub(super) fn removes(
 }
 
 /// The table's root URL, ending in `/`.
-fn root_url(table: &DeltaTable) -> url::Url {
+pub(super) fn root_url(table: &DeltaTable) -> url::Url {
     let mut root = table.log_store().root_url().clone();
     if !root.path().ends_with('/') {
         let with_slash = format!("{}/", root.path());
@@ -520,7 +520,11 @@ fn root_url(table: &DeltaTable) -> url::Url {
 }
 
 /// The id a scan's file column gives the file at `file` (a path in the log): its full URL.
-fn scan_id(path: &Location, root: &url::Url, file: &str) -> Result<url::Url, DeltaError> {
+pub(super) fn scan_id(
+    path: &Location,
+    root: &url::Url,
+    file: &str,
+) -> Result<url::Url, DeltaError> {
     root.join(file).map_err(|e| DeltaError::Invalid {
         table: path.to_string(),
         message: format!("file `{file}` has no URL under the table: {e}"),

@@ -4,6 +4,7 @@
 
 mod append;
 mod cdc;
+mod deletion_vectors;
 mod file_writer;
 mod files;
 mod first_load;
@@ -30,6 +31,7 @@ pub use cdc::{
     CdcMetrics, CdcSpec, PreparedChanges, Touched, apply_changes, create_empty, holds_files,
     is_delete_sql, prepare_changes, touched_since,
 };
+pub use deletion_vectors::deletion_vectors_enabled;
 pub use first_load::{FirstLoad, LoadCopy, LoadSummary, StagedLoad};
 pub use merge::upsert;
 pub use overwrite::{Replacement, Scope, Staged, overwrite};
@@ -167,6 +169,9 @@ pub struct TableOptions {
     /// The Parquet compression of the table's files ([`COMPRESSION_PROPERTY`]); `None`: zstd level 1.
     /// Set when the table is created.
     pub compression: Option<Codec>,
+    /// Created with deletion vectors (`delta.enableDeletionVectors`): a CDC batch then marks the rows
+    /// it replaces or deletes ([`deletion_vectors`]) instead of rewriting their files.
+    pub deletion_vectors: bool,
 }
 
 /// The table property that keeps a table's Parquet compression, so that every later write (appends,
@@ -536,6 +541,11 @@ pub async fn create_if_missing(
             TableProperty::DataSkippingStatsColumns,
             Some(format_stats_columns(columns)),
         );
+    }
+    if options.deletion_vectors {
+        // The property also puts the `deletionVectors` feature in the table's protocol.
+        builder =
+            builder.with_configuration_property(TableProperty::EnableDeletionVectors, Some("true"));
     }
     if let Some(codec) = options.compression {
         // A property of medallion's own, which delta-rs refuses unless told to keep it.

@@ -130,10 +130,11 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
     .await
 }
 
-/// Notes for the settings a table takes when it is created (`stats_columns`, `compression`) that the
+/// Notes for the settings a table takes when it is created (`stats_columns`, `compression`,
+/// `deletion_vectors`) that the
 /// stage names otherwise than its existing target keeps: a table is not re-created for them.
 async fn creation_drift(context: &RunContext, stage: &Stage) -> Vec<String> {
-    if stage.stats_columns.is_none() && stage.compression.is_none() {
+    if stage.stats_columns.is_none() && stage.compression.is_none() && !stage.deletion_vectors {
         return Vec::new();
     }
     let path = context.pipeline.table_path(&stage.target);
@@ -162,6 +163,14 @@ async fn creation_drift(context: &RunContext, stage: &Stage) -> Vec<String> {
             ));
         }
     }
+    if stage.deletion_vectors && !delta::deletion_vectors_enabled(&table) {
+        notes.push(
+            "`deletion_vectors` is set, the existing table was created without them and its files \
+             are rewritten by each batch; it applies when a table is created: set \
+             `delta.enableDeletionVectors` with a Delta tool, or rebuild"
+                .to_string(),
+        );
+    }
     notes
 }
 
@@ -181,6 +190,7 @@ fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
         target_file_size: Some(context.pipeline.maintenance.target_file_bytes),
         stats_columns: stage.stats_columns.clone(),
         compression: stage.compression,
+        deletion_vectors: stage.deletion_vectors,
     }
 }
 
