@@ -1292,22 +1292,12 @@ async fn rewrite(
         }),
         _ => None,
     };
-    let changed_set = match spec.keys.as_slice() {
-        [key]
-            if is_integer_key(changed.schema().field(0).data_type())
-                && stored_key.as_ref().is_some_and(is_integer_key) =>
-        {
-            collect_keys(changed.clone())
-                .await
-                .map_err(query)?
-                .into_bits()
-                .map(|bits| (key, bits))
-        }
-        _ => None,
-    };
-    if let Some((key, bits)) = &changed_set
+    if let [key] = spec.keys.as_slice()
+        && is_integer_key(changed.schema().field(0).data_type())
+        && stored_key.as_ref().is_some_and(is_integer_key)
         && super::deletion_vectors_enabled(table)
     {
+        let keys = collect_keys(changed).await.map_err(query)?.into_set();
         let kept = rewritten
             .deletion_vectors(&ctx.state())
             .await
@@ -1318,14 +1308,22 @@ async fn rewrite(
             .collect();
         let expected = count("update") + count("delete");
         let marked =
-            super::deletion_vectors::mark(path, table, &files, &kept, key, bits, expected).await?;
+            super::deletion_vectors::mark(path, table, &files, &kept, key, &keys, expected).await?;
         let upserts = ctx
             .sql(&format!(
                 "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"
             ))
             .await
             .map_err(query)?;
-        let layout = Layout::unclustered(options.target_file_size);
+        let stats = super::files::file_stats(path, table, &files, key)?;
+        let layout = beside(
+            spec,
+            options,
+            key_bounds,
+            &stats,
+            count("insert") + count("update"),
+            files.len(),
+        );
         let written = match super::files::write_files(path, table, upserts, &layout).await {
             Ok(written) => written,
             Err(error) => {
@@ -1348,6 +1346,19 @@ async fn rewrite(
         .await?;
         return Ok((write_metrics(version, count, adds), files.len() as u64));
     }
+    let changed_set = match spec.keys.as_slice() {
+        [key]
+            if is_integer_key(changed.schema().field(0).data_type())
+                && stored_key.as_ref().is_some_and(is_integer_key) =>
+        {
+            collect_keys(changed.clone())
+                .await
+                .map_err(query)?
+                .into_bits()
+                .map(|bits| (key, bits))
+        }
+        _ => None,
+    };
     let kept = match changed_set {
         Some((key, bits)) => {
             ctx.register_udf(key_in(CHANGED_KEY, bits));
@@ -1412,6 +1423,38 @@ async fn rewrite(
         write_metrics(version, count, files_added),
         files.len() as u64,
     ))
+}
+
+/// The smallest file [`beside`] cuts a batch's new rows into, against a table's files of 128 MiB.
+const LEAST_BESIDE_FILE: u64 = 1024 * 1024;
+
+/// How a batch's new rows (`rows` of them) are laid out when the `files` it touches keep theirs
+/// (deletion vectors): in as many key ranges as those files, so that each new file holds the keys of a
+/// file it changed. A reader's filter on the key, or on a date that grows with it (Gold's slices),
+/// then reads one of them rather than every new row; without ranges, each slice of a Gold rebuild read
+/// all of a batch spread over the table.
+fn beside(
+    spec: &CdcSpec,
+    options: &TableOptions,
+    batch_bounds: &Option<(String, String)>,
+    stats: &super::files::FileStats,
+    rows: u64,
+    files: usize,
+) -> Layout {
+    let Some(bounds) = stats.key_bounds else {
+        return Layout::unclustered(options.target_file_size);
+    };
+    let bytes = rows.saturating_mul(stats.row_bytes.unwrap_or(32).max(1));
+    let each = (bytes / files.max(1) as u64).max(LEAST_BESIDE_FILE);
+    let ranged = TableOptions {
+        target_file_size: Some(each.min(options.target_file_size.unwrap_or(u64::MAX))),
+        ..options.clone()
+    };
+    let new_rows = super::files::FileStats {
+        row_bytes: stats.row_bytes,
+        ..Default::default()
+    };
+    clustered(spec, &ranged, batch_bounds, Some(bounds), rows, &new_rows)
 }
 
 /// The operation a batch's commit records: a merge on `keys`.
@@ -2245,6 +2288,52 @@ mod tests {
         assert_eq!(kept.deletion_vector.as_ref().unwrap().cardinality, 4);
         // After batch 3 no row of the first file is live: it is removed, not marked.
         assert!(versions[3].iter().all(|a| &a.path != first));
+    }
+
+    #[test]
+    fn a_batch_beside_marked_files_is_cut_in_as_many_ranges_as_it_touched_files() {
+        let (spec, _, _) = table_in(std::path::Path::new("/tmp/unused"), &[]);
+        let stats = super::super::files::FileStats {
+            row_bytes: Some(16),
+            rows: 10_000_000,
+            key_bounds: Some((1, 10_000_000)),
+        };
+        let ranges = |rows: u64, files: usize| {
+            beside(&spec, &TableOptions::default(), &None, &stats, rows, files)
+                .ranges
+                .map_or(0, |r| r.count())
+        };
+        // A million new rows beside ten files: ten ranges of about 1.6 MB.
+        assert_eq!(ranges(1_000_000, 10), 10);
+        // Ten thousand: files of 1 MiB at least, so one.
+        assert_eq!(ranges(10_000, 10), 1);
+        // A batch's own keys past the table's widen the ranges.
+        let wide = beside(
+            &spec,
+            &TableOptions::default(),
+            &Some(("1".into(), "20000000".into())),
+            &stats,
+            1_000_000,
+            10,
+        );
+        assert_eq!(wide.ranges.map(|r| r.count()), Some(10));
+        // No key bounds in the files' statistics: rows as they come.
+        let unknown = super::super::files::FileStats {
+            key_bounds: None,
+            ..stats
+        };
+        assert!(
+            beside(
+                &spec,
+                &TableOptions::default(),
+                &None,
+                &unknown,
+                1_000_000,
+                10
+            )
+            .ranges
+            .is_none()
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
 use super::DeltaError;
-use crate::{engine::udf::repeated::KeyBits, storage::Location};
+use crate::{engine::udf::repeated::KeySet, storage::Location};
 
 /// The table property that turns deletion vectors on.
 const PROPERTY: &str = "delta.enableDeletionVectors";
@@ -77,7 +77,7 @@ pub(super) async fn mark(
     files: &HashSet<String>,
     kept: &HashMap<String, Vec<bool>>,
     key: &str,
-    changed: &KeyBits,
+    changed: &KeySet,
     expected: u64,
 ) -> Result<Marked, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
@@ -136,7 +136,7 @@ async fn read_deleted(
     file: &deltalake::Path,
     size: i64,
     key: &str,
-    changed: &KeyBits,
+    changed: &KeySet,
     keep: Option<&Vec<bool>>,
 ) -> Result<Deleted, String> {
     #[allow(deprecated)]

@@ -326,3 +326,137 @@ async fn thirty_daily_runs_read_the_same_everywhere_and_stay_compact() {
         "commits name the runs that made them: {commits:?}"
     );
 }
+
+/// Transactions and money of Silver and `gold.daily_kpis` in Polars, DuckDB's `delta_scan` and Python
+/// `deltalake`'s `QueryBuilder` (the readers of a table with deletion vectors), and whether
+/// `to_pyarrow_table` refuses Silver.
+const VECTOR_READERS: &str = r#"
+import glob, json, os, sys
+import duckdb, polars as pl
+from deltalake import DeltaTable, QueryBuilder
+lake = sys.argv[1]
+ext = glob.glob(os.path.join(os.path.dirname(duckdb.__file__), "..", "duckdb_ext*", "extensions", "*", "*", "delta.duckdb_extension"))
+con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+con.execute(f"LOAD '{ext[0]}'")
+out = {}
+# Per table: the column counting transactions (None: rows), and the money column.
+for table, count, money in [("silver/transactions", None, "amount"), ("gold/daily_kpis", "txn_count", "total_amount")]:
+    path = os.path.join(lake, table)
+    frame = pl.read_delta(path)
+    n = "COUNT(*)" if count is None else f"SUM({count})"
+    duck = con.execute(f"SELECT {n}, CAST(SUM({money}) AS VARCHAR) FROM delta_scan('{path}')").fetchone()
+    qb = QueryBuilder().register("t", DeltaTable(path)).execute(f"SELECT {n} AS n, CAST(SUM({money}) AS VARCHAR) AS s FROM t").read_all()
+    out[table] = {
+        "polars": [frame.height if count is None else int(frame[count].sum()), str(frame[money].sum())],
+        "duckdb": [duck[0], duck[1]],
+        "querybuilder": [qb.column("n")[0].as_py(), qb.column("s")[0].as_py()],
+    }
+try:
+    DeltaTable(os.path.join(lake, "silver/transactions")).to_pyarrow_table()
+    out["pyarrow_refuses"] = False
+except Exception:
+    out["pyarrow_refuses"] = True
+print(json.dumps(out))
+sys.stdout.flush()
+os._exit(0)
+"#;
+
+/// `(rows, sum of money)` of Silver and `gold.daily_kpis` as `medallion sql` reads them.
+fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 2] {
+    let lake = scratch.lake().display().to_string();
+    let read = |sql: &str| {
+        let output = scratch.command(&["sql", sql, "--lake", &lake, "--format", "csv"]);
+        assert_success(&output);
+        let line = text(&output).lines().nth(1).unwrap_or_default().to_string();
+        let (rows, money) = line.split_once(',').expect("two columns");
+        (rows.parse().expect("rows"), money.parse().expect("money"))
+    };
+    [
+        read("SELECT COUNT(*), SUM(amount) FROM silver.transactions"),
+        read("SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_every_reader_of_them()
+ {
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 40, 8, 78);
+    let held = scratch.hold_back_changes(8);
+    let with_vectors = |yaml: String| {
+        yaml.replacen(
+            "    mode: cdc\n    zorder_by: [dms_id]\n",
+            "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
+            1,
+        )
+    };
+    let project = scratch.edit_project(&with_vectors, None);
+    assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
+    for (aside, original) in held {
+        std::fs::rename(aside, original).expect("deliver the day's file");
+        assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
+    }
+
+    // The batches marked rows: some file of Silver carries a deletion vector, and its protocol
+    // names the feature.
+    let log = scratch.table("silver", "transactions").join("_delta_log");
+    let entries: String = std::fs::read_dir(&log)
+        .expect("log")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| std::fs::read_to_string(e.path()).expect("commit"))
+        .collect();
+    assert!(
+        entries.contains("\"deletionVector\":{"),
+        "no deletion vector written"
+    );
+    assert!(
+        entries.contains("\"deletionVectors\""),
+        "feature not in the protocol"
+    );
+
+    // Silver and Gold hold what the landing's changes, replayed without medallion, say.
+    let live = crate::common::replay(&scratch.transactions_dir());
+    let replayed = (
+        live.len() as u64,
+        live.values()
+            .map(|t| t.amount)
+            .sum::<rust_decimal::Decimal>(),
+    );
+    let seen = medallion_sums(&scratch);
+    assert_eq!(seen, [replayed, replayed]);
+
+    let check_readers = || {
+        let output = Command::new(python())
+            .args(["-c", VECTOR_READERS])
+            .arg(scratch.lake())
+            .output()
+            .expect("python");
+        assert!(
+            output.status.success(),
+            "python readers failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let read: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        for (table, (rows, money)) in ["silver/transactions", "gold/daily_kpis"].iter().zip(seen) {
+            for reader in ["polars", "duckdb", "querybuilder"] {
+                let got = &read[table][reader];
+                assert_eq!(got[0].as_u64(), Some(rows), "{table}: rows in {reader}");
+                let theirs: rust_decimal::Decimal = got[1]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("{table}: money in {reader}: {}", got[1]));
+                assert_eq!(theirs, money, "{table}: money in {reader}");
+            }
+        }
+        read["pyarrow_refuses"].as_bool()
+    };
+    // Python deltalake's pyarrow reader does not read deletion vectors (1.6): it refuses, it does not
+    // return the deleted rows.
+    assert_eq!(check_readers(), Some(true));
+
+    // Compaction reads the files through their vectors: the same rows after it.
+    assert_success(&scratch.command_in(&project, &["maintain", "pipelines/t.yaml", "--optimize"]));
+    assert_eq!(medallion_sums(&scratch), [replayed, replayed]);
+    check_readers();
+}

@@ -417,6 +417,26 @@ impl Keys {
         Some(bits)
     }
 
+    /// The non-NULL keys as a set to test rows against ([`KeySet`]): bitsets when dense enough, a
+    /// sorted list otherwise.
+    pub fn into_set(self) -> KeySet {
+        let rows = self.non_null();
+        if let Some((low, high)) = self.bounds
+            && let Some(bits) = KeyBits::new(low, high, rows)
+        {
+            let mut bits = filled(bits, &self.parts);
+            bits.rows = rows;
+            return KeySet::Bits(bits);
+        }
+        let mut keys = Vec::with_capacity(rows);
+        for part in self.parts {
+            keys.extend_from_slice(&part);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        KeySet::Sorted(keys)
+    }
+
     /// The keys held more than once ([`repeated_keys`]), then NULL (`None`) when more than one was
     /// NULL: NULL counts as one value, as `GROUP BY` counts it.
     pub fn repeated(self) -> Vec<Option<i64>> {
@@ -428,6 +448,25 @@ impl Keys {
             repeated.push(None);
         }
         repeated
+    }
+}
+
+/// Integer keys to test rows against ([`Keys::into_set`]).
+#[derive(Debug)]
+pub enum KeySet {
+    /// Dense keys: a bit test per row.
+    Bits(KeyBits),
+    /// Sparse keys, sorted and distinct: a binary search per row.
+    Sorted(Vec<i64>),
+}
+
+impl KeySet {
+    /// Whether `key` is in the set.
+    pub fn contains(&self, key: i64) -> bool {
+        match self {
+            KeySet::Bits(bits) => bits.contains(key),
+            KeySet::Sorted(keys) => keys.binary_search(&key).is_ok(),
+        }
     }
 }
 
@@ -786,6 +825,32 @@ mod tests {
 
     /// `key_in` over a set of keys: true for its keys, false for others, those outside its bounds and
     /// NULL, over BIGINT and INT columns alike; a filter on its negation keeps the rest.
+    #[test]
+    fn a_key_set_tells_dense_and_sparse_keys_alike() {
+        for values in [vec![3, 5, 6, 100, 5], vec![3, 5, 6, 1_000_000_000, 5]] {
+            let mut keys = Keys::default();
+            keys.append(
+                &(Arc::new(Int64Array::from(
+                    values
+                        .iter()
+                        .map(|v| Some(*v))
+                        .chain([None])
+                        .collect::<Vec<_>>(),
+                )) as ArrayRef),
+            )
+            .unwrap();
+            let set = keys.into_set();
+            let dense = matches!(set, KeySet::Bits(_));
+            assert_eq!(dense, values[3] == 100, "{values:?}");
+            for key in [3, 5, 6, values[3]] {
+                assert!(set.contains(key), "{key} in {values:?}");
+            }
+            for key in [2, 4, 7, 99, 101, i64::MIN, i64::MAX] {
+                assert!(!set.contains(key), "{key} not in {values:?}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn key_in_tells_the_keys_of_its_set() {
         let mut keys = Keys::default();
