@@ -202,22 +202,28 @@ const SQL: &str = "SELECT CAST(id AS BIGINT) AS id, NULLIF(val, '') AS val, \
     CAST(dms_commit_ts AS TIMESTAMP) AS _commit_ts, _file_order, _source_row, COALESCE(op, 'I') AS _op \
     FROM bronze.items";
 
-fn write_project(dir: &Path) -> PathBuf {
+/// Writes the project into `dir`; with `deletion_vectors`, Silver is created with them.
+fn write_project(dir: &Path, deletion_vectors: bool) -> PathBuf {
     std::fs::create_dir_all(dir.join("landing/items")).expect("landing");
     std::fs::write(dir.join("silver_items.sql"), SQL).expect("sql");
     let file = dir.join("pipeline.yaml");
     let text = PIPELINE
         .replace("./lake", &dir.join("lake").display().to_string())
         .replace("./landing", &dir.join("landing").display().to_string());
+    let text = if deletion_vectors {
+        text.replace("    mode: cdc\n", "    mode: cdc\n    deletion_vectors: true\n")
+    } else {
+        text
+    };
     std::fs::write(&file, text).expect("pipeline");
     file
 }
 
-async fn run_case(seed: u64) -> Result<(), String> {
+async fn run_case(seed: u64, deletion_vectors: bool) -> Result<(), String> {
     let mut rng = Rng(seed);
     let files = history(&mut rng);
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let pipeline_file = write_project(scratch.path());
+    let pipeline_file = write_project(scratch.path(), deletion_vectors);
     let pipeline = medallion::config::load(&pipeline_file).map_err(|e| e.to_string())?;
     let landing = scratch.path().join("landing/items");
 
@@ -300,23 +306,28 @@ async fn run_case(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silver_equals_the_model_whatever_the_delivery_order() {
-    let seeds: Vec<u64> = match std::env::var("MEDALLION_CDC_SEED") {
+/// The seeds of the cases: `MEDALLION_CDC_SEED` alone, or `MEDALLION_CDC_CASES` of them (default
+/// `cases`).
+fn seeds(cases: u64) -> Vec<u64> {
+    match std::env::var("MEDALLION_CDC_SEED") {
         Ok(seed) => vec![seed.parse().expect("MEDALLION_CDC_SEED is a number")],
         Err(_) => {
             let cases: u64 = std::env::var("MEDALLION_CDC_CASES")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(200);
+                .unwrap_or(cases);
             (1..=cases)
                 .map(|i| i.wrapping_mul(0x2545_F491_4F6C_DD1D))
                 .collect()
         }
-    };
+    }
+}
+
+/// Runs the cases of `seeds`, four at a time, and fails with the seeds of those that fail.
+async fn run_cases(seeds: Vec<u64>, deletion_vectors: bool) {
     let failures: Vec<String> = futures::stream::iter(seeds)
         .map(|seed| async move {
-            run_case(seed)
+            run_case(seed, deletion_vectors)
                 .await
                 .err()
                 .map(|e| format!("seed {seed}: {e}"))
@@ -333,12 +344,24 @@ async fn silver_equals_the_model_whatever_the_delivery_order() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silver_equals_the_model_whatever_the_delivery_order() {
+    run_cases(seeds(200), false).await;
+}
+
+/// The same histories into a Silver created with deletion vectors: each run marks the rows it
+/// replaces or deletes, and Silver read through the vectors equals the model after every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silver_with_deletion_vectors_equals_the_model_whatever_the_delivery_order() {
+    run_cases(seeds(60), true).await;
+}
+
 /// A small change batch into a table of many files reads and rewrites only the files whose key range can
 /// hold its keys, and the run summary says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_change_batch_rewrites_few_files() {
     let scratch = tempfile::tempdir().expect("temp dir");
-    let pipeline_file = write_project(scratch.path());
+    let pipeline_file = write_project(scratch.path(), false);
     let pipeline = medallion::config::load(&pipeline_file).expect("pipeline");
     let landing = scratch.path().join("landing/items");
     let options = RunOptions {
@@ -489,7 +512,7 @@ fn most_overlapped(files: &[(String, u64, i64, i64)]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_load_in_any_key_order_is_written_in_files_of_disjoint_key_ranges() {
     let scratch = tempfile::tempdir().expect("temp dir");
-    let pipeline_file = write_project(scratch.path());
+    let pipeline_file = write_project(scratch.path(), false);
     // Files of 1 MiB: the 200,000 rows below are cut into several.
     let text = std::fs::read_to_string(&pipeline_file).expect("pipeline");
     std::fs::write(
