@@ -11,6 +11,7 @@ mod first_load;
 mod merge;
 mod overwrite;
 mod slices;
+mod split_scan;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -580,11 +581,15 @@ fn normalize_type(
     }
 }
 
-/// A DataFusion provider reading `table` at its loaded version.
+/// A DataFusion provider reading `table` at its loaded version; a table with deletion vectors is read
+/// as shares of its files side by side ([`split_scan`]).
 pub async fn provider(
     path: &Location,
     table: &DeltaTable,
 ) -> Result<Arc<dyn TableProvider>, DeltaError> {
+    if let Some(split) = split_scan::split(path, table).await? {
+        return Ok(split);
+    }
     table
         .table_provider()
         .await

@@ -211,7 +211,10 @@ fn write_project(dir: &Path, deletion_vectors: bool) -> PathBuf {
         .replace("./lake", &dir.join("lake").display().to_string())
         .replace("./landing", &dir.join("landing").display().to_string());
     let text = if deletion_vectors {
-        text.replace("    mode: cdc\n", "    mode: cdc\n    deletion_vectors: true\n")
+        text.replace(
+            "    mode: cdc\n",
+            "    mode: cdc\n    deletion_vectors: true\n",
+        )
     } else {
         text
     };

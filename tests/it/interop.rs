@@ -455,8 +455,22 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
     // return the deleted rows.
     assert_eq!(check_readers(), Some(true));
 
-    // Compaction reads the files through their vectors: the same rows after it.
-    assert_success(&scratch.command_in(&project, &["maintain", "pipelines/t.yaml", "--optimize"]));
+    // Compaction reads the files through their vectors, and a checkpoint keeps them: the same rows
+    // after both.
+    assert_success(&scratch.command_in(
+        &project,
+        &["maintain", "pipelines/t.yaml", "--optimize", "--checkpoint"],
+    ));
+    assert!(
+        std::fs::read_dir(&log)
+            .expect("log")
+            .filter_map(|e| e.ok())
+            .any(|e| e
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".checkpoint.parquet")),
+        "no checkpoint written"
+    );
     assert_eq!(medallion_sums(&scratch), [replayed, replayed]);
     check_readers();
 }
