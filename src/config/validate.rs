@@ -601,14 +601,23 @@ impl Compiler<'_> {
                     })
                     .ok()
             });
-            if spec.deletion_vectors && !matches!(write, WriteMode::Cdc { .. }) {
-                self.issue(
+            match &write {
+                _ if !spec.deletion_vectors => {}
+                WriteMode::Cdc { keys, .. } if keys.len() == 1 => {}
+                WriteMode::Cdc { .. } => self.issue(
+                    at,
+                    format!(
+                        "stage `{name}`: `deletion_vectors` needs one key column (an integer): \
+                         rows of other keys are not marked"
+                    ),
+                ),
+                _ => self.issue(
                     at,
                     format!(
                         "stage `{name}`: `deletion_vectors` needs mode `cdc` (only a change batch \
                          marks rows deleted)"
                     ),
-                );
+                ),
             }
             let incremental = match &spec.incremental {
                 None => None,

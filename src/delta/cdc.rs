@@ -566,7 +566,7 @@ impl PreparedChanges {
                 super::append::append_frame_with(path, source, &options, meta, extra, &layout)
                     .await?;
         } else if rewrites > 0 {
-            let (write, files) = rewrite(
+            let (write, files, removed) = rewrite(
                 ctx,
                 path,
                 &spec,
@@ -581,7 +581,7 @@ impl PreparedChanges {
             .await?;
             metrics.write = write;
             metrics.files_scanned = files;
-            metrics.files_removed = files;
+            metrics.files_removed = removed;
         }
 
         timer.done("table write");
@@ -1246,7 +1246,7 @@ async fn rewrite(
     options: &TableOptions,
     meta: &CommitMeta,
     extra: Vec<(String, serde_json::Value)>,
-) -> Result<(WriteMetrics, u64), DeltaError> {
+) -> Result<(WriteMetrics, u64, u64), DeltaError> {
     let query = |e| DeltaError::query(path, e);
     let count = |action: &str| counts.get(action).copied().unwrap_or(0);
     let files = touched_files(ctx).await.map_err(query)?;
@@ -1306,9 +1306,6 @@ async fn rewrite(
             .into_iter()
             .map(|selection| (selection.filepath, selection.keep_mask))
             .collect();
-        let expected = count("update") + count("delete");
-        let marked =
-            super::deletion_vectors::mark(path, table, &files, &kept, key, &keys, expected).await?;
         let upserts = ctx
             .sql(&format!(
                 "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"
@@ -1316,6 +1313,10 @@ async fn rewrite(
             .await
             .map_err(query)?;
         let stats = super::files::file_stats(path, table, &files, key)?;
+        let expected = count("update") + count("delete");
+        // Written last before the new rows, so that no error in between leaves its file behind.
+        let marked =
+            super::deletion_vectors::mark(path, table, &files, &kept, key, &keys, expected).await?;
         let layout = beside(
             spec,
             options,
@@ -1331,20 +1332,20 @@ async fn rewrite(
                 return Err(error);
             }
         };
-        let adds = written.adds.len() as u64;
-        let mut actions = marked.actions;
-        actions.extend(written.adds.into_iter().map(Action::Add));
-        // A failed commit leaves its files: it may have landed all the same (a lost reply), and an
-        // unreferenced file is invisible to readers until `medallion maintain` vacuums it.
-        let version = super::files::commit(
+        // A failed commit leaves its files: it may have landed all the same (a lost reply). An
+        // unreferenced file is invisible to readers.
+        let write = commit_batch(
             path,
             table,
-            actions,
-            merge_operation(&spec.keys),
-            meta.properties_with(extra),
+            marked.actions,
+            written.adds,
+            spec,
+            meta,
+            extra,
+            count,
         )
         .await?;
-        return Ok((write_metrics(version, count, adds), files.len() as u64));
+        return Ok((write, files.len() as u64, marked.removed));
     }
     let changed_set = match spec.keys.as_slice() {
         [key]
@@ -1408,9 +1409,25 @@ async fn rewrite(
         None => Layout::unclustered(options.target_file_size),
     };
     let written = super::files::write_files(path, table, rows, &layout).await?;
-    let files_added = written.adds.len() as u64;
-    let mut actions = super::files::removes(path, table, &files)?;
-    actions.extend(written.adds.into_iter().map(Action::Add));
+    let removes = super::files::removes(path, table, &files)?;
+    let write = commit_batch(path, table, removes, written.adds, spec, meta, extra, count).await?;
+    Ok((write, files.len() as u64, files.len() as u64))
+}
+
+/// Commits a batch as one merge: `actions` on the table's files, and the `added` files.
+#[allow(clippy::too_many_arguments)]
+async fn commit_batch(
+    path: &Location,
+    table: &deltalake::DeltaTable,
+    mut actions: Vec<Action>,
+    added: Vec<deltalake::kernel::Add>,
+    spec: &CdcSpec,
+    meta: &CommitMeta,
+    extra: Vec<(String, serde_json::Value)>,
+    count: impl Fn(&str) -> u64,
+) -> Result<WriteMetrics, DeltaError> {
+    let files_added = added.len() as u64;
+    actions.extend(added.into_iter().map(Action::Add));
     let version = super::files::commit(
         path,
         table,
@@ -1419,10 +1436,7 @@ async fn rewrite(
         meta.properties_with(extra),
     )
     .await?;
-    Ok((
-        write_metrics(version, count, files_added),
-        files.len() as u64,
-    ))
+    Ok(write_metrics(version, count, files_added))
 }
 
 /// The smallest file [`beside`] cuts a batch's new rows into, against a table's files of 128 MiB.

@@ -52,17 +52,19 @@ pub(super) struct Marked {
     /// A `remove` of each touched file, and an `add` of it with its new deletion vector unless no row
     /// of it is left.
     pub actions: Vec<Action>,
-    /// The file holding the new deletion vectors (written; to delete if the commit fails).
+    /// The file holding the new deletion vectors (written; to delete if the batch's write fails).
     pub file: Option<deltalake::Path>,
+    /// Files removed, no row of them left.
+    pub removed: u64,
 }
 
 impl Marked {
-    /// Deletes the deletion-vector file of a batch that is not committed (best effort: an
-    /// unreferenced file is invisible to readers, and `medallion maintain` vacuums it).
+    /// Deletes the deletion-vector file of a batch whose write failed before its commit (best
+    /// effort: an unreferenced file is invisible to readers).
     pub async fn discard(&self, path: &Location, table: &DeltaTable) {
         let Some(file) = &self.file else { return };
         if let Err(error) = table.log_store().object_store(None).delete(file).await {
-            tracing::warn!("{path}: could not remove the unpublished `{file}`: {error}");
+            tracing::warn!(table = %path, "could not remove the unpublished `{file}`: {error}");
         }
     }
 }
@@ -92,19 +94,41 @@ pub(super) async fn mark(
     for view in snapshot.log_data() {
         let id = super::files::scan_id(path, &root, &view.path())?;
         if files.contains(id.as_str()) {
-            #[allow(deprecated)]
             // delta-rs 1.1's way to a file's whole `add`, its vector included.
+            #[allow(deprecated)]
             touched.push((id.to_string(), view.object_store_path(), view.add_action()));
         }
     }
-    let mut vectors: Vec<(Add, Vec<u64>)> = Vec::with_capacity(touched.len());
+    let mut vectors: Vec<(Add, Deleted)> = Vec::with_capacity(touched.len());
     let mut found = 0u64;
     for (id, file, add) in touched {
-        let rows = read_deleted(&store, &file, add.size, key, changed, kept.get(&id))
+        let keep = kept.get(&id);
+        // A vector the scan did not give would be dropped, and the rows it deletes come back.
+        match (&add.deletion_vector, keep) {
+            (Some(vector), Some(keep))
+                if keep.iter().filter(|kept| !**kept).count() as i64 == vector.cardinality => {}
+            (None, None) => {}
+            _ => {
+                return Err(invalid(format!(
+                    "the deletion vector of `{}` was not read as its `add` describes it; nothing \
+                     was written",
+                    add.path
+                )));
+            }
+        }
+        let rows = read_deleted(&store, &file, add.size, key, changed, keep)
             .await
             .map_err(|e| invalid(format!("cannot read the keys of `{}`: {e}", add.path)))?;
+        if file_rows(&add).is_some_and(|counted| counted != rows.rows) {
+            return Err(invalid(format!(
+                "`{}` holds {} rows, its statistics say {:?}; nothing was written",
+                add.path,
+                rows.rows,
+                file_rows(&add)
+            )));
+        }
         found += rows.newly;
-        vectors.push((add, rows.positions));
+        vectors.push((add, rows));
     }
     if vectors.len() != files.len() {
         return Err(invalid(format!(
@@ -123,10 +147,12 @@ pub(super) async fn mark(
     write(path, table, vectors).await
 }
 
-/// The rows of one file to mark: every deleted position, and how many of them are newly deleted.
+/// The rows of one file to mark: every deleted position, how many of them are newly deleted, and
+/// the rows the file holds.
 struct Deleted {
     positions: Vec<u64>,
     newly: u64,
+    rows: u64,
 }
 
 /// Reads the `key` column of the file at `file` (of `size` bytes) and gives the positions of its rows
@@ -163,6 +189,7 @@ async fn read_deleted(
     let mut deleted = Deleted {
         positions: Vec::new(),
         newly: 0,
+        rows: 0,
     };
     let mut position = 0u64;
     while let Some(batch) = stream.next().await {
@@ -191,6 +218,7 @@ async fn read_deleted(
             keep.len()
         ));
     }
+    deleted.rows = position;
     Ok(deleted)
 }
 
@@ -199,7 +227,7 @@ async fn read_deleted(
 async fn write(
     path: &Location,
     table: &DeltaTable,
-    vectors: Vec<(Add, Vec<u64>)>,
+    vectors: Vec<(Add, Deleted)>,
 ) -> Result<Marked, DeltaError> {
     use delta_kernel::actions::deletion_vector_writer::{
         KernelDeletionVector, StreamingDeletionVectorWriter,
@@ -211,20 +239,18 @@ async fn write(
     let id = uuid::Uuid::new_v4();
     let mut bytes = Vec::new();
     let mut actions = Vec::with_capacity(2 * vectors.len());
+    let mut removed = 0;
     {
         let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
-        for (add, positions) in vectors {
+        for (add, deleted) in vectors {
             actions.push(Action::Remove(remove_of(&add)));
-            let rows = file_rows(&add).ok_or_else(|| DeltaError::Invalid {
-                table: path.to_string(),
-                message: format!("file `{}` has no row count in its statistics", add.path),
-            })?;
-            if positions.len() as u64 >= rows {
+            if deleted.positions.len() as u64 >= deleted.rows {
                 // No row of it is left: removed, not marked.
+                removed += 1;
                 continue;
             }
             let mut vector = KernelDeletionVector::new();
-            vector.add_deleted_row_indexes(positions);
+            vector.add_deleted_row_indexes(deleted.positions);
             let written = writer
                 .write_deletion_vector(vector)
                 .map_err(|e| failed(&e))?;
@@ -248,6 +274,7 @@ async fn write(
         return Ok(Marked {
             actions,
             file: None,
+            removed,
         });
     }
     let file = deltalake::Path::from(format!("deletion_vector_{id}.bin"));
@@ -260,6 +287,7 @@ async fn write(
     Ok(Marked {
         actions,
         file: Some(file),
+        removed,
     })
 }
 
@@ -279,7 +307,7 @@ fn remove_of(add: &Add) -> deltalake::kernel::Remove {
     }
 }
 
-/// The rows a file holds (deleted or not), from its statistics.
+/// The rows a file holds (deleted or not), as its statistics say.
 fn file_rows(add: &Add) -> Option<u64> {
     let stats: serde_json::Value = serde_json::from_str(add.stats.as_deref()?).ok()?;
     stats.get("numRecords")?.as_u64()

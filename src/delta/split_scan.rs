@@ -56,14 +56,19 @@ fn shares(
     }
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
     let root = super::files::root_url(table);
+    if !snapshot
+        .log_data()
+        .into_iter()
+        .any(|view| view.deletion_vector_descriptor().is_some())
+    {
+        return Ok(None);
+    }
     let mut files = Vec::new();
-    let mut vectors = false;
     for view in snapshot.log_data() {
-        vectors |= view.deletion_vector_descriptor().is_some();
         let id = super::files::scan_id(path, &root, &view.path())?;
         files.push((view.size(), id.to_string()));
     }
-    if !vectors || files.len() < 2 {
+    if files.len() < 2 {
         return Ok(None);
     }
     Ok(Some(balance(files, cores)))

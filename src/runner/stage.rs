@@ -131,8 +131,8 @@ pub(super) async fn run(context: &RunContext, index: usize) -> StageReport {
 }
 
 /// Notes for the settings a table takes when it is created (`stats_columns`, `compression`,
-/// `deletion_vectors`) that the
-/// stage names otherwise than its existing target keeps: a table is not re-created for them.
+/// `deletion_vectors`) that the stage names otherwise than its existing target keeps: a table is not
+/// re-created for them.
 async fn creation_drift(context: &RunContext, stage: &Stage) -> Vec<String> {
     if stage.stats_columns.is_none() && stage.compression.is_none() && !stage.deletion_vectors {
         return Vec::new();

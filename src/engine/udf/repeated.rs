@@ -823,8 +823,8 @@ mod tests {
         assert!(KeyBits::new(5, 4, 10).is_none());
     }
 
-    /// `key_in` over a set of keys: true for its keys, false for others, those outside its bounds and
-    /// NULL, over BIGINT and INT columns alike; a filter on its negation keeps the rest.
+    /// A key set of dense keys is bitsets, of sparse keys a sorted list; both tell their keys, and
+    /// neither a NULL nor a key outside.
     #[test]
     fn a_key_set_tells_dense_and_sparse_keys_alike() {
         for values in [vec![3, 5, 6, 100, 5], vec![3, 5, 6, 1_000_000_000, 5]] {
@@ -851,6 +851,8 @@ mod tests {
         }
     }
 
+    /// `key_in` over a set of keys: true for its keys, false for others, those outside its bounds and
+    /// NULL, over BIGINT and INT columns alike; a filter on its negation keeps the rest.
     #[tokio::test]
     async fn key_in_tells_the_keys_of_its_set() {
         let mut keys = Keys::default();
