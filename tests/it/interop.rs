@@ -152,10 +152,20 @@ fn read_with_python(lake: &Path, expected: &Expected) -> serde_json::Value {
         .iter()
         .map(|(t, (_, _, sums))| (t, sums.keys().collect()))
         .collect();
+    readers_json(
+        READERS,
+        &[
+            lake.as_os_str(),
+            std::ffi::OsStr::new(&serde_json::to_string(&wanted).expect("json")),
+        ],
+    )
+}
+
+/// Runs the Python `script` with `args`; what it prints, as JSON.
+fn readers_json(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
     let output = Command::new(python())
-        .args(["-c", READERS])
-        .arg(lake)
-        .arg(serde_json::to_string(&wanted).expect("json"))
+        .args(["-c", script])
+        .args(args)
         .output()
         .expect("python");
     assert!(
@@ -429,17 +439,8 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
         );
         let seen = medallion_sums(&scratch);
         assert_eq!(seen, [replayed, replayed]);
-        let output = Command::new(python())
-            .args(["-c", VECTOR_READERS])
-            .arg(scratch.lake())
-            .output()
-            .expect("python");
-        assert!(
-            output.status.success(),
-            "python readers failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let read: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+        let lake = scratch.lake();
+        let read = readers_json(VECTOR_READERS, &[lake.as_os_str()]);
         for (table, (rows, money)) in ["silver/transactions", "gold/daily_kpis"].iter().zip(seen) {
             for reader in ["polars", "duckdb", "querybuilder"] {
                 let got = &read[table][reader];
