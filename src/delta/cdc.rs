@@ -1458,7 +1458,8 @@ fn beside(
     let Some(bounds) = stats.key_bounds else {
         return Layout::unclustered(options.target_file_size);
     };
-    let bytes = rows.saturating_mul(stats.row_bytes.unwrap_or(32).max(1));
+    let row_bytes = stats.row_bytes.unwrap_or(super::files::ASSUMED_ROW_BYTES);
+    let bytes = rows.saturating_mul(row_bytes.max(1));
     let each = (bytes / files.max(1) as u64).max(LEAST_BESIDE_FILE);
     let ranged = TableOptions {
         target_file_size: Some(each.min(options.target_file_size.unwrap_or(u64::MAX))),

@@ -18,7 +18,7 @@ use datafusion::arrow::{
 };
 use deltalake::{
     DeltaTable,
-    kernel::{Action, Add, DeletionVectorDescriptor, StorageType},
+    kernel::{Action, Add, DeletionVectorDescriptor, Remove, StorageType},
 };
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
@@ -89,19 +89,28 @@ pub(super) async fn mark(
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
     let root = super::files::root_url(table);
     let store = table.log_store().object_store(None);
-    // The files' `add`s (with any deletion vector) and scan ids, gathered before any read.
+    // Each file's scan id, `add` and `remove` (both with any deletion vector) and row count, gathered
+    // before any read.
     let mut touched = Vec::with_capacity(files.len());
     for view in snapshot.log_data() {
         let id = super::files::scan_id(path, &root, &view.path())?;
         if files.contains(id.as_str()) {
             // delta-rs 1.1's way to a file's whole `add`, its vector included.
             #[allow(deprecated)]
-            touched.push((id.to_string(), view.object_store_path(), view.add_action()));
+            let add = view.add_action();
+            let file = view.object_store_path();
+            touched.push((
+                id.to_string(),
+                file,
+                add,
+                view.remove_action(true),
+                view.num_records(),
+            ));
         }
     }
-    let mut vectors: Vec<(Add, Deleted)> = Vec::with_capacity(touched.len());
+    let mut vectors = Vec::with_capacity(touched.len());
     let mut found = 0u64;
-    for (id, file, add) in touched {
+    for (id, file, add, remove, counted) in touched {
         let keep = kept.get(&id);
         // A vector the scan did not give would be dropped, and the rows it deletes come back.
         match (&add.deletion_vector, keep) {
@@ -119,16 +128,14 @@ pub(super) async fn mark(
         let rows = read_deleted(&store, &file, add.size, key, changed, keep)
             .await
             .map_err(|e| invalid(format!("cannot read the keys of `{}`: {e}", add.path)))?;
-        if file_rows(&add).is_some_and(|counted| counted != rows.rows) {
+        if counted.is_some_and(|counted| counted as u64 != rows.rows) {
             return Err(invalid(format!(
-                "`{}` holds {} rows, its statistics say {:?}; nothing was written",
-                add.path,
-                rows.rows,
-                file_rows(&add)
+                "`{}` holds {} rows, its statistics say {counted:?}; nothing was written",
+                add.path, rows.rows
             )));
         }
         found += rows.newly;
-        vectors.push((add, rows));
+        vectors.push((add, remove, rows));
     }
     if vectors.len() != files.len() {
         return Err(invalid(format!(
@@ -227,7 +234,7 @@ async fn read_deleted(
 async fn write(
     path: &Location,
     table: &DeltaTable,
-    vectors: Vec<(Add, Deleted)>,
+    vectors: Vec<(Add, Remove, Deleted)>,
 ) -> Result<Marked, DeltaError> {
     use delta_kernel::actions::deletion_vector_writer::{
         KernelDeletionVector, StreamingDeletionVectorWriter,
@@ -242,8 +249,8 @@ async fn write(
     let mut removed = 0;
     {
         let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
-        for (add, deleted) in vectors {
-            actions.push(Action::Remove(remove_of(&add)));
+        for (add, remove, deleted) in vectors {
+            actions.push(Action::Remove(remove));
             if deleted.positions.len() as u64 >= deleted.rows {
                 // No row of it is left: removed, not marked.
                 removed += 1;
@@ -263,7 +270,7 @@ async fn write(
                     cardinality: written.cardinality,
                 }),
                 stats: add.stats.as_deref().map(loose_bounds),
-                modification_time: now_millis(),
+                modification_time: chrono::Utc::now().timestamp_millis(),
                 data_change: true,
                 ..add
             }));
@@ -291,28 +298,6 @@ async fn write(
     })
 }
 
-/// The `remove` of `add`, its deletion vector included: a file is known by its path and vector.
-fn remove_of(add: &Add) -> deltalake::kernel::Remove {
-    deltalake::kernel::Remove {
-        path: add.path.clone(),
-        data_change: true,
-        deletion_timestamp: Some(now_millis()),
-        extended_file_metadata: Some(true),
-        size: Some(add.size),
-        partition_values: Some(add.partition_values.clone()),
-        deletion_vector: add.deletion_vector.clone(),
-        tags: None,
-        base_row_id: None,
-        default_row_commit_version: None,
-    }
-}
-
-/// The rows a file holds (deleted or not), as its statistics say.
-fn file_rows(add: &Add) -> Option<u64> {
-    let stats: serde_json::Value = serde_json::from_str(add.stats.as_deref()?).ok()?;
-    stats.get("numRecords")?.as_u64()
-}
-
 /// `stats` with `tightBounds` false: the least and greatest values may now belong to deleted rows
 /// (Delta's protocol asks this of a file with a deletion vector).
 fn loose_bounds(stats: &str) -> String {
@@ -323,8 +308,4 @@ fn loose_bounds(stats: &str) -> String {
         }
         _ => stats.to_string(),
     }
-}
-
-fn now_millis() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }

@@ -43,7 +43,7 @@ pub(super) const TARGET_FILE_SIZE: u64 = 128 * 1024 * 1024;
 
 /// Bytes a row is assumed to take in a Parquet file when the table holds none to measure yet (a first
 /// load). Above what the reference Silver table takes (about 16), so first-load files err small.
-const ASSUMED_ROW_BYTES: u64 = 32;
+pub(super) const ASSUMED_ROW_BYTES: u64 = 32;
 
 /// At most this many ranges (and so open writers) in one clustered write.
 const MAX_RANGES: u64 = 256;

@@ -55,6 +55,15 @@ fn shares(
         return Ok(None);
     }
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    // Only a table whose protocol names the feature can have files with vectors: the others are
+    // not looked through (every read of every table comes here).
+    let named = snapshot
+        .protocol()
+        .reader_features()
+        .is_some_and(|features| features.iter().any(|f| f.as_ref() == "deletionVectors"));
+    if !named {
+        return Ok(None);
+    }
     let root = super::files::root_url(table);
     if !snapshot
         .log_data()
