@@ -12,6 +12,7 @@ mod merge;
 mod overwrite;
 mod slices;
 mod split_scan;
+mod vector_scan;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -581,12 +582,17 @@ fn normalize_type(
     }
 }
 
-/// A DataFusion provider reading `table` at its loaded version; a table with deletion vectors is read
-/// as shares of its files side by side ([`split_scan`]).
+/// A DataFusion provider reading `table` at its loaded version. A table with deletion vectors is read
+/// by DataFusion's Parquet scan with each vector as its file's row selection ([`vector_scan`]), or,
+/// when its files do not hold its columns as they are, as shares of its files side by side
+/// ([`split_scan`]).
 pub async fn provider(
     path: &Location,
     table: &DeltaTable,
 ) -> Result<Arc<dyn TableProvider>, DeltaError> {
+    if let Some(scan) = vector_scan::scan(path, table).await? {
+        return Ok(scan);
+    }
     if let Some(split) = split_scan::split(path, table).await? {
         return Ok(split);
     }

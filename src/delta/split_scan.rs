@@ -1,9 +1,10 @@
-//! Reading a table with deletion vectors on every core. delta-rs 1.1 scans files that carry deletion
-//! vectors in one partition, in file order, without pushing filters into the Parquet reader (so that
-//! each row keeps its position for its vector). A table with such files is read here as a union of
-//! scans, each over its own share of the files: each share is still read in order, but the shares
-//! are read side by side. Without it, each of Gold's slices over a Silver with deletion vectors took
-//! half again as long as over one without.
+//! Reading a table with deletion vectors on every core, when [`super::vector_scan`] cannot (its files
+//! do not hold its columns as they are: partition columns, column mapping). delta-rs 1.1 scans files
+//! that carry deletion vectors in one partition, in file order, without pushing filters into the
+//! Parquet reader (so that each row keeps its position for its vector). Such a table is read here as
+//! a union of scans, each over its own share of the files: each share is still read in order, but
+//! the shares are read side by side. Without it, each of Gold's slices over a Silver with deletion
+//! vectors took half again as long as over one without.
 
 use std::sync::Arc;
 
@@ -55,23 +56,10 @@ fn shares(
         return Ok(None);
     }
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
-    // Only a table whose protocol names the feature can have files with vectors: the others are
-    // not looked through (every read of every table comes here).
-    let named = snapshot
-        .protocol()
-        .reader_features()
-        .is_some_and(|features| features.iter().any(|f| f.as_ref() == "deletionVectors"));
-    if !named {
+    if !super::vector_scan::has_deletion_vectors(snapshot) {
         return Ok(None);
     }
     let root = super::files::root_url(table);
-    if !snapshot
-        .log_data()
-        .into_iter()
-        .any(|view| view.deletion_vector_descriptor().is_some())
-    {
-        return Ok(None);
-    }
     let mut files = Vec::new();
     for view in snapshot.log_data() {
         let id = super::files::scan_id(path, &root, &view.path())?;
@@ -83,19 +71,19 @@ fn shares(
     Ok(Some(balance(files, cores)))
 }
 
-/// `files` (size, id) dealt into at most `count` shares of about equal size: largest first, each to
-/// the lightest share.
-fn balance(mut files: Vec<(i64, String)>, count: usize) -> Vec<Vec<String>> {
-    files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+/// `files` (size, item) dealt into at most `count` shares of about equal size: largest first (in
+/// their order among equals), each to the lightest share.
+pub(super) fn balance<T>(mut files: Vec<(i64, T)>, count: usize) -> Vec<Vec<T>> {
+    files.sort_by(|a, b| b.0.cmp(&a.0));
     let count = count.min(files.len()).max(1);
-    let mut shares: Vec<(i64, Vec<String>)> = vec![(0, Vec::new()); count];
-    for (size, id) in files {
+    let mut shares: Vec<(i64, Vec<T>)> = (0..count).map(|_| (0, Vec::new())).collect();
+    for (size, item) in files {
         if let Some(lightest) = shares.iter_mut().min_by_key(|(bytes, _)| *bytes) {
             lightest.0 += size;
-            lightest.1.push(id);
+            lightest.1.push(item);
         }
     }
-    shares.into_iter().map(|(_, ids)| ids).collect()
+    shares.into_iter().map(|(_, items)| items).collect()
 }
 
 /// The union of scans of one table's snapshot over disjoint shares of its files.
