@@ -74,7 +74,7 @@ fn shares(
 /// `files` (size, item) dealt into at most `count` shares of about equal size: largest first (in
 /// their order among equals), each to the lightest share.
 pub(super) fn balance<T>(mut files: Vec<(i64, T)>, count: usize) -> Vec<Vec<T>> {
-    files.sort_by(|a, b| b.0.cmp(&a.0));
+    files.sort_by_key(|file| std::cmp::Reverse(file.0));
     let count = count.min(files.len()).max(1);
     let mut shares: Vec<(i64, Vec<T>)> = (0..count).map(|_| (0, Vec::new())).collect();
     for (size, item) in files {
