@@ -30,7 +30,7 @@ use std::{
 use crate::{
     engine::{
         scratch::Scratch,
-        udf::repeated::{Keys, is_integer_key, key_in},
+        udf::repeated::{KeyBits, Keys, is_integer_key, key_in},
     },
     storage::Location,
 };
@@ -108,6 +108,8 @@ const SUPERSEDED: &str = "__medallion_superseded";
 const TARGET: &str = "__medallion_target";
 /// The target's files that hold keys the batch updates or deletes, read for the rewrite.
 const REWRITTEN: &str = "__medallion_rewritten";
+/// The function telling the keys a batch holds ([`crate::engine::udf::repeated::key_in`]).
+const BATCH_KEY: &str = "__medallion_batch_key";
 /// The function telling the keys a batch updates or deletes ([`crate::engine::udf::repeated::key_in`]).
 const CHANGED_KEY: &str = "__medallion_changed_key";
 /// In [`TARGET`], the file of each row (its full URL, as delta-rs's scans name files).
@@ -345,13 +347,27 @@ async fn prepare(
         timer.done("key bounds");
         bounds
     };
-    let prune = match &key_bounds {
+    let mut prune = match &key_bounds {
         Some((low, high)) if with_target => {
             let key = spec.keys.first().map(String::as_str).unwrap_or_default();
             format!(" WHERE {} BETWEEN {low} AND {high}", quote(key))
         }
         _ => String::new(),
     };
+    // One integer key, dense enough in the batch: the live rows are tested against a bitset of the
+    // batch's keys before the join, which then looks up only the rows it can match (the batch's
+    // updates and deletes), not every row of the files in the bounds (for a batch spread over the
+    // whole table, every row of the table).
+    if with_target && let Some((key, bits)) = batch_key_bits(ctx, spec).await.map_err(query)? {
+        ctx.register_udf(key_in(BATCH_KEY, bits));
+        let test = format!("{BATCH_KEY}({})", quote(&key));
+        prune = if prune.is_empty() {
+            format!(" WHERE {test}")
+        } else {
+            format!("{prune} AND {test}")
+        };
+        timer.done("batch key set");
+    }
     let narrow = with_target || with_tombstones;
     let classify = classify_sql(spec, &prune, with_target, with_tombstones, narrow);
     let classified = ctx.sql(&classify).await.map_err(query)?;
@@ -875,6 +891,33 @@ async fn batch_key_bounds(
     let low = ScalarValue::try_from_array(batch.column(0), 0)?;
     let high = ScalarValue::try_from_array(batch.column(1), 0)?;
     Ok(key_literal(field, &low).zip(key_literal(field, &high)))
+}
+
+/// The batch's keys as a bitset, with the key's name, when there is one key, an integer in the batch
+/// and in the target, and its values are dense enough ([`KeyBits::new`]).
+async fn batch_key_bits(
+    ctx: &SessionContext,
+    spec: &CdcSpec,
+) -> datafusion::error::Result<Option<(String, KeyBits)>> {
+    let [key] = spec.keys.as_slice() else {
+        return Ok(None);
+    };
+    let integer = |frame: &DataFrame| {
+        frame
+            .schema()
+            .field_with_unqualified_name(key)
+            .is_ok_and(|f| is_integer_key(f.data_type()))
+    };
+    let keys = ctx
+        .sql(&format!("SELECT {} FROM {LATEST}", quote(key)))
+        .await?;
+    if !integer(&keys) || !integer(&ctx.table(TARGET).await?) {
+        return Ok(None);
+    }
+    Ok(collect_keys(keys)
+        .await?
+        .into_bits()
+        .map(|bits| (key.clone(), bits)))
 }
 
 /// A bound of the first key as an SQL literal: `None` for NULL or a key neither integer nor string.
