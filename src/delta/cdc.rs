@@ -358,7 +358,11 @@ async fn prepare(
     // batch's keys before the join, which then looks up only the rows it can match (the batch's
     // updates and deletes), not every row of the files in the bounds (for a batch spread over the
     // whole table, every row of the table).
-    if with_target && let Some((key, bits)) = batch_key_bits(ctx, spec).await.map_err(query)? {
+    if with_target
+        && let Some((key, bits)) = batch_key_bits(ctx, spec, key_bounds.as_ref(), latest_rows)
+            .await
+            .map_err(query)?
+    {
         ctx.register_udf(key_in(BATCH_KEY, bits));
         let test = format!("{BATCH_KEY}({})", quote(&key));
         prune = if prune.is_empty() {
@@ -894,14 +898,24 @@ async fn batch_key_bounds(
 }
 
 /// The batch's keys as a bitset, with the key's name, when there is one key, an integer in the batch
-/// and in the target, and its values are dense enough ([`KeyBits::new`]).
+/// and in the target, with no NULL, and its `rows` values are dense enough between its `bounds`
+/// ([`KeyBits::new`]; checked before the keys are gathered).
 async fn batch_key_bits(
     ctx: &SessionContext,
     spec: &CdcSpec,
+    bounds: Option<&(String, String)>,
+    rows: u64,
 ) -> datafusion::error::Result<Option<(String, KeyBits)>> {
     let [key] = spec.keys.as_slice() else {
         return Ok(None);
     };
+    let dense = bounds.is_some_and(|(low, high)| match (low.parse(), high.parse()) {
+        (Ok(low), Ok(high)) => KeyBits::fits(low, high, rows as usize),
+        _ => false,
+    });
+    if !dense {
+        return Ok(None);
+    }
     let integer = |frame: &DataFrame| {
         frame
             .schema()

@@ -6,10 +6,10 @@
 //! 0.6 s).
 //!
 //! Here each file's vector becomes a Parquet row selection (the rows it keeps), which DataFusion's
-//! Parquet scan combines with its row-group and page pruning: deleted rows are never decoded, and
-//! the rows a filter's statistics rule out are not read either. Only a table whose files hold its
-//! columns as they are (no partition columns, no column mapping) is read so; the others go to
-//! [`super::split_scan`].
+//! Parquet scan combines with its row-group and page pruning: pages of deleted rows only are not
+//! read, deleted rows are skipped as they are decoded rather than filtered out after, and the row
+//! groups and pages a filter's statistics rule out are not read either. Only a table whose files
+//! hold its columns as they are is read so (see [`scan`]); the others go to [`super::split_scan`].
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -41,7 +41,7 @@ use tokio::sync::OnceCell;
 use super::DeltaError;
 use crate::storage::Location;
 
-/// Whether some file of `table` carries a deletion vector. Only a table whose protocol names the
+/// Whether some file of the table carries a deletion vector. Only a table whose protocol names the
 /// feature can have one: the others are not looked through (every read of every table asks).
 pub(super) fn has_deletion_vectors(snapshot: &deltalake::table::state::DeltaTableState) -> bool {
     let named = snapshot
@@ -57,7 +57,9 @@ pub(super) fn has_deletion_vectors(snapshot: &deltalake::table::state::DeltaTabl
 
 /// A provider reading `table` through DataFusion's Parquet scan with each file's deletion vector as
 /// its row selection, when some file has a vector and the files hold the table's columns as they
-/// are; `None` otherwise.
+/// are; `None` otherwise: partition columns, column mapping, nested columns (whose nullability
+/// Delta relaxes in its files, delta-rs's reader with it), or a file with a vector that does not
+/// count its rows (delta-rs sizes a vector's mask by that count).
 pub(super) async fn scan(
     path: &Location,
     table: &DeltaTable,
@@ -71,7 +73,11 @@ pub(super) async fn scan(
         .configuration()
         .get("delta.columnMapping.mode")
         .is_some_and(|mode| mode != "none");
-    if mapped || !snapshot.metadata().partition_columns().is_empty() {
+    let uncounted = snapshot
+        .log_data()
+        .into_iter()
+        .any(|view| view.deletion_vector_descriptor().is_some() && view.num_records().is_none());
+    if mapped || uncounted || !snapshot.metadata().partition_columns().is_empty() {
         return Ok(None);
     }
     let root = super::files::root_url(table);
@@ -96,12 +102,12 @@ pub(super) async fn scan(
         let size = view.size() as u64;
         bytes += size;
         files.push(ScanFile {
-            id: id.to_string(),
-            location: Path::from_url_path(id.path()).map_err(|e| DeltaError::Invalid {
+            location: location(&id).map_err(|e| DeltaError::Invalid {
                 table: path.to_string(),
                 message: format!("file `{id}` has no object store path: {e}"),
             })?,
             size,
+            vector: view.deletion_vector_descriptor().is_some(),
         });
     }
     let delta = table
@@ -109,9 +115,18 @@ pub(super) async fn scan(
         .build()
         .await
         .map_err(|e| DeltaError::query(path, e))?;
+    if delta
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| f.data_type().is_nested())
+    {
+        return Ok(None);
+    }
     Ok(Some(Arc::new(VectorScan {
         schema: delta.schema(),
         delta,
+        log_store: table.log_store(),
         store,
         files,
         live,
@@ -120,42 +135,51 @@ pub(super) async fn scan(
     })))
 }
 
+/// The object store path of the file at `url`, escapes decoded: the key of its vector whichever
+/// way the URL escapes its name.
+fn location(url: &url::Url) -> Result<Path, object_store::path::Error> {
+    Path::from_url_path(url.path())
+}
+
 /// One data file of the scanned snapshot.
 #[derive(Debug)]
 struct ScanFile {
-    /// Its full URL, as delta-rs names it with its deletion vector.
-    id: String,
     location: Path,
     size: u64,
+    /// Whether it has a deletion vector.
+    vector: bool,
 }
 
 /// A snapshot's files, read by DataFusion's Parquet scan, each with its deletion vector applied.
 #[derive(Debug)]
 struct VectorScan {
     schema: SchemaRef,
-    /// delta-rs's provider of the same snapshot: it reads the vectors (and registers the table's
-    /// object store in the session it is given).
+    /// delta-rs's provider of the same snapshot: it reads the vectors.
     delta: DeltaScanNext,
+    /// Where the files are: registered in a scan's session that lacks it.
+    log_store: deltalake::logstore::LogStoreRef,
     store: ObjectStoreUrl,
     files: Vec<ScanFile>,
     /// Rows kept by all files, when each file counts its rows.
     live: Option<u64>,
     bytes: u64,
-    /// The rows each file with a vector keeps, by file id; read on the first scan.
-    selections: OnceCell<HashMap<String, RowSelection>>,
+    /// The rows each file with a vector keeps, by its path; read on the first scan.
+    selections: OnceCell<HashMap<Path, RowSelection>>,
 }
 
 impl VectorScan {
-    async fn selections(&self, state: &dyn Session) -> Result<&HashMap<String, RowSelection>> {
+    async fn selections(&self, state: &dyn Session) -> Result<&HashMap<Path, RowSelection>> {
         self.selections
             .get_or_try_init(|| async {
-                let vectors = self.delta.deletion_vectors(state).await?;
-                Ok::<_, DataFusionError>(
-                    vectors
-                        .into_iter()
-                        .map(|v| (v.filepath, kept_rows(&v.keep_mask)))
-                        .collect(),
-                )
+                let mut selections = HashMap::new();
+                for vector in self.delta.deletion_vectors(state).await? {
+                    let url = url::Url::parse(&vector.filepath)
+                        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    let path =
+                        location(&url).map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    selections.insert(path, kept_rows(&vector.keep_mask));
+                }
+                Ok::<_, DataFusionError>(selections)
             })
             .await
     }
@@ -179,10 +203,16 @@ impl TableProvider for VectorScan {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let selections = self.selections(state).await?;
+        // The vectors are read once, by the first scan's session; each session needs the store.
+        let runtime = state.runtime_env();
+        if runtime.object_store(&self.store).is_err() {
+            runtime
+                .register_object_store(self.store.as_ref(), self.log_store.root_object_store(None));
+        }
         let files = self
             .files
             .iter()
-            .map(|file| {
+            .map(|file| -> Result<_> {
                 let meta = ObjectMeta {
                     location: file.location.clone(),
                     size: file.size,
@@ -191,19 +221,28 @@ impl TableProvider for VectorScan {
                     version: None,
                 };
                 let partitioned = PartitionedFile::from(meta);
-                match selections.get(&file.id) {
-                    Some(kept) => {
+                // A file read without its vector would give its deleted rows back: an error.
+                let partitioned = match (selections.get(&file.location), file.vector) {
+                    (Some(kept), true) => {
                         partitioned.with_extension(ParquetRowSelection::new(kept.clone()))
                     }
-                    None => partitioned,
-                }
+                    (None, false) => partitioned,
+                    (_, has) => {
+                        return Err(DataFusionError::Execution(format!(
+                            "file `{}` {} a deletion vector in the log, and {} was read for it",
+                            file.location,
+                            if has { "has" } else { "has no" },
+                            if has { "none" } else { "one" },
+                        )));
+                    }
+                };
+                Ok((file.size as i64, partitioned))
             })
-            .map(|partitioned| (partitioned.object_meta.size as i64, partitioned));
-        let groups =
-            super::split_scan::balance(files.collect(), state.config().target_partitions())
-                .into_iter()
-                .map(FileGroup::new)
-                .collect();
+            .collect::<Result<Vec<_>>>()?;
+        let groups = super::split_scan::balance(files, state.config().target_partitions())
+            .into_iter()
+            .map(FileGroup::new)
+            .collect();
         // Filters are not taken here: DataFusion pushes them into the Parquet scan below its filter,
         // where they skip row groups and pages by their statistics.
         let source = ParquetSource::new(self.schema.clone())
@@ -212,8 +251,8 @@ impl TableProvider for VectorScan {
                 ..Default::default()
             })
             .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
-                state.runtime_env().object_store(&self.store)?,
-                state.runtime_env().cache_manager.get_file_metadata_cache(),
+                runtime.object_store(&self.store)?,
+                runtime.cache_manager.get_file_metadata_cache(),
             )));
         let statistics = Statistics {
             num_rows: self

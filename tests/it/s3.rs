@@ -569,6 +569,85 @@ async fn storage_failures_are_named_refused_cleanly_and_a_later_run_converges() 
     );
 }
 
+/// A Silver with deletion vectors on the server: the daily batches mark rows in its files there,
+/// and Gold's stages, medallion's own reads and the CLI give what the same runs give on local disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn silver_with_deletion_vectors_on_s3_equals_the_local_run() {
+    let scratch = Scratch::new();
+    scratch.generate(4_000, 20, 4, 22);
+    let held = scratch.hold_back_all_changes();
+    assert!(!held.is_empty(), "change files to deliver");
+    let with_vectors = |yaml: String| {
+        yaml.replacen(
+            "    mode: cdc\n    zorder_by: [dms_id]\n",
+            "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
+            1,
+        )
+    };
+    let project = scratch.edit_project(&with_vectors, None);
+    let server = S3Server::start();
+    server.create_bucket("landing");
+    server.create_bucket("lake");
+    let (lake, landing) = ("s3://lake/medallion", "s3://landing/dms");
+    let run = |dir: &Path| {
+        server.upload(dir, "landing", "dms");
+        assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
+        assert_success(&server.medallion_in(
+            &project,
+            lake,
+            landing,
+            &["run", "pipelines/t.yaml"],
+            &[],
+        ));
+    };
+    // The full load, then each day's changes, delivered on both sides alike.
+    run(&scratch.landing());
+    for (aside, original) in held {
+        let day = scratch.dir.path().join("day");
+        let _ = std::fs::remove_dir_all(&day);
+        let relative = original
+            .strip_prefix(scratch.landing())
+            .expect("under the landing");
+        std::fs::create_dir_all(day.join(relative).parent().expect("folder")).expect("day");
+        std::fs::copy(&aside, day.join(relative)).expect("copy the day's file");
+        std::fs::rename(&aside, &original).expect("deliver the day's file");
+        run(&day);
+    }
+    assert!(
+        server
+            .keys("lake", "medallion/silver/transactions/deletion_vector_")
+            .iter()
+            .any(|k| k.ends_with(".bin")),
+        "the batches marked rows in files on the server"
+    );
+    let local = fingerprint(&scratch.lake()).await;
+    assert_eq!(fingerprint(&server.location(lake)).await, local);
+    let sql = server.medallion(
+        lake,
+        landing,
+        &[
+            "sql",
+            "--lake",
+            lake,
+            "--format",
+            "csv",
+            "SELECT COUNT(*) AS n FROM silver.transactions WHERE txn_date >= DATE '2019-10-25'",
+        ],
+    );
+    assert_success(&sql);
+    let expected = query(
+        &scratch.lake(),
+        &["silver.transactions"],
+        "SELECT COUNT(*) FROM silver.transactions WHERE txn_date >= DATE '2019-10-25'",
+    )
+    .await;
+    assert_ne!(expected[0][0], "0", "the last days hold rows");
+    assert_eq!(
+        String::from_utf8_lossy(&sql.stdout).trim(),
+        format!("n\n{}", expected[0][0])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn parquet_landing_files_in_date_folders_on_s3_land_like_local_ones() {
     let scratch = Scratch::new();
