@@ -6,9 +6,10 @@
 //! 0.6 s).
 //!
 //! Here each file's vector becomes a Parquet row selection (the rows it keeps), which DataFusion's
-//! Parquet scan combines with its row-group and page pruning: pages of deleted rows only are not
-//! read, deleted rows are skipped as they are decoded rather than filtered out after, and the row
-//! groups and pages a filter's statistics rule out are not read either. Only a table whose files
+//! Parquet scan combines with its row-group and page pruning: deleted rows are skipped as they are
+//! decoded rather than filtered out after (and with a filter that loads the page index, pages of
+//! deleted rows only are not read), and the row groups and pages a filter's statistics rule out are
+//! not read either. Only a table whose files
 //! hold its columns as they are is read so (see [`scan`]); the others go to [`super::split_scan`].
 
 use std::{collections::HashMap, sync::Arc};
@@ -58,8 +59,8 @@ pub(super) fn has_deletion_vectors(snapshot: &deltalake::table::state::DeltaTabl
 /// A provider reading `table` through DataFusion's Parquet scan with each file's deletion vector as
 /// its row selection, when some file has a vector and the files hold the table's columns as they
 /// are; `None` otherwise: partition columns, column mapping, nested columns (whose nullability
-/// Delta relaxes in its files, delta-rs's reader with it), or a file with a vector that does not
-/// count its rows (delta-rs sizes a vector's mask by that count).
+/// Delta relaxes in its files, delta-rs's reader with it), a file with a vector that does not count
+/// its rows (delta-rs sizes a vector's mask by that count), or a file logged by its full URL.
 pub(super) async fn scan(
     path: &Location,
     table: &DeltaTable,
@@ -77,7 +78,12 @@ pub(super) async fn scan(
         .log_data()
         .into_iter()
         .any(|view| view.deletion_vector_descriptor().is_some() && view.num_records().is_none());
-    if mapped || uncounted || !snapshot.metadata().partition_columns().is_empty() {
+    // A file logged by its full URL (a shallow clone's) may be in another store than the table.
+    let elsewhere = snapshot
+        .log_data()
+        .into_iter()
+        .any(|view| url::Url::parse(&view.path()).is_ok());
+    if mapped || uncounted || elsewhere || !snapshot.metadata().partition_columns().is_empty() {
         return Ok(None);
     }
     let root = super::files::root_url(table);
@@ -92,7 +98,7 @@ pub(super) async fn scan(
     let mut live: Option<u64> = Some(0);
     let mut bytes = 0u64;
     for view in snapshot.log_data() {
-        let id = super::files::scan_id(path, &root, &view.path())?;
+        let file = view.path();
         let deleted = view
             .deletion_vector_descriptor()
             .map_or(0, |vector| vector.cardinality as u64);
@@ -102,9 +108,9 @@ pub(super) async fn scan(
         let size = view.size() as u64;
         bytes += size;
         files.push(ScanFile {
-            location: location(&id).map_err(|e| DeltaError::Invalid {
+            location: file_location(&root, &file).map_err(|e| DeltaError::Invalid {
                 table: path.to_string(),
-                message: format!("file `{id}` has no object store path: {e}"),
+                message: format!("file `{file}` has no object store path: {e}"),
             })?,
             size,
             vector: view.deletion_vector_descriptor().is_some(),
@@ -127,6 +133,7 @@ pub(super) async fn scan(
         schema: delta.schema(),
         delta,
         log_store: table.log_store(),
+        table: path.to_string(),
         store,
         files,
         live,
@@ -135,10 +142,13 @@ pub(super) async fn scan(
     })))
 }
 
-/// The object store path of the file at `url`, escapes decoded: the key of its vector whichever
-/// way the URL escapes its name.
-fn location(url: &url::Url) -> Result<Path, object_store::path::Error> {
-    Path::from_url_path(url.path())
+/// The object store path of `file` (a relative path in the log, decoded, as delta-rs's file views
+/// give it)
+/// in the table at `root`: where delta-rs reads it from, which joins the path as logged (escaped)
+/// to the root and decodes the result once. Joining the decoded path as a URL instead would decode
+/// a name holding `%41` twice and cut one holding `#` or `?`.
+fn file_location(root: &url::Url, file: &str) -> Result<Path, object_store::path::Error> {
+    Path::parse(format!("{}/{file}", Path::from_url_path(root.path())?))
 }
 
 /// One data file of the scanned snapshot.
@@ -158,6 +168,8 @@ struct VectorScan {
     delta: DeltaScanNext,
     /// Where the files are: registered in a scan's session that lacks it.
     log_store: deltalake::logstore::LogStoreRef,
+    /// The table, for errors.
+    table: String,
     store: ObjectStoreUrl,
     files: Vec<ScanFile>,
     /// Rows kept by all files, when each file counts its rows.
@@ -173,10 +185,16 @@ impl VectorScan {
             .get_or_try_init(|| async {
                 let mut selections = HashMap::new();
                 for vector in self.delta.deletion_vectors(state).await? {
-                    let url = url::Url::parse(&vector.filepath)
-                        .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    let path =
-                        location(&url).map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    // delta-rs's path of the file: its URL decoded.
+                    let path = url::Url::parse(&vector.filepath)
+                        .map_err(|e| e.to_string())
+                        .and_then(|url| Path::from_url_path(url.path()).map_err(|e| e.to_string()))
+                        .map_err(|e| {
+                            DataFusionError::Execution(format!(
+                                "{}: the deletion vector of `{}` names no file: {e}",
+                                self.table, vector.filepath
+                            ))
+                        })?;
                     selections.insert(path, kept_rows(&vector.keep_mask));
                 }
                 Ok::<_, DataFusionError>(selections)
@@ -229,7 +247,9 @@ impl TableProvider for VectorScan {
                     (None, false) => partitioned,
                     (_, has) => {
                         return Err(DataFusionError::Execution(format!(
-                            "file `{}` {} a deletion vector in the log, and {} was read for it",
+                            "{}: file `{}` {} a deletion vector in the log, but delta-rs gave {} \
+                             for that path (not read: it would give back deleted rows)",
+                            self.table,
                             file.location,
                             if has { "has" } else { "has no" },
                             if has { "none" } else { "one" },
@@ -290,6 +310,29 @@ fn kept_rows(keep: &[bool]) -> RowSelection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_found_where_delta_rs_reads_it_whatever_its_name_holds() {
+        let root = url::Url::parse("s3://bucket/lake/silver/t%20x/").unwrap();
+        // (as logged, escaped; as delta-rs's file views give it, decoded)
+        for (logged, decoded) in [
+            ("part-0.parquet", "part-0.parquet"),
+            ("a%2541.parquet", "a%41.parquet"),
+            (
+                "day=2020-01-01/a%23b%3Fc.parquet",
+                "day=2020-01-01/a#b?c.parquet",
+            ),
+            ("a%20b.parquet", "a b.parquet"),
+        ] {
+            // delta-rs: the logged path joined to the root, decoded once.
+            let theirs = root.join(logged).unwrap();
+            assert_eq!(
+                file_location(&root, decoded).unwrap(),
+                Path::from_url_path(theirs.path()).unwrap(),
+                "{logged}"
+            );
+        }
+    }
 
     #[test]
     fn a_keep_mask_becomes_runs_of_rows() {
