@@ -9,8 +9,8 @@
 //! Parquet scan combines with its row-group and page pruning: deleted rows are skipped as they are
 //! decoded rather than filtered out after (and with a filter that loads the page index, pages of
 //! deleted rows only are not read), and the row groups and pages a filter's statistics rule out are
-//! not read either. Only a table whose files
-//! hold its columns as they are is read so (see [`scan`]); the others go to [`super::split_scan`].
+//! not read either. Only a table whose files hold its columns as they are is read so (see
+//! [`scan`]); the others go to [`super::split_scan`].
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -74,16 +74,7 @@ pub(super) async fn scan(
         .configuration()
         .get("delta.columnMapping.mode")
         .is_some_and(|mode| mode != "none");
-    let uncounted = snapshot
-        .log_data()
-        .into_iter()
-        .any(|view| view.deletion_vector_descriptor().is_some() && view.num_records().is_none());
-    // A file logged by its full URL (a shallow clone's) may be in another store than the table.
-    let elsewhere = snapshot
-        .log_data()
-        .into_iter()
-        .any(|view| url::Url::parse(&view.path()).is_ok());
-    if mapped || uncounted || elsewhere || !snapshot.metadata().partition_columns().is_empty() {
+    if mapped || !snapshot.metadata().partition_columns().is_empty() {
         return Ok(None);
     }
     let root = super::files::root_url(table);
@@ -99,9 +90,13 @@ pub(super) async fn scan(
     let mut bytes = 0u64;
     for view in snapshot.log_data() {
         let file = view.path();
-        let deleted = view
-            .deletion_vector_descriptor()
-            .map_or(0, |vector| vector.cardinality as u64);
+        let vector = view.deletion_vector_descriptor();
+        // A file logged by its full URL (a shallow clone's) may be in another store than the table.
+        let elsewhere = url::Url::parse(&file).is_ok();
+        if elsewhere || (vector.is_some() && view.num_records().is_none()) {
+            return Ok(None);
+        }
+        let deleted = vector.as_ref().map_or(0, |v| v.cardinality as u64);
         live = live
             .zip(view.num_records())
             .map(|(sum, rows)| sum + (rows as u64).saturating_sub(deleted));
@@ -113,7 +108,7 @@ pub(super) async fn scan(
                 message: format!("file `{file}` has no object store path: {e}"),
             })?,
             size,
-            vector: view.deletion_vector_descriptor().is_some(),
+            vector: vector.is_some(),
         });
     }
     let delta = table
@@ -143,8 +138,7 @@ pub(super) async fn scan(
 }
 
 /// The object store path of `file` (a relative path in the log, decoded, as delta-rs's file views
-/// give it)
-/// in the table at `root`: where delta-rs reads it from, which joins the path as logged (escaped)
+/// give it) in the table at `root`: where delta-rs reads it from, which joins the path as logged (escaped)
 /// to the root and decodes the result once. Joining the decoded path as a URL instead would decode
 /// a name holding `%41` twice and cut one holding `#` or `?`.
 fn file_location(root: &url::Url, file: &str) -> Result<Path, object_store::path::Error> {
