@@ -261,18 +261,47 @@ pub struct Stage {
     pub compression: Option<crate::delta::Codec>,
     /// For overwrite stages: recompute only what the source's changes touched.
     pub incremental: Option<Incremental>,
-    /// CDC stages: the target is created with deletion vectors (`delta.enableDeletionVectors`).
+    /// CDC stages and keyed incremental stages: the target is created with deletion vectors
+    /// (`delta.enableDeletionVectors`).
     pub deletion_vectors: bool,
 }
 
-/// An overwrite stage that replaces only the rows whose `column` value was touched by the changes applied
-/// to `source` (a cdc table) since the stage's last success. The cdc stage records, in each commit, the
-/// values of `column` before and after every change it applied, so a change that moves a row from one
-/// value to another recomputes both.
+/// An overwrite stage that recomputes only what the changes applied to `source` (a cdc table) since the
+/// stage's last success touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incremental {
-    pub column: String,
+    pub by: IncrementalBy,
     pub source: TableName,
+}
+
+/// What an incremental stage recomputes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncrementalBy {
+    /// The rows whose value of this column was touched. The cdc stage records, in each commit, the
+    /// values of the column before and after every change it applied, so a change that moves a row
+    /// from one value to another recomputes both.
+    Column(String),
+    /// The rows whose value of this column (the source's key) was changed: the stage maps each source
+    /// row to at most one row, so the rows of other keys stay as they are (`delta::keyed`).
+    Key(String),
+}
+
+impl Incremental {
+    /// The column whose touched values are recomputed, for a stage incremental by column.
+    pub fn column(&self) -> Option<&str> {
+        match &self.by {
+            IncrementalBy::Column(column) => Some(column),
+            IncrementalBy::Key(_) => None,
+        }
+    }
+
+    /// The output column holding the source's key, for a stage incremental by key.
+    pub fn key(&self) -> Option<&str> {
+        match &self.by {
+            IncrementalBy::Key(key) => Some(key),
+            IncrementalBy::Column(_) => None,
+        }
+    }
 }
 
 impl Stage {

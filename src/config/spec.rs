@@ -249,11 +249,13 @@ pub struct StageSpec {
     /// default; Bronze: `snappy`), `zstd(<level>)`, `snappy`, `lz4`, `gzip` or `none`.
     #[serde(default)]
     pub compression: Option<String>,
-    /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched.
+    /// Overwrite stages: recompute only the values of `column` that the changes to `source` touched,
+    /// or only the rows of the `key` values it changed.
     #[serde(default)]
     pub incremental: Option<IncrementalSpec>,
-    /// CDC stages: create the target with deletion vectors (`delta.enableDeletionVectors`), so that a
-    /// change batch marks the rows it replaces or deletes instead of rewriting the files holding them.
+    /// CDC stages, and overwrite stages refreshed by `incremental.key`: create the target with
+    /// deletion vectors (`delta.enableDeletionVectors`), so that a change batch marks the rows it
+    /// replaces or deletes instead of rewriting the files holding them.
     #[serde(default)]
     pub deletion_vectors: bool,
 }
@@ -262,7 +264,13 @@ pub struct StageSpec {
 #[serde(deny_unknown_fields)]
 pub struct IncrementalSpec {
     /// Column of the stage's output (and of `source`) whose values are replaced, e.g. `txn_date`.
-    pub column: String,
+    #[serde(default)]
+    pub column: Option<String>,
+    /// Column of the stage's output holding `source`'s key, for a stage whose rows each come from one
+    /// row of `source` (no join, aggregate or window): only the rows of the keys the source's changes
+    /// touched are recomputed, e.g. `transaction_id`. One of `column` and `key`.
+    #[serde(default)]
+    pub key: Option<String>,
     /// The cdc table whose applied changes say which values to recompute, e.g. `silver.transactions`.
     pub source: String,
 }

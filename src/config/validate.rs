@@ -601,9 +601,14 @@ impl Compiler<'_> {
                     })
                     .ok()
             });
+            let keyed = spec
+                .incremental
+                .as_ref()
+                .is_some_and(|inc| inc.key.is_some());
             match &write {
                 _ if !spec.deletion_vectors => {}
                 WriteMode::Cdc { keys, .. } if keys.len() == 1 => {}
+                WriteMode::Overwrite if keyed => {}
                 WriteMode::Cdc { .. } => self.issue(
                     at,
                     format!(
@@ -614,8 +619,8 @@ impl Compiler<'_> {
                 _ => self.issue(
                     at,
                     format!(
-                        "stage `{name}`: `deletion_vectors` needs mode `cdc` (only a change batch \
-                         marks rows deleted)"
+                        "stage `{name}`: `deletion_vectors` needs mode `cdc`, or `incremental.key` \
+                         (only a change batch marks rows deleted)"
                     ),
                 ),
             }
@@ -638,10 +643,38 @@ impl Compiler<'_> {
                             format!("stage `{name}`: `incremental` needs mode `overwrite`"),
                         );
                     }
-                    source.map(|source| Incremental {
-                        column: inc.column.clone(),
-                        source,
-                    })
+                    let by = match (&inc.column, &inc.key) {
+                        (Some(column), None) => Some(IncrementalBy::Column(column.clone())),
+                        (None, Some(key)) if spec.deletion_vectors => {
+                            Some(IncrementalBy::Key(key.clone()))
+                        }
+                        (None, Some(_)) => {
+                            self.issue(
+                                at,
+                                format!(
+                                    "stage `{name}`: `incremental.key` needs `deletion_vectors: \
+                                     true` (the rows of changed keys are marked deleted where they \
+                                     are; without deletion vectors every file holding one would \
+                                     be rewritten)"
+                                ),
+                            );
+                            None
+                        }
+                        _ => {
+                            self.issue(
+                                at,
+                                format!(
+                                    "stage `{name}`: `incremental` needs one of `column` (recompute \
+                                     the touched values of a column) and `key` (recompute the rows \
+                                     of changed keys)"
+                                ),
+                            );
+                            None
+                        }
+                    };
+                    source
+                        .zip(by)
+                        .map(|(source, by)| Incremental { by, source })
                 }
             };
             let expectations = spec
@@ -963,19 +996,29 @@ impl Compiler<'_> {
                 .iter_mut()
                 .find(|(s, _, _)| s.target == inc.source)
                 .map(|(s, _, _)| &mut s.write);
-            match writer {
-                Some(WriteMode::Cdc { track, .. }) if !track.contains(&inc.column) => {
-                    track.push(inc.column.clone());
+            match (writer, &inc.by) {
+                (Some(WriteMode::Cdc { track, .. }), IncrementalBy::Column(column)) => {
+                    if !track.contains(column) {
+                        track.push(column.clone());
+                    }
                 }
-                Some(WriteMode::Cdc { .. }) => {}
-                Some(_) => self.issue(
+                (Some(WriteMode::Cdc { keys, .. }), IncrementalBy::Key(_)) if keys.len() == 1 => {}
+                (Some(WriteMode::Cdc { .. }), IncrementalBy::Key(_)) => self.issue(
+                    Some(line),
+                    format!(
+                        "stage `{name}`: `incremental.key` needs its source `{}` to have one key \
+                         column (an integer)",
+                        inc.source
+                    ),
+                ),
+                (Some(_), _) => self.issue(
                     Some(line),
                     format!(
                         "stage `{name}`: incremental source `{}` must be written by a `cdc` stage, which records the values its changes touch",
                         inc.source
                     ),
                 ),
-                None => {} // reported as an unknown table below
+                (None, _) => {} // reported as an unknown table below
             }
         }
     }

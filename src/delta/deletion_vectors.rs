@@ -56,6 +56,8 @@ pub(super) struct Marked {
     pub file: Option<deltalake::Path>,
     /// Files removed, no row of them left.
     pub removed: u64,
+    /// Live rows newly marked deleted.
+    pub rows: u64,
 }
 
 impl Marked {
@@ -81,6 +83,21 @@ pub(super) async fn mark(
     key: &str,
     changed: &KeySet,
     expected: u64,
+) -> Result<Marked, DeltaError> {
+    let gone = |key: i64| changed.contains(key);
+    mark_where(path, table, files, kept, key, &gone, Some(expected)).await
+}
+
+/// As [`mark`], for the rows whose `key` is `gone`; with `expected`, exactly that many live rows must
+/// be found. A file none of whose live rows is gone is left as it is.
+pub(super) async fn mark_where(
+    path: &Location,
+    table: &DeltaTable,
+    files: &HashSet<String>,
+    kept: &HashMap<String, Vec<bool>>,
+    key: &str,
+    gone: &(dyn Fn(i64) -> bool + Sync),
+    expected: Option<u64>,
 ) -> Result<Marked, DeltaError> {
     let invalid = |message: String| DeltaError::Invalid {
         table: path.to_string(),
@@ -108,8 +125,7 @@ pub(super) async fn mark(
             ));
         }
     }
-    let mut vectors = Vec::with_capacity(touched.len());
-    let mut found = 0u64;
+    let mut checked = Vec::with_capacity(touched.len());
     for (id, file, add, remove, counted) in touched {
         let keep = kept.get(&id);
         // A vector the scan did not give would be dropped, and the rows it deletes come back.
@@ -125,9 +141,26 @@ pub(super) async fn mark(
                 )));
             }
         }
-        let rows = read_deleted(&store, &file, add.size, key, changed, keep)
-            .await
-            .map_err(|e| invalid(format!("cannot read the keys of `{}`: {e}", add.path)))?;
+        checked.push((file, add, remove, counted, keep));
+    }
+    // The files' keys are read a few at a time: each read decodes one column on one core.
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut reads = Vec::with_capacity(checked.len());
+    for (file, add, remove, counted, keep) in checked {
+        reads.push(read_file(
+            &store, file, add, remove, counted, key, gone, keep,
+        ));
+    }
+    let read: Vec<_> = futures::stream::iter(reads)
+        .buffered(parallel)
+        .collect()
+        .await;
+    let files_found = read.len();
+    let mut vectors = Vec::with_capacity(read.len());
+    let mut found = 0u64;
+    for (add, remove, counted, rows) in read {
+        let rows =
+            rows.map_err(|e| invalid(format!("cannot read the keys of `{}`: {e}", add.path)))?;
         if counted.is_some_and(|counted| counted as u64 != rows.rows) {
             return Err(invalid(format!(
                 "`{}` holds {} rows, its statistics say {counted:?}; nothing was written",
@@ -135,23 +168,45 @@ pub(super) async fn mark(
             )));
         }
         found += rows.newly;
-        vectors.push((add, remove, rows));
+        if rows.newly > 0 {
+            vectors.push((add, remove, rows));
+        }
     }
-    if vectors.len() != files.len() {
+    if files_found != files.len() {
         return Err(invalid(format!(
             "{} of the {} files holding changed rows are not in the table's version {:?}",
-            files.len() - vectors.len(),
+            files.len() - files_found,
             files.len(),
             table.version()
         )));
     }
-    if found != expected {
+    if let Some(expected) = expected
+        && found != expected
+    {
         return Err(invalid(format!(
             "the batch replaces or deletes {expected} live row(s), but {found} were found in the \
              files holding them; nothing was written"
         )));
     }
-    write(path, table, vectors).await
+    let mut marked = write(path, table, vectors).await?;
+    marked.rows = found;
+    Ok(marked)
+}
+
+/// [`read_deleted`] of one file, with what its actions are made from.
+#[allow(clippy::too_many_arguments)]
+async fn read_file(
+    store: &std::sync::Arc<dyn deltalake::ObjectStore>,
+    file: deltalake::Path,
+    add: Add,
+    remove: Remove,
+    counted: Option<usize>,
+    key: &str,
+    gone: &(dyn Fn(i64) -> bool + Sync),
+    keep: Option<&Vec<bool>>,
+) -> (Add, Remove, Option<usize>, Result<Deleted, String>) {
+    let rows = read_deleted(store, &file, add.size, key, gone, keep).await;
+    (add, remove, counted, rows)
 }
 
 /// The rows of one file to mark: every deleted position, how many of them are newly deleted, and
@@ -163,13 +218,13 @@ struct Deleted {
 }
 
 /// Reads the `key` column of the file at `file` (of `size` bytes) and gives the positions of its rows
-/// that `keep` already deletes or whose key is in `changed`.
+/// that `keep` already deletes or whose key is `gone`.
 async fn read_deleted(
     store: &std::sync::Arc<dyn deltalake::ObjectStore>,
     file: &deltalake::Path,
     size: i64,
     key: &str,
-    changed: &KeySet,
+    gone: &(dyn Fn(i64) -> bool + Sync),
     keep: Option<&Vec<bool>>,
 ) -> Result<Deleted, String> {
     #[allow(deprecated)]
@@ -210,7 +265,7 @@ async fn read_deleted(
                 keep.is_some_and(|keep| !keep.get(at as usize).copied().unwrap_or(true));
             if was_deleted {
                 deleted.positions.push(at);
-            } else if keys.is_valid(row) && changed.contains(keys.value(row)) {
+            } else if keys.is_valid(row) && gone(keys.value(row)) {
                 deleted.positions.push(at);
                 deleted.newly += 1;
             }
@@ -282,6 +337,7 @@ async fn write(
             actions,
             file: None,
             removed,
+            rows: 0,
         });
     }
     let file = deltalake::Path::from(format!("deletion_vector_{id}.bin"));
@@ -295,6 +351,7 @@ async fn write(
         actions,
         file: Some(file),
         removed,
+        rows: 0,
     })
 }
 

@@ -8,6 +8,7 @@ mod deletion_vectors;
 mod file_writer;
 mod files;
 mod first_load;
+pub mod keyed;
 mod merge;
 mod overwrite;
 mod slices;

@@ -53,6 +53,10 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("stage `{stage}`: internal error: {message}")]
     Internal { stage: String, message: String },
+    #[error(
+        "stage `{stage}`: `incremental.key` needs its SQL to give at most one row per row of its source, keyed by the source's key: {message}; nothing was written"
+    )]
+    NotRowWise { stage: String, message: String },
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]

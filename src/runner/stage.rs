@@ -844,6 +844,15 @@ async fn sql_stage(
         }
         _ => None,
     };
+    // A stage incremental by key, its target with deletion vectors: only changed keys recomputed.
+    let keyed = match (&stage.incremental, &target) {
+        (Some(incremental), Some(target)) if delta::deletion_vectors_enabled(target) => {
+            keyed_scope(context, incremental, last.as_ref(), &versions)
+                .await
+                .map_err(delta_err)?
+        }
+        _ => None,
+    };
     if let (Some(scope), Some(values)) = (scope.as_mut(), rebuild) {
         scope.values.extend(values.iter().cloned().map(Some));
     }
@@ -858,9 +867,18 @@ async fn sql_stage(
     let ctx = delta::session(context.options.memory_limit).map_err(delta_err)?;
     engine::prepare(&ctx);
     for (table, path, delta_table) in &inputs {
-        let provider = delta::provider(path, delta_table)
-            .await
-            .map_err(delta_err)?;
+        let provider = match (&keyed, &stage.incremental) {
+            (Some(keyed), Some(incremental))
+                if incremental.source == **table && !keyed.added.is_empty() =>
+            {
+                delta::keyed::added_provider(path, delta_table, &keyed.added)
+                    .await
+                    .map_err(delta_err)?
+            }
+            _ => delta::provider(path, delta_table)
+                .await
+                .map_err(delta_err)?,
+        };
         let has_batches = provider.schema().field_with_name(BATCH_ID).is_ok();
         // An incremental stage reads only the Bronze rows committed after its last successful run.
         let after = match (&last, has_batches && stage.write.is_incremental()) {
@@ -873,6 +891,47 @@ async fn sql_stage(
     let mut output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
         .await
         .map_err(engine_err)?;
+    if let Some(incremental) = &stage.incremental
+        && let Some(key) = incremental.key()
+    {
+        let not_row_wise = |message| RunError::NotRowWise {
+            stage: name.clone(),
+            message,
+        };
+        let plan = output
+            .clone()
+            .into_optimized_plan()
+            .map_err(|e| engine_err(engine::EngineError::query("stage plan", e)))?;
+        let source_key = source_key(context, &incremental.source).ok_or_else(|| {
+            not_row_wise(format!("`{}` has no single key column", incremental.source))
+        })?;
+        delta::keyed::check_row_wise(&plan, &incremental.source.to_string(), &source_key, key)
+            .map_err(not_row_wise)?;
+        match &keyed {
+            Some(keyed) if keyed.added.is_empty() => {
+                // No source row changed, only deletes: nothing to recompute.
+                output = output
+                    .limit(0, Some(0))
+                    .map_err(|e| engine_err(engine::EngineError::query("stage output", e)))?;
+            }
+            Some(_) => {
+                // The stage's plan holds the source's added files; the checks read all of it.
+                if let Some((table, path, delta_table)) =
+                    inputs.iter().find(|(t, ..)| **t == incremental.source)
+                {
+                    let whole = delta::provider(path, delta_table)
+                        .await
+                        .map_err(delta_err)?;
+                    let replaced = ctx
+                        .deregister_table(table.to_string().as_str())
+                        .map_err(|e| engine_err(engine::EngineError::query("stage input", e)))?;
+                    debug_assert!(replaced.is_some());
+                    engine::register_table(&ctx, table, whole, None).map_err(engine_err)?;
+                }
+            }
+            None => {}
+        }
+    }
     let mut rebuilt_in_full = None;
     if let Some(wide) = scope.take_if(|s| !s.fits(&output)) {
         // So many values touched that a predicate would cost more than it saves: rebuild it all.
@@ -1095,14 +1154,17 @@ async fn sql_stage(
         .incremental
         .as_ref()
         .filter(|_| context.options.slice_rows > 0)
+        .and_then(|incremental| Some((incremental, incremental.column()?)))
     {
-        Some(incremental) => match inputs.iter().find(|(t, ..)| **t == incremental.source) {
-            Some((_, path, table)) => {
-                delta::Slices::plan(path, table, &incremental.column, context.options.slice_rows)
-                    .map_err(delta_err)?
+        Some((incremental, column)) => {
+            match inputs.iter().find(|(t, ..)| **t == incremental.source) {
+                Some((_, path, table)) => {
+                    delta::Slices::plan(path, table, column, context.options.slice_rows)
+                        .map_err(delta_err)?
+                }
+                None => None,
             }
-            None => None,
-        },
+        }
         None => None,
     };
     // A whole-table overwrite is written before its checks run: they read a copy of the columns they
@@ -1115,18 +1177,24 @@ async fn sql_stage(
             register_check_tables(context, &ctx, stage)
                 .await
                 .map_err(delta_err)?;
-            let staged = stage_replacement(
-                &ctx,
-                stage,
-                &target_path,
-                &output,
-                &options,
-                scope.as_ref(),
-                slices.clone(),
-                &scratch,
-                progress,
-            )
-            .await?;
+            let staged = match keyed {
+                // A keyed refresh adds to the table's files: its candidate is a query.
+                Some(_) => None,
+                None => {
+                    stage_replacement(
+                        &ctx,
+                        stage,
+                        &target_path,
+                        &output,
+                        &options,
+                        scope.as_ref(),
+                        slices.clone(),
+                        &scratch,
+                        progress,
+                    )
+                    .await?
+                }
+            };
             if staged.is_none() {
                 let candidate_err =
                     |e| engine_err(engine::EngineError::query("candidate result", e));
@@ -1137,6 +1205,7 @@ async fn sql_stage(
                     target_exists,
                     &output,
                     scope.as_ref(),
+                    keyed.as_ref(),
                     prepared.as_ref(),
                 )
                 .await
@@ -1206,6 +1275,30 @@ async fn sql_stage(
     progress.message(&format!("writing ({})", stage.write.name()));
     let mut sliced = None;
     match &stage.write {
+        WriteMode::Overwrite if keyed.is_some() => {
+            crate::crash::point("before_gold_commit");
+            if let (Some(keyed), Some(incremental)) = (&keyed, &stage.incremental) {
+                let metrics = delta::keyed::write(
+                    &target_path,
+                    output,
+                    keyed,
+                    options.target_file_size,
+                    &meta,
+                )
+                .await
+                .map_err(delta_err)?;
+                report.scope = Some(format!(
+                    "{} changed `{}` value(s) recomputed from {} file(s) of `{}`, {} row(s) \
+                     replaced or deleted",
+                    keyed.replaced_count,
+                    keyed.key,
+                    keyed.added.len(),
+                    incremental.source,
+                    metrics.rows_deleted
+                ));
+                apply_write(&mut report, &metrics);
+            }
+        }
         WriteMode::Overwrite => {
             crate::crash::point("before_gold_commit");
             let metrics = match staged {
@@ -1236,8 +1329,10 @@ async fn sql_stage(
                 ));
             }
             report.scope = rebuilt_in_full.or(report.scope.take());
-            if let (Some(slices @ 2..), Some(incremental)) = (sliced, &stage.incremental) {
-                let sliced = format!("computed in {slices} slices of `{}`", incremental.column);
+            if let (Some(slices @ 2..), Some(column)) =
+                (sliced, stage.incremental.as_ref().and_then(|i| i.column()))
+            {
+                let sliced = format!("computed in {slices} slices of `{column}`");
                 report.scope = Some(match report.scope.take() {
                     Some(scope) => format!("{scope}, {sliced}"),
                     None => sliced,
@@ -1629,6 +1724,7 @@ async fn candidate_sql(
     target_exists: bool,
     output: &datafusion::prelude::DataFrame,
     scope: Option<&delta::Scope>,
+    keyed: Option<&delta::keyed::KeyedScope>,
     prepared: Option<&delta::PreparedChanges>,
 ) -> Result<String, delta::DeltaError> {
     const CURRENT: &str = "__medallion_current";
@@ -1667,6 +1763,10 @@ async fn candidate_sql(
     };
     ctx.register_table(CURRENT, current).map_err(query)?;
     Ok(match (&stage.write, scope) {
+        (WriteMode::Overwrite, _) if let Some(keyed) = keyed => format!(
+            "{} UNION ALL SELECT {cols} FROM batch",
+            keyed.kept_sql(ctx, CURRENT, &cols)
+        ),
         (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
         (WriteMode::Overwrite, Some(scope)) => {
             let schema = output.schema().as_arrow();
@@ -1739,29 +1839,75 @@ async fn incremental_scope(
     last: Option<&BTreeMap<String, u64>>,
     versions: &BTreeMap<String, u64>,
 ) -> Result<Option<delta::Scope>, delta::DeltaError> {
-    let Some(last) = last else {
+    let Some(column) = incremental.column() else {
         return Ok(None);
     };
+    let Some(after) = source_after(incremental, last, versions) else {
+        return Ok(None);
+    };
+    let path = context.pipeline.table_path(&incremental.source);
+    let Some(table) = delta::open(&path).await? else {
+        return Ok(None);
+    };
+    let values = delta::touched_since(&table, after, column).await?;
+    Ok(values.map(|values| delta::Scope {
+        column: column.to_string(),
+        values,
+    }))
+}
+
+/// What a stage incremental by key recomputes and deletes, from the changes its cdc source made since
+/// the stage's last success. `None` means recompute everything, as for [`incremental_scope`].
+async fn keyed_scope(
+    context: &RunContext,
+    incremental: &Incremental,
+    last: Option<&BTreeMap<String, u64>>,
+    versions: &BTreeMap<String, u64>,
+) -> Result<Option<delta::keyed::KeyedScope>, delta::DeltaError> {
+    let (Some(key), Some(source_key)) =
+        (incremental.key(), source_key(context, &incremental.source))
+    else {
+        return Ok(None);
+    };
+    let Some(after) = source_after(incremental, last, versions) else {
+        return Ok(None);
+    };
+    let path = context.pipeline.table_path(&incremental.source);
+    let Some(table) = delta::open(&path).await? else {
+        return Ok(None);
+    };
+    delta::keyed::scope(&path, &table, after, &source_key, key).await
+}
+
+/// The version of an incremental stage's source at the stage's last success, when the stage's other
+/// inputs have not changed since (`last`: the versions it read then; `versions`: now).
+fn source_after(
+    incremental: &Incremental,
+    last: Option<&BTreeMap<String, u64>>,
+    versions: &BTreeMap<String, u64>,
+) -> Option<u64> {
+    let last = last?;
     let source = incremental.source.to_string();
     let others_unchanged = versions
         .iter()
         .filter(|(table, _)| **table != source)
         .all(|(table, version)| last.get(table) == Some(version));
-    let Some(after) = last.get(&source).copied() else {
-        return Ok(None);
-    };
-    if !others_unchanged {
-        return Ok(None);
-    }
-    let path = context.pipeline.table_path(&incremental.source);
-    let Some(table) = delta::open(&path).await? else {
-        return Ok(None);
-    };
-    let values = delta::touched_since(&table, after, &incremental.column).await?;
-    Ok(values.map(|values| delta::Scope {
-        column: incremental.column.clone(),
-        values,
-    }))
+    others_unchanged
+        .then(|| last.get(&source).copied())
+        .flatten()
+}
+
+/// The key column of `table`, written by a cdc stage with one key.
+fn source_key(context: &RunContext, table: &crate::config::TableName) -> Option<String> {
+    context
+        .pipeline
+        .stages
+        .iter()
+        .find(|stage| stage.target == *table)
+        .and_then(|stage| match &stage.write {
+            WriteMode::Cdc { keys, .. } if keys.len() == 1 => keys.first().cloned(),
+            _ => None,
+        })
 }
 
 fn apply_write(report: &mut StageReport, metrics: &WriteMetrics) {

@@ -350,7 +350,7 @@ con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
 con.execute(f"LOAD '{ext[0]}'")
 out = {}
 # Per table: the column counting transactions (None: rows), and the money column.
-for table, count, money in [("silver/transactions", None, "amount"), ("gold/daily_kpis", "txn_count", "total_amount")]:
+for table, count, money in [("silver/transactions", None, "amount"), ("gold/daily_kpis", "txn_count", "total_amount"), ("gold/fact_transactions", None, "amount")]:
     path = os.path.join(lake, table)
     frame = pl.read_delta(path)
     n = "COUNT(*)" if count is None else f"SUM({count})"
@@ -371,8 +371,9 @@ sys.stdout.flush()
 os._exit(0)
 "#;
 
-/// `(rows, sum of money)` of Silver and `gold.daily_kpis` as `medallion sql` reads them.
-fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 2] {
+/// `(rows, sum of money)` of Silver, `gold.daily_kpis` and `gold.fact_transactions` as `medallion sql`
+/// reads them.
+fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 3] {
     let lake = scratch.lake().display().to_string();
     let read = |sql: &str| {
         let output = scratch.command(&["sql", sql, "--lake", &lake, "--format", "csv"]);
@@ -384,7 +385,30 @@ fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 2] {
     [
         read("SELECT COUNT(*), SUM(amount) FROM silver.transactions"),
         read("SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis"),
+        read("SELECT COUNT(*), SUM(amount) FROM gold.fact_transactions"),
     ]
+}
+
+/// Rows of `gold.fact_transactions` and of its SQL over Silver that the other lacks, counted; and
+/// the fact's rows with a transaction id held more than once.
+fn fact_differences(scratch: &Scratch) -> String {
+    let lake = scratch.lake().display().to_string();
+    let sql = std::fs::read_to_string(crate::common::repo().join("sql/gold/fact_transactions.sql"))
+        .expect("fact sql");
+    let sql = sql.trim().trim_end_matches(';');
+    // In the SQL's order (a reader may give the partition column last).
+    let columns = "transaction_id, txn_ts, txn_date, txn_year, card_id, user_id, merchant_id, mcc, \
+                   amount, channel, is_refund, amount_category, errors, has_errors";
+    let fact = format!("SELECT {columns} FROM gold.fact_transactions");
+    let query = format!(
+        "SELECT \
+           (SELECT COUNT(*) FROM ({fact} EXCEPT ALL {sql}\n)) AS extra, \
+           (SELECT COUNT(*) FROM ({sql}\n EXCEPT ALL {fact})) AS missing, \
+           (SELECT COUNT(*) - COUNT(DISTINCT transaction_id) FROM gold.fact_transactions) AS repeated"
+    );
+    let output = scratch.command(&["sql", &query, "--lake", &lake, "--format", "csv"]);
+    assert_success(&output);
+    text(&output).lines().nth(1).unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -394,19 +418,52 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
     scratch.generate(3_000, 40, 8, 78);
     let mut held = scratch.hold_back_changes(8);
     let last = held.pop().expect("a held file");
+    // Silver with deletion vectors, and the fact refreshed by key with them (`incremental.key`).
     let with_vectors = |yaml: String| {
+        let fact = "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+                    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
+        assert!(yaml.contains(fact), "the reference fact stage changed");
         yaml.replacen(
             "    mode: cdc\n    zorder_by: [dms_id]\n",
             "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
             1,
         )
+        .replacen(
+            fact,
+            "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+             mode: overwrite\n    deletion_vectors: true\n    \
+             incremental: { key: transaction_id, source: silver.transactions }\n",
+            1,
+        )
     };
     let project = scratch.edit_project(&with_vectors, None);
     assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
+    assert_eq!(fact_differences(&scratch), "0,0,0");
     for (aside, original) in held {
         std::fs::rename(aside, original).expect("deliver the day's file");
-        assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
+        let output = scratch.command_in(&project, &["run", "pipelines/t.yaml"]);
+        assert_success(&output);
+        // Only the keys the day changed were recomputed, and the fact is its SQL over Silver.
+        assert!(
+            text(&output).contains("changed `transaction_id` value(s) recomputed"),
+            "{}",
+            text(&output)
+        );
+        assert_eq!(fact_differences(&scratch), "0,0,0");
     }
+    let fact_log = scratch
+        .table("gold", "fact_transactions")
+        .join("_delta_log");
+    let fact_entries: String = std::fs::read_dir(&fact_log)
+        .expect("fact log")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| std::fs::read_to_string(e.path()).expect("commit"))
+        .collect();
+    assert!(
+        fact_entries.contains("\"deletionVector\":{"),
+        "no deletion vector written in the fact"
+    );
 
     // The batches marked rows: some file of Silver carries a deletion vector, and its protocol
     // names the feature.
@@ -438,10 +495,16 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
                 .sum::<rust_decimal::Decimal>(),
         );
         let seen = medallion_sums(&scratch);
-        assert_eq!(seen, [replayed, replayed]);
+        assert_eq!(seen, [replayed, replayed, replayed]);
+        assert_eq!(fact_differences(&scratch), "0,0,0");
         let lake = scratch.lake();
         let read = readers_json(VECTOR_READERS, &[lake.as_os_str()]);
-        for (table, (rows, money)) in ["silver/transactions", "gold/daily_kpis"].iter().zip(seen) {
+        let tables = [
+            "silver/transactions",
+            "gold/daily_kpis",
+            "gold/fact_transactions",
+        ];
+        for (table, (rows, money)) in tables.iter().zip(seen) {
             for reader in ["polars", "duckdb", "querybuilder"] {
                 let got = &read[table][reader];
                 assert_eq!(got[0].as_u64(), Some(rows), "{table}: rows in {reader}");

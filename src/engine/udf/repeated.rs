@@ -485,10 +485,15 @@ fn integer_signature() -> Signature {
 /// ([`is_integer_key`]) is one of `keys` (false for NULL). A filter on it keeps or drops rows by a set
 /// of keys at a bit test per row, where an anti join hashes every row against a hash table.
 pub fn key_in(name: &str, keys: KeyBits) -> ScalarUDF {
+    key_in_set(name, Arc::new(KeySet::Bits(keys)))
+}
+
+/// [`key_in`] for any [`KeySet`] (a sparse one tests each row by a binary search).
+pub fn key_in_set(name: &str, keys: Arc<KeySet>) -> ScalarUDF {
     ScalarUDF::from(KeyIn {
         name: name.to_string(),
         signature: integer_signature(),
-        keys: Arc::new(keys),
+        keys,
     })
 }
 
@@ -497,7 +502,7 @@ pub fn key_in(name: &str, keys: KeyBits) -> ScalarUDF {
 struct KeyIn {
     name: String,
     signature: Signature,
-    keys: Arc<KeyBits>,
+    keys: Arc<KeySet>,
 }
 
 // One function per name and set: two are the same when they hold the same set.

@@ -1,0 +1,325 @@
+//! Keyed refresh: a stage whose rows each come from one row of its cdc source, keyed by the source's
+//! key (`incremental: { key: ... }`; the reference pipeline's `gold.fact_transactions`, one fact per
+//! live transaction), recomputes after a change batch only the rows of the keys the batch changed. The
+//! rows it replaces, and those whose key is gone from the source, are marked deleted with deletion
+//! vectors ([`super::deletion_vectors`]); the new rows go to new files. A batch then costs its own rows
+//! and a read of the target's key column, not a rebuild of the table.
+//!
+//! What changed is read from the source's log, not from a record the batch kept: every row version
+//! written after the stage's last success is in a file added since, so the live rows of those files
+//! are the ones to recompute, and a row of the target whose key is no longer live in the source is
+//! one to delete. A compaction of the source since then only recomputes rows that did not change; a
+//! file whose deletion vector shrank (a restore) has its live rows recomputed as if it were added.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use datafusion::{
+    catalog::TableProvider,
+    logical_expr::{Expr, LogicalPlan},
+    prelude::{DataFrame, SessionContext},
+};
+use deltalake::{
+    DeltaTable,
+    kernel::{Action, DeletionVectorDescriptor, transaction::CommitProperties},
+    protocol::{DeltaOperation, MergePredicate},
+};
+
+use super::{CommitMeta, DeltaError, WriteMetrics, files, quote};
+use crate::{
+    engine::udf::repeated::{KeySet, is_integer_key, key_in_set},
+    storage::Location,
+};
+
+/// Registered for a candidate's checks: whether a key is live in the source.
+pub const LIVE_KEY: &str = "__medallion_live_key";
+/// Registered for a candidate's checks: whether a key's row is recomputed.
+pub const REPLACED_KEY: &str = "__medallion_replaced_key";
+
+/// What a keyed refresh recomputes and deletes.
+#[derive(Debug)]
+pub struct KeyedScope {
+    /// The target's column holding the source's key.
+    pub key: String,
+    /// The source's files whose live rows are recomputed (scan ids): those added since the stage's
+    /// last success.
+    pub added: Vec<String>,
+    /// The source's keys of those rows: their rows in the target are replaced.
+    pub replaced: Arc<KeySet>,
+    /// Every live key of the source: a row of the target with another key is deleted.
+    pub live: Arc<KeySet>,
+    /// How many keys `replaced` holds.
+    pub replaced_count: usize,
+}
+
+impl KeyedScope {
+    /// Whether the target's row of `key` goes: replaced, or its key gone from the source.
+    pub fn gone(&self, key: i64) -> bool {
+        self.replaced.contains(key) || !self.live.contains(key)
+    }
+
+    /// Registers [`LIVE_KEY`] and [`REPLACED_KEY`] in `ctx`, and gives the SQL of the target's rows
+    /// that stay: `target`'s rows whose key is live and not replaced.
+    pub fn kept_sql(&self, ctx: &SessionContext, target: &str, columns: &str) -> String {
+        ctx.register_udf(key_in_set(LIVE_KEY, self.live.clone()));
+        ctx.register_udf(key_in_set(REPLACED_KEY, self.replaced.clone()));
+        let key = quote(&self.key);
+        format!(
+            "SELECT {columns} FROM {target} WHERE {LIVE_KEY}({key}) AND NOT {REPLACED_KEY}({key})"
+        )
+    }
+}
+
+/// The scope of a keyed refresh of a stage last run when `source` (at `path`) was at version `after`,
+/// its key column `source_key` held in the target's `key`; `None` when the change cannot be told
+/// from the log (that version gone, the table replaced by another): the stage is then rebuilt.
+pub async fn scope(
+    path: &Location,
+    source: &DeltaTable,
+    after: u64,
+    source_key: &str,
+    key: &str,
+) -> Result<Option<KeyedScope>, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let mut before = source.clone();
+    if before.load_version(after).await.is_err() {
+        return Ok(None);
+    }
+    let (Ok(now), Ok(then)) = (source.snapshot(), before.snapshot()) else {
+        return Ok(None);
+    };
+    if now.metadata().id() != then.metadata().id() {
+        return Ok(None);
+    }
+    #[allow(deprecated)] // delta-rs 1.1's way to a file's whole `add`, its vector included
+    let vectors_then: HashMap<String, Option<DeletionVectorDescriptor>> = then
+        .log_data()
+        .into_iter()
+        .map(|view| (view.path().to_string(), view.add_action().deletion_vector))
+        .collect();
+    let root = files::root_url(source);
+    let mut added = Vec::new();
+    for view in now.log_data() {
+        let file = view.path().to_string();
+        #[allow(deprecated)]
+        let vector = view.add_action().deletion_vector;
+        let recompute = match vectors_then.get(&file) {
+            None => true,
+            Some(old) => restores_rows(old.as_ref(), vector.as_ref()),
+        };
+        if recompute {
+            added.push(files::scan_id(path, &root, &file)?.to_string());
+        }
+    }
+    let ctx = super::session(None)?;
+    let whole = super::provider(path, source).await?;
+    let stored = whole
+        .schema()
+        .field_with_name(source_key)
+        .map(|f| f.data_type().clone())
+        .map_err(|e| DeltaError::query(path, e.into()))?;
+    if !is_integer_key(&stored) {
+        return Err(DeltaError::Invalid {
+            table: path.to_string(),
+            message: format!("`incremental.key` needs an integer key; `{source_key}` is {stored}"),
+        });
+    }
+    let live = keys_of(&ctx, whole, source_key)
+        .await
+        .map_err(query)?
+        .into_set();
+    let (replaced, replaced_count) = if added.is_empty() {
+        (KeySet::Sorted(Vec::new()), 0)
+    } else {
+        let provider = added_provider(path, source, &added).await?;
+        let keys = keys_of(&ctx, provider, source_key).await.map_err(query)?;
+        let count = keys.len();
+        (keys.into_set(), count)
+    };
+    Ok(Some(KeyedScope {
+        key: key.to_string(),
+        added,
+        replaced: Arc::new(replaced),
+        live: Arc::new(live),
+        replaced_count,
+    }))
+}
+
+/// The values of the integer column `key` of `provider`'s rows.
+async fn keys_of(
+    ctx: &SessionContext,
+    provider: Arc<dyn TableProvider>,
+    key: &str,
+) -> datafusion::error::Result<crate::engine::udf::repeated::Keys> {
+    let frame = ctx.read_table(provider)?.select_columns(&[key])?;
+    super::cdc::collect_keys(frame).await
+}
+
+/// Whether a file whose deletion vector went from `old` to `new` may hold live rows it did not hold:
+/// its vector went away or changed without growing. (A table's vectors only grow, but for a restore.)
+fn restores_rows(
+    old: Option<&DeletionVectorDescriptor>,
+    new: Option<&DeletionVectorDescriptor>,
+) -> bool {
+    match (old, new) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(old), Some(new)) => old != new && new.cardinality <= old.cardinality,
+    }
+}
+
+/// The source's rows of the files `added` (scan ids, not empty), their deletion vectors applied.
+pub async fn added_provider(
+    path: &Location,
+    source: &DeltaTable,
+    added: &[String],
+) -> Result<Arc<dyn TableProvider>, DeltaError> {
+    let provider = source
+        .table_provider()
+        .with_file_paths(added.iter().cloned())
+        .build()
+        .await
+        .map_err(|e| DeltaError::query(path, e))?;
+    Ok(Arc::new(provider))
+}
+
+/// Checks that `plan` (a stage's SQL over `source`) gives at most one row per row of `source`, and
+/// its column `key` unchanged from `source`'s column `source_key`: no join, aggregate, window, limit,
+/// union or subquery, only projections, filters and sorts over one scan of `source`.
+pub fn check_row_wise(
+    plan: &LogicalPlan,
+    source: &str,
+    source_key: &str,
+    key: &str,
+) -> Result<(), String> {
+    let mut node = plan;
+    let mut column = key.to_string();
+    loop {
+        node = match node {
+            LogicalPlan::Projection(projection) => {
+                let index = projection
+                    .schema
+                    .fields()
+                    .iter()
+                    .position(|f| f.name() == &column)
+                    .ok_or_else(|| format!("its result has no column `{column}`"))?;
+                match projection.expr.get(index).map(unaliased) {
+                    Some(Expr::Column(c)) => column = c.name.clone(),
+                    _ => {
+                        return Err(format!(
+                            "`{key}` must be `{source_key}` of `{source}` as it is, not computed"
+                        ));
+                    }
+                }
+                &projection.input
+            }
+            LogicalPlan::Filter(filter) => &filter.input,
+            LogicalPlan::SubqueryAlias(alias) => &alias.input,
+            LogicalPlan::Sort(sort) if sort.fetch.is_none() => &sort.input,
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.to_string();
+                if name != source {
+                    return Err(format!("it reads `{name}`, not only `{source}`"));
+                }
+                if scan.fetch.is_some() {
+                    return Err("it limits its rows".into());
+                }
+                if column != source_key {
+                    return Err(format!(
+                        "`{key}` must be `{source_key}` of `{source}`, not `{column}`"
+                    ));
+                }
+                return Ok(());
+            }
+            other => {
+                return Err(format!(
+                    "it is not one row per row of `{source}` ({})",
+                    other.display()
+                ));
+            }
+        };
+    }
+}
+
+/// `expr` without its aliases.
+fn unaliased(mut expr: &Expr) -> &Expr {
+    while let Expr::Alias(alias) = expr {
+        expr = &alias.expr;
+    }
+    expr
+}
+
+/// Writes a keyed refresh of the table at `path`: the rows of `output` as new files, and deletion
+/// vectors marking the rows `scope` says are gone. One commit; nothing is visible before it.
+pub async fn write(
+    path: &Location,
+    output: DataFrame,
+    scope: &KeyedScope,
+    target_file_size: Option<u64>,
+    meta: &CommitMeta,
+) -> Result<WriteMetrics, DeltaError> {
+    let query = |e| DeltaError::query(path, e);
+    let table = super::open(path)
+        .await?
+        .ok_or_else(|| DeltaError::Invalid {
+            table: path.to_string(),
+            message: "the table to refresh is gone".into(),
+        })?;
+    let root = files::root_url(&table);
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    let mut ids = HashSet::new();
+    for view in snapshot.log_data() {
+        ids.insert(files::scan_id(path, &root, &view.path())?.to_string());
+    }
+    let provider = table.table_provider().build().await.map_err(query)?;
+    let ctx = super::session(None)?;
+    let kept: HashMap<String, Vec<bool>> = provider
+        .deletion_vectors(&ctx.state())
+        .await
+        .map_err(query)?
+        .into_iter()
+        .map(|selection| (selection.filepath, selection.keep_mask))
+        .collect();
+    let gone = |key: i64| scope.gone(key);
+    let marked =
+        super::deletion_vectors::mark_where(path, &table, &ids, &kept, &scope.key, &gone, None)
+            .await?;
+    let layout = files::Layout::unclustered(target_file_size);
+    let written = match files::write_files(path, &table, output, &layout).await {
+        Ok(written) => written,
+        Err(error) => {
+            marked.discard(path, &table).await;
+            return Err(error);
+        }
+    };
+    let files_added = written.adds.len() as u64;
+    let mut actions = marked.actions;
+    actions.extend(written.adds.into_iter().map(Action::Add));
+    let operation = DeltaOperation::Merge {
+        // No predicate: the commit conflicts with any concurrent change to the table.
+        predicate: None,
+        merge_predicate: Some(format!("refresh of the changed `{}` values", scope.key)),
+        matched_predicates: vec![MergePredicate {
+            action_type: "delete".into(),
+            predicate: Some("the key was changed or deleted in the source".into()),
+        }],
+        not_matched_predicates: vec![MergePredicate {
+            action_type: "insert".into(),
+            predicate: Some("the key's row as recomputed".into()),
+        }],
+        not_matched_by_source_predicates: Vec::new(),
+    };
+    let properties: CommitProperties = meta.properties();
+    let version = files::commit(path, &table, actions, operation, properties).await?;
+    Ok(WriteMetrics {
+        version: Some(version),
+        rows_source: None,
+        rows_written: written.rows,
+        rows_inserted: written.rows,
+        rows_updated: 0,
+        rows_deleted: marked.rows,
+        files_added,
+    })
+}
