@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "bench" / "peers"
 ENGINES = ["medallion", "medallion-dv", "deltalake", "polars", "duckdb", "spark"]
 # medallion-dv: medallion with the reference pipeline's Silver created with deletion vectors
-# (`deletion_vectors: true`), so that a batch marks the rows it changes instead of rewriting files.
+# (`deletion_vectors: true`), so that a batch marks the rows it changes instead of rewriting files,
+# and the fact refreshed by key with them (`incremental.key`).
 # Not in the default run: its Silver is not readable by Python deltalake's pyarrow reader.
 DEFAULT_ENGINES = [e for e in ENGINES if e != "medallion-dv"]
 WORKLOADS = ["ingest", "gold", "incremental", "capped", "pipeline"]
@@ -302,18 +303,27 @@ class Bench:
         return sorted((self.batch_dir / "public/transactions").glob("*.csv"))
 
     def dv_project(self) -> Path:
-        """The reference project with Silver created with deletion vectors: its YAML edited, its SQL
-        linked."""
+        """The reference project with Silver created with deletion vectors, and the fact refreshed by
+        key with them (`incremental.key`): its YAML edited, its SQL linked."""
         project = self.work / "medallion-dv" / "project"
         (project / "pipelines").mkdir(parents=True, exist_ok=True)
         if not (project / "sql").exists():
             (project / "sql").symlink_to(ROOT / "sql")
         yaml = (ROOT / "pipelines" / "transactions.yaml").read_text()
-        anchor = "    mode: cdc\n    zorder_by: [dms_id]\n"
-        if anchor not in yaml:
-            raise SystemExit("medallion-dv: the Silver stage of pipelines/transactions.yaml moved")
+        edits = [
+            ("    mode: cdc\n    zorder_by: [dms_id]\n",
+             "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n"),
+            ("    target: gold.fact_transactions\n    mode: overwrite\n"
+             "    incremental: { column: txn_date, source: silver.transactions }\n",
+             "    target: gold.fact_transactions\n    mode: overwrite\n    deletion_vectors: true\n"
+             "    incremental: { key: transaction_id, source: silver.transactions }\n"),
+        ]
+        for anchor, edited in edits:
+            if anchor not in yaml:
+                raise SystemExit(f"medallion-dv: a stage of pipelines/transactions.yaml moved: {anchor!r}")
+            yaml = yaml.replace(anchor, edited, 1)
         path = project / "pipelines" / "transactions.yaml"
-        path.write_text(yaml.replace(anchor, "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n", 1))
+        path.write_text(yaml)
         return path
 
     def landing(self, engine: str) -> Path:

@@ -323,3 +323,110 @@ pub async fn write(
         files_added,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::{
+        arrow::datatypes::{DataType, Field, Schema},
+        datasource::MemTable,
+    };
+
+    /// The optimized plan of `sql` over an empty `silver.transactions` and `silver.cards`.
+    async fn plan(sql: &str) -> LogicalPlan {
+        let ctx = SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("dms_id", DataType::Int64, true),
+            Field::new("card_id", DataType::Int64, true),
+            Field::new("amount", DataType::Int64, true),
+        ]));
+        for name in ["silver.transactions", "silver.cards"] {
+            let table = MemTable::try_new(schema.clone(), vec![vec![]]).unwrap();
+            let name = crate::config::TableName::parse(name).unwrap();
+            crate::engine::register_table(&ctx, &name, Arc::new(table), None).unwrap();
+        }
+        let frame = ctx.sql(sql).await.unwrap();
+        frame.into_optimized_plan().unwrap()
+    }
+
+    async fn check(sql: &str) -> Result<(), String> {
+        check_row_wise(
+            &plan(sql).await,
+            "silver.transactions",
+            "dms_id",
+            "transaction_id",
+        )
+    }
+
+    #[tokio::test]
+    async fn projections_filters_and_sorts_of_the_source_with_its_key_are_row_wise() {
+        for sql in [
+            "SELECT dms_id AS transaction_id, amount * 2 AS twice FROM silver.transactions",
+            "SELECT dms_id AS transaction_id FROM silver.transactions WHERE amount > 0",
+            "SELECT t.dms_id AS transaction_id, t.amount FROM silver.transactions t ORDER BY amount",
+            "SELECT transaction_id FROM (SELECT dms_id AS transaction_id FROM silver.transactions)",
+        ] {
+            assert_eq!(check(sql).await, Ok(()), "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn joins_aggregates_limits_and_a_computed_or_other_key_are_not() {
+        for (sql, says) in [
+            (
+                "SELECT dms_id AS transaction_id, COUNT(*) AS n FROM silver.transactions \
+                 GROUP BY dms_id",
+                "not one row per row",
+            ),
+            (
+                "SELECT t.dms_id AS transaction_id FROM silver.transactions t \
+                 JOIN silver.cards c ON t.card_id = c.card_id",
+                "not one row per row",
+            ),
+            (
+                "SELECT dms_id AS transaction_id FROM silver.transactions LIMIT 5",
+                "",
+            ),
+            (
+                "SELECT dms_id + 1 AS transaction_id FROM silver.transactions",
+                "not computed",
+            ),
+            (
+                "SELECT card_id AS transaction_id FROM silver.transactions",
+                "not `card_id`",
+            ),
+            (
+                "SELECT dms_id AS transaction_id FROM silver.cards",
+                "not only `silver.transactions`",
+            ),
+            ("SELECT dms_id FROM silver.transactions", "no column"),
+            (
+                "SELECT DISTINCT dms_id AS transaction_id FROM silver.transactions",
+                "not one row per row",
+            ),
+        ] {
+            let error = check(sql).await.expect_err(sql);
+            assert!(error.contains(says), "{sql}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_file_is_read_again_when_its_vector_may_have_restored_rows() {
+        let vector = |cardinality, offset| DeletionVectorDescriptor {
+            storage_type: deltalake::kernel::StorageType::UuidRelativePath,
+            path_or_inline_dv: "ab^-aqEH.-t@S}K{vb[*k^".into(),
+            offset: Some(offset),
+            size_in_bytes: 10,
+            cardinality,
+        };
+        // No vector, or one that only grew: its live rows were live before.
+        assert!(!restores_rows(None, None));
+        assert!(!restores_rows(None, Some(&vector(3, 1))));
+        assert!(!restores_rows(Some(&vector(3, 1)), Some(&vector(3, 1))));
+        assert!(!restores_rows(Some(&vector(3, 1)), Some(&vector(5, 9))));
+        // Gone, shrunk or swapped (a restore): rows may be live that were not.
+        assert!(restores_rows(Some(&vector(3, 1)), None));
+        assert!(restores_rows(Some(&vector(5, 1)), Some(&vector(3, 9))));
+        assert!(restores_rows(Some(&vector(3, 1)), Some(&vector(3, 9))));
+    }
+}

@@ -577,3 +577,55 @@ async fn deletion_vectors_are_refused_off_cdc_and_noted_on_a_table_created_witho
         text(&output)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_not_row_wise() {
+    let scratch = Scratch::new();
+    scratch.generate(200, 5, 0, 5);
+    let fact_incremental =
+        "    target: gold.fact_transactions\n    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
+    let keyed = |with: &'static str| {
+        move |yaml: String| {
+            assert!(yaml.contains(fact_incremental), "the reference fact stage changed");
+            yaml.replacen(
+                fact_incremental,
+                &format!("    target: gold.fact_transactions\n    mode: overwrite\n{with}"),
+                1,
+            )
+        }
+    };
+    // Without deletion vectors, or with a column too: refused before anything runs.
+    for (with, says) in [
+        (
+            "    incremental: { key: transaction_id, source: silver.transactions }\n",
+            "`incremental.key` needs `deletion_vectors: true`",
+        ),
+        (
+            "    deletion_vectors: true\n    incremental: { key: transaction_id, column: txn_date, source: silver.transactions }\n",
+            "`incremental` needs one of `column` (recompute",
+        ),
+    ] {
+        let output = scratch.run_edited(&keyed(with), None);
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+        assert!(text(&output).contains(says), "{}", text(&output));
+    }
+    // A fact that is not one row per transaction: the stage fails on its first run, saying why, and
+    // writes nothing; the stages before it are published.
+    let vectors = "    deletion_vectors: true\n    incremental: { key: transaction_id, source: silver.transactions }\n";
+    let aggregated = |sql: String| sql.replacen("SELECT\n", "SELECT DISTINCT\n", 1);
+    let output = scratch.run_edited(
+        &keyed(vectors),
+        Some(("gold/fact_transactions.sql", &aggregated)),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(
+        text(&output).contains(
+            "`incremental.key` needs its SQL to give at most one row per row of its source"
+        ),
+        "{}",
+        text(&output)
+    );
+    assert!(text(&output).contains("not one row per row of `silver.transactions`"));
+    assert!(!scratch.table("gold", "fact_transactions").exists());
+    assert!(scratch.table("silver", "transactions").exists());
+}
