@@ -144,7 +144,7 @@ pub(super) async fn mark_where(
         checked.push((file, add, remove, counted, keep));
     }
     // The files' keys are read a few at a time: each read decodes one column on one core.
-    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parallel = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut reads = Vec::with_capacity(checked.len());
     for (file, add, remove, counted, keep) in checked {
         reads.push(read_file(

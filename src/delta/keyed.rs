@@ -84,7 +84,8 @@ pub async fn scope(
 ) -> Result<Option<KeyedScope>, DeltaError> {
     let query = |e| DeltaError::query(path, e);
     let mut before = source.clone();
-    if before.load_version(after).await.is_err() {
+    if let Err(error) = before.load_version(after).await {
+        tracing::warn!(table = %path, "version {after} cannot be read ({error}): rebuilt in full");
         return Ok(None);
     }
     let (Ok(now), Ok(then)) = (source.snapshot(), before.snapshot()) else {
@@ -92,6 +93,17 @@ pub async fn scope(
     };
     if now.metadata().id() != then.metadata().id() {
         return Ok(None);
+    }
+    // After a restore a file's vector may hide other rows than before with as many or more: what
+    // changed is no longer told by the files.
+    let restored = |commits: &[super::CommitSummary]| {
+        commits
+            .iter()
+            .any(|commit| commit.info.get("operation").and_then(|o| o.as_str()) == Some("RESTORE"))
+    };
+    match super::commits_since(source, after).await? {
+        Some(commits) if !restored(&commits) => {}
+        _ => return Ok(None),
     }
     #[allow(deprecated)] // delta-rs 1.1's way to a file's whole `add`, its vector included
     let vectors_then: HashMap<String, Option<DeletionVectorDescriptor>> = then
@@ -158,7 +170,8 @@ async fn keys_of(
 }
 
 /// Whether a file whose deletion vector went from `old` to `new` may hold live rows it did not hold:
-/// its vector went away or changed without growing. (A table's vectors only grow, but for a restore.)
+/// its vector went away or changed without growing. (Without a restore, which [`scope`] rules out,
+/// a table's vectors only grow; this is the check that costs nothing.)
 fn restores_rows(
     old: Option<&DeletionVectorDescriptor>,
     new: Option<&DeletionVectorDescriptor>,
@@ -226,6 +239,13 @@ pub fn check_row_wise(
                 if scan.fetch.is_some() {
                     return Err("it limits its rows".into());
                 }
+                if scan
+                    .projected_schema
+                    .field_with_unqualified_name(&column)
+                    .is_err()
+                {
+                    return Err(format!("its result has no column `{column}`"));
+                }
                 if column != source_key {
                     return Err(format!(
                         "`{key}` must be `{source_key}` of `{source}`, not `{column}`"
@@ -243,12 +263,64 @@ pub fn check_row_wise(
     }
 }
 
+/// Checks that `plan` (a stage's SQL, before optimization folds `now()` into a literal) calls no
+/// function whose value may change between runs: a row computed on one run and kept on the next
+/// would then differ from the same row computed again.
+pub fn check_immutable(plan: &LogicalPlan) -> Result<(), String> {
+    use datafusion::{
+        common::tree_node::{TreeNode, TreeNodeRecursion},
+        logical_expr::Volatility,
+    };
+    let mut found = None;
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    found = Some(f.func.name().to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    match found {
+        Some(name) => Err(format!(
+            "`{name}()` may give another value on another run, and rows computed before would keep \
+             the old one"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `expr` without its aliases.
 fn unaliased(mut expr: &Expr) -> &Expr {
     while let Expr::Alias(alias) = expr {
         expr = &alias.expr;
     }
     expr
+}
+
+/// Whether `schema` (a stage's output) is the schema of `table`'s rows: the same columns in the same
+/// order, of the same types. Otherwise new rows cannot join the old files: the stage is rebuilt.
+pub fn keeps_schema(table: &DeltaTable, schema: &datafusion::arrow::datatypes::Schema) -> bool {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+    let Ok(snapshot) = table.snapshot() else {
+        return false;
+    };
+    let stored: Result<datafusion::arrow::datatypes::Schema, _> =
+        snapshot.schema().as_ref().try_into_arrow();
+    let Ok(stored) = stored else {
+        return false;
+    };
+    // The log keeps partition columns in place; compare by name and type, in order.
+    stored.fields().len() == schema.fields().len()
+        && stored.fields().iter().zip(schema.fields()).all(|(s, d)| {
+            s.name() == d.name()
+                && super::normalize_type(s.data_type()) == super::normalize_type(d.data_type())
+        })
 }
 
 /// Writes a keyed refresh of the table at `path`: the rows of `output` as new files, and deletion
@@ -297,6 +369,13 @@ pub async fn write(
     let files_added = written.adds.len() as u64;
     let mut actions = marked.actions;
     actions.extend(written.adds.into_iter().map(Action::Add));
+    if actions.is_empty() {
+        // Nothing replaced, deleted or added (the source's commits changed no row of it).
+        return Ok(WriteMetrics {
+            version: table.version(),
+            ..WriteMetrics::default()
+        });
+    }
     let operation = DeltaOperation::Merge {
         // No predicate: the commit conflicts with any concurrent change to the table.
         predicate: None,
@@ -332,8 +411,9 @@ mod tests {
         datasource::MemTable,
     };
 
-    /// The optimized plan of `sql` over an empty `silver.transactions` and `silver.cards`.
-    async fn plan(sql: &str) -> LogicalPlan {
+    /// The plan of `sql` over an empty `silver.transactions` and `silver.cards`, before and after
+    /// optimization.
+    async fn plan(sql: &str) -> (LogicalPlan, LogicalPlan) {
         let ctx = SessionContext::new();
         let schema = Arc::new(Schema::new(vec![
             Field::new("dms_id", DataType::Int64, true),
@@ -346,12 +426,17 @@ mod tests {
             crate::engine::register_table(&ctx, &name, Arc::new(table), None).unwrap();
         }
         let frame = ctx.sql(sql).await.unwrap();
-        frame.into_optimized_plan().unwrap()
+        (
+            frame.logical_plan().clone(),
+            frame.into_optimized_plan().unwrap(),
+        )
     }
 
     async fn check(sql: &str) -> Result<(), String> {
+        let (unoptimized, optimized) = plan(sql).await;
+        check_immutable(&unoptimized)?;
         check_row_wise(
-            &plan(sql).await,
+            &optimized,
             "silver.transactions",
             "dms_id",
             "transaction_id",
@@ -400,6 +485,10 @@ mod tests {
                 "not only `silver.transactions`",
             ),
             ("SELECT dms_id FROM silver.transactions", "no column"),
+            (
+                "SELECT dms_id AS transaction_id, now() AS seen FROM silver.transactions",
+                "`now()` may give another value",
+            ),
             (
                 "SELECT DISTINCT dms_id AS transaction_id FROM silver.transactions",
                 "not one row per row",

@@ -844,10 +844,11 @@ async fn sql_stage(
         }
         _ => None,
     };
-    // A stage incremental by key, its target with deletion vectors: only changed keys recomputed.
-    let keyed = match (&stage.incremental, &target) {
-        (Some(incremental), Some(target)) if delta::deletion_vectors_enabled(target) => {
-            keyed_scope(context, incremental, last.as_ref(), &versions)
+    // A stage incremental by key, its target with deletion vectors: only changed keys recomputed
+    // (a rebuild asked for, by `backfill` or `--stages`, recomputes everything).
+    let mut keyed = match (&stage.incremental, &target, rebuild) {
+        (Some(incremental), Some(target), None) if delta::deletion_vectors_enabled(target) => {
+            keyed_scope(context, incremental, &inputs, last.as_ref(), &versions)
                 .await
                 .map_err(delta_err)?
         }
@@ -905,6 +906,7 @@ async fn sql_stage(
         let source_key = source_key(context, &incremental.source).ok_or_else(|| {
             not_row_wise(format!("`{}` has no single key column", incremental.source))
         })?;
+        delta::keyed::check_immutable(output.logical_plan()).map_err(not_row_wise)?;
         delta::keyed::check_row_wise(&plan, &incremental.source.to_string(), &source_key, key)
             .map_err(not_row_wise)?;
         match &keyed {
@@ -922,11 +924,20 @@ async fn sql_stage(
                     let whole = delta::provider(path, delta_table)
                         .await
                         .map_err(delta_err)?;
-                    let replaced = ctx
-                        .deregister_table(table.to_string().as_str())
+                    ctx.deregister_table(table.to_string().as_str())
                         .map_err(|e| engine_err(engine::EngineError::query("stage input", e)))?;
-                    debug_assert!(replaced.is_some());
                     engine::register_table(&ctx, table, whole, None).map_err(engine_err)?;
+                }
+                // New columns or types cannot join the old files: the whole table is rebuilt.
+                let kept = target
+                    .as_ref()
+                    .is_some_and(|t| delta::keyed::keeps_schema(t, output.schema().as_arrow()));
+                if !kept {
+                    info!("the stage's columns changed: rebuilt in full");
+                    keyed = None;
+                    output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
+                        .await
+                        .map_err(engine_err)?;
                 }
             }
             None => {}
@@ -1297,6 +1308,8 @@ async fn sql_stage(
                     metrics.rows_deleted
                 ));
                 apply_write(&mut report, &metrics);
+                // The source rows read: the live rows of its added files.
+                report.rows_read = keyed.replaced_count as u64;
             }
         }
         WriteMode::Overwrite => {
@@ -1717,6 +1730,7 @@ async fn write_first_load(
 }
 
 /// SQL for the stage's candidate result: the target as it would be after the write.
+#[allow(clippy::too_many_arguments)]
 async fn candidate_sql(
     ctx: &datafusion::prelude::SessionContext,
     stage: &Stage,
@@ -1861,6 +1875,7 @@ async fn incremental_scope(
 async fn keyed_scope(
     context: &RunContext,
     incremental: &Incremental,
+    inputs: &[(&crate::config::TableName, Location, deltalake::DeltaTable)],
     last: Option<&BTreeMap<String, u64>>,
     versions: &BTreeMap<String, u64>,
 ) -> Result<Option<delta::keyed::KeyedScope>, delta::DeltaError> {
@@ -1872,11 +1887,11 @@ async fn keyed_scope(
     let Some(after) = source_after(incremental, last, versions) else {
         return Ok(None);
     };
-    let path = context.pipeline.table_path(&incremental.source);
-    let Some(table) = delta::open(&path).await? else {
+    // The source as the stage's SQL reads it, at the version the run records.
+    let Some((_, path, table)) = inputs.iter().find(|(t, ..)| **t == incremental.source) else {
         return Ok(None);
     };
-    delta::keyed::scope(&path, &table, after, &source_key, key).await
+    delta::keyed::scope(path, table, after, &source_key, key).await
 }
 
 /// The version of an incremental stage's source at the stage's last success, when the stage's other

@@ -582,11 +582,13 @@ async fn deletion_vectors_are_refused_off_cdc_and_noted_on_a_table_created_witho
 async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_not_row_wise() {
     let scratch = Scratch::new();
     scratch.generate(200, 5, 0, 5);
-    let fact_incremental =
-        "    target: gold.fact_transactions\n    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
+    let fact_incremental = "    target: gold.fact_transactions\n    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
     let keyed = |with: &'static str| {
         move |yaml: String| {
-            assert!(yaml.contains(fact_incremental), "the reference fact stage changed");
+            assert!(
+                yaml.contains(fact_incremental),
+                "the reference fact stage changed"
+            );
             yaml.replacen(
                 fact_incremental,
                 &format!("    target: gold.fact_transactions\n    mode: overwrite\n{with}"),
