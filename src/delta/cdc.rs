@@ -1355,14 +1355,9 @@ async fn rewrite(
         && super::deletion_vectors_enabled(table)
     {
         let keys = collect_keys(changed).await.map_err(query)?.into_set();
-        let kept = rewritten
-            .deletion_vectors(&ctx.state())
+        let kept = super::deletion_vectors::kept_rows(&rewritten, ctx)
             .await
             .map_err(query)?;
-        let kept = kept
-            .into_iter()
-            .map(|selection| (selection.filepath, selection.keep_mask))
-            .collect();
         let upserts = ctx
             .sql(&format!(
                 "SELECT {cols} FROM {CLASSIFIED_ROWS} WHERE {ACTION} IN ('insert', 'update')"

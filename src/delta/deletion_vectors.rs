@@ -71,6 +71,20 @@ impl Marked {
     }
 }
 
+/// The rows each file of `scan` keeps, by scan id, for the files with a deletion vector (the others
+/// keep all): what [`mark`] and [`mark_where`] take as `kept`.
+pub(super) async fn kept_rows(
+    scan: &deltalake::delta_datafusion::DeltaScanNext,
+    ctx: &datafusion::prelude::SessionContext,
+) -> datafusion::error::Result<HashMap<String, Vec<bool>>> {
+    Ok(scan
+        .deletion_vectors(&ctx.state())
+        .await?
+        .into_iter()
+        .map(|selection| (selection.filepath, selection.keep_mask))
+        .collect())
+}
+
 /// Marks deleted, in the files of `table` whose scan ids are `files`, every row whose `key` is in
 /// `changed` or that an earlier deletion vector already deletes. `kept` gives, per scan id, the rows
 /// an earlier deletion vector keeps (files without one keep all). `expected` is how many live rows

@@ -66,8 +66,10 @@ impl KeyedScope {
         ctx.register_udf(key_in_set(LIVE_KEY, self.live.clone()));
         ctx.register_udf(key_in_set(REPLACED_KEY, self.replaced.clone()));
         let key = quote(&self.key);
+        // A row without a key is never marked (no source row has none): it stays, as here.
         format!(
-            "SELECT {columns} FROM {target} WHERE {LIVE_KEY}({key}) AND NOT {REPLACED_KEY}({key})"
+            "SELECT {columns} FROM {target} \
+             WHERE {key} IS NULL OR ({LIVE_KEY}({key}) AND NOT {REPLACED_KEY}({key}))"
         )
     }
 }
@@ -198,7 +200,8 @@ pub async fn added_provider(
     Ok(Arc::new(provider))
 }
 
-/// Checks that `plan` (a stage's SQL over `source`) gives at most one row per row of `source`, and
+/// Checks that `plan` (a stage's SQL over `source`) gives at most one row per row of `source`, its
+/// `key` an integer, and
 /// its column `key` unchanged from `source`'s column `source_key`: no join, aggregate, window, limit,
 /// union or subquery, only projections, filters and sorts over one scan of `source`.
 pub fn check_row_wise(
@@ -207,6 +210,14 @@ pub fn check_row_wise(
     source_key: &str,
     key: &str,
 ) -> Result<(), String> {
+    let key_type = plan
+        .schema()
+        .field_with_unqualified_name(key)
+        .map(|f| f.data_type().clone())
+        .map_err(|_| format!("its result has no column `{key}`"))?;
+    if !is_integer_key(&key_type) {
+        return Err(format!("`{key}` must be an integer, not {key_type}"));
+    }
     let mut node = plan;
     let mut column = key.to_string();
     loop {
@@ -347,13 +358,9 @@ pub async fn write(
     }
     let provider = table.table_provider().build().await.map_err(query)?;
     let ctx = super::session(None)?;
-    let kept: HashMap<String, Vec<bool>> = provider
-        .deletion_vectors(&ctx.state())
+    let kept = super::deletion_vectors::kept_rows(&provider, &ctx)
         .await
-        .map_err(query)?
-        .into_iter()
-        .map(|selection| (selection.filepath, selection.keep_mask))
-        .collect();
+        .map_err(query)?;
     let gone = |key: i64| scope.gone(key);
     let marked =
         super::deletion_vectors::mark_where(path, &table, &ids, &kept, &scope.key, &gone, None)

@@ -389,6 +389,26 @@ fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 3] {
     ]
 }
 
+/// The reference pipeline with Silver created with deletion vectors and the fact refreshed by key
+/// with them (`incremental.key`), as the benchmark's `medallion-dv` runs it.
+fn keyed_fact(yaml: String) -> String {
+    let fact = "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+                mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
+    assert!(yaml.contains(fact), "the reference fact stage changed");
+    yaml.replacen(
+        "    mode: cdc\n    zorder_by: [dms_id]\n",
+        "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
+        1,
+    )
+    .replacen(
+        fact,
+        "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+         mode: overwrite\n    deletion_vectors: true\n    \
+         incremental: { key: transaction_id, source: silver.transactions }\n",
+        1,
+    )
+}
+
 /// Rows of `gold.fact_transactions` and of its SQL over Silver that the other lacks, counted; and
 /// the fact's rows with a transaction id held more than once.
 fn fact_differences(scratch: &Scratch) -> String {
@@ -419,23 +439,7 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
     let mut held = scratch.hold_back_changes(8);
     let last = held.pop().expect("a held file");
     // Silver with deletion vectors, and the fact refreshed by key with them (`incremental.key`).
-    let with_vectors = |yaml: String| {
-        let fact = "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
-                    mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
-        assert!(yaml.contains(fact), "the reference fact stage changed");
-        yaml.replacen(
-            "    mode: cdc\n    zorder_by: [dms_id]\n",
-            "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
-            1,
-        )
-        .replacen(
-            fact,
-            "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
-             mode: overwrite\n    deletion_vectors: true\n    \
-             incremental: { key: transaction_id, source: silver.transactions }\n",
-            1,
-        )
-    };
+    let with_vectors = keyed_fact;
     let project = scratch.edit_project(&with_vectors, None);
     assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
     assert_eq!(fact_differences(&scratch), "0,0,0");
@@ -630,4 +634,98 @@ async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_
     assert!(text(&output).contains("not one row per row of `silver.transactions`"));
     assert!(!scratch.table("gold", "fact_transactions").exists());
     assert!(scratch.table("silver", "transactions").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_fact_is_rebuilt_in_full_after_a_restore_of_its_source_or_a_change_of_its_columns()
+{
+    let scratch = Scratch::new();
+    scratch.generate(600, 12, 3, 21);
+    let held = scratch.hold_back_changes(3);
+    let mut held = held.into_iter();
+    let mut deliver = || {
+        let (aside, original) = held.next().expect("a held file");
+        std::fs::rename(aside, original).expect("deliver the day's file");
+    };
+    let keyed = "changed `transaction_id` value(s) recomputed";
+    let project = scratch.edit_project(&keyed_fact, None);
+    let run = |project: &std::path::Path| {
+        let output = scratch.command_in(project, &["run", "pipelines/t.yaml"]);
+        assert_success(&output);
+        text(&output)
+    };
+    run(&project);
+    deliver();
+    assert!(run(&project).contains(keyed));
+    assert_eq!(fact_differences(&scratch), "0,0,0");
+
+    // Silver restored to its version before that day (another tool's RESTORE): the files' vectors no
+    // longer say what changed, so the fact is rebuilt in full, and equals its SQL over Silver again.
+    let silver = scratch.table("silver", "transactions");
+    let version = crate::common::delta_version(&silver).expect("silver version");
+    let restore = format!(
+        "from deltalake import DeltaTable\nDeltaTable({:?}).restore({})\n",
+        silver.display().to_string(),
+        version - 1
+    );
+    let output = Command::new(python())
+        .args(["-c", &restore])
+        .output()
+        .expect("python");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after_restore = run(&project);
+    let fact_line = |report: &str| {
+        report
+            .lines()
+            .find(|l| l.contains("gold_fact_transactions"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        fact_line(&after_restore).contains("succeeded"),
+        "{after_restore}"
+    );
+    assert!(
+        !fact_line(&after_restore).contains(keyed),
+        "{after_restore}"
+    );
+    assert_eq!(fact_differences(&scratch), "0,0,0");
+    deliver();
+    assert!(run(&project).contains(keyed));
+    assert_eq!(fact_differences(&scratch), "0,0,0");
+
+    // A column added to the fact: the old files cannot take the new rows, so it is rebuilt in full
+    // with the column; the next day is refreshed by key again.
+    let widened = |sql: String| {
+        sql.replacen(
+            "    errors IS NOT NULL                               AS has_errors\n",
+            "    errors IS NOT NULL                               AS has_errors,\n    amount * 2 AS twice\n",
+            1,
+        )
+    };
+    let project = scratch.edit_project(&keyed_fact, Some(("gold/fact_transactions.sql", &widened)));
+    deliver();
+    let widened_run = run(&project);
+    assert!(!fact_line(&widened_run).contains(keyed), "{widened_run}");
+    assert!(
+        crate::common::schema(&scratch.table("gold", "fact_transactions"))
+            .await
+            .iter()
+            .any(|c| c.starts_with("twice")),
+        "the new column is not in the fact"
+    );
+    let lake = scratch.lake().display().to_string();
+    let sums = |sql: &str| {
+        let output = scratch.command(&["sql", sql, "--lake", &lake, "--format", "csv"]);
+        assert_success(&output);
+        text(&output).lines().nth(1).unwrap_or_default().to_string()
+    };
+    assert_eq!(
+        sums("SELECT COUNT(*), SUM(twice) FROM gold.fact_transactions"),
+        sums("SELECT COUNT(*), SUM(amount * 2) FROM silver.transactions")
+    );
 }
