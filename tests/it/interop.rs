@@ -439,8 +439,7 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
     let mut held = scratch.hold_back_changes(8);
     let last = held.pop().expect("a held file");
     // Silver with deletion vectors, and the fact refreshed by key with them (`incremental.key`).
-    let with_vectors = keyed_fact;
-    let project = scratch.edit_project(&with_vectors, None);
+    let project = scratch.edit_project(&keyed_fact, None);
     assert_success(&scratch.command_in(&project, &["run", "pipelines/t.yaml"]));
     assert_eq!(fact_differences(&scratch), "0,0,0");
     for (aside, original) in held {
@@ -455,29 +454,23 @@ async fn silver_with_deletion_vectors_ends_as_the_replay_and_reads_the_same_in_e
         );
         assert_eq!(fact_differences(&scratch), "0,0,0");
     }
-    let fact_log = scratch
-        .table("gold", "fact_transactions")
-        .join("_delta_log");
-    let fact_entries: String = std::fs::read_dir(&fact_log)
-        .expect("fact log")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .map(|e| std::fs::read_to_string(e.path()).expect("commit"))
-        .collect();
+    let commits = |table: &Path| -> String {
+        std::fs::read_dir(table.join("_delta_log"))
+            .expect("log")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| std::fs::read_to_string(e.path()).expect("commit"))
+            .collect()
+    };
     assert!(
-        fact_entries.contains("\"deletionVector\":{"),
+        commits(&scratch.table("gold", "fact_transactions")).contains("\"deletionVector\":{"),
         "no deletion vector written in the fact"
     );
 
     // The batches marked rows: some file of Silver carries a deletion vector, and its protocol
     // names the feature.
     let log = scratch.table("silver", "transactions").join("_delta_log");
-    let entries: String = std::fs::read_dir(&log)
-        .expect("log")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .map(|e| std::fs::read_to_string(e.path()).expect("commit"))
-        .collect();
+    let entries = commits(&scratch.table("silver", "transactions"));
     assert!(
         entries.contains("\"deletionVector\":{"),
         "no deletion vector written"
