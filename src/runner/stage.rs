@@ -909,14 +909,8 @@ async fn sql_stage(
         delta::keyed::check_immutable(output.logical_plan()).map_err(not_row_wise)?;
         delta::keyed::check_row_wise(&plan, &incremental.source.to_string(), &source_key, key)
             .map_err(not_row_wise)?;
-        match &keyed {
-            Some(keyed) if keyed.added.is_empty() => {
-                // No source row changed, only deletes: nothing to recompute.
-                output = output
-                    .limit(0, Some(0))
-                    .map_err(|e| engine_err(engine::EngineError::query("stage output", e)))?;
-            }
-            Some(_) => {
+        if let Some(scope) = &keyed {
+            if !scope.added.is_empty() {
                 // The stage's plan holds the source's added files; the checks read all of it.
                 if let Some((table, path, delta_table)) =
                     inputs.iter().find(|(t, ..)| **t == incremental.source)
@@ -928,19 +922,23 @@ async fn sql_stage(
                         .map_err(|e| engine_err(engine::EngineError::query("stage input", e)))?;
                     engine::register_table(&ctx, table, whole, None).map_err(engine_err)?;
                 }
-                // New columns or types cannot join the old files: the whole table is rebuilt.
-                let kept = target
-                    .as_ref()
-                    .is_some_and(|t| delta::keyed::keeps_schema(t, output.schema().as_arrow()));
-                if !kept {
-                    info!("the stage's columns changed: rebuilt in full");
-                    keyed = None;
-                    output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
-                        .await
-                        .map_err(engine_err)?;
-                }
             }
-            None => {}
+            // New columns or types cannot join the old files: the whole table is rebuilt.
+            let kept = target
+                .as_ref()
+                .is_some_and(|t| delta::keyed::keeps_schema(t, output.schema().as_arrow()));
+            if !kept {
+                info!("the stage's columns changed: rebuilt in full");
+                keyed = None;
+                output = engine::query(&ctx, &format!("sql of stage `{name}`"), sql)
+                    .await
+                    .map_err(engine_err)?;
+            } else if scope.added.is_empty() {
+                // No source row changed, only deletes: nothing to recompute.
+                output = output
+                    .limit(0, Some(0))
+                    .map_err(|e| engine_err(engine::EngineError::query("stage output", e)))?;
+            }
         }
     }
     let mut rebuilt_in_full = None;

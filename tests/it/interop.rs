@@ -630,11 +630,11 @@ async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_keyed_fact_is_rebuilt_in_full_after_a_restore_of_its_source_or_a_change_of_its_columns()
+async fn a_keyed_fact_is_rebuilt_in_full_after_a_restore_of_its_source_a_new_column_or_a_backfill()
 {
     let scratch = Scratch::new();
-    scratch.generate(600, 12, 3, 21);
-    let held = scratch.hold_back_changes(3);
+    scratch.generate(600, 12, 4, 21);
+    let held = scratch.hold_back_changes(4);
     let mut held = held.into_iter();
     let mut deliver = || {
         let (aside, original) = held.next().expect("a held file");
@@ -704,6 +704,8 @@ async fn a_keyed_fact_is_rebuilt_in_full_after_a_restore_of_its_source_or_a_chan
     deliver();
     let widened_run = run(&project);
     assert!(!fact_line(&widened_run).contains(keyed), "{widened_run}");
+    deliver();
+    assert!(run(&project).contains(keyed));
     assert!(
         crate::common::schema(&scratch.table("gold", "fact_transactions"))
             .await
@@ -720,5 +722,34 @@ async fn a_keyed_fact_is_rebuilt_in_full_after_a_restore_of_its_source_or_a_chan
     assert_eq!(
         sums("SELECT COUNT(*), SUM(twice) FROM gold.fact_transactions"),
         sums("SELECT COUNT(*), SUM(amount * 2) FROM silver.transactions")
+    );
+
+    // The SQL edited, its columns the same: unchanged keys keep their rows until a rebuild is asked
+    // for, which `backfill --stages gold` over any day does for a keyed stage (README).
+    let tripled = |sql: String| {
+        sql.replacen(
+            "    errors IS NOT NULL                               AS has_errors\n",
+            "    errors IS NOT NULL                               AS has_errors,\n    amount * 3 AS twice\n",
+            1,
+        )
+    };
+    let project = scratch.edit_project(&keyed_fact, Some(("gold/fact_transactions.sql", &tripled)));
+    let output = scratch.command_in(
+        &project,
+        &[
+            "backfill",
+            "pipelines/t.yaml",
+            "--from",
+            "2026-01-01",
+            "--to",
+            "2026-01-01",
+            "--stages",
+            "gold",
+        ],
+    );
+    assert_success(&output);
+    assert_eq!(
+        sums("SELECT COUNT(*), SUM(twice) FROM gold.fact_transactions"),
+        sums("SELECT COUNT(*), SUM(amount * 3) FROM silver.transactions")
     );
 }
