@@ -104,7 +104,8 @@ pub enum Command {
         /// Compact small files (Z-order by a stage's `zorder_by`).
         #[arg(long)]
         optimize: bool,
-        /// Delete files no version within the retention references.
+        /// Delete the files no version within the retention reads (replaced data files, superseded
+        /// deletion vectors, leftovers of interrupted writes), once older than the retention.
         #[arg(long)]
         vacuum: bool,
         /// Write a checkpoint of each table's log.
@@ -117,6 +118,9 @@ pub enum Command {
         /// Show what would be done; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Seconds to wait for a run of the pipeline to finish before giving up (exit code 4).
+        #[arg(long, default_value_t = 0)]
+        lock_timeout: u64,
     },
     /// Send a sample notification to each `notify:` target of the pipeline, to check the setup.
     NotifyTest {
@@ -586,6 +590,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             checkpoint,
             retention_days,
             dry_run,
+            lock_timeout,
         } => {
             let pipeline = config::load(&file)?;
             let none = !optimize && !vacuum && !checkpoint;
@@ -595,6 +600,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 checkpoint: checkpoint || none,
                 dry_run,
                 retention_days,
+                lock_timeout: std::time::Duration::from_secs(lock_timeout),
             };
             let done = runtime()?.block_on(crate::maintain::maintain(&pipeline, &options))?;
             print!("{}", crate::maintain::render(&done, dry_run));

@@ -108,6 +108,16 @@ impl Error {
             Error::Maintain(e)
                 if matches!(
                     **e,
+                    crate::maintain::MaintainError::Lock(
+                        crate::runner::lock::LockError::Held { .. }
+                    )
+                ) =>
+            {
+                exit_code::LOCKED
+            }
+            Error::Maintain(e)
+                if matches!(
+                    **e,
                     crate::maintain::MaintainError::RetentionTooShort { .. }
                         | crate::maintain::MaintainError::Storage(
                             StorageError::UnsafeOption { .. }

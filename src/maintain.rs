@@ -1,13 +1,25 @@
 //! Table upkeep (`medallion maintain`, and automatically after a run): compaction of small files
 //! (bin-packing, or Z-order by a stage's `zorder_by`), vacuum of unreferenced files with a retention that
 //! can never undercut the pipeline's time-travel and backfill promises, and checkpoints.
+//!
+//! Vacuum deletes every file in a table's folder that no version within the retention reads and that is
+//! older than it: the data files a compaction or an overwrite replaced, the deletion vectors a later one
+//! superseded, and what an interrupted write left without a commit. The versions kept readable are each
+//! one committed within the retention and the one current when it began. `maintain` holds the
+//! pipeline's run lock while it changes anything, so it never deletes the files of this pipeline's run
+//! before their commit; with a retention under a day, files no commit names are left alone.
 
-use std::num::NonZeroU64;
+use std::{num::NonZeroU64, time::Duration};
 
 use crate::storage::Location;
 
-use deltalake::operations::optimize::OptimizeType;
+use deltalake::{
+    DeltaTable,
+    logstore::commit_uri_from_version,
+    operations::{optimize::OptimizeType, vacuum::VacuumMode},
+};
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 
 use crate::{
     checks,
@@ -37,6 +49,8 @@ pub enum MaintainError {
     #[error(transparent)]
     Open(#[from] DeltaError),
     #[error(transparent)]
+    Lock(#[from] crate::runner::lock::LockError),
+    #[error(transparent)]
     Lake(Box<lake::LakeError>),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
@@ -57,6 +71,8 @@ pub struct MaintainOptions {
     pub dry_run: bool,
     /// Overrides `maintenance.vacuum_retention_days`; refused below the promised windows.
     pub retention_days: Option<u32>,
+    /// How long to wait for a run of the pipeline to end before giving up.
+    pub lock_timeout: Duration,
 }
 
 /// What was done (or, in a dry run, would be done) to one table.
@@ -109,27 +125,39 @@ pub async fn maintain(
             minimum: settings.minimum_retention_days(),
         });
     }
-    if !options.dry_run {
-        // Compaction and vacuum commit like a run does: the same storage checks first.
+    let lock = if options.dry_run {
+        None
+    } else {
+        // Compaction and vacuum commit like a run does: the same storage checks first, and no run
+        // meanwhile (vacuum would take its uncommitted files for leftovers).
         crate::storage::preflight(&pipeline.lake).await?;
+        Some(
+            crate::runner::lock::acquire(&pipeline.lake, &pipeline.name, options.lock_timeout)
+                .await?,
+        )
+    };
+    let done = upkeep_all(pipeline, retention, options).await;
+    if let Some(lock) = lock {
+        // Released on failure too: on object storage a lock dropped unreleased may outlive the run.
+        lock.release().await;
     }
+    done
+}
+
+/// [`upkeep`] of each of the pipeline's tables that exists.
+async fn upkeep_all(
+    pipeline: &Pipeline,
+    retention: u32,
+    options: &MaintainOptions,
+) -> Result<Vec<TableUpkeep>, MaintainError> {
     let mut done = Vec::new();
     for (table, zorder) in pipeline_tables(pipeline).await? {
         let path = pipeline.table_path(&table);
         if delta::open(&path).await?.is_none() {
             continue;
         }
-        done.push(
-            upkeep(
-                &table,
-                path,
-                &zorder,
-                retention,
-                settings.target_file_bytes,
-                options,
-            )
-            .await?,
-        );
+        let target = pipeline.maintenance.target_file_bytes;
+        done.push(upkeep(&table, path, &zorder, retention, target, options).await?);
     }
     Ok(done)
 }
@@ -235,8 +263,21 @@ async fn upkeep(
         delta = optimized;
     }
     if options.vacuum {
+        let readable = versions_within(&delta, retention_days)
+            .await
+            .map_err(fail)?;
+        // Full: what no kept version reads goes, whether a commit removed it or none ever added it.
+        // A file no commit names may belong to a write in progress (of another pipeline sharing
+        // the `_medallion` tables): with a retention under a day, only removed files go.
+        let mode = if retention_days >= 1 {
+            VacuumMode::Full
+        } else {
+            VacuumMode::Lite
+        };
         let (vacuumed, metrics) = delta
             .vacuum()
+            .with_mode(mode)
+            .with_keep_versions(&readable)
             .with_retention_period(chrono::Duration::days(i64::from(retention_days)))
             .with_enforce_retention_duration(false)
             .with_dry_run(options.dry_run)
@@ -252,6 +293,43 @@ async fn upkeep(
         upkeep.checkpoint_version = delta.version();
     }
     Ok(upkeep)
+}
+
+/// The versions of `table` a reader may still ask for, `days` back: each committed since (by its log
+/// entry's time, as `--as-of` finds versions), and the one current then. A version whose log entry is
+/// gone cannot be read and is not counted; the current one must be there.
+async fn versions_within(
+    table: &DeltaTable,
+    days: u32,
+) -> Result<Vec<u64>, deltalake::DeltaTableError> {
+    let Some(current) = table.version() else {
+        return Ok(Vec::new());
+    };
+    let start = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
+    let store = table.object_store();
+    let mut versions = Vec::new();
+    // Newest first, a few log entries at a time (one request each on object storage).
+    let mut entries = futures::stream::iter((0..=current).rev())
+        .map(|version| {
+            let store = store.clone();
+            async move {
+                let entry = store.head(&commit_uri_from_version(Some(version))).await;
+                (version, entry)
+            }
+        })
+        .buffered(16);
+    while let Some((version, entry)) = entries.next().await {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(deltalake::ObjectStoreError::NotFound { .. }) if version < current => break,
+            Err(error) => return Err(error.into()),
+        };
+        versions.push(version);
+        if entry.last_modified < start {
+            break;
+        }
+    }
+    Ok(versions)
 }
 
 pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {

@@ -19,4 +19,5 @@ mod resources;
 mod robustness;
 mod s3;
 mod schedule;
+mod upkeep;
 mod validate;

@@ -1,0 +1,211 @@
+//! Upkeep (`medallion maintain`): vacuum deletes what no version within the retention reads (data files
+//! a compaction replaced, deletion vectors superseded, leftovers of an interrupted write), keeps every
+//! version the pipeline promises readable, and waits for a run to end.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use crate::common::{Scratch, assert_success, delta_version, text, walk};
+
+/// The reference pipeline with Silver created with deletion vectors.
+fn silver_with_vectors(yaml: String) -> String {
+    let plain = "    mode: cdc\n    zorder_by: [dms_id]\n";
+    assert!(yaml.contains(plain), "the reference Silver stage changed");
+    yaml.replacen(
+        plain,
+        "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
+        1,
+    )
+}
+
+/// Sets the modification time of every file under `dir`, its log included, `days` back: as if all of
+/// it had been written then.
+fn age(dir: &Path, days: u64) {
+    let then = SystemTime::now() - Duration::from_secs(days * 24 * 3600);
+    let mut files = walk(dir);
+    files.extend(
+        std::fs::read_dir(dir.join("_delta_log"))
+            .expect("log")
+            .map(|e| e.expect("entry").path()),
+    );
+    for file in files.into_iter().filter(|f| f.is_file()) {
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_modified(then))
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+}
+
+/// The deletion vector files version `version` of `table` reads, by its log (no checkpoint yet).
+fn vectors_read_at(table: &Path, version: u64) -> Vec<PathBuf> {
+    let mut live = std::collections::BTreeMap::new();
+    for v in 0..=version {
+        let commit = std::fs::read_to_string(table.join(format!("_delta_log/{v:020}.json")))
+            .expect("commit");
+        for line in commit.lines() {
+            let action: serde_json::Value = serde_json::from_str(line).expect("action");
+            if let Some(add) = action.get("add") {
+                let vector = add["deletionVector"]["pathOrInlineDv"].as_str().map(|id| {
+                    let id = uuid::Uuid::from_slice(&z85::decode(id).expect("z85")).expect("uuid");
+                    table.join(format!("deletion_vector_{id}.bin"))
+                });
+                live.insert(add["path"].as_str().expect("path").to_string(), vector);
+            } else if let Some(remove) = action.get("remove") {
+                live.remove(remove["path"].as_str().expect("path"));
+            }
+        }
+    }
+    let mut vectors: Vec<PathBuf> = live.into_values().flatten().collect();
+    vectors.sort();
+    vectors.dedup();
+    vectors
+}
+
+/// The files of `table` whose name starts with `prefix`, sorted.
+fn files(table: &Path, prefix: &str) -> Vec<PathBuf> {
+    walk(table)
+        .into_iter()
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_a_promised_version()
+{
+    let scratch = Scratch::new();
+    scratch.generate(3_000, 40, 6, 17);
+    let held = scratch.hold_back_changes(2);
+    let project = scratch.edit_project(&silver_with_vectors, None);
+    let command = |args: &[&str]| scratch.command_in(&project, args);
+    let lake = scratch.lake().display().to_string();
+    let silver = scratch.table("silver", "transactions");
+    let read_at = |at: &[&str]| {
+        let sql = "SELECT COUNT(*), SUM(amount) FROM silver.transactions";
+        let mut args = vec!["sql", sql, "--lake", &lake, "--format", "csv"];
+        args.extend(at);
+        let output = scratch.command(&args);
+        assert_success(&output);
+        text(&output).lines().nth(1).unwrap_or_default().to_string()
+    };
+    let read = |version: Option<u64>| match version {
+        Some(v) => read_at(&["--version", &v.to_string()]),
+        None => read_at(&[]),
+    };
+
+    // Two daily batches after the load mark rows with deletion vectors.
+    assert_success(&command(&["run", "pipelines/t.yaml"]));
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("deliver the day's file");
+        assert_success(&command(&["run", "pipelines/t.yaml"]));
+    }
+    assert!(
+        !files(&silver, "deletion_vector_").is_empty(),
+        "no deletion vector written"
+    );
+    let promised = delta_version(&silver).expect("silver");
+    let then = read(Some(promised));
+
+    // All of that was written 40 days ago (the pipeline promises 30 days of backfills); then a
+    // compaction rewrites the files without their vectors, and an interrupted write left a data file
+    // and a vector that no commit names, as old.
+    let data = files(&silver, "part-");
+    let vectors = files(&silver, "deletion_vector_");
+    std::fs::copy(
+        &data[0],
+        silver.join("part-00000-00000000-0000-0000-0000-000000000000-c000.zstd.parquet"),
+    )
+    .expect("leftover data file");
+    std::fs::copy(
+        &vectors[0],
+        silver.join("deletion_vector_00000000-0000-0000-0000-000000000000.bin"),
+    )
+    .expect("leftover vector");
+    age(&silver, 40);
+    assert_success(&command(&["maintain", "pipelines/t.yaml", "--optimize"]));
+    assert!(delta_version(&silver) > Some(promised), "nothing compacted");
+    let now = read(None);
+    assert_eq!(now, then, "compaction changed the rows");
+
+    // A dry run lists what would go and deletes nothing.
+    let before: Vec<PathBuf> = walk(&silver);
+    let dry = command(&["maintain", "pipelines/t.yaml", "--vacuum", "--dry-run"]);
+    assert_success(&dry);
+    let row = text(&dry)
+        .lines()
+        .find(|l| l.starts_with("silver.transactions "))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no row for silver.transactions:\n{}", text(&dry)));
+    assert_eq!(walk(&silver), before, "a dry run deleted files");
+
+    // The vacuum deletes the leftovers (and any vector only versions before the window read), and
+    // keeps what the version current 30 days ago reads: it is still readable, and reads the same.
+    let vacuum = command(&["maintain", "pipelines/t.yaml", "--vacuum"]);
+    assert_success(&vacuum);
+    let vacuumed = |output: &str| -> u64 {
+        let row = output
+            .lines()
+            .find(|l| l.starts_with("silver.transactions "))
+            .unwrap_or_else(|| panic!("no row for silver.transactions:\n{output}"));
+        row.split_whitespace()
+            .nth(5)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no vacuumed count in {row:?}"))
+    };
+    assert!(vacuumed(&row) >= 2, "{row}");
+    assert_eq!(
+        vacuumed(&row),
+        vacuumed(&text(&vacuum)),
+        "the dry run listed another set"
+    );
+    for leftover in [
+        "part-00000-00000000-0000-0000-0000-000000000000-c000.zstd.parquet",
+        "deletion_vector_00000000-0000-0000-0000-000000000000.bin",
+    ] {
+        assert!(!silver.join(leftover).exists(), "{leftover} kept");
+    }
+    assert_eq!(read(None), now);
+    assert_eq!(read(Some(promised)), then, "the promised version broke");
+    let thirty_days_ago = (chrono::Utc::now() - chrono::Duration::days(30)).to_rfc3339();
+    assert_eq!(read_at(&["--as-of", &thirty_days_ago]), then);
+    // Exactly the vectors that version reads are left (those only older ones read went).
+    let promised_vectors = vectors_read_at(&silver, promised);
+    assert!(!promised_vectors.is_empty());
+    assert_eq!(files(&silver, "deletion_vector_"), promised_vectors);
+
+    // Once the compaction itself is 40 days old, no version within the window reads a vector: none is
+    // left, and the table reads the same. (The data files it replaced stay until 30 days after the
+    // compaction, by the time its commit recorded.)
+    age(&silver, 40);
+    assert_success(&command(&["maintain", "pipelines/t.yaml", "--vacuum"]));
+    assert_eq!(files(&silver, "deletion_vector_"), Vec::<PathBuf>::new());
+    assert_eq!(read(None), now);
+
+    // While a run holds the pipeline's lock, maintain waits, then gives up and changes nothing.
+    let locks = scratch.lake().join("_medallion/locks");
+    std::fs::create_dir_all(&locks).expect("locks");
+    std::fs::write(
+        locks.join("transactions.lock"),
+        format!("{} elsewhere 2026-12-07T00:00:00Z\n", std::process::id()),
+    )
+    .expect("lock");
+    let leftover = silver.join("part-00000-00000000-0000-0000-0000-000000000001-c000.zstd.parquet");
+    std::fs::copy(&files(&silver, "part-")[0], &leftover).expect("leftover data file");
+    age(&silver, 40);
+    let before = walk(&scratch.lake());
+    let held = command(&["maintain", "pipelines/t.yaml", "--vacuum", "--optimize"]);
+    assert_eq!(held.status.code(), Some(4), "{}", text(&held));
+    assert!(text(&held).contains("holds the lock"), "{}", text(&held));
+    assert_eq!(
+        walk(&scratch.lake()),
+        before,
+        "files changed under the lock"
+    );
+}
