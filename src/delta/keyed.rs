@@ -9,12 +9,16 @@
 //! written after the stage's last success is in a file added since, so the live rows of those files
 //! are the ones to recompute, and a row of the target whose key is no longer live in the source is
 //! one to delete. A compaction of the source since then only recomputes rows that did not change; a
-//! file whose deletion vector shrank (a restore) has its live rows recomputed as if it were added.
+//! file whose deletion vector no longer deletes every row it did (after a restore, or a clone of an
+//! older version) has its live rows recomputed as if it were added. That is read from the vectors
+//! themselves, not from the name of the operation that wrote them.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
+
+use futures::StreamExt;
 
 use datafusion::{
     catalog::TableProvider,
@@ -52,6 +56,10 @@ pub struct KeyedScope {
     pub live: Arc<KeySet>,
     /// How many keys `replaced` holds.
     pub replaced_count: usize,
+    /// The live rows of the `added` files, `None` when there are none: what the stage's SQL reads.
+    pub added_rows: Option<Arc<dyn TableProvider>>,
+    /// The whole source, as its checks read it.
+    pub source: Arc<dyn TableProvider>,
 }
 
 impl KeyedScope {
@@ -93,20 +101,12 @@ pub async fn scope(
     let (Ok(now), Ok(then)) = (source.snapshot(), before.snapshot()) else {
         return Ok(None);
     };
-    if now.metadata().id() != then.metadata().id() {
+    // Another table, or the same one with other columns (a restore can bring back old ones): the
+    // files no longer tell what changed.
+    if now.metadata().id() != then.metadata().id() || now.schema() != then.schema() {
         return Ok(None);
     }
-    // After a restore a file's vector may hide other rows than before with as many or more: what
-    // changed is no longer told by the files.
-    let restored = |commits: &[super::CommitSummary]| {
-        commits
-            .iter()
-            .any(|commit| commit.info.get("operation").and_then(|o| o.as_str()) == Some("RESTORE"))
-    };
-    match super::commits_since(source, after).await? {
-        Some(commits) if !restored(&commits) => {}
-        _ => return Ok(None),
-    }
+    // What changed is told by the two versions' files, whatever the commits between them were.
     #[allow(deprecated)] // delta-rs 1.1's way to a file's whole `add`, its vector included
     let vectors_then: HashMap<String, Option<DeletionVectorDescriptor>> = then
         .log_data()
@@ -115,16 +115,42 @@ pub async fn scope(
         .collect();
     let root = files::root_url(source);
     let mut added = Vec::new();
+    // Files whose vector changed and did not shrink: read to tell whether it still deletes every
+    // row it did (it grew) or not (a restore or a clone brought some back).
+    let mut to_read = Vec::new();
     for view in now.log_data() {
         let file = view.path().to_string();
         #[allow(deprecated)]
         let vector = view.add_action().deletion_vector;
-        let recompute = match vectors_then.get(&file) {
-            None => true,
-            Some(old) => restores_rows(old.as_ref(), vector.as_ref()),
-        };
-        if recompute {
-            added.push(files::scan_id(path, &root, &file)?.to_string());
+        let id = files::scan_id(path, &root, &file)?.to_string();
+        match (vectors_then.get(&file), vector) {
+            (None, _) => added.push(id),
+            (Some(old), new) => match vector_change(old.as_ref(), new.as_ref()) {
+                VectorChange::Same => {}
+                VectorChange::Restored => added.push(id),
+                VectorChange::Changed => to_read.push((id, old.clone(), new)),
+            },
+        }
+    }
+    let engine = source.log_store().engine(None);
+    let reads = to_read.into_iter().map(|(id, old, new)| {
+        let (engine, root) = (engine.clone(), root.clone());
+        async move {
+            let kept = still_deleted(engine, root, old, new).await;
+            (id, kept)
+        }
+    });
+    let mut reads = futures::stream::iter(reads).buffer_unordered(8);
+    while let Some((id, kept)) = reads.next().await {
+        match kept {
+            Ok(true) => {}
+            Ok(false) => added.push(id),
+            Err(message) => {
+                // The old vector vacuumed, most likely: its file's rows are recomputed, which is
+                // always right.
+                tracing::debug!(table = %path, "a deletion vector of `{id}` not read ({message})");
+                added.push(id);
+            }
         }
     }
     let ctx = super::session(None)?;
@@ -140,17 +166,19 @@ pub async fn scope(
             message: format!("`incremental.key` needs an integer key; `{source_key}` is {stored}"),
         });
     }
-    let live = keys_of(&ctx, whole, source_key)
+    let live = keys_of(&ctx, whole.clone(), source_key)
         .await
         .map_err(query)?
         .into_set();
-    let (replaced, replaced_count) = if added.is_empty() {
-        (KeySet::Sorted(Vec::new()), 0)
+    let (replaced, replaced_count, added_rows) = if added.is_empty() {
+        (KeySet::Sorted(Vec::new()), 0, None)
     } else {
         let provider = added_provider(path, source, &added).await?;
-        let keys = keys_of(&ctx, provider, source_key).await.map_err(query)?;
+        let keys = keys_of(&ctx, provider.clone(), source_key)
+            .await
+            .map_err(query)?;
         let count = keys.len();
-        (keys.into_set(), count)
+        (keys.into_set(), count, Some(provider))
     };
     Ok(Some(KeyedScope {
         key: key.to_string(),
@@ -158,6 +186,8 @@ pub async fn scope(
         replaced: Arc::new(replaced),
         live: Arc::new(live),
         replaced_count,
+        added_rows,
+        source: whole,
     }))
 }
 
@@ -171,22 +201,59 @@ async fn keys_of(
     super::cdc::collect_keys(frame).await
 }
 
-/// Whether a file whose deletion vector went from `old` to `new` may hold live rows it did not hold:
-/// its vector went away or changed without growing. (Without a restore, which [`scope`] rules out,
-/// a table's vectors only grow; this is the check that costs nothing.)
-fn restores_rows(
+/// How a file's deletion vector changed between two versions of its table.
+#[derive(Debug, PartialEq)]
+enum VectorChange {
+    /// The same vector, or none then: no row is live now that was not then.
+    Same,
+    /// Some rows deleted then are not now (the vector went, or holds fewer rows): a restore.
+    Restored,
+    /// Another vector with as many rows or more: grown (as a table's vectors change without a
+    /// restore), or not; read both to know.
+    Changed,
+}
+
+/// What the log tells of a file whose deletion vector went from `old` to `new`, without reading them.
+fn vector_change(
     old: Option<&DeletionVectorDescriptor>,
     new: Option<&DeletionVectorDescriptor>,
-) -> bool {
+) -> VectorChange {
     match (old, new) {
-        (None, _) => false,
-        (Some(_), None) => true,
-        (Some(old), Some(new)) => old != new && new.cardinality <= old.cardinality,
+        (None, _) => VectorChange::Same,
+        (Some(_), None) => VectorChange::Restored,
+        (Some(old), Some(new)) if old == new => VectorChange::Same,
+        (Some(old), Some(new)) if new.cardinality < old.cardinality => VectorChange::Restored,
+        (Some(_), Some(_)) => VectorChange::Changed,
     }
 }
 
+/// Whether the deletion vector `new` deletes every row `old` did (two vectors of one file of the
+/// table at `root`, read through `engine`).
+async fn still_deleted(
+    engine: Arc<dyn delta_kernel::Engine>,
+    root: url::Url,
+    old: Option<DeletionVectorDescriptor>,
+    new: Option<DeletionVectorDescriptor>,
+) -> Result<bool, String> {
+    use delta_kernel::actions::deletion_vector::DeletionVectorDescriptor as Vector;
+    let (Some(old), Some(new)) = (old, new) else {
+        return Ok(false);
+    };
+    tokio::task::spawn_blocking(move || {
+        let read = |vector: DeletionVectorDescriptor| {
+            Vector::try_from(vector)
+                .and_then(|v| v.read(engine.storage_handler(), &root))
+                .map_err(|e| e.to_string())
+        };
+        let (old, new) = (read(old)?, read(new)?);
+        Ok(old.is_subset(&new))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 /// The source's rows of the files `added` (scan ids, not empty), their deletion vectors applied.
-pub async fn added_provider(
+async fn added_provider(
     path: &Location,
     source: &DeltaTable,
     added: &[String],
@@ -334,23 +401,19 @@ pub fn keeps_schema(table: &DeltaTable, schema: &datafusion::arrow::datatypes::S
         })
 }
 
-/// Writes a keyed refresh of the table at `path`: the rows of `output` as new files, and deletion
-/// vectors marking the rows `scope` says are gone. One commit; nothing is visible before it.
+/// Writes a keyed refresh of `table` (at `path`, as the stage read it): the rows of `output` as new
+/// files, and deletion vectors marking the rows `scope` says are gone. One commit, which fails if
+/// another writer changed the table since; nothing is visible before it.
 pub async fn write(
     path: &Location,
+    table: &DeltaTable,
     output: DataFrame,
     scope: &KeyedScope,
     target_file_size: Option<u64>,
     meta: &CommitMeta,
 ) -> Result<WriteMetrics, DeltaError> {
     let query = |e| DeltaError::query(path, e);
-    let table = super::open(path)
-        .await?
-        .ok_or_else(|| DeltaError::Invalid {
-            table: path.to_string(),
-            message: "the table to refresh is gone".into(),
-        })?;
-    let root = files::root_url(&table);
+    let root = files::root_url(table);
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
     let mut ids = HashSet::new();
     for view in snapshot.log_data() {
@@ -363,13 +426,13 @@ pub async fn write(
         .map_err(query)?;
     let gone = |key: i64| scope.gone(key);
     let marked =
-        super::deletion_vectors::mark_where(path, &table, &ids, &kept, &scope.key, &gone, None)
+        super::deletion_vectors::mark_where(path, table, &ids, &kept, &scope.key, &gone, None)
             .await?;
     let layout = files::Layout::unclustered(target_file_size);
-    let written = match files::write_files(path, &table, output, &layout).await {
+    let written = match files::write_files(path, table, output, &layout).await {
         Ok(written) => written,
         Err(error) => {
-            marked.discard(path, &table).await;
+            marked.discard(path, table).await;
             return Err(error);
         }
     };
@@ -398,7 +461,7 @@ pub async fn write(
         not_matched_by_source_predicates: Vec::new(),
     };
     let properties: CommitProperties = meta.properties();
-    let version = files::commit(path, &table, actions, operation, properties).await?;
+    let version = files::commit(path, table, actions, operation, properties).await?;
     Ok(WriteMetrics {
         version: Some(version),
         rows_source: None,
@@ -506,23 +569,97 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_file_is_read_again_when_its_vector_may_have_restored_rows() {
-        let vector = |cardinality, offset| DeletionVectorDescriptor {
+    fn vector(cardinality: i64, offset: i32) -> DeletionVectorDescriptor {
+        DeletionVectorDescriptor {
             storage_type: deltalake::kernel::StorageType::UuidRelativePath,
             path_or_inline_dv: "ab^-aqEH.-t@S}K{vb[*k^".into(),
             offset: Some(offset),
             size_in_bytes: 10,
             cardinality,
+        }
+    }
+
+    #[test]
+    fn the_log_tells_a_file_whose_vector_lost_rows_and_leaves_a_changed_one_to_read() {
+        use VectorChange::*;
+        // No vector then, or the same one: its live rows were live before.
+        assert_eq!(vector_change(None, None), Same);
+        assert_eq!(vector_change(None, Some(&vector(3, 1))), Same);
+        assert_eq!(
+            vector_change(Some(&vector(3, 1)), Some(&vector(3, 1))),
+            Same
+        );
+        // Gone, or fewer rows: rows are live that were not (a restore).
+        assert_eq!(vector_change(Some(&vector(3, 1)), None), Restored);
+        assert_eq!(
+            vector_change(Some(&vector(5, 1)), Some(&vector(3, 9))),
+            Restored
+        );
+        // Another one of as many rows or more: grown, or swapped by a restore.
+        assert_eq!(
+            vector_change(Some(&vector(3, 1)), Some(&vector(5, 9))),
+            Changed
+        );
+        assert_eq!(
+            vector_change(Some(&vector(3, 1)), Some(&vector(3, 9))),
+            Changed
+        );
+    }
+
+    /// Vectors written as medallion writes them, read back: one that grew still deletes every row
+    /// the old one did; one of more rows that lost one does not.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_changed_vector_is_read_to_tell_a_grown_one_from_a_restore() {
+        use delta_kernel::actions::deletion_vector_writer::{
+            KernelDeletionVector, StreamingDeletionVectorWriter,
         };
-        // No vector, or one that only grew: its live rows were live before.
-        assert!(!restores_rows(None, None));
-        assert!(!restores_rows(None, Some(&vector(3, 1))));
-        assert!(!restores_rows(Some(&vector(3, 1)), Some(&vector(3, 1))));
-        assert!(!restores_rows(Some(&vector(3, 1)), Some(&vector(5, 9))));
-        // Gone, shrunk or swapped (a restore): rows may be live that were not.
-        assert!(restores_rows(Some(&vector(3, 1)), None));
-        assert!(restores_rows(Some(&vector(5, 1)), Some(&vector(3, 9))));
-        assert!(restores_rows(Some(&vector(3, 1)), Some(&vector(3, 9))));
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::local(dir.path().join("t"));
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let options = super::super::TableOptions::default();
+        let table = super::super::create_if_missing(&path, &schema, &options)
+            .await
+            .unwrap();
+        let id = uuid::Uuid::new_v4();
+        let mut bytes = Vec::new();
+        let mut written = Vec::new();
+        {
+            let mut writer = StreamingDeletionVectorWriter::new(&mut bytes);
+            for rows in [vec![1u64, 2], vec![1, 2, 3], vec![2, 3, 4]] {
+                let mut vector = KernelDeletionVector::new();
+                vector.add_deleted_row_indexes(rows);
+                let w = writer.write_deletion_vector(vector).unwrap();
+                written.push(DeletionVectorDescriptor {
+                    storage_type: deltalake::kernel::StorageType::UuidRelativePath,
+                    path_or_inline_dv: z85::encode(id.as_bytes()),
+                    offset: Some(w.offset),
+                    size_in_bytes: w.size_in_bytes,
+                    cardinality: w.cardinality,
+                });
+            }
+            writer.finalize().unwrap();
+        }
+        std::fs::write(
+            dir.path().join(format!("t/deletion_vector_{id}.bin")),
+            bytes,
+        )
+        .unwrap();
+        let kept = |old: usize, new: usize| {
+            let engine = table.log_store().engine(None);
+            let root = files::root_url(&table);
+            let (old, new) = (written[old].clone(), written[new].clone());
+            async move { still_deleted(engine, root, Some(old), Some(new)).await }
+        };
+        assert_eq!(kept(0, 1).await, Ok(true), "{{1, 2}} grown to {{1, 2, 3}}");
+        assert_eq!(
+            kept(0, 2).await,
+            Ok(false),
+            "{{1, 2}} swapped for {{2, 3, 4}}"
+        );
+        assert_eq!(
+            kept(1, 2).await,
+            Ok(false),
+            "{{1, 2, 3}} swapped for {{2, 3, 4}}"
+        );
     }
 }

@@ -868,14 +868,9 @@ async fn sql_stage(
     let ctx = delta::session(context.options.memory_limit).map_err(delta_err)?;
     engine::prepare(&ctx);
     for (table, path, delta_table) in &inputs {
-        let provider = match (&keyed, &stage.incremental) {
-            (Some(keyed), Some(incremental))
-                if incremental.source == **table && !keyed.added.is_empty() =>
-            {
-                delta::keyed::added_provider(path, delta_table, &keyed.added)
-                    .await
-                    .map_err(delta_err)?
-            }
+        let added = keyed.as_ref().and_then(|k| k.added_rows.clone());
+        let provider = match (added, &stage.incremental) {
+            (Some(added), Some(incremental)) if incremental.source == **table => added,
             _ => delta::provider(path, delta_table)
                 .await
                 .map_err(delta_err)?,
@@ -910,18 +905,13 @@ async fn sql_stage(
         delta::keyed::check_row_wise(&plan, &incremental.source.to_string(), &source_key, key)
             .map_err(not_row_wise)?;
         if let Some(scope) = &keyed {
-            if !scope.added.is_empty() {
+            if scope.added_rows.is_some() {
                 // The stage's plan holds the source's added files; the checks read all of it.
-                if let Some((table, path, delta_table)) =
-                    inputs.iter().find(|(t, ..)| **t == incremental.source)
-                {
-                    let whole = delta::provider(path, delta_table)
-                        .await
-                        .map_err(delta_err)?;
-                    ctx.deregister_table(table.to_string().as_str())
-                        .map_err(|e| engine_err(engine::EngineError::query("stage input", e)))?;
-                    engine::register_table(&ctx, table, whole, None).map_err(engine_err)?;
-                }
+                let table = &incremental.source;
+                ctx.deregister_table(table.to_string().as_str())
+                    .map_err(|e| engine_err(engine::EngineError::query("stage input", e)))?;
+                engine::register_table(&ctx, table, scope.source.clone(), None)
+                    .map_err(engine_err)?;
             }
             // New columns or types cannot join the old files: the whole table is rebuilt.
             let kept = target
@@ -1286,29 +1276,37 @@ async fn sql_stage(
     match &stage.write {
         WriteMode::Overwrite if keyed.is_some() => {
             crate::crash::point("before_gold_commit");
-            if let (Some(keyed), Some(incremental)) = (&keyed, &stage.incremental) {
-                let metrics = delta::keyed::write(
-                    &target_path,
-                    output,
-                    keyed,
-                    options.target_file_size,
-                    &meta,
-                )
-                .await
-                .map_err(delta_err)?;
-                report.scope = Some(format!(
-                    "{} changed `{}` value(s) recomputed from {} file(s) of `{}`, {} row(s) \
-                     replaced or deleted",
-                    keyed.replaced_count,
-                    keyed.key,
-                    keyed.added.len(),
-                    incremental.source,
-                    metrics.rows_deleted
-                ));
-                apply_write(&mut report, &metrics);
-                // The source rows read: the live rows of its added files.
-                report.rows_read = keyed.replaced_count as u64;
-            }
+            // A keyed scope is only made for an incremental stage whose target exists.
+            let (Some(keyed), Some(incremental), Some(table)) =
+                (&keyed, &stage.incremental, &target)
+            else {
+                return Err(RunError::Internal {
+                    stage: name.clone(),
+                    message: "a keyed refresh without its target or source".into(),
+                });
+            };
+            let metrics = delta::keyed::write(
+                &target_path,
+                table,
+                output,
+                keyed,
+                options.target_file_size,
+                &meta,
+            )
+            .await
+            .map_err(delta_err)?;
+            report.scope = Some(format!(
+                "{} changed `{}` value(s) recomputed from {} file(s) of `{}`, {} row(s) \
+                 replaced or deleted",
+                keyed.replaced_count,
+                keyed.key,
+                keyed.added.len(),
+                incremental.source,
+                metrics.rows_deleted
+            ));
+            apply_write(&mut report, &metrics);
+            // The source rows read: the live rows of its added files.
+            report.rows_read = keyed.replaced_count as u64;
         }
         WriteMode::Overwrite => {
             crate::crash::point("before_gold_commit");
