@@ -263,7 +263,7 @@ async fn upkeep(
         delta = optimized;
     }
     if options.vacuum {
-        let readable = versions_within(&delta, retention_days)
+        let readable = versions_to_keep(&delta, retention_days)
             .await
             .map_err(fail)?;
         // Full: what no kept version reads goes, whether a commit removed it or none ever added it.
@@ -295,10 +295,14 @@ async fn upkeep(
     Ok(upkeep)
 }
 
-/// The versions of `table` a reader may still ask for, `days` back: each committed since (by its log
-/// entry's time, as `--as-of` finds versions), and the one current then. A version whose log entry is
-/// gone cannot be read and is not counted; the current one must be there.
-async fn versions_within(
+/// The versions whose files vacuum keeps so that every version of `table` a reader may still ask
+/// for, `days` back, stays readable (by its log entry's time, as `--as-of` finds versions): the one
+/// current then (or the oldest still in the log), and each committed since that added a file with a
+/// deletion vector. Every other file such a version reads is the current version's, or was removed
+/// within the window (its remove action keeps it), or was written within it (too young to go); a
+/// vector added within the window was too, but a restore may add an old one again, and no remove
+/// action names a vector.
+async fn versions_to_keep(
     table: &DeltaTable,
     days: u32,
 ) -> Result<Vec<u64>, deltalake::DeltaTableError> {
@@ -307,29 +311,61 @@ async fn versions_within(
     };
     let start = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
     let store = table.object_store();
-    let mut versions = Vec::new();
     // Newest first, a few log entries at a time (one request each on object storage).
     let mut entries = futures::stream::iter((0..=current).rev())
         .map(|version| {
             let store = store.clone();
             async move {
-                let entry = store.head(&commit_uri_from_version(Some(version))).await;
+                let entry = match store.get(&commit_uri_from_version(Some(version))).await {
+                    Ok(got) => {
+                        let when = got.meta.last_modified;
+                        got.bytes().await.map(|bytes| Some((when, bytes)))
+                    }
+                    Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(None),
+                    Err(error) => Err(error),
+                };
                 (version, entry)
             }
         })
         .buffered(16);
+    let mut keep = Vec::new();
+    let mut oldest = None;
     while let Some((version, entry)) = entries.next().await {
-        let entry = match entry {
-            Ok(entry) => entry,
-            Err(deltalake::ObjectStoreError::NotFound { .. }) if version < current => break,
-            Err(error) => return Err(error.into()),
+        let Some((when, commit)) = entry? else {
+            break;
         };
-        versions.push(version);
-        if entry.last_modified < start {
+        if when < start {
+            oldest = Some(version);
             break;
         }
+        if adds_vector(&commit) {
+            keep.push(version);
+        }
+        oldest = Some(version);
     }
-    Ok(versions)
+    match oldest {
+        Some(oldest) if !keep.contains(&oldest) => keep.push(oldest),
+        Some(_) => {}
+        None => {
+            return Err(deltalake::DeltaTableError::Generic(format!(
+                "the log entry of version {current} is gone"
+            )));
+        }
+    }
+    Ok(keep)
+}
+
+/// Whether the log entry `commit` adds a file with a deletion vector.
+fn adds_vector(commit: &[u8]) -> bool {
+    commit
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
+        .any(|action| {
+            action
+                .get("add")
+                .and_then(|add| add.get("deletionVector"))
+                .is_some_and(serde_json::Value::is_object)
+        })
 }
 
 pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
@@ -361,4 +397,27 @@ pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::adds_vector;
+
+    #[test]
+    fn a_commit_adding_a_file_with_a_deletion_vector_is_told_from_others() {
+        let vector = r#"{"storageType":"u","pathOrInlineDv":"ab","offset":1,"sizeInBytes":9,"cardinality":2}"#;
+        let with = format!(
+            "{{\"commitInfo\":{{\"operation\":\"MERGE\"}}}}\n\
+             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionTimestamp\":1}}}}\n\
+             {{\"add\":{{\"path\":\"a.parquet\",\"deletionVector\":{vector}}}}}\n"
+        );
+        assert!(adds_vector(with.as_bytes()));
+        // A plain add, a null vector, or a vector only on the file removed: none added.
+        let without = format!(
+            "{{\"add\":{{\"path\":\"b.parquet\"}}}}\n\
+             {{\"add\":{{\"path\":\"c.parquet\",\"deletionVector\":null}}}}\n\
+             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionVector\":{vector}}}}}\n"
+        );
+        assert!(!adds_vector(without.as_bytes()));
+    }
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::common::{Scratch, assert_success, delta_version, text, walk};
+use crate::common::{Scratch, assert_success, delta_version, python, text, walk};
 
 /// The reference pipeline with Silver created with deletion vectors.
 fn silver_with_vectors(yaml: String) -> String {
@@ -39,26 +39,39 @@ fn age(dir: &Path, days: u64) {
     }
 }
 
-/// The deletion vector files version `version` of `table` reads, by its log (no checkpoint yet).
+/// The deletion vector files version `version` of `table` reads, by its log (no checkpoint yet). A
+/// file is known by its path and its vector: a commit may remove one and add the same path with
+/// another vector (a restore does).
 fn vectors_read_at(table: &Path, version: u64) -> Vec<PathBuf> {
-    let mut live = std::collections::BTreeMap::new();
+    let logical = |action: &serde_json::Value| {
+        let vector = &action["deletionVector"];
+        (
+            action["path"].as_str().expect("path").to_string(),
+            vector["pathOrInlineDv"].as_str().map(str::to_string),
+            vector["offset"].as_i64(),
+        )
+    };
+    let mut live = std::collections::BTreeSet::new();
     for v in 0..=version {
         let commit = std::fs::read_to_string(table.join(format!("_delta_log/{v:020}.json")))
             .expect("commit");
         for line in commit.lines() {
             let action: serde_json::Value = serde_json::from_str(line).expect("action");
             if let Some(add) = action.get("add") {
-                let vector = add["deletionVector"]["pathOrInlineDv"].as_str().map(|id| {
-                    let id = uuid::Uuid::from_slice(&z85::decode(id).expect("z85")).expect("uuid");
-                    table.join(format!("deletion_vector_{id}.bin"))
-                });
-                live.insert(add["path"].as_str().expect("path").to_string(), vector);
+                live.insert(logical(add));
             } else if let Some(remove) = action.get("remove") {
-                live.remove(remove["path"].as_str().expect("path"));
+                live.remove(&logical(remove));
             }
         }
     }
-    let mut vectors: Vec<PathBuf> = live.into_values().flatten().collect();
+    let mut vectors: Vec<PathBuf> = live
+        .into_iter()
+        .filter_map(|(_, vector, _)| vector)
+        .map(|id| {
+            let id = uuid::Uuid::from_slice(&z85::decode(id).expect("z85")).expect("uuid");
+            table.join(format!("deletion_vector_{id}.bin"))
+        })
+        .collect();
     vectors.sort();
     vectors.dedup();
     vectors
@@ -102,9 +115,11 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
 
     // Two daily batches after the load mark rows with deletion vectors.
     assert_success(&command(&["run", "pipelines/t.yaml"]));
+    let mut days = Vec::new();
     for (aside, original) in &held {
         std::fs::rename(aside, original).expect("deliver the day's file");
         assert_success(&command(&["run", "pipelines/t.yaml"]));
+        days.push(delta_version(&silver).expect("silver"));
     }
     assert!(
         !files(&silver, "deletion_vector_").is_empty(),
@@ -112,10 +127,13 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     );
     let promised = delta_version(&silver).expect("silver");
     let then = read(Some(promised));
+    let first_day = read(Some(days[0]));
+    assert_ne!(first_day, then);
 
-    // All of that was written 40 days ago (the pipeline promises 30 days of backfills); then a
-    // compaction rewrites the files without their vectors, and an interrupted write left a data file
-    // and a vector that no commit names, as old.
+    // All of that was written 40 days ago (the pipeline promises 30 days of backfills); then
+    // another tool restores Silver to its first day, which adds files again with vectors of then,
+    // a compaction rewrites the files without their vectors, and an interrupted write left a data
+    // file and a vector that no commit names, as old.
     let data = files(&silver, "part-");
     let vectors = files(&silver, "deletion_vector_");
     std::fs::copy(
@@ -129,10 +147,25 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     )
     .expect("leftover vector");
     age(&silver, 40);
+    let restore = format!(
+        "from deltalake import DeltaTable\nDeltaTable({:?}).restore({})\n",
+        silver.display().to_string(),
+        days[0]
+    );
+    let restored = std::process::Command::new(python())
+        .args(["-c", &restore])
+        .output()
+        .expect("python");
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let restored = delta_version(&silver).expect("silver");
     assert_success(&command(&["maintain", "pipelines/t.yaml", "--optimize"]));
-    assert!(delta_version(&silver) > Some(promised), "nothing compacted");
+    assert!(delta_version(&silver) > Some(restored), "nothing compacted");
     let now = read(None);
-    assert_eq!(now, then, "compaction changed the rows");
+    assert_eq!(now, first_day, "restore and compaction changed the rows");
 
     // A dry run lists what would go and deletes nothing.
     let before: Vec<PathBuf> = walk(&silver);
@@ -173,12 +206,29 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     }
     assert_eq!(read(None), now);
     assert_eq!(read(Some(promised)), then, "the promised version broke");
+    assert_eq!(
+        read(Some(restored)),
+        first_day,
+        "the restore's version broke"
+    );
     let thirty_days_ago = (chrono::Utc::now() - chrono::Duration::days(30)).to_rfc3339();
     assert_eq!(read_at(&["--as-of", &thirty_days_ago]), then);
-    // Exactly the vectors that version reads are left (those only older ones read went).
+    // Exactly the vectors those two versions read are left (those only older ones read went);
+    // the restore's are old, and some of them no other kept version reads.
     let promised_vectors = vectors_read_at(&silver, promised);
+    let restored_vectors = vectors_read_at(&silver, restored);
     assert!(!promised_vectors.is_empty());
-    assert_eq!(files(&silver, "deletion_vector_"), promised_vectors);
+    assert!(
+        restored_vectors
+            .iter()
+            .any(|v| !promised_vectors.contains(v)),
+        "the restore reads no vector of its own: {restored_vectors:?}"
+    );
+    let mut kept = promised_vectors;
+    kept.extend(restored_vectors);
+    kept.sort();
+    kept.dedup();
+    assert_eq!(files(&silver, "deletion_vector_"), kept);
 
     // Once the compaction itself is 40 days old, no version within the window reads a vector: none is
     // left, and the table reads the same. (The data files it replaced stay until 30 days after the
