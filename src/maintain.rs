@@ -298,10 +298,10 @@ async fn upkeep(
 /// The versions whose files vacuum keeps so that every version of `table` a reader may still ask
 /// for, `days` back, stays readable (by its log entry's time, as `--as-of` finds versions): the one
 /// current then (or the oldest still in the log), and each committed since that added a file with a
-/// deletion vector. Every other file such a version reads is the current version's, or was removed
-/// within the window (its remove action keeps it), or was written within it (too young to go); a
-/// vector added within the window was too, but a restore may add an old one again, and no remove
-/// action names a vector.
+/// deletion vector or a file older than the window. Every other file such a version reads is the
+/// current version's, or was written within the window (too young to go); a remove action does not
+/// protect a file for long (a checkpoint drops removes after `delta.deletedFileRetentionDuration`,
+/// and an old remove of a file a restore added again counts as expired), and none names a vector.
 async fn versions_to_keep(
     table: &DeltaTable,
     days: u32,
@@ -310,6 +310,7 @@ async fn versions_to_keep(
         return Ok(Vec::new());
     };
     let start = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
+    let start_millis = start.timestamp_millis();
     let store = table.object_store();
     // Newest first, a few log entries at a time (one request each on object storage).
     let mut entries = futures::stream::iter((0..=current).rev())
@@ -338,7 +339,7 @@ async fn versions_to_keep(
             oldest = Some(version);
             break;
         }
-        if adds_vector(&commit) {
+        if adds_vector_or_old_file(&commit, start_millis) {
             keep.push(version);
         }
         oldest = Some(version);
@@ -355,16 +356,25 @@ async fn versions_to_keep(
     Ok(keep)
 }
 
-/// Whether the log entry `commit` adds a file with a deletion vector.
-fn adds_vector(commit: &[u8]) -> bool {
+/// Whether the log entry `commit` adds a file with a deletion vector, or one written before
+/// `start_millis` (a restore adds old files again, with their first `modificationTime`). A line
+/// that cannot be read counts as one: keeping a version is the safe answer.
+fn adds_vector_or_old_file(commit: &[u8], start_millis: i64) -> bool {
     commit
         .split(|b| *b == b'\n')
-        .filter_map(|line| serde_json::from_slice::<serde_json::Value>(line).ok())
-        .any(|action| {
-            action
-                .get("add")
-                .and_then(|add| add.get("deletionVector"))
-                .is_some_and(serde_json::Value::is_object)
+        .filter(|line| !line.trim_ascii().is_empty())
+        .any(|line| {
+            let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                return true;
+            };
+            action.get("add").is_some_and(|add| {
+                add.get("deletionVector")
+                    .is_some_and(serde_json::Value::is_object)
+                    || add
+                        .get("modificationTime")
+                        .and_then(serde_json::Value::as_i64)
+                        .is_none_or(|written| written < start_millis)
+            })
         })
 }
 
@@ -401,23 +411,30 @@ pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::adds_vector;
+    use super::adds_vector_or_old_file;
 
     #[test]
-    fn a_commit_adding_a_file_with_a_deletion_vector_is_told_from_others() {
+    fn a_commit_adding_a_file_with_a_vector_or_an_old_file_is_told_from_others() {
         let vector = r#"{"storageType":"u","pathOrInlineDv":"ab","offset":1,"sizeInBytes":9,"cardinality":2}"#;
-        let with = format!(
+        let start = 1_000;
+        let keeps = |commit: String| adds_vector_or_old_file(commit.as_bytes(), start);
+        // A file added again with a vector.
+        assert!(keeps(format!(
             "{{\"commitInfo\":{{\"operation\":\"MERGE\"}}}}\n\
-             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionTimestamp\":1}}}}\n\
-             {{\"add\":{{\"path\":\"a.parquet\",\"deletionVector\":{vector}}}}}\n"
-        );
-        assert!(adds_vector(with.as_bytes()));
-        // A plain add, a null vector, or a vector only on the file removed: none added.
-        let without = format!(
-            "{{\"add\":{{\"path\":\"b.parquet\"}}}}\n\
-             {{\"add\":{{\"path\":\"c.parquet\",\"deletionVector\":null}}}}\n\
-             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionVector\":{vector}}}}}\n"
-        );
-        assert!(!adds_vector(without.as_bytes()));
+             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionTimestamp\":2000}}}}\n\
+             {{\"add\":{{\"path\":\"a.parquet\",\"modificationTime\":2000,\"deletionVector\":{vector}}}}}\n"
+        )));
+        // A file written before the window, added again (a restore).
+        assert!(keeps(
+            "{\"add\":{\"path\":\"b.parquet\",\"modificationTime\":999}}\n".into()
+        ));
+        // A line that cannot be read: kept, to be safe.
+        assert!(keeps("{\"add\":{\"path\n".into()));
+        // New files without vectors, a null vector, a vector only on the file removed: not kept.
+        assert!(!keeps(format!(
+            "{{\"add\":{{\"path\":\"b.parquet\",\"modificationTime\":1000}}}}\n\
+             {{\"add\":{{\"path\":\"c.parquet\",\"modificationTime\":3000,\"deletionVector\":null}}}}\n\
+             {{\"remove\":{{\"path\":\"a.parquet\",\"deletionVector\":{vector}}}}}\n\r\n"
+        )));
     }
 }

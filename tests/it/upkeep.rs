@@ -259,3 +259,94 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
         "files changed under the lock"
     );
 }
+
+/// Rewrites the times the log of `table` records `days` back, as `age` does the files': when each
+/// file was written (its add's `modificationTime`) and removed (its remove's `deletionTimestamp`).
+fn age_log(table: &Path, days: i64) {
+    let shift = days * 24 * 3600 * 1000;
+    for entry in std::fs::read_dir(table.join("_delta_log")).expect("log") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let commit = std::fs::read_to_string(&path).expect("commit");
+        let aged: Vec<String> = commit
+            .lines()
+            .map(|line| {
+                let mut action: serde_json::Value = serde_json::from_str(line).expect("action");
+                for (kind, field) in [("add", "modificationTime"), ("remove", "deletionTimestamp")]
+                {
+                    if let Some(when) = action.get_mut(kind).and_then(|a| a.get_mut(field)) {
+                        *when = (when.as_i64().expect("time") - shift).into();
+                    }
+                }
+                action.to_string()
+            })
+            .collect();
+        std::fs::write(&path, aged.join("\n") + "\n").expect("aged commit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_keeps_the_old_files_a_restore_within_the_retention_added_again() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 30, 4, 29);
+    let held = scratch.hold_back_changes(1);
+    let lake = scratch.lake().display().to_string();
+    let kpis = scratch.table("gold", "daily_kpis");
+    let read = |version: u64| {
+        let output = scratch.command(&[
+            "sql",
+            "SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis",
+            "--lake",
+            &lake,
+            "--format",
+            "csv",
+            "--version",
+            &version.to_string(),
+        ]);
+        assert_success(&output);
+        text(&output).lines().nth(1).unwrap_or_default().to_string()
+    };
+    assert_success(&scratch.run());
+    let first = delta_version(&kpis).expect("kpis");
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("deliver the day's file");
+        assert_success(&scratch.run());
+    }
+    let second = delta_version(&kpis).expect("kpis");
+    assert_ne!(read(first), read(second), "the day changed no KPI");
+
+    // All of it 40 days old, the log's times included; then another tool restores the table to its first
+    // version (its files come back, old) and to its second again (they are removed again).
+    age_log(&kpis, 40);
+    age(&kpis, 40);
+    for version in [first, second] {
+        let restore = format!(
+            "from deltalake import DeltaTable\nDeltaTable({:?}).restore({version})\n",
+            kpis.display().to_string()
+        );
+        let output = std::process::Command::new(python())
+            .args(["-c", &restore])
+            .output()
+            .expect("python");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let restored_first = delta_version(&kpis).expect("kpis") - 1;
+    let expected = (read(first), read(second));
+    assert_eq!(read(restored_first), expected.0);
+
+    // The version of the first restore is within the retention: its files, removed 40 days ago by
+    // the second version and again now, stay.
+    assert_success(&scratch.command(&["maintain", "pipelines/transactions.yaml", "--vacuum"]));
+    assert_eq!(
+        read(restored_first),
+        expected.0,
+        "the restore's version broke"
+    );
+    assert_eq!(read(second), expected.1);
+}
