@@ -343,6 +343,23 @@ pub fn drop_refunds(sql: String) -> String {
     )
 }
 
+/// Restores the Delta table at `table` to `version` with Python `deltalake`, as another tool would.
+pub fn restore_with_python(table: &Path, version: u64) {
+    let restore = format!(
+        "from deltalake import DeltaTable\nDeltaTable({:?}).restore({version})\n",
+        table.display().to_string()
+    );
+    let output = Command::new(python())
+        .args(["-c", &restore])
+        .output()
+        .expect("python");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {

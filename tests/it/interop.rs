@@ -657,20 +657,7 @@ async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_c
     // them by key, and equals its SQL over Silver again.
     let silver = scratch.table("silver", "transactions");
     let version = crate::common::delta_version(&silver).expect("silver version");
-    let restore = format!(
-        "from deltalake import DeltaTable\nDeltaTable({:?}).restore({})\n",
-        silver.display().to_string(),
-        version - 1
-    );
-    let output = Command::new(python())
-        .args(["-c", &restore])
-        .output()
-        .expect("python");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    crate::common::restore_with_python(&silver, version - 1);
     let after_restore = run(&project);
     let fact_line = |report: &str| {
         report

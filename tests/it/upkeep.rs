@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::common::{Scratch, assert_success, delta_version, python, text, walk};
+use crate::common::{Scratch, assert_success, delta_version, restore_with_python, text, walk};
 
 /// The reference pipeline with Silver created with deletion vectors.
 fn silver_with_vectors(yaml: String) -> String {
@@ -147,20 +147,7 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     )
     .expect("leftover vector");
     age(&silver, 40);
-    let restore = format!(
-        "from deltalake import DeltaTable\nDeltaTable({:?}).restore({})\n",
-        silver.display().to_string(),
-        days[0]
-    );
-    let restored = std::process::Command::new(python())
-        .args(["-c", &restore])
-        .output()
-        .expect("python");
-    assert!(
-        restored.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restored.stderr)
-    );
+    restore_with_python(&silver, days[0]);
     let restored = delta_version(&silver).expect("silver");
     assert_success(&command(&["maintain", "pipelines/t.yaml", "--optimize"]));
     assert!(delta_version(&silver) > Some(restored), "nothing compacted");
@@ -322,19 +309,7 @@ async fn vacuum_keeps_the_old_files_a_restore_within_the_retention_added_again()
     age_log(&kpis, 40);
     age(&kpis, 40);
     for version in [first, second] {
-        let restore = format!(
-            "from deltalake import DeltaTable\nDeltaTable({:?}).restore({version})\n",
-            kpis.display().to_string()
-        );
-        let output = std::process::Command::new(python())
-            .args(["-c", &restore])
-            .output()
-            .expect("python");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        restore_with_python(&kpis, version);
     }
     let restored_first = delta_version(&kpis).expect("kpis") - 1;
     let expected = (read(first), read(second));
