@@ -105,7 +105,8 @@ pub enum Command {
         #[arg(long)]
         optimize: bool,
         /// Delete the files no version within the retention reads (replaced data files, superseded
-        /// deletion vectors, leftovers of interrupted writes), once older than the retention.
+        /// deletion vectors, leftovers of interrupted writes), once older than the retention, and the
+        /// log entries none of those versions needs (kept as long as `delta.logRetentionDuration`).
         #[arg(long)]
         vacuum: bool,
         /// Write a checkpoint of each table's log.

@@ -7,7 +7,8 @@
 //! superseded, and what an interrupted write left without a commit. The versions kept readable are each
 //! one committed within the retention and the one current when it began. `maintain` holds the
 //! pipeline's run lock while it changes anything, so it never deletes the files of this pipeline's run
-//! before their commit; with a retention under a day, files no commit names are left alone.
+//! before their commit; with a retention under a day, files no commit names are left alone. The log
+//! goes by the same rule, and only here ([`delta::history`]).
 
 use std::{num::NonZeroU64, time::Duration};
 
@@ -15,6 +16,7 @@ use crate::storage::Location;
 
 use deltalake::{
     DeltaTable,
+    kernel::transaction::CommitProperties,
     logstore::commit_uri_from_version,
     operations::{optimize::OptimizeType, vacuum::VacuumMode},
 };
@@ -84,6 +86,8 @@ pub struct TableUpkeep {
     pub files_compacted: u64,
     pub files_written: u64,
     pub files_vacuumed: u64,
+    /// Entries of the log (commits, checkpoints, checksums) that no kept version needs.
+    pub log_entries_removed: u64,
     pub checkpoint_version: Option<u64>,
 }
 
@@ -157,7 +161,8 @@ async fn upkeep_all(
             continue;
         }
         let target = pipeline.maintenance.target_file_bytes;
-        done.push(upkeep(&table, path, &zorder, retention, target, options).await?);
+        let history = pipeline.maintenance.vacuum_retention_days;
+        done.push(upkeep(&table, path, &zorder, (retention, history), target, options).await?);
     }
     Ok(done)
 }
@@ -190,7 +195,8 @@ pub async fn optimize_if_needed(
         ..MaintainOptions::default()
     };
     let target = pipeline.maintenance.target_file_bytes;
-    upkeep(table, path, &zorder, 0, target, &options)
+    let history = pipeline.maintenance.vacuum_retention_days;
+    upkeep(table, path, &zorder, (0, history), target, &options)
         .await
         .map(Some)
 }
@@ -217,11 +223,13 @@ async fn file_sizes(
     Ok((files, small_files))
 }
 
+/// Upkeep of one table. `(retention_days, history_days)`: the vacuum's retention, and the history the
+/// pipeline promises, which the table's properties must keep for every Delta tool.
 async fn upkeep(
     table: &TableName,
     path: Location,
     zorder: &[String],
-    retention_days: u32,
+    (retention_days, history_days): (u32, u32),
     target_file_bytes: u64,
     options: &MaintainOptions,
 ) -> Result<TableUpkeep, MaintainError> {
@@ -243,6 +251,13 @@ async fn upkeep(
         small_files,
         ..TableUpkeep::default()
     };
+    if !options.dry_run
+        && let Some(kept) = delta::history::keep(&path, &delta, history_days).await?
+    {
+        delta = kept;
+    }
+    // delta-rs would clean the log after these commits, by its own rule.
+    let commit_properties = || delta::history::no_log_cleanup(CommitProperties::default());
     if options.optimize && !options.dry_run && (small_files > 1 || !zorder.is_empty()) {
         let kind = if zorder.is_empty() {
             OptimizeType::Compact
@@ -256,6 +271,7 @@ async fn upkeep(
             .with_type(kind)
             .with_target_size(size)
             .with_writer_properties(properties)
+            .with_commit_properties(commit_properties())
             .await
             .map_err(fail)?;
         upkeep.files_compacted = metrics.num_files_removed;
@@ -263,9 +279,8 @@ async fn upkeep(
         delta = optimized;
     }
     if options.vacuum {
-        let readable = versions_to_keep(&delta, retention_days)
-            .await
-            .map_err(fail)?;
+        let start = chrono::Utc::now() - chrono::Duration::days(i64::from(retention_days));
+        let readable = versions_to_keep(&delta, start).await.map_err(fail)?;
         // Full: what no kept version reads goes, whether a commit removed it or none ever added it.
         // A file no commit names may belong to a write in progress (of another pipeline sharing
         // the `_medallion` tables): with a retention under a day, only removed files go.
@@ -281,10 +296,17 @@ async fn upkeep(
             .with_retention_period(chrono::Duration::days(i64::from(retention_days)))
             .with_enforce_retention_duration(false)
             .with_dry_run(options.dry_run)
+            .with_commit_properties(commit_properties())
             .await
             .map_err(fail)?;
         upkeep.files_vacuumed = metrics.files_deleted.len() as u64;
         delta = vacuumed;
+        // The log goes by the same rule: every version from the one current at `start` on stays.
+        let expired = delta::history::expired_log_entries(&path, &delta, start).await?;
+        upkeep.log_entries_removed = expired.len() as u64;
+        if !options.dry_run {
+            delta::history::delete_log_entries(&path, &delta, expired).await?;
+        }
     }
     if options.checkpoint && !options.dry_run {
         deltalake::checkpoints::create_checkpoint(&delta, None)
@@ -296,7 +318,7 @@ async fn upkeep(
 }
 
 /// The versions whose files vacuum keeps so that every version of `table` a reader may still ask
-/// for, `days` back, stays readable (by its log entry's time, as `--as-of` finds versions): the one
+/// for, since `start`, stays readable (by its log entry's time, as `--as-of` finds versions): the one
 /// current then (or the oldest still in the log), and each committed since that added a file with a
 /// deletion vector or a file older than the window. Every other file such a version reads is the
 /// current version's, or was written within the window (too young to go); a remove action does not
@@ -304,12 +326,11 @@ async fn upkeep(
 /// and an old remove of a file a restore added again counts as expired), and none names a vector.
 async fn versions_to_keep(
     table: &DeltaTable,
-    days: u32,
+    start: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<u64>, deltalake::DeltaTableError> {
     let Some(current) = table.version() else {
         return Ok(Vec::new());
     };
-    let start = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
     let start_millis = start.timestamp_millis();
     let store = table.object_store();
     // Newest first, a few log entries at a time (one request each on object storage).
@@ -380,7 +401,7 @@ fn adds_vector_or_old_file(commit: &[u8], start_millis: i64) -> bool {
 
 pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
     let mut out = format!(
-        "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10}{}\n",
+        "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10} {:>5}{}\n",
         "table",
         "files",
         "small",
@@ -388,6 +409,7 @@ pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
         "written",
         "vacuumed",
         "checkpoint",
+        "log",
         if dry_run {
             "   (dry run: nothing changed)"
         } else {
@@ -396,14 +418,15 @@ pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
     );
     for t in done {
         out.push_str(&format!(
-            "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10}\n",
+            "{:<32} {:>7} {:>7} {:>10} {:>8} {:>9} {:>10} {:>5}\n",
             t.table,
             t.files_before,
             t.small_files,
             t.files_compacted,
             t.files_written,
             t.files_vacuumed,
-            t.checkpoint_version.map_or("-".into(), |v| v.to_string())
+            t.checkpoint_version.map_or("-".into(), |v| v.to_string()),
+            t.log_entries_removed
         ));
     }
     out

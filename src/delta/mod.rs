@@ -8,6 +8,7 @@ mod deletion_vectors;
 mod file_writer;
 mod files;
 mod first_load;
+pub mod history;
 pub mod keyed;
 mod merge;
 mod overwrite;
@@ -175,6 +176,10 @@ pub struct TableOptions {
     /// Created with deletion vectors (`delta.enableDeletionVectors`): a CDC batch then marks the rows
     /// it replaces or deletes ([`deletion_vectors`]) instead of rewriting their files.
     pub deletion_vectors: bool,
+    /// The days of history the pipeline promises (its vacuum retention): the table is created with
+    /// retention properties that keep them for every Delta tool ([`history::properties`]). `None`:
+    /// Delta's defaults. Either way only `maintain` cleans the table's log.
+    pub history_days: Option<u32>,
 }
 
 /// The table property that keeps a table's Parquet compression, so that every later write (appends,
@@ -527,6 +532,8 @@ pub async fn create_if_missing(
         .with_columns(kernel.fields().cloned())
         .with_partition_columns(options.partition_by.clone())
         .with_configuration_property(TableProperty::CheckpointInterval, Some("20"))
+        // The log is cleaned by `maintain --vacuum` alone, by the rule that keeps promised versions.
+        .with_configuration_property(TableProperty::EnableExpiredLogCleanup, Some("false"))
         .with_save_mode(SaveMode::Ignore)
         // Creating is version 0 or nothing: a create that lost the race to another writer must not be
         // retried as a later metadata change (that would fail every writer based on version 0).
@@ -544,6 +551,13 @@ pub async fn create_if_missing(
             TableProperty::DataSkippingStatsColumns,
             Some(format_stats_columns(columns)),
         );
+    }
+    for (property, value) in options
+        .history_days
+        .map(history::properties)
+        .unwrap_or_default()
+    {
+        builder = builder.with_configuration_property(property, Some(value));
     }
     if options.deletion_vectors {
         // The property also puts the `deletionVectors` feature in the table's protocol.
@@ -684,8 +698,10 @@ impl CommitMeta {
                 serde_json::Value::String(self.stage.clone()),
             ),
         ];
-        deltalake::kernel::transaction::CommitProperties::default()
-            .with_metadata(lineage.into_iter().chain(extra))
+        history::no_log_cleanup(
+            deltalake::kernel::transaction::CommitProperties::default()
+                .with_metadata(lineage.into_iter().chain(extra)),
+        )
     }
 }
 

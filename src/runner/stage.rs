@@ -191,6 +191,7 @@ fn table_options(context: &RunContext, stage: &Stage) -> TableOptions {
         stats_columns: stage.stats_columns.clone(),
         compression: stage.compression,
         deletion_vectors: stage.deletion_vectors,
+        history_days: Some(context.pipeline.maintenance.vacuum_retention_days),
     }
 }
 

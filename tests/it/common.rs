@@ -345,12 +345,19 @@ pub fn drop_refunds(sql: String) -> String {
 
 /// Restores the Delta table at `table` to `version` with Python `deltalake`, as another tool would.
 pub fn restore_with_python(table: &Path, version: u64) {
-    let restore = format!(
+    run_python(&format!(
         "from deltalake import DeltaTable\nDeltaTable({:?}).restore({version})\n",
         table.display().to_string()
-    );
+    ));
+}
+
+/// Runs `script` with the [`python`] that has `deltalake`; asserts it succeeds, returns its output.
+/// The interpreter leaves without its teardown, in which `deltalake`'s runtime now and then aborts
+/// ("terminate called without an active exception").
+pub fn run_python(script: &str) -> String {
+    let script = format!("{script}\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\n");
     let output = Command::new(python())
-        .args(["-c", &restore])
+        .args(["-c", &script])
         .output()
         .expect("python");
     assert!(
@@ -358,6 +365,7 @@ pub fn restore_with_python(table: &Path, version: u64) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {

@@ -7,7 +7,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::common::{Scratch, assert_success, delta_version, restore_with_python, text, walk};
+use crate::common::{
+    Scratch, assert_success, delta_version, restore_with_python, run_python, text, walk,
+};
 
 /// The reference pipeline with Silver created with deletion vectors.
 fn silver_with_vectors(yaml: String) -> String {
@@ -324,4 +326,154 @@ async fn vacuum_keeps_the_old_files_a_restore_within_the_retention_added_again()
         "the restore's version broke"
     );
     assert_eq!(read(second), expected.1);
+}
+
+/// A table's properties, as Python `deltalake` reads them.
+fn properties(table: &Path) -> std::collections::BTreeMap<String, String> {
+    let script = format!(
+        "import json\nfrom deltalake import DeltaTable\n\
+         print(json.dumps(DeltaTable({:?}).metadata().configuration))\n",
+        table.display().to_string()
+    );
+    serde_json::from_str(run_python(&script).trim()).expect("properties as JSON")
+}
+
+/// Asserts that `table`'s properties keep 45 days of its history for every Delta tool.
+fn assert_keeps_45_days(table: &Path) {
+    let kept = properties(table);
+    for (property, value) in [
+        ("delta.enableExpiredLogCleanup", "false"),
+        ("delta.logRetentionDuration", "interval 45 days"),
+        ("delta.deletedFileRetentionDuration", "interval 45 days"),
+    ] {
+        assert_eq!(
+            kept.get(property).map(String::as_str),
+            Some(value),
+            "{}: {kept:?}",
+            table.display()
+        );
+    }
+}
+
+/// The number in the `log` column of `table`'s row of `maintain`'s output.
+fn log_entries_removed(output: &str, table: &str) -> u64 {
+    let row = output
+        .lines()
+        .find(|l| l.starts_with(&format!("{table} ")))
+        .unwrap_or_else(|| panic!("no row for {table}:\n{output}"));
+    row.split_whitespace()
+        .nth(7)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no log count in {row:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until_maintain_lets_it_go()
+ {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 30, 4, 31);
+    let held = scratch.hold_back_changes(2);
+    let promise_45_days = |yaml: String| {
+        let promise = "  time_travel_days: 7 ";
+        assert!(yaml.contains(promise), "the reference maintenance changed");
+        yaml.replacen(promise, "  time_travel_days: 45 ", 1)
+    };
+    let project = scratch.edit_project(&promise_45_days, None);
+    let command = |args: &[&str]| scratch.command_in(&project, args);
+    let lake = scratch.lake().display().to_string();
+    let silver = scratch.table("silver", "transactions");
+    let read_at = |at: &[&str]| {
+        let sql = "SELECT COUNT(*), SUM(amount) FROM silver.transactions";
+        let mut args = vec!["sql", sql, "--lake", &lake, "--format", "csv"];
+        args.extend(at);
+        let output = scratch.command(&args);
+        assert_success(&output);
+        text(&output).lines().nth(1).unwrap_or_default().to_string()
+    };
+    let read = |version: u64| read_at(&["--version", &version.to_string()]);
+    let days_ago = |days: i64| (chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339();
+
+    assert_success(&command(&["run", "pipelines/t.yaml"]));
+    let load = delta_version(&silver).expect("silver");
+    std::fs::rename(&held[0].0, &held[0].1).expect("deliver the day's file");
+    assert_success(&command(&["run", "pipelines/t.yaml"]));
+    let day = delta_version(&silver).expect("silver");
+    let (at_load, at_day) = (read(load), read(day));
+    assert_ne!(at_load, at_day, "the day changed nothing");
+
+    // The table keeps 45 days of history for every Delta tool, and no writer cleans its log.
+    assert_keeps_45_days(&silver);
+
+    // 35 days later (past Delta's 30 days of log, within the 45 promised), after a checkpoint, the
+    // next day's run commits: delta-rs's cleanup after that commit would have deleted the log of
+    // both versions before the checkpoint's.
+    age(&silver, 35);
+    assert_success(&command(&["maintain", "pipelines/t.yaml", "--checkpoint"]));
+    std::fs::rename(&held[1].0, &held[1].1).expect("deliver the day's file");
+    assert_success(&command(&["run", "pipelines/t.yaml"]));
+    let latest = read_at(&[]);
+    assert_eq!(read(load), at_load, "the loaded version is gone");
+    assert_eq!(read(day), at_day);
+    assert_eq!(read_at(&["--as-of", &days_ago(34)]), at_day);
+    let dry = command(&["maintain", "pipelines/t.yaml", "--vacuum", "--dry-run"]);
+    assert_success(&dry);
+    assert_eq!(log_entries_removed(&text(&dry), "silver.transactions"), 0);
+
+    // Once all of it is 100 days old, only the version current 45 days ago is promised: the log
+    // before its checkpoint goes, as the dry run counts it; the promised version reads the same.
+    age(&silver, 100);
+    let before = walk(&silver);
+    let dry = command(&["maintain", "pipelines/t.yaml", "--vacuum", "--dry-run"]);
+    assert_success(&dry);
+    assert_eq!(walk(&silver), before, "a dry run deleted files");
+    let first_commit = silver.join(format!("_delta_log/{load:020}.json"));
+    assert!(first_commit.exists(), "a dry run cleaned the log");
+    let counted = log_entries_removed(&text(&dry), "silver.transactions");
+    assert!(counted >= day, "{}", text(&dry));
+    let vacuum = command(&["maintain", "pipelines/t.yaml", "--vacuum"]);
+    assert_success(&vacuum);
+    assert_eq!(
+        log_entries_removed(&text(&vacuum), "silver.transactions"),
+        counted,
+        "the dry run counted another set"
+    );
+    assert!(!first_commit.exists());
+    assert_eq!(read_at(&[]), latest);
+    assert_eq!(read_at(&["--as-of", &days_ago(45)]), latest);
+    let gone = scratch.command(&[
+        "sql",
+        "SELECT COUNT(*) FROM silver.transactions",
+        "--lake",
+        &lake,
+        "--version",
+        &load.to_string(),
+    ]);
+    assert!(!gone.status.success(), "version {load} still reads");
+    let rows = run_python(&format!(
+        "from deltalake import DeltaTable\nprint(DeltaTable({:?}).to_pyarrow_table().num_rows)\n",
+        silver.display().to_string()
+    ));
+    assert_eq!(
+        Some(rows.trim()),
+        latest.split(',').next(),
+        "Python deltalake reads another table"
+    );
+
+    // A table whose properties another tool lowered (or an older medallion created without them)
+    // gets them back from the next `maintain`.
+    let kpis = scratch.table("gold", "daily_kpis");
+    run_python(&format!(
+        "from deltalake import DeltaTable\nDeltaTable({:?}).alter.set_table_properties({{\
+         'delta.enableExpiredLogCleanup': 'true', 'delta.logRetentionDuration': 'interval 30 days', \
+         'delta.deletedFileRetentionDuration': 'interval 7 days'}}, raise_if_not_exists=False)\n",
+        kpis.display().to_string()
+    ));
+    assert_eq!(
+        properties(&kpis)
+            .get("delta.enableExpiredLogCleanup")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_success(&command(&["maintain", "pipelines/t.yaml", "--checkpoint"]));
+    assert_keeps_45_days(&kpis);
 }
