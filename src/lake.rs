@@ -140,22 +140,43 @@ async fn open_as_of(
     let mut delta = delta::open(path)
         .await?
         .ok_or_else(|| travel("not a Delta table".into()))?;
-    match as_of {
-        AsOf::Latest => {}
+    let latest = delta.version();
+    let loaded = match as_of {
+        AsOf::Latest => return Ok(delta),
         AsOf::Version(version) => delta
             .load_version(*version as _)
             .await
-            .map_err(|e| travel(format!("version {version}: {e}")))?,
+            .map_err(|e| format!("version {version}: {e}")),
         AsOf::Timestamp(text) => {
             let at = chrono::DateTime::parse_from_rfc3339(text)
-                .map_err(|e| travel(format!("`{text}` is not an RFC 3339 timestamp: {e}")))?;
-            delta
-                .load_with_datetime(at.with_timezone(&chrono::Utc))
-                .await
-                .map_err(|e| travel(format!("as of {text}: {e}")))?;
+                .map_err(|e| travel(format!("`{text}` is not an RFC 3339 timestamp: {e}")))?
+                .with_timezone(&chrono::Utc);
+            // delta-rs reads the oldest version for an instant before it; that is not the table
+            // as it was then (it did not exist yet, or `maintain` cleaned that part of its log).
+            match delta::history::oldest_readable(path, &delta).await {
+                Ok(Some((_, first))) if at < first => {
+                    Err(format!("as of {text}: before the table's history"))
+                }
+                _ => delta
+                    .load_with_datetime(at)
+                    .await
+                    .map_err(|e| format!("as of {text}: {e}")),
+            }
         }
-    }
-    Ok(delta)
+    };
+    let Err(message) = loaded else {
+        return Ok(delta);
+    };
+    // Say what can be read instead: the oldest version left after `maintain` cleaned the log.
+    let readable = match delta::history::oldest_readable(path, &delta).await {
+        Ok(Some((oldest, when))) => format!(
+            "; the table can be read from version {oldest} ({}) to {}",
+            when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            latest.map_or("-".into(), |v| v.to_string()),
+        ),
+        _ => String::new(),
+    };
+    Err(travel(format!("{message}{readable}")))
 }
 
 /// Runs `sql` over the lake's tables; the tables it names are read `as_of`, the others at their latest.

@@ -115,16 +115,7 @@ pub async fn expired_log_entries(
         .ok()
         .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept))
         .map_or(start, |logged| logged.min(start));
-    let store = table.object_store();
-    let entries: Vec<ObjectMeta> = store
-        .list(Some(&Path::from("_delta_log")))
-        .try_collect()
-        .await
-        .map_err(|e| DeltaError::table(path, e.into()))?;
-    let logged: Vec<(LogEntry, &ObjectMeta)> = entries
-        .iter()
-        .filter_map(|meta| Some((LogEntry::parse(meta.location.filename()?)?, meta)))
-        .collect();
+    let logged = log_entries(path, table).await?;
     let current_then = logged
         .iter()
         .filter(|(entry, meta)| entry.kind == Kind::Commit && meta.last_modified <= cutoff)
@@ -145,8 +136,50 @@ pub async fn expired_log_entries(
             entry.version < checkpoint
                 && (entry.kind != Kind::Commit || meta.last_modified <= cutoff)
         })
-        .map(|(_, meta)| meta.location.clone())
+        .map(|(_, meta)| meta.location)
         .collect())
+}
+
+/// The files of `table`'s log named by a version, with their listing.
+async fn log_entries(
+    path: &Location,
+    table: &DeltaTable,
+) -> Result<Vec<(LogEntry, ObjectMeta)>, DeltaError> {
+    let entries: Vec<ObjectMeta> = table
+        .object_store()
+        .list(Some(&Path::from("_delta_log")))
+        .try_collect()
+        .await
+        .map_err(|e| DeltaError::table(path, e.into()))?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|meta| Some((LogEntry::parse(meta.location.filename()?)?, meta)))
+        .collect())
+}
+
+/// The oldest version of `table` still readable, and when it was committed: version 0 while its log
+/// entry is there, else the oldest checkpoint (the log before it was cleaned). `None` when neither
+/// is found.
+pub async fn oldest_readable(
+    path: &Location,
+    table: &DeltaTable,
+) -> Result<Option<(u64, chrono::DateTime<chrono::Utc>)>, DeltaError> {
+    let logged = log_entries(path, table).await?;
+    let commit_time = |version: u64| {
+        logged
+            .iter()
+            .find(|(entry, _)| entry.kind == Kind::Commit && entry.version == version)
+            .map(|(_, meta)| meta.last_modified)
+    };
+    if let Some(first) = commit_time(0) {
+        return Ok(Some((0, first)));
+    }
+    Ok(logged
+        .iter()
+        .filter(|(entry, _)| entry.kind == Kind::Checkpoint)
+        .map(|(entry, _)| entry.version)
+        .min()
+        .and_then(|version| Some((version, commit_time(version)?))))
 }
 
 /// Deletes `entries` (from [`expired_log_entries`]) from `table`'s log.

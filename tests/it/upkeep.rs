@@ -449,6 +449,39 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         &load.to_string(),
     ]);
     assert!(!gone.status.success(), "version {load} still reads");
+    let oldest = std::fs::read_dir(silver.join("_delta_log"))
+        .expect("log")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".checkpoint.parquet")?
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .expect("a checkpoint");
+    assert!(
+        text(&gone).contains(&format!("can be read from version {oldest} (")),
+        "{}",
+        text(&gone)
+    );
+    let before_all = scratch.command(&[
+        "sql",
+        "SELECT COUNT(*) FROM silver.transactions",
+        "--lake",
+        &lake,
+        "--as-of",
+        &days_ago(200),
+    ]);
+    assert!(
+        !before_all.status.success(),
+        "read before the table's history"
+    );
+    assert!(
+        text(&before_all)
+            .contains("before the table's history; the table can be read from version"),
+        "{}",
+        text(&before_all)
+    );
     let rows = run_python(&format!(
         "from deltalake import DeltaTable\nprint(DeltaTable({:?}).to_pyarrow_table().num_rows)\n",
         silver.display().to_string()
