@@ -153,7 +153,7 @@ async fn open_as_of(
                 .with_timezone(&chrono::Utc);
             // delta-rs reads the oldest version for an instant before it; that is not the table
             // as it was then (it did not exist yet, or `maintain` cleaned that part of its log).
-            match delta::history::oldest_readable(path, &delta).await {
+            match delta::history::log_start(path, &delta).await {
                 Ok(Some((_, first))) if at < first => {
                     Err(format!("as of {text}: before the table's history"))
                 }
@@ -167,10 +167,10 @@ async fn open_as_of(
     let Err(message) = loaded else {
         return Ok(delta);
     };
-    // Say what can be read instead: the oldest version left after `maintain` cleaned the log.
-    let readable = match delta::history::oldest_readable(path, &delta).await {
+    // Say what the log holds instead: from its start (once `maintain` cleaned it) to the latest.
+    let readable = match delta::history::log_start(path, &delta).await {
         Ok(Some((oldest, when))) => format!(
-            "; the table can be read from version {oldest} ({}) to {}",
+            "; the table's log holds versions {oldest} ({}) to {}",
             when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             latest.map_or("-".into(), |v| v.to_string()),
         ),

@@ -16,7 +16,6 @@ use crate::storage::Location;
 
 use deltalake::{
     DeltaTable,
-    kernel::transaction::CommitProperties,
     logstore::commit_uri_from_version,
     operations::{optimize::OptimizeType, vacuum::VacuumMode},
 };
@@ -251,13 +250,13 @@ async fn upkeep(
         small_files,
         ..TableUpkeep::default()
     };
+    // First, so that the compaction's and the vacuum's own commits, which take no commit properties
+    // from their builders, do not clean the log by delta-rs's rule either.
     if !options.dry_run
         && let Some(kept) = delta::history::keep(&path, &delta, history_days).await?
     {
         delta = kept;
     }
-    // delta-rs would clean the log after these commits, by its own rule.
-    let commit_properties = || delta::history::no_log_cleanup(CommitProperties::default());
     if options.optimize && !options.dry_run && (small_files > 1 || !zorder.is_empty()) {
         let kind = if zorder.is_empty() {
             OptimizeType::Compact
@@ -271,7 +270,6 @@ async fn upkeep(
             .with_type(kind)
             .with_target_size(size)
             .with_writer_properties(properties)
-            .with_commit_properties(commit_properties())
             .await
             .map_err(fail)?;
         upkeep.files_compacted = metrics.num_files_removed;
@@ -279,7 +277,10 @@ async fn upkeep(
         delta = optimized;
     }
     if options.vacuum {
-        let start = chrono::Utc::now() - chrono::Duration::days(i64::from(retention_days));
+        // A retention longer than any date can say keeps everything.
+        let start = chrono::Utc::now()
+            .checked_sub_signed(chrono::Duration::days(i64::from(retention_days)))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
         let readable = versions_to_keep(&delta, start).await.map_err(fail)?;
         // Full: what no kept version reads goes, whether a commit removed it or none ever added it.
         // A file no commit names may belong to a write in progress (of another pipeline sharing
@@ -296,7 +297,6 @@ async fn upkeep(
             .with_retention_period(chrono::Duration::days(i64::from(retention_days)))
             .with_enforce_retention_duration(false)
             .with_dry_run(options.dry_run)
-            .with_commit_properties(commit_properties())
             .await
             .map_err(fail)?;
         upkeep.files_vacuumed = metrics.files_deleted.len() as u64;

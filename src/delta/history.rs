@@ -13,7 +13,8 @@ use deltalake::{
     DeltaTable, ObjectMeta, TableProperty, kernel::transaction::CommitProperties,
     table::config::TablePropertiesExt,
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::DeltaError;
@@ -96,11 +97,11 @@ pub async fn keep(
 }
 
 /// The entries of `table`'s log that no version current at or after `start` needs, nor any within
-/// the table's own `delta.logRetentionDuration` (Delta's 30 days unless set): the version current at
-/// the earlier of the two is read from the newest checkpoint at or before it, so every commit,
-/// checkpoint and checksum before that checkpoint can go (commits only when that old). Nothing goes
-/// without such a checkpoint. Kept versions stay readable and `--as-of` still finds each by its
-/// commit's time.
+/// the table's own `delta.logRetentionDuration` (Delta's 30 days unless set), oldest first: the
+/// version current at the earlier of the two (the one before the oldest committed since, by the
+/// commits' file times, as vacuum and `--as-of` find versions) is read from the newest checkpoint at
+/// or before it, so every entry before that checkpoint can go. Nothing goes without such a
+/// checkpoint. Every kept version stays readable, and the log is left without holes.
 pub async fn expired_log_entries(
     path: &Location,
     table: &DeltaTable,
@@ -111,16 +112,28 @@ pub async fn expired_log_entries(
         .map_err(|e| DeltaError::table(path, e))?
         .table_config()
         .log_retention_duration();
-    let cutoff = chrono::Duration::from_std(retention)
+    // A retention longer than any date can say keeps everything.
+    let Some(cutoff) = chrono::Duration::from_std(retention)
         .ok()
         .and_then(|kept| chrono::Utc::now().checked_sub_signed(kept))
-        .map_or(start, |logged| logged.min(start));
-    let logged = log_entries(path, table).await?;
-    let current_then = logged
-        .iter()
-        .filter(|(entry, meta)| entry.kind == Kind::Commit && meta.last_modified <= cutoff)
+        .map(|logged| logged.min(start))
+    else {
+        return Ok(Vec::new());
+    };
+    let mut logged = log_entries(path, table).await?;
+    let commits = || {
+        logged
+            .iter()
+            .filter(|(entry, _)| entry.kind == Kind::Commit)
+    };
+    let first_since = commits()
+        .filter(|(_, meta)| meta.last_modified > cutoff)
         .map(|(entry, _)| entry.version)
-        .max();
+        .min();
+    let current_then = match first_since {
+        Some(first) => first.checked_sub(1),
+        None => commits().map(|(entry, _)| entry.version).max(),
+    };
     let Some(checkpoint) = current_then.and_then(|then| {
         logged
             .iter()
@@ -130,14 +143,9 @@ pub async fn expired_log_entries(
     }) else {
         return Ok(Vec::new());
     };
-    Ok(logged
-        .into_iter()
-        .filter(|(entry, meta)| {
-            entry.version < checkpoint
-                && (entry.kind != Kind::Commit || meta.last_modified <= cutoff)
-        })
-        .map(|(_, meta)| meta.location)
-        .collect())
+    logged.retain(|(entry, _)| entry.version < checkpoint);
+    logged.sort_by_key(|(entry, _)| entry.version);
+    Ok(logged.into_iter().map(|(_, meta)| meta.location).collect())
 }
 
 /// The files of `table`'s log named by a version, with their listing.
@@ -151,16 +159,19 @@ async fn log_entries(
         .try_collect()
         .await
         .map_err(|e| DeltaError::table(path, e.into()))?;
+    // Files in folders under the log (another writer's uncommitted transactions) are not entries.
     Ok(entries
         .into_iter()
+        .filter(|meta| meta.location.parts().count() == 2)
         .filter_map(|meta| Some((LogEntry::parse(meta.location.filename()?)?, meta)))
         .collect())
 }
 
-/// The oldest version of `table` still readable, and when it was committed: version 0 while its log
+/// The oldest version `table`'s log still holds, and when it was committed: version 0 while its log
 /// entry is there, else the oldest checkpoint (the log before it was cleaned). `None` when neither
-/// is found.
-pub async fn oldest_readable(
+/// is found. (A version the log holds may have lost its files to vacuum, which keeps them for the
+/// vacuum's retention only.)
+pub async fn log_start(
     path: &Location,
     table: &DeltaTable,
 ) -> Result<Option<(u64, chrono::DateTime<chrono::Utc>)>, DeltaError> {
@@ -182,33 +193,37 @@ pub async fn oldest_readable(
         .and_then(|version| Some((version, commit_time(version)?))))
 }
 
-/// Deletes `entries` (from [`expired_log_entries`]) from `table`'s log.
+/// Deletes `entries` (from [`expired_log_entries`]) from `table`'s log, one at a time in their
+/// order (oldest first), so that a failure part way leaves a log whose versions follow on.
 pub async fn delete_log_entries(
     path: &Location,
     table: &DeltaTable,
     entries: Vec<Path>,
 ) -> Result<(), DeltaError> {
     let store = table.object_store();
-    let locations = futures::stream::iter(entries.into_iter().map(Ok)).boxed();
-    store
-        .delete_stream(locations)
-        .try_collect::<Vec<_>>()
-        .await
-        .map(|_| ())
-        .map_err(|e| DeltaError::table(path, e.into()))
+    for entry in entries {
+        match store.delete(&entry).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => return Err(DeltaError::table(path, error.into())),
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Commit,
+    /// A checkpoint in one file, as delta-rs writes them: whole whenever it is listed.
     Checkpoint,
-    /// Checksums (`.crc`) and log compactions: needed by no reader of a later version.
+    /// Checksums (`.crc`), log compactions and the parts of a checkpoint in several files (not
+    /// relied on, as a part may be missing): needed by no reader of a later version.
     Other,
 }
 
-/// A file of `_delta_log` named by a version: `<version>.json`, `<version>.checkpoint[...].parquet`,
-/// `<version>.crc`, or `<from>.<to>.compacted.json` (known by its last version). `_last_checkpoint`
-/// and anything else is not one, and is never deleted.
+/// A file of `_delta_log` named by a version: `<version>.json`, `<version>.checkpoint.parquet`,
+/// `<version>.checkpoint.<part>.<parts>.parquet`, `<version>.crc`, or `<from>.<to>.compacted.json`
+/// (known by its last version). `_last_checkpoint`, a v2 checkpoint (named by a UUID, with sidecar
+/// files of its own) and anything else is not one, and is never deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LogEntry {
     version: u64,
@@ -230,10 +245,20 @@ impl LogEntry {
                 version: first,
                 kind: Kind::Commit,
             }),
-            ["checkpoint", .., "parquet" | "json"] => Some(LogEntry {
+            ["checkpoint", "parquet"] => Some(LogEntry {
                 version: first,
                 kind: Kind::Checkpoint,
             }),
+            ["checkpoint", part, parts, "parquet"]
+                if [part, parts]
+                    .iter()
+                    .all(|n| n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                Some(LogEntry {
+                    version: first,
+                    kind: Kind::Other,
+                })
+            }
             ["crc"] => Some(LogEntry {
                 version: first,
                 kind: Kind::Other,
@@ -261,11 +286,7 @@ mod tests {
         );
         assert_eq!(
             entry("00000000000000000020.checkpoint.0000000001.0000000002.parquet"),
-            Some((20, Kind::Checkpoint))
-        );
-        assert_eq!(
-            entry("00000000000000000020.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.json"),
-            Some((20, Kind::Checkpoint))
+            Some((20, Kind::Other))
         );
         assert_eq!(entry("00000000000000000020.crc"), Some((20, Kind::Other)));
         assert_eq!(
@@ -274,6 +295,8 @@ mod tests {
         );
         for other in [
             "_last_checkpoint",
+            "00000000000000000020.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.json",
+            "00000000000000000020.checkpoint.80a083e8-7026-4e79-81be-64bd76c43a11.parquet",
             "00000000000000000007.json.tmp",
             "0000007.json",
             "_commits",

@@ -372,7 +372,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
  {
     let scratch = Scratch::new();
     scratch.generate(2_000, 30, 4, 31);
-    let held = scratch.hold_back_changes(2);
+    let held = scratch.hold_back_changes(3);
     let promise_45_days = |yaml: String| {
         let promise = "  time_travel_days: 7 ";
         assert!(yaml.contains(promise), "the reference maintenance changed");
@@ -395,6 +395,23 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
 
     assert_success(&command(&["run", "pipelines/t.yaml"]));
     let load = delta_version(&silver).expect("silver");
+    let kpis = scratch.table("gold", "daily_kpis");
+    let kpis_load = delta_version(&kpis).expect("kpis");
+    let read_kpis = |version: u64| {
+        let output = scratch.command(&[
+            "sql",
+            "SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis",
+            "--lake",
+            &lake,
+            "--format",
+            "csv",
+            "--version",
+            &version.to_string(),
+        ]);
+        assert_success(&output);
+        text(&output).lines().nth(1).unwrap_or_default().to_string()
+    };
+    let kpis_at_load = read_kpis(kpis_load);
     std::fs::rename(&held[0].0, &held[0].1).expect("deliver the day's file");
     assert_success(&command(&["run", "pipelines/t.yaml"]));
     let day = delta_version(&silver).expect("silver");
@@ -460,7 +477,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         .min()
         .expect("a checkpoint");
     assert!(
-        text(&gone).contains(&format!("can be read from version {oldest} (")),
+        text(&gone).contains(&format!("the table's log holds versions {oldest} (")),
         "{}",
         text(&gone)
     );
@@ -477,8 +494,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         "read before the table's history"
     );
     assert!(
-        text(&before_all)
-            .contains("before the table's history; the table can be read from version"),
+        text(&before_all).contains("before the table's history; the table's log holds versions"),
         "{}",
         text(&before_all)
     );
@@ -492,9 +508,9 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         "Python deltalake reads another table"
     );
 
-    // A table whose properties another tool lowered (or an older medallion created without them)
-    // gets them back from the next `maintain`.
-    let kpis = scratch.table("gold", "daily_kpis");
+    // A table whose properties another tool lowered (or an older medallion created without them),
+    // its log 35 days old and checkpointed since: a run's commit leaves its log alone (delta-rs's
+    // cleanup would delete the loaded version's), and the next `maintain` sets them again.
     run_python(&format!(
         "from deltalake import DeltaTable\nDeltaTable({:?}).alter.set_table_properties({{\
          'delta.enableExpiredLogCleanup': 'true', 'delta.logRetentionDuration': 'interval 30 days', \
@@ -506,6 +522,23 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
             .get("delta.enableExpiredLogCleanup")
             .map(String::as_str),
         Some("true")
+    );
+    age(&kpis, 35);
+    run_python(&format!(
+        "from deltalake import DeltaTable\nDeltaTable({:?}).create_checkpoint()\n",
+        kpis.display().to_string()
+    ));
+    let checkpointed = delta_version(&kpis).expect("kpis");
+    std::fs::rename(&held[2].0, &held[2].1).expect("deliver the day's file");
+    assert_success(&command(&["run", "pipelines/t.yaml"]));
+    assert!(
+        delta_version(&kpis) > Some(checkpointed),
+        "the run did not commit"
+    );
+    assert_eq!(
+        read_kpis(kpis_load),
+        kpis_at_load,
+        "the run cleaned the log"
     );
     assert_success(&command(&["maintain", "pipelines/t.yaml", "--checkpoint"]));
     assert_keeps_45_days(&kpis);
