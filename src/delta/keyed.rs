@@ -18,8 +18,6 @@ use std::{
     sync::Arc,
 };
 
-use futures::StreamExt;
-
 use datafusion::{
     catalog::TableProvider,
     logical_expr::{Expr, LogicalPlan},
@@ -128,20 +126,15 @@ pub async fn scope(
             (Some(old), new) => match vector_change(old.as_ref(), new.as_ref()) {
                 VectorChange::Same => {}
                 VectorChange::Restored => added.push(id),
-                VectorChange::Changed => to_read.push((id, old.clone(), new)),
+                VectorChange::Changed => match (old.clone(), new) {
+                    (Some(old), Some(new)) => to_read.push((id, old, new)),
+                    _ => added.push(id),
+                },
             },
         }
     }
     let engine = source.log_store().engine(None);
-    let reads = to_read.into_iter().map(|(id, old, new)| {
-        let (engine, root) = (engine.clone(), root.clone());
-        async move {
-            let kept = still_deleted(engine, root, old, new).await;
-            (id, kept)
-        }
-    });
-    let mut reads = futures::stream::iter(reads).buffer_unordered(8);
-    while let Some((id, kept)) = reads.next().await {
+    for (id, kept) in still_deleted(engine, root, to_read).await {
         match kept {
             Ok(true) => {}
             Ok(false) => added.push(id),
@@ -227,29 +220,143 @@ fn vector_change(
     }
 }
 
-/// Whether the deletion vector `new` deletes every row `old` did (two vectors of one file of the
-/// table at `root`, read through `engine`).
+/// For each file of `pairs` (its scan id, its old vector and its new one, in the table at `root`),
+/// whether the new vector deletes every row the old one did; an error for a file whose vectors
+/// cannot be read (vacuumed). Each vector file is read once, through `engine`: the kernel reads a
+/// vector's whole file for every vector, and a batch stores the vectors of all the files it marks
+/// in one file, so that reading them one by one fetched it once per file (twice, old and new).
 async fn still_deleted(
     engine: Arc<dyn delta_kernel::Engine>,
     root: url::Url,
-    old: Option<DeletionVectorDescriptor>,
-    new: Option<DeletionVectorDescriptor>,
-) -> Result<bool, String> {
+    pairs: Vec<(String, DeletionVectorDescriptor, DeletionVectorDescriptor)>,
+) -> Vec<(String, Result<bool, String>)> {
     use delta_kernel::actions::deletion_vector::DeletionVectorDescriptor as Vector;
-    let (Some(old), Some(new)) = (old, new) else {
-        return Ok(false);
-    };
-    tokio::task::spawn_blocking(move || {
-        let read = |vector: DeletionVectorDescriptor| {
-            Vector::try_from(vector)
-                .and_then(|v| v.read(engine.storage_handler(), &root))
-                .map_err(|e| e.to_string())
-        };
-        let (old, new) = (read(old)?, read(new)?);
-        Ok(old.is_subset(&new))
+    if pairs.is_empty() {
+        return Vec::new();
+    }
+    let ids: Vec<String> = pairs.iter().map(|(id, _, _)| id.clone()).collect();
+    let read = tokio::task::spawn_blocking(move || {
+        // Each file's two vectors, as the kernel reads them.
+        type Both = Result<(Vector, Vector), String>;
+        let vectors: Vec<(String, Both)> = pairs
+            .into_iter()
+            .map(|(id, old, new)| {
+                let both = Vector::try_from(old)
+                    .and_then(|old| Ok((old, Vector::try_from(new)?)))
+                    .map_err(|e| e.to_string());
+                (id, both)
+            })
+            .collect();
+        let files: std::collections::BTreeSet<url::Url> = vectors
+            .iter()
+            .filter_map(|(_, both)| both.as_ref().ok())
+            .flat_map(|(old, new)| [old.absolute_path(&root), new.absolute_path(&root)])
+            .filter_map(|url| url.ok().flatten())
+            .collect();
+        let read = ReadOnce::read(engine.as_ref(), files);
+        let storage: Arc<dyn delta_kernel::StorageHandler> = Arc::new(read);
+        vectors
+            .into_iter()
+            .map(|(id, both)| {
+                let kept = both.and_then(|(old, new)| {
+                    let old = old
+                        .read(storage.clone(), &root)
+                        .map_err(|e| e.to_string())?;
+                    let new = new
+                        .read(storage.clone(), &root)
+                        .map_err(|e| e.to_string())?;
+                    Ok(old.is_subset(&new))
+                });
+                (id, kept)
+            })
+            .collect()
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await;
+    read.unwrap_or_else(|error| {
+        let message = error.to_string();
+        ids.into_iter()
+            .map(|id| (id, Err(message.clone())))
+            .collect()
+    })
+}
+
+/// The kernel's storage for reading deletion vectors, serving files read once beforehand; a file
+/// not read (missing, or not asked for) is not found.
+struct ReadOnce(HashMap<url::Url, bytes::Bytes>);
+
+impl ReadOnce {
+    /// Reads `files` through `engine`, in one request to its storage.
+    fn read(
+        engine: &dyn delta_kernel::Engine,
+        files: std::collections::BTreeSet<url::Url>,
+    ) -> Self {
+        let slices: Vec<delta_kernel::FileSlice> =
+            files.iter().map(|url| (url.clone(), None)).collect();
+        let read = match engine.storage_handler().read_files(slices) {
+            Ok(read) => files
+                .into_iter()
+                .zip(read)
+                .filter_map(|(url, bytes)| Some((url, bytes.ok()?)))
+                .collect(),
+            Err(_) => HashMap::new(),
+        };
+        ReadOnce(read)
+    }
+}
+
+impl delta_kernel::StorageHandler for ReadOnce {
+    fn read_files(
+        &self,
+        files: Vec<delta_kernel::FileSlice>,
+    ) -> delta_kernel::DeltaResult<Box<dyn Iterator<Item = delta_kernel::DeltaResult<bytes::Bytes>>>>
+    {
+        let read: Vec<_> = files
+            .into_iter()
+            .map(|(url, range)| {
+                let bytes = self
+                    .0
+                    .get(&url)
+                    .ok_or_else(|| delta_kernel::Error::file_not_found(&url))?;
+                match range {
+                    None => Ok(bytes.clone()),
+                    Some(range) => usize::try_from(range.start)
+                        .ok()
+                        .zip(usize::try_from(range.end).ok())
+                        .filter(|(start, end)| start <= end && *end <= bytes.len())
+                        .map(|(start, end)| bytes.slice(start..end))
+                        .ok_or_else(|| {
+                            delta_kernel::Error::generic(format!("{url}: {range:?} out of bounds"))
+                        }),
+                }
+            })
+            .collect();
+        Ok(Box::new(read.into_iter()))
+    }
+
+    fn list_from(
+        &self,
+        path: &url::Url,
+    ) -> delta_kernel::DeltaResult<
+        Box<dyn Iterator<Item = delta_kernel::DeltaResult<delta_kernel::FileMeta>>>,
+    > {
+        Err(delta_kernel::Error::unsupported(format!("listing {path}")))
+    }
+
+    fn copy_atomic(&self, _: &url::Url, dest: &url::Url) -> delta_kernel::DeltaResult<()> {
+        Err(delta_kernel::Error::unsupported(format!("writing {dest}")))
+    }
+
+    fn put(&self, path: &url::Url, _: bytes::Bytes, _: bool) -> delta_kernel::DeltaResult<()> {
+        Err(delta_kernel::Error::unsupported(format!("writing {path}")))
+    }
+
+    fn head(&self, path: &url::Url) -> delta_kernel::DeltaResult<delta_kernel::FileMeta> {
+        Err(delta_kernel::Error::unsupported(format!("head of {path}")))
+    }
+
+    fn delete(&self, path: &url::Url) -> delta_kernel::DeltaResult<()> {
+        Err(delta_kernel::Error::unsupported(format!("deleting {path}")))
+    }
 }
 
 /// The source's rows of the files `added` (scan ids, not empty), their deletion vectors applied.
@@ -644,22 +751,40 @@ mod tests {
             bytes,
         )
         .unwrap();
-        let kept = |old: usize, new: usize| {
-            let engine = table.log_store().engine(None);
-            let root = files::root_url(&table);
-            let (old, new) = (written[old].clone(), written[new].clone());
-            async move { still_deleted(engine, root, Some(old), Some(new)).await }
+        let missing = DeletionVectorDescriptor {
+            path_or_inline_dv: z85::encode(uuid::Uuid::new_v4().as_bytes()),
+            ..written[0].clone()
         };
-        assert_eq!(kept(0, 1).await, Ok(true), "{{1, 2}} grown to {{1, 2, 3}}");
+        let pairs = [(0, 1), (0, 2), (1, 2)]
+            .into_iter()
+            .map(|(old, new)| {
+                let id = format!("{old}-{new}");
+                (id, written[old].clone(), written[new].clone())
+            })
+            .chain([("gone".to_string(), missing, written[1].clone())])
+            .collect();
+        let engine = table.log_store().engine(None);
+        let kept: HashMap<String, Result<bool, String>> =
+            still_deleted(engine, files::root_url(&table), pairs)
+                .await
+                .into_iter()
+                .collect();
+        assert_eq!(kept["0-1"], Ok(true), "{{1, 2}} grown to {{1, 2, 3}}");
+        assert_eq!(kept["0-2"], Ok(false), "{{1, 2}} swapped for {{2, 3, 4}}");
         assert_eq!(
-            kept(0, 2).await,
-            Ok(false),
-            "{{1, 2}} swapped for {{2, 3, 4}}"
-        );
-        assert_eq!(
-            kept(1, 2).await,
+            kept["1-2"],
             Ok(false),
             "{{1, 2, 3}} swapped for {{2, 3, 4}}"
+        );
+        assert!(kept["gone"].is_err(), "a vector file not found was read");
+        assert!(
+            still_deleted(
+                table.log_store().engine(None),
+                files::root_url(&table),
+                Vec::new()
+            )
+            .await
+            .is_empty()
         );
     }
 }

@@ -528,3 +528,23 @@ pub fn codecs(table: &std::path::Path) -> (Option<String>, std::collections::BTr
     }
     (property, found)
 }
+
+/// The reference pipeline with Silver created with deletion vectors and the fact refreshed by key
+/// with them (`incremental.key`), as the benchmark's `medallion-dv` runs it.
+pub fn keyed_fact(yaml: String) -> String {
+    let fact = "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+                mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
+    assert!(yaml.contains(fact), "the reference fact stage changed");
+    yaml.replacen(
+        "    mode: cdc\n    zorder_by: [dms_id]\n",
+        "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
+        1,
+    )
+    .replacen(
+        fact,
+        "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
+         mode: overwrite\n    deletion_vectors: true\n    \
+         incremental: { key: transaction_id, source: silver.transactions }\n",
+        1,
+    )
+}

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
-use crate::common::{Scratch, assert_success, python, text};
+use crate::common::{Scratch, assert_success, keyed_fact, python, text};
 
 const TABLES: [&str; 11] = [
     "silver.transactions",
@@ -387,26 +387,6 @@ fn medallion_sums(scratch: &Scratch) -> [(u64, rust_decimal::Decimal); 3] {
         read("SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis"),
         read("SELECT COUNT(*), SUM(amount) FROM gold.fact_transactions"),
     ]
-}
-
-/// The reference pipeline with Silver created with deletion vectors and the fact refreshed by key
-/// with them (`incremental.key`), as the benchmark's `medallion-dv` runs it.
-fn keyed_fact(yaml: String) -> String {
-    let fact = "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
-                mode: overwrite\n    incremental: { column: txn_date, source: silver.transactions }\n";
-    assert!(yaml.contains(fact), "the reference fact stage changed");
-    yaml.replacen(
-        "    mode: cdc\n    zorder_by: [dms_id]\n",
-        "    mode: cdc\n    deletion_vectors: true\n    zorder_by: [dms_id]\n",
-        1,
-    )
-    .replacen(
-        fact,
-        "    sql: sql/gold/fact_transactions.sql\n    target: gold.fact_transactions\n    \
-         mode: overwrite\n    deletion_vectors: true\n    \
-         incremental: { key: transaction_id, source: silver.transactions }\n",
-        1,
-    )
 }
 
 /// Rows of `gold.fact_transactions` and of its SQL over Silver that the other lacks, counted; and
