@@ -79,6 +79,23 @@ fn vectors_read_at(table: &Path, version: u64) -> Vec<PathBuf> {
     vectors
 }
 
+/// The first row `sql` gives over the scratch lake, as CSV, read at `at` (`--version N`,
+/// `--as-of T`, or nothing for the latest).
+fn sql_row(scratch: &Scratch, sql: &str, at: &[&str]) -> String {
+    let lake = scratch.lake().display().to_string();
+    let mut args = vec!["sql", sql, "--lake", &lake, "--format", "csv"];
+    args.extend(at);
+    let output = scratch.command(&args);
+    assert_success(&output);
+    text(&output).lines().nth(1).unwrap_or_default().to_string()
+}
+
+/// The KPI sums at `version` of `gold.daily_kpis`.
+fn read_kpis(scratch: &Scratch, version: u64) -> String {
+    let sql = "SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis";
+    sql_row(scratch, sql, &["--version", &version.to_string()])
+}
+
 /// The files of `table` whose name starts with `prefix`, sorted.
 fn files(table: &Path, prefix: &str) -> Vec<PathBuf> {
     walk(table)
@@ -100,15 +117,13 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     let held = scratch.hold_back_changes(2);
     let project = scratch.edit_project(&silver_with_vectors, None);
     let command = |args: &[&str]| scratch.command_in(&project, args);
-    let lake = scratch.lake().display().to_string();
     let silver = scratch.table("silver", "transactions");
     let read_at = |at: &[&str]| {
-        let sql = "SELECT COUNT(*), SUM(amount) FROM silver.transactions";
-        let mut args = vec!["sql", sql, "--lake", &lake, "--format", "csv"];
-        args.extend(at);
-        let output = scratch.command(&args);
-        assert_success(&output);
-        text(&output).lines().nth(1).unwrap_or_default().to_string()
+        sql_row(
+            &scratch,
+            "SELECT COUNT(*), SUM(amount) FROM silver.transactions",
+            at,
+        )
     };
     let read = |version: Option<u64>| match version {
         Some(v) => read_at(&["--version", &v.to_string()]),
@@ -281,22 +296,8 @@ async fn vacuum_keeps_the_old_files_a_restore_within_the_retention_added_again()
     let scratch = Scratch::new();
     scratch.generate(2_000, 30, 4, 29);
     let held = scratch.hold_back_changes(1);
-    let lake = scratch.lake().display().to_string();
     let kpis = scratch.table("gold", "daily_kpis");
-    let read = |version: u64| {
-        let output = scratch.command(&[
-            "sql",
-            "SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis",
-            "--lake",
-            &lake,
-            "--format",
-            "csv",
-            "--version",
-            &version.to_string(),
-        ]);
-        assert_success(&output);
-        text(&output).lines().nth(1).unwrap_or_default().to_string()
-    };
+    let read = |version: u64| read_kpis(&scratch, version);
     assert_success(&scratch.run());
     let first = delta_version(&kpis).expect("kpis");
     for (aside, original) in &held {
@@ -380,15 +381,13 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     };
     let project = scratch.edit_project(&promise_45_days, None);
     let command = |args: &[&str]| scratch.command_in(&project, args);
-    let lake = scratch.lake().display().to_string();
     let silver = scratch.table("silver", "transactions");
     let read_at = |at: &[&str]| {
-        let sql = "SELECT COUNT(*), SUM(amount) FROM silver.transactions";
-        let mut args = vec!["sql", sql, "--lake", &lake, "--format", "csv"];
-        args.extend(at);
-        let output = scratch.command(&args);
-        assert_success(&output);
-        text(&output).lines().nth(1).unwrap_or_default().to_string()
+        sql_row(
+            &scratch,
+            "SELECT COUNT(*), SUM(amount) FROM silver.transactions",
+            at,
+        )
     };
     let read = |version: u64| read_at(&["--version", &version.to_string()]);
     let days_ago = |days: i64| (chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339();
@@ -397,20 +396,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     let load = delta_version(&silver).expect("silver");
     let kpis = scratch.table("gold", "daily_kpis");
     let kpis_load = delta_version(&kpis).expect("kpis");
-    let read_kpis = |version: u64| {
-        let output = scratch.command(&[
-            "sql",
-            "SELECT SUM(txn_count), SUM(total_amount) FROM gold.daily_kpis",
-            "--lake",
-            &lake,
-            "--format",
-            "csv",
-            "--version",
-            &version.to_string(),
-        ]);
-        assert_success(&output);
-        text(&output).lines().nth(1).unwrap_or_default().to_string()
-    };
+    let read_kpis = |version: u64| read_kpis(&scratch, version);
     let kpis_at_load = read_kpis(kpis_load);
     std::fs::rename(&held[0].0, &held[0].1).expect("deliver the day's file");
     assert_success(&command(&["run", "pipelines/t.yaml"]));
@@ -457,6 +443,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     assert!(!first_commit.exists());
     assert_eq!(read_at(&[]), latest);
     assert_eq!(read_at(&["--as-of", &days_ago(45)]), latest);
+    let lake = scratch.lake().display().to_string();
     let gone = scratch.command(&[
         "sql",
         "SELECT COUNT(*) FROM silver.transactions",
