@@ -478,6 +478,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 logical_date: args.date,
                 select: resolve_select(&pipeline, &args.select)?,
                 rebuild: None,
+                rebuild_keyed: true,
                 lock_timeout: std::time::Duration::from_secs(args.lock_timeout),
                 memory_limit: args.memory_limit,
                 slice_rows: args.slice_rows,

@@ -218,12 +218,21 @@ pub async fn backfill(
     }
     match options.scope {
         Scope::All => {
-            for plan in report.plans.clone().into_iter().filter(|p| p.run) {
+            for (unit, plan) in report
+                .plans
+                .clone()
+                .into_iter()
+                .filter(|p| p.run)
+                .enumerate()
+            {
                 let pipeline = config::load_with_vars(file, &date_vars(plan.date, &options.vars))?;
                 let mut run = options.run.clone();
                 run.logical_date = Some(plan.date);
                 if options.force {
                     run.rebuild = Some(BTreeSet::from([plan.date.to_string()]));
+                    // A stage incremental by key alone is rebuilt in full by the first unit; the
+                    // later ones refresh it by key from the changes their dates bring.
+                    run.rebuild_keyed = unit == 0;
                 }
                 let outcome = super::run(&pipeline, &run).await?;
                 record(&state, &pipeline, &plan, options.scope, &outcome).await?;

@@ -82,6 +82,9 @@ pub struct RunOptions {
     /// Values of incremental stages' columns to recompute whether or not changes touched them
     /// (`backfill --stages gold`, `--force`).
     pub rebuild: Option<BTreeSet<String>>,
+    /// Whether `rebuild` also applies to stages incremental by key alone, which have no column whose
+    /// values to recompute and so are rebuilt in full: once per backfill, not once per date.
+    pub rebuild_keyed: bool,
     /// How long to wait for another run of the pipeline to finish.
     pub lock_timeout: std::time::Duration,
     /// Memory pool of each stage's query execution (spilling past it), in bytes; `None`: unbounded.
@@ -99,6 +102,7 @@ impl Default for RunOptions {
             logical_date: None,
             select: None,
             rebuild: None,
+            rebuild_keyed: true,
             lock_timeout: std::time::Duration::ZERO,
             memory_limit: None,
             slice_rows: crate::delta::SLICE_ROWS,

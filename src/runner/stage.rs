@@ -829,7 +829,10 @@ async fn sql_stage(
         .options
         .rebuild
         .as_ref()
-        .filter(|_| stage.incremental.is_some());
+        .filter(|_| match &stage.incremental {
+            None => false,
+            Some(incremental) => incremental.column().is_some() || context.options.rebuild_keyed,
+        });
     if target_exists && last.as_ref() == Some(&versions) && rebuild.is_none() {
         return Ok((
             StageReport::new(stage, StageOutcome::UpToDate("inputs unchanged".into())),

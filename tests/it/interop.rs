@@ -717,4 +717,35 @@ async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_c
         sums("SELECT COUNT(*), SUM(twice) FROM gold.fact_transactions"),
         sums("SELECT COUNT(*), SUM(amount * 3) FROM silver.transactions")
     );
+
+    // `backfill --force` over three days rebuilds the keyed fact in full once, not once a day: the
+    // later days refresh it by key (nothing changed since, so nothing is written).
+    let fact = scratch.table("gold", "fact_transactions");
+    let before = crate::common::delta_version(&fact).expect("fact");
+    let output = scratch.command_in(
+        &project,
+        &[
+            "backfill",
+            "pipelines/t.yaml",
+            "--from",
+            "2026-01-01",
+            "--to",
+            "2026-01-03",
+            "--force",
+        ],
+    );
+    assert_success(&output);
+    assert_eq!(
+        text(&output).matches("ran: succeeded").count(),
+        3,
+        "{}",
+        text(&output)
+    );
+    assert_eq!(
+        crate::common::delta_version(&fact),
+        Some(before + 1),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(fact_differences(&scratch), "0,0,0");
 }
