@@ -500,12 +500,7 @@ pub fn keeps_schema(table: &DeltaTable, schema: &datafusion::arrow::datatypes::S
     let Ok(stored) = stored else {
         return false;
     };
-    // The log keeps partition columns in place; compare by name and type, in order.
-    stored.fields().len() == schema.fields().len()
-        && stored.fields().iter().zip(schema.fields()).all(|(s, d)| {
-            s.name() == d.name()
-                && super::normalize_type(s.data_type()) == super::normalize_type(d.data_type())
-        })
+    super::same_columns(&stored, schema)
 }
 
 /// Writes a keyed refresh of `table` (at `path`, as the stage read it): the rows of `output` as new

@@ -585,6 +585,18 @@ fn column_list(schema: &SchemaRef) -> String {
     names.join(", ")
 }
 
+/// Whether `written` (a query's result) has the columns of `stored` (a table's schema), by name and
+/// type, in order: the table takes its rows as they are. The log keeps partition columns in place.
+fn same_columns(
+    stored: &datafusion::arrow::datatypes::Schema,
+    written: &datafusion::arrow::datatypes::Schema,
+) -> bool {
+    stored.fields().len() == written.fields().len()
+        && stored.fields().iter().zip(written.fields()).all(|(s, w)| {
+            s.name() == w.name() && normalize_type(s.data_type()) == normalize_type(w.data_type())
+        })
+}
+
 /// Delta stores strings as one type; view and large strings from DataFusion are stored as plain strings.
 fn normalize_type(
     data_type: &datafusion::arrow::datatypes::DataType,

@@ -321,15 +321,7 @@ impl Replacement {
             let stored = RecordBatchWriter::for_table(table)
                 .map_err(|e| DeltaError::table(path, e))?
                 .arrow_schema();
-            let same =
-                |a: &DataType, b: &DataType| super::normalize_type(a) == super::normalize_type(b);
-            let keeps_schema = stored.fields().len() == schema.fields().len()
-                && stored
-                    .fields()
-                    .iter()
-                    .zip(schema.fields())
-                    .all(|(s, d)| s.name() == d.name() && same(s.data_type(), d.data_type()));
-            if !keeps_schema {
+            if !super::same_columns(&stored, &schema) {
                 return Ok(None);
             }
         }
