@@ -99,15 +99,16 @@ pub(super) async fn mark(
     expected: u64,
 ) -> Result<Marked, DeltaError> {
     let gone = |key: i64| changed.contains(key);
-    mark_where(path, table, files, kept, key, &gone, Some(expected)).await
+    mark_where(path, table, Some(files), kept, key, &gone, Some(expected)).await
 }
 
-/// As [`mark`], for the rows whose `key` is `gone`; with `expected`, exactly that many live rows must
-/// be found. A file none of whose live rows is gone is left as it is.
+/// As [`mark`], for the rows whose `key` is `gone`, in the files `files` or (`None`) in every file;
+/// with `expected`, exactly that many live rows must be found. A file none of whose live rows is
+/// gone is left as it is.
 pub(super) async fn mark_where(
     path: &Location,
     table: &DeltaTable,
-    files: &HashSet<String>,
+    files: Option<&HashSet<String>>,
     kept: &HashMap<String, Vec<bool>>,
     key: &str,
     gone: &(dyn Fn(i64) -> bool + Sync),
@@ -122,10 +123,10 @@ pub(super) async fn mark_where(
     let store = table.log_store().object_store(None);
     // Each file's scan id, `add` and `remove` (both with any deletion vector) and row count, gathered
     // before any read.
-    let mut touched = Vec::with_capacity(files.len());
+    let mut touched = Vec::new();
     for view in snapshot.log_data() {
         let id = super::files::scan_id(path, &root, &view.path())?;
-        if files.contains(id.as_str()) {
+        if files.is_none_or(|files| files.contains(id.as_str())) {
             // delta-rs 1.1's way to a file's whole `add`, its vector included.
             #[allow(deprecated)]
             let add = view.add_action();
@@ -186,7 +187,9 @@ pub(super) async fn mark_where(
             vectors.push((add, remove, rows));
         }
     }
-    if files_found != files.len() {
+    if let Some(files) = files
+        && files_found != files.len()
+    {
         return Err(invalid(format!(
             "{} of the {} files holding changed rows are not in the table's version {:?}",
             files.len() - files_found,

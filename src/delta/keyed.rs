@@ -13,10 +13,7 @@
 //! older version) has its live rows recomputed as if it were added. That is read from the vectors
 //! themselves, not from the name of the operation that wrote them.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use datafusion::{
     catalog::TableProvider,
@@ -515,12 +512,6 @@ pub async fn write(
     meta: &CommitMeta,
 ) -> Result<WriteMetrics, DeltaError> {
     let query = |e| DeltaError::query(path, e);
-    let root = files::root_url(table);
-    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
-    let mut ids = HashSet::new();
-    for view in snapshot.log_data() {
-        ids.insert(files::scan_id(path, &root, &view.path())?.to_string());
-    }
     let provider = table.table_provider().build().await.map_err(query)?;
     let ctx = super::session(None)?;
     let kept = super::deletion_vectors::kept_rows(&provider, &ctx)
@@ -528,7 +519,7 @@ pub async fn write(
         .map_err(query)?;
     let gone = |key: i64| scope.gone(key);
     let marked =
-        super::deletion_vectors::mark_where(path, table, &ids, &kept, &scope.key, &gone, None)
+        super::deletion_vectors::mark_where(path, table, None, &kept, &scope.key, &gone, None)
             .await?;
     let layout = files::Layout::unclustered(target_file_size);
     let written = match files::write_files(path, table, output, &layout).await {
