@@ -21,12 +21,14 @@ pub fn quarantine_table(target: &TableName) -> TableName {
     }
 }
 
-/// Writes the rejected rows; `bronze` is the (batch-filtered) Bronze table the stage read, if any.
+/// Writes the rejected rows to the quarantine table at `path`, created to keep `history_days` of
+/// history; `bronze` is the (batch-filtered) Bronze table the stage read, if any.
 pub async fn write_quarantine(
     ctx: &SessionContext,
     rejected: DataFrame,
     bronze: Option<&TableName>,
     path: &Location,
+    history_days: u32,
     meta: &CommitMeta,
 ) -> Result<u64, DeltaError> {
     const REJECTED: &str = "__medallion_rejected";
@@ -87,6 +89,7 @@ pub async fn write_quarantine(
             "Rows rejected by the quarantine expectations of {}",
             meta.stage
         )),
+        history_days: Some(history_days),
         ..TableOptions::default()
     };
     let metrics = if lineage {

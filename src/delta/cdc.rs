@@ -314,6 +314,7 @@ async fn prepare(
             path
         )),
         not_null: spec.keys.clone(),
+        history_days: options.history_days,
         ..TableOptions::default()
     };
     let tombstones = create_if_missing(

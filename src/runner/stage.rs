@@ -1394,11 +1394,13 @@ async fn sql_stage(
         progress.message("quarantining rejected rows");
         let table = checks::quarantine_table(&stage.target);
         let bronze = reads.iter().find(|t| t.schema == "bronze");
+        let history_days = context.pipeline.maintenance.vacuum_retention_days;
         checks::write_quarantine(
             &ctx,
             rejected,
             bronze,
             &context.pipeline.table_path(&table),
+            history_days,
             &meta,
         )
         .await

@@ -339,6 +339,21 @@ fn properties(table: &Path) -> std::collections::BTreeMap<String, String> {
     serde_json::from_str(run_python(&script).trim()).expect("properties as JSON")
 }
 
+/// The properties of every Delta table under `lake`, by path from it, as Python `deltalake` reads
+/// them.
+fn all_properties(
+    lake: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    let script = format!(
+        "import json, os\nfrom deltalake import DeltaTable\nlake = {:?}\nfound = {{}}\n\
+         for folder, dirs, _ in os.walk(lake):\n    if '_delta_log' in dirs:\n        \
+         found[os.path.relpath(folder, lake)] = DeltaTable(folder).metadata().configuration\n\
+         print(json.dumps(found))\n",
+        lake.display().to_string()
+    );
+    serde_json::from_str(run_python(&script).trim()).expect("properties as JSON")
+}
+
 /// Asserts that `table`'s properties keep 45 days of its history for every Delta tool.
 fn assert_keeps_45_days(table: &Path) {
     let kept = properties(table);
@@ -404,8 +419,25 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     let (at_load, at_day) = (read(load), read(day));
     assert_ne!(at_load, at_day, "the day changed nothing");
 
-    // The table keeps 45 days of history for every Delta tool, and no writer cleans its log.
-    assert_keeps_45_days(&silver);
+    // Every table of the lake turns delta-rs's log cleanup off; the stages' tables, with their
+    // tombstones and quarantine, keep 45 days of history for every Delta tool.
+    let all = all_properties(&scratch.lake());
+    assert!(all.len() > 10, "{:?}", all.keys());
+    for (table, properties) in &all {
+        assert_eq!(
+            properties
+                .get("delta.enableExpiredLogCleanup")
+                .map(String::as_str),
+            Some("false"),
+            "{table}: {properties:?}"
+        );
+        let state =
+            table.starts_with("_medallion/") && !table.starts_with("_medallion/tombstones/");
+        if !state {
+            assert_keeps_45_days(&scratch.lake().join(table));
+        }
+    }
+    assert!(all.contains_key("_medallion/tombstones/silver/transactions"));
 
     // 35 days later (past Delta's 30 days of log, within the 45 promised), after a checkpoint, the
     // next day's run commits: delta-rs's cleanup after that commit would have deleted the log of
