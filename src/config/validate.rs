@@ -568,7 +568,7 @@ impl Compiler<'_> {
                     ),
                 );
             }
-            let Some(input) = self.stage_input(&spec, line, sources, vars) else {
+            let Some((input, by_date)) = self.stage_input(&spec, line, sources, vars) else {
                 continue;
             };
             let Some(write) = self.write_mode(&spec, &input, line) else {
@@ -645,6 +645,18 @@ impl Compiler<'_> {
                     }
                     let by = match (&inc.column, &inc.key) {
                         (Some(column), None) => Some(IncrementalBy::Column(column.clone())),
+                        (None, Some(_)) if by_date => {
+                            self.issue(
+                                at,
+                                format!(
+                                    "stage `{name}`: `incremental.key` recomputes only the keys whose source rows \
+                                     changed, so its SQL must give the same row whatever the run's \
+                                     date; it reads `$logical_date`, `$start` or `$end` (use \
+                                     `incremental.column`, or no date variable)"
+                                ),
+                            );
+                            None
+                        }
                         (None, Some(key)) if spec.deletion_vectors => {
                             Some(IncrementalBy::Key(key.clone()))
                         }
@@ -749,7 +761,7 @@ impl Compiler<'_> {
         line: usize,
         sources: &[Source],
         vars: &BTreeMap<String, String>,
-    ) -> Option<StageInput> {
+    ) -> Option<(StageInput, bool)> {
         let name = &spec.name;
         match (&spec.sql, &spec.ingest) {
             (Some(_), Some(_)) | (None, None) => {
@@ -772,9 +784,12 @@ impl Compiler<'_> {
                     );
                     return None;
                 }
-                Some(StageInput::Ingest {
-                    source: source.clone(),
-                })
+                Some((
+                    StageInput::Ingest {
+                        source: source.clone(),
+                    },
+                    false,
+                ))
             }
             (Some(sql_path), None) => {
                 let sql_line = self.lines.find(line, "sql", sql_path).unwrap_or(line);
@@ -834,7 +849,8 @@ impl Compiler<'_> {
                         ),
                     }
                 }
-                Some(StageInput::Sql { file, text, reads })
+                let by_date = sql::uses_date_vars(&raw, vars);
+                Some((StageInput::Sql { file, text, reads }, by_date))
             }
         }
     }

@@ -62,6 +62,22 @@ fn substitute_braces(sql: &str, vars: &BTreeMap<String, String>) -> Result<Strin
     Ok(out)
 }
 
+/// The variables a run's date sets (`run --date`, each date of a backfill).
+pub const DATE_VARS: [&str; 3] = ["logical_date", "start", "end"];
+
+/// Whether `sql` reads a variable a run's date sets ([`DATE_VARS`]): its text, with `vars`, differs
+/// between two dates.
+pub fn uses_date_vars(sql: &str, vars: &BTreeMap<String, String>) -> bool {
+    let on = |date: &str| {
+        let mut vars = vars.clone();
+        for name in DATE_VARS {
+            vars.insert(name.to_string(), date.to_string());
+        }
+        substitute_vars(sql, &vars).ok()
+    };
+    on("1970-01-01") != on("1970-01-02")
+}
+
 /// The tables a single SELECT reads, as written (`silver.transactions`), CTE names excluded.
 pub fn table_references(sql: &str) -> Result<Vec<String>, String> {
     let mut statements = DFParser::parse_sql(sql).map_err(|e| e.strip_backtrace())?;
@@ -91,6 +107,25 @@ pub fn table_references(sql: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sql_reading_a_date_variable_is_told_from_sql_that_does_not() {
+        let vars = BTreeMap::from([("region".to_string(), "eu".to_string())]);
+        for dated in [
+            "SELECT * FROM t WHERE d >= $start",
+            "SELECT * FROM t WHERE d < '{{ end }}'",
+            "SELECT {{logical_date}} AS d FROM t",
+        ] {
+            assert!(uses_date_vars(dated, &vars), "{dated}");
+        }
+        for undated in [
+            "SELECT * FROM t",
+            "SELECT * FROM t WHERE r = $region AND x = '{{ region }}'",
+            "SELECT $starting, $ends FROM t",
+        ] {
+            assert!(!uses_date_vars(undated, &vars), "{undated}");
+        }
+    }
 
     #[test]
     fn finds_tables_but_not_ctes() {

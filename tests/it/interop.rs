@@ -607,14 +607,44 @@ async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_
     assert!(text(&output).contains("not one row per row of `silver.transactions`"));
     assert!(!scratch.table("gold", "fact_transactions").exists());
     assert!(scratch.table("silver", "transactions").exists());
+
+    // SQL that reads the run's date would give other rows on another date than the keys'
+    // refresh recomputes: refused before anything runs, whichever way the variable is written.
+    for bounded in [
+        "FROM silver.transactions\nWHERE txn_date < CAST($end AS DATE)",
+        "FROM silver.transactions\nWHERE txn_date < CAST('{{ end }}' AS DATE)",
+    ] {
+        let dated = |sql: String| {
+            assert!(
+                sql.contains("FROM silver.transactions"),
+                "the fact's SQL changed"
+            );
+            sql.replacen("FROM silver.transactions", bounded, 1)
+        };
+        let project = scratch.edit_project(
+            &keyed(vectors),
+            Some(("gold/fact_transactions.sql", &dated)),
+        );
+        let output = scratch.command_in(
+            &project,
+            &["run", "pipelines/t.yaml", "--date", "2026-01-01"],
+        );
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+        assert!(
+            text(&output).contains("its SQL must give the same row whatever the run's date"),
+            "{}",
+            text(&output)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_column_or_a_backfill()
  {
     let scratch = Scratch::new();
-    scratch.generate(600, 12, 4, 21);
-    let held = scratch.hold_back_changes(4);
+    scratch.generate(600, 12, 5, 21);
+    let mut held = scratch.hold_back_changes(5);
+    let (last_aside, last_day) = held.pop().expect("a held file");
     let mut held = held.into_iter();
     let mut deliver = || {
         let (aside, original) = held.next().expect("a held file");
@@ -718,19 +748,27 @@ async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_c
         sums("SELECT COUNT(*), SUM(amount * 3) FROM silver.transactions")
     );
 
-    // `backfill --force` over three days rebuilds the keyed fact in full once, not once a day: the
-    // later days refresh it by key (nothing changed since, so nothing is written).
+    // `backfill --force` over three days around the last day's changes rebuilds the keyed fact in
+    // full once, not once a day: the day with changes refreshes it by key, the day after has
+    // nothing to write.
+    let name = crate::common::file_name(&last_day);
+    let day = chrono::NaiveDate::parse_from_str(&name[..8], "%Y%m%d").expect("a dated file");
+    std::fs::rename(&last_aside, &last_day).expect("deliver the day's file");
     let fact = scratch.table("gold", "fact_transactions");
     let before = crate::common::delta_version(&fact).expect("fact");
+    let (from, to) = (
+        day.pred_opt().expect("a day"),
+        day.succ_opt().expect("a day"),
+    );
     let output = scratch.command_in(
         &project,
         &[
             "backfill",
             "pipelines/t.yaml",
             "--from",
-            "2026-01-01",
+            &from.to_string(),
             "--to",
-            "2026-01-03",
+            &to.to_string(),
             "--force",
         ],
     );
@@ -743,9 +781,28 @@ async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_c
     );
     assert_eq!(
         crate::common::delta_version(&fact),
-        Some(before + 1),
+        Some(before + 2),
         "{}",
         text(&output)
     );
     assert_eq!(fact_differences(&scratch), "0,0,0");
+    let operation = |version: u64| {
+        let commit = std::fs::read_to_string(fact.join(format!("_delta_log/{version:020}.json")))
+            .expect("commit");
+        commit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|a| a["commitInfo"]["operation"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    assert_ne!(
+        operation(before + 1),
+        "MERGE",
+        "the first day did not rebuild"
+    );
+    assert_eq!(
+        operation(before + 2),
+        "MERGE",
+        "the day with changes did not refresh by key"
+    );
 }
