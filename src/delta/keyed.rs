@@ -137,8 +137,11 @@ pub async fn scope(
             Ok(false) => added.push(id),
             Err(message) => {
                 // The old vector vacuumed, most likely: its file's rows are recomputed, which is
-                // always right.
-                tracing::debug!(table = %path, "a deletion vector of `{id}` not read ({message})");
+                // always right, and slower (said, in case the cause is the storage).
+                tracing::warn!(
+                    table = %path,
+                    "a deletion vector of `{id}` not read ({message}): its rows are recomputed"
+                );
                 added.push(id);
             }
         }
@@ -277,12 +280,12 @@ async fn still_deleted(
     })
 }
 
-/// The kernel's storage for reading deletion vectors, serving files read once beforehand; a file
-/// not read (missing, or not asked for) is not found.
-struct ReadOnce(HashMap<url::Url, bytes::Bytes>);
+/// The kernel's storage for reading deletion vectors, serving files read once beforehand, or the
+/// error reading each gave; a file not asked for is not found.
+struct ReadOnce(HashMap<url::Url, Result<bytes::Bytes, String>>);
 
 impl ReadOnce {
-    /// Reads `files` through `engine`, in one request to its storage.
+    /// Reads `files` through `engine`, in one request to its storage (which answers in order).
     fn read(
         engine: &dyn delta_kernel::Engine,
         files: std::collections::BTreeSet<url::Url>,
@@ -290,12 +293,22 @@ impl ReadOnce {
         let slices: Vec<delta_kernel::FileSlice> =
             files.iter().map(|url| (url.clone(), None)).collect();
         let read = match engine.storage_handler().read_files(slices) {
-            Ok(read) => files
+            Ok(read) => {
+                let mut read = read.map(|bytes| bytes.map_err(|e| e.to_string()));
+                files
+                    .into_iter()
+                    .map(|url| {
+                        let bytes = read
+                            .next()
+                            .unwrap_or_else(|| Err("the storage gave no bytes".into()));
+                        (url, bytes)
+                    })
+                    .collect()
+            }
+            Err(error) => files
                 .into_iter()
-                .zip(read)
-                .filter_map(|(url, bytes)| Some((url, bytes.ok()?)))
+                .map(|url| (url, Err(error.to_string())))
                 .collect(),
-            Err(_) => HashMap::new(),
         };
         ReadOnce(read)
     }
@@ -310,10 +323,13 @@ impl delta_kernel::StorageHandler for ReadOnce {
         let read: Vec<_> = files
             .into_iter()
             .map(|(url, range)| {
-                let bytes = self
-                    .0
-                    .get(&url)
-                    .ok_or_else(|| delta_kernel::Error::file_not_found(&url))?;
+                let bytes = match self.0.get(&url) {
+                    Some(Ok(bytes)) => bytes,
+                    Some(Err(error)) => {
+                        return Err(delta_kernel::Error::generic(format!("{url}: {error}")));
+                    }
+                    None => return Err(delta_kernel::Error::file_not_found(&url)),
+                };
                 match range {
                     None => Ok(bytes.clone()),
                     Some(range) => usize::try_from(range.start)

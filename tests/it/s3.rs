@@ -588,8 +588,7 @@ async fn silver_with_deletion_vectors_on_s3_equals_the_local_run() {
     let keyed_scope = |output: &std::process::Output| {
         text(output)
             .lines()
-            .filter_map(|l| l.rsplit_once("; ").map(|(_, scope)| scope))
-            .filter(|scope| scope.contains("recomputed from"))
+            .filter_map(|l| l.split("; ").find(|part| part.contains("recomputed from")))
             .map(str::to_string)
             .collect::<Vec<_>>()
     };

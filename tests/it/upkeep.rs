@@ -392,7 +392,15 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     let promise_45_days = |yaml: String| {
         let promise = "  time_travel_days: 7 ";
         assert!(yaml.contains(promise), "the reference maintenance changed");
+        // One row in 50 quarantined, so that there is a quarantine table.
+        let mcc = r#"expr: "_op = 'D' OR mcc IS NOT NULL""#;
+        assert!(yaml.contains(mcc), "the reference expectations changed");
         yaml.replacen(promise, "  time_travel_days: 45 ", 1)
+            .replacen(
+                mcc,
+                r#"expr: "_op = 'D' OR (mcc IS NOT NULL AND dms_id % 50 <> 0)""#,
+                1,
+            )
     };
     let project = scratch.edit_project(&promise_45_days, None);
     let command = |args: &[&str]| scratch.command_in(&project, args);
@@ -438,6 +446,11 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         }
     }
     assert!(all.contains_key("_medallion/tombstones/silver/transactions"));
+    assert!(
+        all.keys().any(|table| table.starts_with("quarantine/")),
+        "no quarantine table: {:?}",
+        all.keys()
+    );
 
     // 35 days later (past Delta's 30 days of log, within the 45 promised), after a checkpoint, the
     // next day's run commits: delta-rs's cleanup after that commit would have deleted the log of
