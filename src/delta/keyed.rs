@@ -130,8 +130,8 @@ pub async fn scope(
             },
         }
     }
-    let engine = source.log_store().engine(None);
-    for (id, kept) in still_deleted(engine, root, to_read).await {
+    let storage = source.log_store().engine(None).storage_handler();
+    for (id, kept) in still_deleted(storage, root, to_read).await {
         match kept {
             Ok(true) => {}
             Ok(false) => added.push(id),
@@ -222,11 +222,11 @@ fn vector_change(
 
 /// For each file of `pairs` (its scan id, its old vector and its new one, in the table at `root`),
 /// whether the new vector deletes every row the old one did; an error for a file whose vectors
-/// cannot be read (vacuumed). Each vector file is read once, through `engine`: the kernel reads a
+/// cannot be read (vacuumed). Each vector file is read once, from `storage`: the kernel reads a
 /// vector's whole file for every vector, and a batch stores the vectors of all the files it marks
 /// in one file, so that reading them one by one fetched it once per file (twice, old and new).
 async fn still_deleted(
-    engine: Arc<dyn delta_kernel::Engine>,
+    storage: Arc<dyn delta_kernel::StorageHandler>,
     root: url::Url,
     pairs: Vec<(String, DeletionVectorDescriptor, DeletionVectorDescriptor)>,
 ) -> Vec<(String, Result<bool, String>)> {
@@ -253,7 +253,7 @@ async fn still_deleted(
             .flat_map(|(old, new)| [old.absolute_path(&root), new.absolute_path(&root)])
             .filter_map(|url| url.ok().flatten())
             .collect();
-        let read = ReadOnce::read(engine.as_ref(), files);
+        let read = ReadOnce::read(storage.as_ref(), files);
         let storage: Arc<dyn delta_kernel::StorageHandler> = Arc::new(read);
         vectors
             .into_iter()
@@ -285,14 +285,14 @@ async fn still_deleted(
 struct ReadOnce(HashMap<url::Url, Result<bytes::Bytes, String>>);
 
 impl ReadOnce {
-    /// Reads `files` through `engine`, in one request to its storage (which answers in order).
+    /// Reads `files` from `storage`, in one request (answered in order).
     fn read(
-        engine: &dyn delta_kernel::Engine,
+        storage: &dyn delta_kernel::StorageHandler,
         files: std::collections::BTreeSet<url::Url>,
     ) -> Self {
         let slices: Vec<delta_kernel::FileSlice> =
             files.iter().map(|url| (url.clone(), None)).collect();
-        let read = match engine.storage_handler().read_files(slices) {
+        let read = match storage.read_files(slices) {
             Ok(read) => {
                 let mut read = read.map(|bytes| bytes.map_err(|e| e.to_string()));
                 files
@@ -765,12 +765,21 @@ mod tests {
             })
             .chain([("gone".to_string(), missing, written[1].clone())])
             .collect();
-        let engine = table.log_store().engine(None);
+        let storage = Arc::new(Counting {
+            inner: table.log_store().engine(None).storage_handler(),
+            requests: Default::default(),
+        });
         let kept: HashMap<String, Result<bool, String>> =
-            still_deleted(engine, files::root_url(&table), pairs)
+            still_deleted(storage.clone(), files::root_url(&table), pairs)
                 .await
                 .into_iter()
                 .collect();
+        // Three pairs over one vector file, and one with a missing file: one request for the two.
+        assert_eq!(
+            *storage.requests.lock().unwrap(),
+            vec![2],
+            "files asked for, per request"
+        );
         assert_eq!(kept["0-1"], Ok(true), "{{1, 2}} grown to {{1, 2, 3}}");
         assert_eq!(kept["0-2"], Ok(false), "{{1, 2}} swapped for {{2, 3, 4}}");
         assert_eq!(
@@ -780,13 +789,62 @@ mod tests {
         );
         assert!(kept["gone"].is_err(), "a vector file not found was read");
         assert!(
-            still_deleted(
-                table.log_store().engine(None),
-                files::root_url(&table),
-                Vec::new()
-            )
-            .await
-            .is_empty()
+            still_deleted(storage.clone(), files::root_url(&table), Vec::new())
+                .await
+                .is_empty()
         );
+        assert_eq!(
+            storage.requests.lock().unwrap().len(),
+            1,
+            "nothing to read, read"
+        );
+    }
+
+    /// A storage that counts the files asked for in each request, reading through `inner`.
+    struct Counting {
+        inner: Arc<dyn delta_kernel::StorageHandler>,
+        requests: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl delta_kernel::StorageHandler for Counting {
+        fn read_files(
+            &self,
+            files: Vec<delta_kernel::FileSlice>,
+        ) -> delta_kernel::DeltaResult<
+            Box<dyn Iterator<Item = delta_kernel::DeltaResult<bytes::Bytes>>>,
+        > {
+            self.requests.lock().unwrap().push(files.len());
+            self.inner.read_files(files)
+        }
+
+        fn list_from(
+            &self,
+            path: &url::Url,
+        ) -> delta_kernel::DeltaResult<
+            Box<dyn Iterator<Item = delta_kernel::DeltaResult<delta_kernel::FileMeta>>>,
+        > {
+            self.inner.list_from(path)
+        }
+
+        fn copy_atomic(&self, src: &url::Url, dest: &url::Url) -> delta_kernel::DeltaResult<()> {
+            self.inner.copy_atomic(src, dest)
+        }
+
+        fn put(
+            &self,
+            path: &url::Url,
+            data: bytes::Bytes,
+            overwrite: bool,
+        ) -> delta_kernel::DeltaResult<()> {
+            self.inner.put(path, data, overwrite)
+        }
+
+        fn head(&self, path: &url::Url) -> delta_kernel::DeltaResult<delta_kernel::FileMeta> {
+            self.inner.head(path)
+        }
+
+        fn delete(&self, path: &url::Url) -> delta_kernel::DeltaResult<()> {
+            self.inner.delete(path)
+        }
     }
 }

@@ -79,6 +79,9 @@ fn vectors_read_at(table: &Path, version: u64) -> Vec<PathBuf> {
     vectors
 }
 
+/// Silver's row count and sum of amounts.
+const SILVER_SUMS: &str = "SELECT COUNT(*), SUM(amount) FROM silver.transactions";
+
 /// The first row `sql` gives over the scratch lake, as CSV, read at `at` (`--version N`,
 /// `--as-of T`, or nothing for the latest).
 fn sql_row(scratch: &Scratch, sql: &str, at: &[&str]) -> String {
@@ -118,13 +121,7 @@ async fn vacuum_deletes_replaced_files_superseded_vectors_and_leftovers_but_not_
     let project = scratch.edit_project(&silver_with_vectors, None);
     let command = |args: &[&str]| scratch.command_in(&project, args);
     let silver = scratch.table("silver", "transactions");
-    let read_at = |at: &[&str]| {
-        sql_row(
-            &scratch,
-            "SELECT COUNT(*), SUM(amount) FROM silver.transactions",
-            at,
-        )
-    };
+    let read_at = |at: &[&str]| sql_row(&scratch, SILVER_SUMS, at);
     let read = |version: Option<u64>| match version {
         Some(v) => read_at(&["--version", &v.to_string()]),
         None => read_at(&[]),
@@ -405,13 +402,7 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
     let project = scratch.edit_project(&promise_45_days, None);
     let command = |args: &[&str]| scratch.command_in(&project, args);
     let silver = scratch.table("silver", "transactions");
-    let read_at = |at: &[&str]| {
-        sql_row(
-            &scratch,
-            "SELECT COUNT(*), SUM(amount) FROM silver.transactions",
-            at,
-        )
-    };
+    let read_at = |at: &[&str]| sql_row(&scratch, SILVER_SUMS, at);
     let read = |version: u64| read_at(&["--version", &version.to_string()]);
     let days_ago = |days: i64| (chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339();
 
