@@ -355,9 +355,15 @@ pub fn restore_with_python(table: &Path, version: u64) {
 /// The interpreter leaves without its teardown, in which `deltalake`'s runtime now and then aborts
 /// ("terminate called without an active exception").
 pub fn run_python(script: &str) -> String {
+    run_python_with(script, &[])
+}
+
+/// As [`run_python`], with `args` as the script's `sys.argv[1:]`.
+pub fn run_python_with(script: &str, args: &[&std::ffi::OsStr]) -> String {
     let script = format!("{script}\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\n");
     let output = Command::new(python())
         .args(["-c", &script])
+        .args(args)
         .output()
         .expect("python");
     assert!(

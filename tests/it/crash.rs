@@ -56,17 +56,7 @@ os._exit(0)
 
 /// Every Delta table of the lake reads in Python `deltalake`.
 fn assert_readable_by_python(lake: &Path) {
-    let output = Command::new(crate::common::python())
-        .args(["-c", READ_ALL])
-        .arg(lake)
-        .output()
-        .expect("python");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let tables: usize = String::from_utf8_lossy(&output.stdout)
+    let tables: usize = crate::common::run_python_with(READ_ALL, &[lake.as_os_str()])
         .trim()
         .parse()
         .unwrap_or(0);

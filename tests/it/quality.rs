@@ -1,9 +1,9 @@
 //! Quality gates: KPI checks and reconciliation stop a stage before it publishes, warnings do not, and run
 //! history (`medallion history`, `_medallion/runs`) records what happened.
 
-use std::process::Command;
-
-use crate::common::{Scratch, assert_success, codecs, delta_version, python, query, repo, text};
+use crate::common::{
+    Scratch, assert_success, codecs, delta_version, query, repo, run_python_with, text,
+};
 
 fn versions(scratch: &Scratch) -> Vec<Option<u64>> {
     scratch.versions(&[
@@ -244,18 +244,7 @@ async fn history_and_python_read_the_same_runs() {
         })
         .collect();
     assert_eq!(ours.len(), 2);
-    let output = Command::new(python())
-        .args(["-c", RUNS_SCRIPT])
-        .arg(scratch.lake())
-        .current_dir(repo())
-        .output()
-        .expect("python");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let theirs: Vec<String> = String::from_utf8_lossy(&output.stdout)
+    let theirs: Vec<String> = run_python_with(RUNS_SCRIPT, &[scratch.lake().as_os_str()])
         .lines()
         .map(String::from)
         .collect();
