@@ -141,6 +141,8 @@ async fn open_as_of(
         .await?
         .ok_or_else(|| travel("not a Delta table".into()))?;
     let latest = delta.version();
+    // Where the log starts, once read (an instant is checked against it, an error names it).
+    let mut start = None;
     let loaded = match as_of {
         AsOf::Latest => return Ok(delta),
         AsOf::Version(version) => delta
@@ -153,8 +155,9 @@ async fn open_as_of(
                 .with_timezone(&chrono::Utc);
             // delta-rs reads the oldest version for an instant before it; that is not the table
             // as it was then (it did not exist yet, or `maintain` cleaned that part of its log).
-            match delta::history::log_start(path, &delta).await {
-                Ok(Some((_, first))) if at < first => {
+            start = Some(delta::history::log_start(path, &delta).await.ok().flatten());
+            match start.flatten() {
+                Some((_, first)) if at < first => {
                     Err(format!("as of {text}: before the table's history"))
                 }
                 _ => delta
@@ -168,13 +171,17 @@ async fn open_as_of(
         return Ok(delta);
     };
     // Say what the log holds instead: from its start (once `maintain` cleaned it) to the latest.
-    let readable = match delta::history::log_start(path, &delta).await {
-        Ok(Some((oldest, when))) => format!(
+    let start = match start {
+        Some(start) => start,
+        None => delta::history::log_start(path, &delta).await.ok().flatten(),
+    };
+    let readable = match start {
+        Some((oldest, when)) => format!(
             "; the table's log holds versions {oldest} ({}) to {}",
             when.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             latest.map_or("-".into(), |v| v.to_string()),
         ),
-        _ => String::new(),
+        None => String::new(),
     };
     Err(travel(format!("{message}{readable}")))
 }
