@@ -27,20 +27,21 @@ const DELTA_LOG_DAYS: u32 = 30;
 const DELTA_DELETED_FILE_DAYS: u32 = 7;
 
 /// The properties a table gets so that every Delta tool keeps `days` of its history: no log cleanup
-/// after commits, the log kept for at least `days` (never less than Delta's 30), removed files for
-/// at least `days` (never less than Delta's 7).
-pub fn properties(days: u32) -> Vec<(TableProperty, String)> {
-    vec![
-        (TableProperty::EnableExpiredLogCleanup, "false".to_string()),
-        (
+/// after commits, and with `days`, the log kept for at least `days` (never less than Delta's 30) and
+/// removed files for at least `days` (never less than Delta's 7).
+pub fn properties(days: Option<u32>) -> Vec<(TableProperty, String)> {
+    let mut properties = vec![(TableProperty::EnableExpiredLogCleanup, "false".to_string())];
+    if let Some(days) = days {
+        properties.push((
             TableProperty::LogRetentionDuration,
             interval(days.max(DELTA_LOG_DAYS)),
-        ),
-        (
+        ));
+        properties.push((
             TableProperty::DeletedFileRetentionDuration,
             interval(days.max(DELTA_DELETED_FILE_DAYS)),
-        ),
-    ]
+        ));
+    }
+    properties
 }
 
 fn interval(days: u32) -> String {
@@ -69,7 +70,7 @@ pub async fn keep(
         .snapshot()
         .map_err(|e| DeltaError::table(path, e))?
         .table_config();
-    let missing: HashMap<String, String> = properties(days)
+    let missing: HashMap<String, String> = properties(Some(days))
         .into_iter()
         .filter(|(property, _)| match property {
             TableProperty::EnableExpiredLogCleanup => config.enable_expired_log_cleanup(),

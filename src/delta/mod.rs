@@ -532,8 +532,6 @@ pub async fn create_if_missing(
         .with_columns(kernel.fields().cloned())
         .with_partition_columns(options.partition_by.clone())
         .with_configuration_property(TableProperty::CheckpointInterval, Some("20"))
-        // The log is cleaned by `maintain --vacuum` alone, by the rule that keeps promised versions.
-        .with_configuration_property(TableProperty::EnableExpiredLogCleanup, Some("false"))
         .with_save_mode(SaveMode::Ignore)
         // Creating is version 0 or nothing: a create that lost the race to another writer must not be
         // retried as a later metadata change (that would fail every writer based on version 0).
@@ -552,11 +550,8 @@ pub async fn create_if_missing(
             Some(format_stats_columns(columns)),
         );
     }
-    for (property, value) in options
-        .history_days
-        .map(history::properties)
-        .unwrap_or_default()
-    {
+    // The log is cleaned by `maintain --vacuum` alone, by the rule that keeps promised versions.
+    for (property, value) in history::properties(options.history_days) {
         builder = builder.with_configuration_property(property, Some(value));
     }
     if options.deletion_vectors {
