@@ -167,7 +167,7 @@ async fn open_as_of(
             }
         }
     };
-    let Err(message) = loaded else {
+    let Err(mut message) = loaded else {
         return Ok(delta);
     };
     // Say what the log holds instead: from its start (once `maintain` cleaned it) to the latest.
@@ -175,6 +175,14 @@ async fn open_as_of(
         Some(start) => start,
         None => delta::history::log_start(path, &delta).await.ok().flatten(),
     };
+    // A version outside the log is said so, not in the kernel's words about its files.
+    if let AsOf::Version(version) = as_of {
+        if latest.is_some_and(|latest| *version > latest) {
+            message = format!("version {version} is not written yet");
+        } else if start.is_some_and(|(oldest, _)| *version < oldest) {
+            message = format!("version {version} was cleaned from the log by `maintain --vacuum`");
+        }
+    }
     let readable = match start {
         Some((oldest, when)) => format!(
             "; the table's log holds versions {oldest} ({}) to {}",

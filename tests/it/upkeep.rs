@@ -500,9 +500,25 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         .min()
         .expect("a checkpoint");
     assert!(
-        text(&gone).contains(&format!("the table's log holds versions {oldest} (")),
+        text(&gone).contains(&format!(
+            "version {load} was cleaned from the log by `maintain --vacuum`; \
+             the table's log holds versions {oldest} ("
+        )),
         "{}",
         text(&gone)
+    );
+    let unwritten = scratch.command(&[
+        "sql",
+        "SELECT COUNT(*) FROM silver.transactions",
+        "--lake",
+        &lake,
+        "--version",
+        "999",
+    ]);
+    assert!(
+        text(&unwritten).contains("version 999 is not written yet; the table's log holds versions"),
+        "{}",
+        text(&unwritten)
     );
     let before_all = scratch.command(&[
         "sql",
