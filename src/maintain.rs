@@ -159,9 +159,8 @@ async fn upkeep_all(
         if delta::open(&path).await?.is_none() {
             continue;
         }
-        let target = pipeline.maintenance.target_file_bytes;
-        let history = pipeline.maintenance.vacuum_retention_days;
-        done.push(upkeep(&table, path, &zorder, (retention, history), target, options).await?);
+        let terms = Terms::of(pipeline, &zorder, retention);
+        done.push(upkeep(&table, path, &terms, options).await?);
     }
     Ok(done)
 }
@@ -193,9 +192,7 @@ pub async fn optimize_if_needed(
         optimize: true,
         ..MaintainOptions::default()
     };
-    let target = pipeline.maintenance.target_file_bytes;
-    let history = pipeline.maintenance.vacuum_retention_days;
-    upkeep(table, path, &zorder, (0, history), target, &options)
+    upkeep(table, path, &Terms::of(pipeline, &zorder, 0), &options)
         .await
         .map(Some)
 }
@@ -222,16 +219,43 @@ async fn file_sizes(
     Ok((files, small_files))
 }
 
-/// Upkeep of one table. `(retention_days, history_days)`: the vacuum's retention, and the history the
-/// pipeline promises, which the table's properties must keep for every Delta tool.
+/// What the upkeep of one table keeps to.
+#[derive(Clone, Copy)]
+struct Terms<'a> {
+    /// The columns its compaction clusters rows by (none: files are only joined).
+    zorder: &'a [String],
+    /// Days the vacuum keeps replaced files for.
+    retention_days: u32,
+    /// The history the pipeline promises, which the table's properties must keep for every Delta tool.
+    history_days: u32,
+    /// The size compaction writes files of.
+    target_file_bytes: u64,
+}
+
+impl<'a> Terms<'a> {
+    fn of(pipeline: &Pipeline, zorder: &'a [String], retention_days: u32) -> Self {
+        Terms {
+            zorder,
+            retention_days,
+            history_days: pipeline.maintenance.vacuum_retention_days,
+            target_file_bytes: pipeline.maintenance.target_file_bytes,
+        }
+    }
+}
+
+/// Upkeep of one table, kept to `terms`.
 async fn upkeep(
     table: &TableName,
     path: Location,
-    zorder: &[String],
-    (retention_days, history_days): (u32, u32),
-    target_file_bytes: u64,
+    terms: &Terms<'_>,
     options: &MaintainOptions,
 ) -> Result<TableUpkeep, MaintainError> {
+    let Terms {
+        zorder,
+        retention_days,
+        history_days,
+        target_file_bytes,
+    } = *terms;
     let name = table.to_string();
     let fail = |source| MaintainError::Delta {
         table: name.clone(),
