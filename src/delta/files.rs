@@ -146,6 +146,9 @@ pub(super) struct Layout {
     /// The table's partition columns: an unclustered writer finishes its files when its rows move on
     /// to other partitions (see [`PartitionsSeen`]).
     pub partition_by: Vec<String>,
+    /// The ranges of a column the rows come in, one after another: an unclustered writer finishes its
+    /// files when its rows move on to the next (see [`Cuts`]).
+    pub cuts: Option<Cuts>,
 }
 
 impl Layout {
@@ -155,12 +158,54 @@ impl Layout {
             target_size: target_size.unwrap_or(TARGET_FILE_SIZE),
             ranges: None,
             partition_by: Vec::new(),
+            cuts: None,
         }
     }
 }
 
 /// Bytes a writer of a partitioned table writes before it may finish its files early.
 const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
+
+/// The ranges of a column's values that a result gives its rows in, range after range in each of
+/// its partitions (a result computed in slices, [`super::slices`]): below the first bound, from
+/// each bound to the next, and from the last up with NULL. A writer finishes its files when its
+/// rows move on to the next range, so that a file holds one range's values. An overwrite of some
+/// values (the dates a batch touched) then rewrites the files of their ranges, not every file: a
+/// Gold aggregate written in one file per writer held every date in each.
+#[derive(Debug, Clone)]
+pub(super) struct Cuts {
+    /// The column, a date or an integer in the rows written.
+    pub column: String,
+    /// Increasing, as the column's values cast to 64-bit integers (days since 1970 for a date).
+    pub bounds: Vec<i64>,
+    /// Bytes a writer writes before it may finish its files at a cut: smaller ranges share files.
+    pub min_bytes: usize,
+}
+
+impl Cuts {
+    pub fn new(column: String, bounds: Vec<i64>) -> Cuts {
+        Cuts {
+            column,
+            bounds,
+            min_bytes: MIN_EARLY_FINISH_BYTES,
+        }
+    }
+
+    /// The range of `batch`'s rows, told by its first value (a batch comes from one range); the
+    /// last for NULL. `None` when the batch has no such column of a date or an integer.
+    pub(super) fn range_of(&self, batch: &RecordBatch) -> Option<usize> {
+        let column = batch.column_by_name(&self.column)?;
+        if !(column.data_type().is_integer() || column.data_type() == &DataType::Date32) {
+            return None;
+        }
+        let values = cast(column, &DataType::Int64).ok()?;
+        let values = values.as_primitive::<Int64Type>();
+        Some(match (0..values.len()).find(|&row| values.is_valid(row)) {
+            Some(row) => self.bounds.partition_point(|&b| b <= values.value(row)),
+            None => self.bounds.len(),
+        })
+    }
+}
 
 /// The partitions a writer has written to since its files were last finished. A writer keeps a file
 /// open for each (a Parquet writer's state, and on an object store an upload buffer, several MiB
@@ -328,10 +373,12 @@ pub(super) async fn write_streams(
         let mut writer = new_writer()?;
         let path = path.clone();
         let partition_by = layout.partition_by.clone();
+        let cuts = layout.cuts.clone();
         tasks.spawn(async move {
             let schema = writer.arrow_schema();
             let keep_views = writer.takes_views();
             let mut partitions = PartitionsSeen::new(&partition_by, &schema);
+            let mut range = None;
             let mut rows = 0u64;
             let mut adds = Vec::new();
             let table_schema = (&schema, keep_views);
@@ -341,6 +388,13 @@ pub(super) async fn write_streams(
                     && writer.buffer_len() >= MIN_EARLY_FINISH_BYTES
                 {
                     adds.extend(writer.flush().await?);
+                }
+                if let Some(cuts) = &cuts {
+                    let now = cuts.range_of(&batch);
+                    if range.is_some() && now != range && writer.buffer_len() >= cuts.min_bytes {
+                        adds.extend(writer.flush().await?);
+                    }
+                    range = now;
                 }
                 writer.write(batch).await?;
             }
@@ -788,6 +842,97 @@ mod tests {
         );
     }
 
+    /// Two partitions giving their rows one range of days after another, as slices do: with the
+    /// ranges' cuts, each writer finishes a file at each cut, so that no file holds two ranges'
+    /// days; without, each writer writes one file holding every day.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_given_cuts_finishes_its_file_where_its_rows_move_on_to_the_next_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("day", DataType::Date32, true),
+            Field::new("k", DataType::Int64, false),
+        ]));
+        let table =
+            crate::delta::create_if_missing(&path, &schema, &crate::delta::TableOptions::default())
+                .await
+                .unwrap();
+        // Days 0..30 (1970-01-01 on), cut at days 10 and 20; a partition's NULL days come last,
+        // in the last range, as a slice gives them.
+        let batch = |days: std::ops::Range<i32>, null: bool| {
+            let mut values: Vec<Option<i32>> = days.map(Some).collect();
+            if null {
+                values.push(None);
+            }
+            let keys = Int64Array::from_iter_values(0..values.len() as i64);
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(datafusion::arrow::array::Date32Array::from(values)),
+                    Arc::new(keys),
+                ],
+            )
+            .unwrap()
+        };
+        let partition = || {
+            vec![
+                batch(0..5, false),
+                batch(5..10, false),
+                batch(10..20, false),
+                batch(20..30, true),
+            ]
+        };
+        let ctx = crate::delta::session(None).unwrap();
+        let source = MemTable::try_new(schema.clone(), vec![partition(), partition()]).unwrap();
+        let frame = ctx.read_table(Arc::new(source)).unwrap();
+        let days = |written: &Written| {
+            let mut days: Vec<(i64, i64)> = written
+                .adds
+                .iter()
+                .map(|add| {
+                    let stats: serde_json::Value =
+                        serde_json::from_str(add.stats.as_deref().unwrap()).unwrap();
+                    let day = |bound: &str| {
+                        let text = stats[bound]["day"].as_str().unwrap();
+                        let date = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").unwrap();
+                        (date - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days()
+                    };
+                    (day("minValues"), day("maxValues"))
+                })
+                .collect();
+            days.sort();
+            days
+        };
+        let cut = Layout {
+            cuts: Some(Cuts {
+                min_bytes: 0,
+                ..Cuts::new("day".into(), vec![10, 20])
+            }),
+            ..Layout::unclustered(None)
+        };
+        let written = write_files(&path, &table, frame.clone(), &cut)
+            .await
+            .unwrap();
+        assert_eq!(written.rows, 62);
+        assert_eq!(
+            days(&written),
+            vec![(0, 9), (0, 9), (10, 19), (10, 19), (20, 29), (20, 29)]
+        );
+        // Below the bytes a writer writes before it may cut, ranges share its file.
+        let big = Layout {
+            cuts: Some(Cuts::new("day".into(), vec![10, 20])),
+            ..Layout::unclustered(None)
+        };
+        let whole = write_files(&path, &table, frame.clone(), &big)
+            .await
+            .unwrap();
+        assert_eq!(days(&whole), vec![(0, 29), (0, 29)]);
+        let uncut = write_files(&path, &table, frame, &Layout::unclustered(None))
+            .await
+            .unwrap();
+        assert_eq!(days(&uncut), vec![(0, 29), (0, 29)]);
+    }
+
     /// Keys in no order, over two partitions: four files, one per range, every row written once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_clustered_write_keeps_each_key_range_in_its_own_file() {
@@ -828,6 +973,7 @@ mod tests {
             target_size: TARGET_FILE_SIZE,
             ranges: Some(KeyRanges::for_write("k", (0, 3999), 4000, Some(10), 10_000)),
             partition_by: Vec::new(),
+            cuts: None,
         };
         let written = write_files(&path, &table, frame.clone(), &layout)
             .await

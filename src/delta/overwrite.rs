@@ -272,6 +272,8 @@ pub struct Replacement {
     data: DataFrame,
     /// The ranges to compute `data` in when its query holds state (see [`Replacement::execute`]).
     slices: Option<Slices>,
+    /// Where the writers finish their files: the slices' bounds, once the result is computed in them.
+    cuts: Option<super::files::Cuts>,
 }
 
 /// Where a replacement goes.
@@ -334,6 +336,7 @@ impl Replacement {
             },
             data,
             slices,
+            cuts: None,
         }))
     }
 
@@ -342,8 +345,9 @@ impl Replacement {
     /// `ORDER BY` is not run (delta-rs's own writes drop it too): sorting ten million Gold rows cost more
     /// than the rest of the stage, and more memory than a 1 GiB limit. A query that holds state
     /// (aggregations, joins, sorts, windows) runs one slice after another when there are slices: its
-    /// memory is that of a slice, not of the whole result.
-    pub async fn execute(&self) -> Result<(Vec<SendableRecordBatchStream>, usize), DeltaError> {
+    /// memory is that of a slice, not of the whole result, and each file written holds one slice's
+    /// values (a later overwrite of some of them rewrites the files of their slices alone).
+    pub async fn execute(&mut self) -> Result<(Vec<SendableRecordBatchStream>, usize), DeltaError> {
         let path = &self.target.path;
         let query = |e| DeltaError::query(path, e);
         let task = Arc::new(self.data.task_ctx());
@@ -361,6 +365,7 @@ impl Replacement {
                     tracing::info!("{path}: computed in {count} slices of `{}`", slices.column);
                     let streams =
                         super::slices::execute_in_slices(path, &self.data, predicates).await?;
+                    self.cuts = slices.cuts();
                     return Ok((streams, count));
                 }
                 // Slices only save memory: a result that cannot be cut is computed at once.
@@ -384,6 +389,7 @@ impl Replacement {
             Some(table) => super::files::partition_columns(table),
             None => target.options.partition_by.clone(),
         };
+        layout.cuts = self.cuts;
         let written = super::files::write_new_files(
             path,
             target.table.as_ref(),

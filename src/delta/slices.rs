@@ -115,6 +115,23 @@ impl Slices {
             }))
     }
 
+    /// The bounds as the file writers cut files at them ([`super::files::Cuts`]); `None` for a bound
+    /// neither an integer nor a date.
+    pub(super) fn cuts(&self) -> Option<super::files::Cuts> {
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+        let bounds = self
+            .bounds
+            .iter()
+            .map(|bound| match bound.parse::<i64>() {
+                Ok(number) => Some(number),
+                Err(_) => chrono::NaiveDate::parse_from_str(bound, "%Y-%m-%d")
+                    .ok()
+                    .map(|date| (date - epoch).num_days()),
+            })
+            .collect::<Option<Vec<i64>>>()?;
+        Some(super::files::Cuts::new(self.column.clone(), bounds))
+    }
+
     /// One predicate per slice on the column of `data`, with the bounds typed like it. Every value
     /// is in exactly one of them: the first is open below, the last open above and holds NULL.
     pub fn predicates(&self, data: &DataFrame) -> Result<Vec<Expr>, String> {
@@ -313,5 +330,14 @@ mod tests {
             );
         }
         assert_eq!(counts, [1, 2, 3]);
+        // The writers' cuts put each row in the slice its predicate does.
+        let cuts = slices.cuts().unwrap();
+        let mut ranges = Vec::new();
+        for batch in data.collect().await.unwrap() {
+            for row in 0..batch.num_rows() {
+                ranges.push(cuts.range_of(&batch.slice(row, 1)).unwrap());
+            }
+        }
+        assert_eq!(ranges, [0, 1, 1, 2, 2, 2]);
     }
 }

@@ -1425,7 +1425,7 @@ async fn overwrite_unchecked(
     slices: Option<delta::Slices>,
 ) -> Result<(WriteMetrics, usize), delta::DeltaError> {
     if let Some(slices) = slices
-        && let Some(replacement) =
+        && let Some(mut replacement) =
             delta::Replacement::plan(target_path, output.clone(), options, scope, Some(slices))
                 .await?
     {
@@ -1468,7 +1468,7 @@ async fn stage_replacement(
     if !matches!(stage.write, WriteMode::Overwrite) {
         return Ok(None);
     }
-    let Some(replacement) =
+    let Some(mut replacement) =
         delta::Replacement::plan(target_path, output.clone(), options, scope, slices)
             .await
             .map_err(delta_err)?
