@@ -147,7 +147,7 @@ pub(super) struct Layout {
     /// to other partitions (see [`PartitionsSeen`]).
     pub partition_by: Vec<String>,
     /// The ranges of a column the rows come in, one after another: an unclustered writer finishes its
-    /// files when its rows move on to the next (see [`Cuts`]).
+    /// files when its rows move on to the next, once it has written [`Cuts::min_bytes`].
     pub cuts: Option<Cuts>,
 }
 
@@ -169,9 +169,12 @@ const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
 /// The ranges of a column's values that a result gives its rows in, range after range in each of
 /// its partitions (a result computed in slices, [`super::slices`]): below the first bound, from
 /// each bound to the next, and from the last up with NULL. A writer finishes its files when its
-/// rows move on to the next range, so that a file holds one range's values. An overwrite of some
-/// values (the dates a batch touched) then rewrites the files of their ranges, not every file: a
-/// Gold aggregate written in one file per writer held every date in each.
+/// rows move on to the next range and it has written `min_bytes` since its last file began, so
+/// that a file holds the values of one range, or of a few consecutive ones when they are small (and
+/// the end of one range with the next when a file of the target size ended within it). An overwrite
+/// of some values (the dates a batch touched) then rewrites the files of their ranges, not every
+/// file: a Gold aggregate written in one file per writer held every date in each. Only dates
+/// (`Date32`) and integers are told apart; with another type, nothing is cut.
 #[derive(Debug, Clone)]
 pub(super) struct Cuts {
     /// The column, a date or an integer in the rows written.
@@ -198,12 +201,12 @@ impl Cuts {
         if !(column.data_type().is_integer() || column.data_type() == &DataType::Date32) {
             return None;
         }
-        let values = cast(column, &DataType::Int64).ok()?;
-        let values = values.as_primitive::<Int64Type>();
-        Some(match (0..values.len()).find(|&row| values.is_valid(row)) {
-            Some(row) => self.bounds.partition_point(|&b| b <= values.value(row)),
-            None => self.bounds.len(),
-        })
+        let Some(row) = (0..column.len()).find(|&row| column.is_valid(row)) else {
+            return Some(self.bounds.len());
+        };
+        let value = cast(&column.slice(row, 1), &DataType::Int64).ok()?;
+        let value = value.as_primitive::<Int64Type>().value(0);
+        Some(self.bounds.partition_point(|&b| b <= value))
     }
 }
 

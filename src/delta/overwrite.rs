@@ -272,7 +272,8 @@ pub struct Replacement {
     data: DataFrame,
     /// The ranges to compute `data` in when its query holds state (see [`Replacement::execute`]).
     slices: Option<Slices>,
-    /// Where the writers finish their files: the slices' bounds, once the result is computed in them.
+    /// Where the writers may finish their files: the slices' bounds, once the result is computed in
+    /// them.
     cuts: Option<super::files::Cuts>,
 }
 
@@ -345,8 +346,9 @@ impl Replacement {
     /// `ORDER BY` is not run (delta-rs's own writes drop it too): sorting ten million Gold rows cost more
     /// than the rest of the stage, and more memory than a 1 GiB limit. A query that holds state
     /// (aggregations, joins, sorts, windows) runs one slice after another when there are slices: its
-    /// memory is that of a slice, not of the whole result, and each file written holds one slice's
-    /// values (a later overwrite of some of them rewrites the files of their slices alone).
+    /// memory is that of a slice, not of the whole result. Its writers then start a new file at
+    /// each slice once they have written 8 MiB ([`super::files::Cuts`]): a later overwrite of some
+    /// values rewrites the files of their slices, not files holding every value.
     pub async fn execute(&mut self) -> Result<(Vec<SendableRecordBatchStream>, usize), DeltaError> {
         let path = &self.target.path;
         let query = |e| DeltaError::query(path, e);
@@ -389,7 +391,9 @@ impl Replacement {
             Some(table) => super::files::partition_columns(table),
             None => target.options.partition_by.clone(),
         };
-        layout.cuts = self.cuts;
+        // A partitioned table's writer holds a file per partition: cutting them all at each slice
+        // would make small files of partitions the slices do not follow.
+        layout.cuts = self.cuts.filter(|_| layout.partition_by.is_empty());
         let written = super::files::write_new_files(
             path,
             target.table.as_ref(),
@@ -706,6 +710,47 @@ mod tests {
             ))
             .await
         );
+    }
+
+    /// A result computed in slices is written with their cuts; one computed at once (rows, no
+    /// state to bound) without.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_computed_in_slices_is_written_cut_at_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::from(dir.path());
+        let ctx = crate::delta::session(None).unwrap();
+        let rows = "SELECT v % 100 AS k, v FROM generate_series(1, 10000) AS t(v)";
+        let grouped = ctx
+            .sql(&format!("SELECT k, COUNT(*) AS n FROM ({rows}) GROUP BY k"))
+            .await
+            .unwrap();
+        let slices = Some(Slices::at("k", &["30", "60"]));
+        let options = TableOptions::default();
+        let mut replacement = Replacement::plan(&path, grouped, &options, None, slices.clone())
+            .await
+            .unwrap()
+            .unwrap();
+        let (streams, count) = replacement.execute().await.unwrap();
+        assert_eq!(count, 3);
+        let cuts = replacement.cuts.as_ref().expect("cut at the slices");
+        assert_eq!(
+            (cuts.column.as_str(), cuts.bounds.as_slice()),
+            ("k", &[30, 60][..])
+        );
+        let staged = replacement.write(streams).await.unwrap();
+        assert_eq!(staged.written.rows, 100);
+        staged.commit(&CommitMeta::default()).await.unwrap();
+        let plain = ctx
+            .sql(&format!("SELECT k, v AS n FROM ({rows})"))
+            .await
+            .unwrap();
+        let mut at_once = Replacement::plan(&path, plain, &options, None, slices)
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, count) = at_once.execute().await.unwrap();
+        assert_eq!(count, 1);
+        assert!(at_once.cuts.is_none());
     }
 
     #[test]

@@ -64,6 +64,15 @@ impl Kind {
 }
 
 impl Slices {
+    /// Slices of `column` at `bounds` (increasing), for tests of what computes in them.
+    #[cfg(test)]
+    pub(super) fn at(column: &str, bounds: &[&str]) -> Slices {
+        Slices {
+            column: column.to_string(),
+            bounds: bounds.iter().map(|b| b.to_string()).collect(),
+        }
+    }
+
     /// Slices of about `rows_per_slice` rows of `source`, by the least and greatest value of `column`
     /// in each of its files (rows assumed spread evenly between them). `None` when one slice would do,
     /// or when the files say nothing usable about the column (no statistics, not a date or an integer).
