@@ -180,7 +180,10 @@ async fn open_as_of(
         if latest.is_some_and(|latest| *version > latest) {
             message = format!("version {version} is not written yet");
         } else if start.is_some_and(|(oldest, _)| *version < oldest) {
-            message = format!("version {version} was cleaned from the log by `maintain --vacuum`");
+            message = format!(
+                "version {version} is no longer in the table's log (cleaned by `maintain --vacuum` \
+                 or another writer)"
+            );
         }
     }
     let readable = match start {

@@ -501,8 +501,8 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         .expect("a checkpoint");
     assert!(
         text(&gone).contains(&format!(
-            "version {load} was cleaned from the log by `maintain --vacuum`; \
-             the table's log holds versions {oldest} ("
+            "version {load} is no longer in the table's log (cleaned by `maintain --vacuum` \
+             or another writer); the table's log holds versions {oldest} ("
         )),
         "{}",
         text(&gone)
