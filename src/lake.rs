@@ -145,10 +145,24 @@ async fn open_as_of(
     let mut start = None;
     let loaded = match as_of {
         AsOf::Latest => return Ok(delta),
-        AsOf::Version(version) => delta
-            .load_version(*version as _)
-            .await
-            .map_err(|e| format!("version {version}: {e}")),
+        // A version outside the log is said so before delta-rs tries it, which logs its own error
+        // in the kernel's words about files.
+        AsOf::Version(version) if latest.is_some_and(|latest| *version > latest) => {
+            Err(format!("version {version} is not written yet"))
+        }
+        AsOf::Version(version) => {
+            start = Some(delta::history::log_start(path, &delta).await.ok().flatten());
+            match start.flatten() {
+                Some((oldest, _)) if *version < oldest => Err(format!(
+                    "version {version} is no longer in the table's log (cleaned by \
+                     `maintain --vacuum` or another writer)"
+                )),
+                _ => delta
+                    .load_version(*version as _)
+                    .await
+                    .map_err(|e| format!("version {version}: {e}")),
+            }
+        }
         AsOf::Timestamp(text) => {
             let at = chrono::DateTime::parse_from_rfc3339(text)
                 .map_err(|e| travel(format!("`{text}` is not an RFC 3339 timestamp: {e}")))?
@@ -167,7 +181,7 @@ async fn open_as_of(
             }
         }
     };
-    let Err(mut message) = loaded else {
+    let Err(message) = loaded else {
         return Ok(delta);
     };
     // Say what the log holds instead: from its start (once `maintain` cleaned it) to the latest.
@@ -175,17 +189,6 @@ async fn open_as_of(
         Some(start) => start,
         None => delta::history::log_start(path, &delta).await.ok().flatten(),
     };
-    // A version outside the log is said so, not in the kernel's words about its files.
-    if let AsOf::Version(version) = as_of {
-        if latest.is_some_and(|latest| *version > latest) {
-            message = format!("version {version} is not written yet");
-        } else if start.is_some_and(|(oldest, _)| *version < oldest) {
-            message = format!(
-                "version {version} is no longer in the table's log (cleaned by `maintain --vacuum` \
-                 or another writer)"
-            );
-        }
-    }
     let readable = match start {
         Some((oldest, when)) => format!(
             "; the table's log holds versions {oldest} ({}) to {}",

@@ -520,6 +520,10 @@ async fn a_promised_version_older_than_deltas_log_retention_stays_readable_until
         "{}",
         text(&unwritten)
     );
+    // Told before delta-rs tries them: no error of its own in the kernel's words.
+    for refused in [&gone, &unwritten] {
+        assert!(!text(refused).contains("kernel"), "{}", text(refused));
+    }
     let before_all = scratch.command(&[
         "sql",
         "SELECT COUNT(*) FROM silver.transactions",
