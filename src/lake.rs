@@ -141,36 +141,33 @@ async fn open_as_of(
         .await?
         .ok_or_else(|| travel("not a Delta table".into()))?;
     let latest = delta.version();
-    // Where the log starts, once read (an instant is checked against it, an error names it).
-    let mut start = None;
+    if matches!(as_of, AsOf::Latest) {
+        return Ok(delta);
+    }
+    // Where the log starts (once `maintain` cleaned it): a version or an instant is checked against
+    // it before delta-rs tries it (which logs its own error in the kernel's words about files, or
+    // reads the oldest version for an instant before it), and an error names it.
+    let start = delta::history::log_start(path, &delta).await.ok().flatten();
     let loaded = match as_of {
         AsOf::Latest => return Ok(delta),
-        // A version outside the log is said so before delta-rs tries it, which logs its own error
-        // in the kernel's words about files.
         AsOf::Version(version) if latest.is_some_and(|latest| *version > latest) => {
             Err(format!("version {version} is not written yet"))
         }
-        AsOf::Version(version) => {
-            start = Some(delta::history::log_start(path, &delta).await.ok().flatten());
-            match start.flatten() {
-                Some((oldest, _)) if *version < oldest => Err(format!(
-                    "version {version} is no longer in the table's log (cleaned by \
-                     `maintain --vacuum` or another writer)"
-                )),
-                _ => delta
-                    .load_version(*version as _)
-                    .await
-                    .map_err(|e| format!("version {version}: {e}")),
-            }
+        AsOf::Version(version) if start.is_some_and(|(oldest, _)| *version < oldest) => {
+            Err(format!(
+                "version {version} is no longer in the table's log (cleaned by \
+                 `maintain --vacuum` or another writer)"
+            ))
         }
+        AsOf::Version(version) => delta
+            .load_version(*version as _)
+            .await
+            .map_err(|e| format!("version {version}: {e}")),
         AsOf::Timestamp(text) => {
             let at = chrono::DateTime::parse_from_rfc3339(text)
                 .map_err(|e| travel(format!("`{text}` is not an RFC 3339 timestamp: {e}")))?
                 .with_timezone(&chrono::Utc);
-            // delta-rs reads the oldest version for an instant before it; that is not the table
-            // as it was then (it did not exist yet, or `maintain` cleaned that part of its log).
-            start = Some(delta::history::log_start(path, &delta).await.ok().flatten());
-            match start.flatten() {
+            match start {
                 Some((_, first)) if at < first => {
                     Err(format!("as of {text}: before the table's history"))
                 }
@@ -184,11 +181,7 @@ async fn open_as_of(
     let Err(message) = loaded else {
         return Ok(delta);
     };
-    // Say what the log holds instead: from its start (once `maintain` cleaned it) to the latest.
-    let start = match start {
-        Some(start) => start,
-        None => delta::history::log_start(path, &delta).await.ok().flatten(),
-    };
+    // Say what the log holds instead: from its start to the latest.
     let readable = match start {
         Some((oldest, when)) => format!(
             "; the table's log holds versions {oldest} ({}) to {}",
