@@ -163,7 +163,8 @@ impl Layout {
     }
 }
 
-/// Bytes a writer of a partitioned table writes before it may finish its files early.
+/// Bytes a writer writes before it may finish its files early: when a partitioned table's rows move
+/// on to other partitions, or at a cut between slices ([`Cuts`]).
 const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The ranges of a column's values that a result gives its rows in, range after range in each of
