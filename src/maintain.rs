@@ -24,7 +24,7 @@ use object_store::ObjectStoreExt;
 
 use crate::{
     checks,
-    config::{Pipeline, TableName},
+    config::{Pipeline, Stage, TableName},
     delta::{self, DeltaError},
     lake,
 };
@@ -90,24 +90,25 @@ pub struct TableUpkeep {
     pub checkpoint_version: Option<u64>,
 }
 
-/// The pipeline's tables: stage targets, their quarantine tables, and medallion's own state tables.
+/// The pipeline's tables, each with the stage that writes it: stage targets, their quarantine tables,
+/// and medallion's own state tables.
 async fn pipeline_tables(
     pipeline: &Pipeline,
-) -> Result<Vec<(TableName, Vec<String>)>, MaintainError> {
-    let mut tables: Vec<(TableName, Vec<String>)> = pipeline
+) -> Result<Vec<(TableName, Option<&Stage>)>, MaintainError> {
+    let mut tables: Vec<(TableName, Option<&Stage>)> = pipeline
         .stages
         .iter()
-        .map(|s| (s.target.clone(), s.zorder_by.clone()))
+        .map(|s| (s.target.clone(), Some(s)))
         .collect();
     for stage in &pipeline.stages {
-        tables.push((checks::quarantine_table(&stage.target), Vec::new()));
+        tables.push((checks::quarantine_table(&stage.target), None));
     }
     for table in lake::tables(&pipeline.lake).await? {
         if table.schema == "_medallion" {
-            tables.push((table, Vec::new()));
+            tables.push((table, None));
         }
     }
-    tables.sort();
+    tables.sort_by(|a, b| a.0.cmp(&b.0));
     tables.dedup_by(|a, b| a.0 == b.0);
     Ok(tables)
 }
@@ -154,12 +155,12 @@ async fn upkeep_all(
     options: &MaintainOptions,
 ) -> Result<Vec<TableUpkeep>, MaintainError> {
     let mut done = Vec::new();
-    for (table, zorder) in pipeline_tables(pipeline).await? {
+    for (table, stage) in pipeline_tables(pipeline).await? {
         let path = pipeline.table_path(&table);
         if delta::open(&path).await?.is_none() {
             continue;
         }
-        let terms = Terms::of(pipeline, &zorder, retention);
+        let terms = Terms::of(pipeline, stage, retention);
         done.push(upkeep(&table, path, &terms, options).await?);
     }
     Ok(done)
@@ -182,17 +183,12 @@ pub async fn optimize_if_needed(
     if files <= threshold {
         return Ok(None);
     }
-    let zorder = pipeline
-        .stages
-        .iter()
-        .find(|s| &s.target == table)
-        .map(|s| s.zorder_by.clone())
-        .unwrap_or_default();
+    let stage = pipeline.stages.iter().find(|s| &s.target == table);
     let options = MaintainOptions {
         optimize: true,
         ..MaintainOptions::default()
     };
-    upkeep(table, path, &Terms::of(pipeline, &zorder, 0), &options)
+    upkeep(table, path, &Terms::of(pipeline, stage, 0), &options)
         .await
         .map(Some)
 }
@@ -228,17 +224,36 @@ struct Terms<'a> {
     retention_days: u32,
     /// The history the pipeline promises, which the table's properties must keep for every Delta tool.
     history_days: u32,
-    /// The size compaction writes files of.
-    target_file_bytes: u64,
+    /// The size compaction joins files into; larger files are left as they are.
+    compacted_bytes: u64,
 }
 
 impl<'a> Terms<'a> {
-    fn of(pipeline: &Pipeline, zorder: &'a [String], retention_days: u32) -> Self {
+    /// The terms of a table `stage` writes (`None`: a quarantine or state table).
+    ///
+    /// A stage incremental by a column rebuilds ranges of its values, and writes a range computed
+    /// on its own into files of its own once they hold [`delta::MIN_EARLY_FINISH_BYTES`]
+    /// (BENCHMARKS.md, item 69). Its table is compacted into files of no more than that: joined into
+    /// files of the target size, ranges would share files again, and each rebuild of recent dates would
+    /// rewrite a file holding years. A partitioned table keeps its partitions apart already, and a
+    /// Z-order rewrites every file anyway.
+    fn of(pipeline: &Pipeline, stage: Option<&'a Stage>, retention_days: u32) -> Self {
+        let target = pipeline.maintenance.target_file_bytes;
+        let zorder = stage.map_or(&[][..], |s| s.zorder_by.as_slice());
+        let rebuilt_by_ranges = stage.is_some_and(|s| {
+            s.incremental.as_ref().and_then(|i| i.column()).is_some()
+                && s.partition_by.is_empty()
+                && s.zorder_by.is_empty()
+        });
         Terms {
             zorder,
             retention_days,
             history_days: pipeline.maintenance.vacuum_retention_days,
-            target_file_bytes: pipeline.maintenance.target_file_bytes,
+            compacted_bytes: if rebuilt_by_ranges {
+                target.min(delta::MIN_EARLY_FINISH_BYTES as u64)
+            } else {
+                target
+            },
         }
     }
 }
@@ -254,7 +269,7 @@ async fn upkeep(
         zorder,
         retention_days,
         history_days,
-        target_file_bytes,
+        compacted_bytes,
     } = *terms;
     let name = table.to_string();
     let fail = |source| MaintainError::Delta {
@@ -267,7 +282,7 @@ async fn upkeep(
             message: "not a Delta table".into(),
         })
     })?;
-    let (files_before, small_files) = file_sizes(&name, &delta, target_file_bytes / 4).await?;
+    let (files_before, small_files) = file_sizes(&name, &delta, compacted_bytes / 4).await?;
     let mut upkeep = TableUpkeep {
         table: name.clone(),
         files_before,
@@ -287,7 +302,7 @@ async fn upkeep(
         } else {
             OptimizeType::ZOrder(zorder.to_vec())
         };
-        let size = NonZeroU64::new(target_file_bytes).unwrap_or(NonZeroU64::MIN);
+        let size = NonZeroU64::new(compacted_bytes).unwrap_or(NonZeroU64::MIN);
         let properties = delta::table_writer_properties(&delta);
         let (optimized, metrics) = delta
             .optimize()
@@ -458,7 +473,151 @@ pub fn render(done: &[TableUpkeep], dry_run: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::adds_vector_or_old_file;
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use datafusion::arrow::{
+        array::{Date32Array, Int64Array, RecordBatch},
+        datatypes::{DataType, Field, Schema},
+    };
+    use futures::StreamExt;
+
+    use super::{MaintainOptions, Terms, adds_vector_or_old_file, upkeep};
+    use crate::{
+        config::{self, TableName},
+        delta::{self, CommitMeta, TableOptions},
+        storage::Location,
+    };
+
+    #[test]
+    fn a_table_rebuilt_by_ranges_of_a_column_is_compacted_into_files_no_larger_than_a_range_gets() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/transactions.yaml");
+        let pipeline = config::load_with_env(&path, |_| None, &BTreeMap::new()).unwrap();
+        let target = pipeline.maintenance.target_file_bytes;
+        assert!(target > delta::MIN_EARLY_FINISH_BYTES as u64);
+        let terms = |table: &str| {
+            let table = TableName::parse(table).unwrap();
+            let stage = pipeline.stages.iter().find(|s| s.target == table);
+            let terms = Terms::of(&pipeline, stage, 7);
+            (terms.compacted_bytes, terms.zorder.to_vec())
+        };
+        // Incremental by txn_date, unpartitioned: its ranges are kept apart.
+        for table in ["gold.merchant_daily", "gold.daily_kpis"] {
+            assert_eq!(
+                terms(table),
+                (delta::MIN_EARLY_FINISH_BYTES as u64, Vec::new()),
+                "{table}"
+            );
+        }
+        // Partitioned by year; Z-ordered (Silver); a dimension rebuilt whole; a quarantine table.
+        assert_eq!(terms("gold.fact_transactions"), (target, Vec::new()));
+        assert_eq!(
+            terms("silver.transactions"),
+            (target, vec!["dms_id".to_string()])
+        );
+        assert_eq!(terms("gold.dim_card"), (target, Vec::new()));
+        let silver = TableName::parse("silver.transactions").unwrap();
+        let quarantine = crate::checks::quarantine_table(&silver).to_string();
+        assert_eq!(terms(&quarantine), (target, Vec::new()));
+    }
+
+    /// One commit of `rows` rows spread over the days `days` (from 1970), with values that do not
+    /// compress: a file of about eight bytes a row.
+    async fn append_days(path: &Location, days: std::ops::Range<i32>, rows: usize) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("day", DataType::Date32, false),
+            Field::new("value", DataType::Int64, false),
+        ]));
+        let span = days.len();
+        let day =
+            Date32Array::from_iter_values((0..rows).map(|i| days.start + (i * span / rows) as i32));
+        let mut state = 0x2545_f491_4f6c_dd1d_u64 ^ days.start as u64;
+        let value = Int64Array::from_iter_values((0..rows).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as i64
+        }));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(day), Arc::new(value)]).unwrap();
+        delta::append_batches(
+            path,
+            vec![batch],
+            &TableOptions::default(),
+            &CommitMeta::default(),
+        )
+        .await
+        .unwrap();
+    }
+
+    /// The table's files: path → (rows, least day, greatest day), by their statistics.
+    async fn files(path: &Location) -> BTreeMap<String, (usize, String, String)> {
+        let table = delta::open(path).await.unwrap().unwrap();
+        let mut files = BTreeMap::new();
+        let mut stream = table.get_active_add_actions_by_partitions(&[]);
+        while let Some(file) = stream.next().await {
+            let file = file.unwrap();
+            let stats: serde_json::Value = serde_json::from_str(&file.stats().unwrap()).unwrap();
+            let day = |bound: &str| stats[bound]["day"].as_str().unwrap().to_string();
+            let rows = file.num_records().unwrap();
+            files.insert(
+                file.path().to_string(),
+                (rows, day("minValues"), day("maxValues")),
+            );
+        }
+        files
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_joins_only_files_under_its_size_and_leaves_larger_ones_as_they_are() {
+        let options = MaintainOptions {
+            optimize: true,
+            ..MaintainOptions::default()
+        };
+        let table = TableName::parse("gold.t").unwrap();
+        let mut after = Vec::new();
+        for compacted_bytes in [100_000, 10_000_000] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = Location::from(dir.path());
+            // Three ranges of ten days in files of about 160 KB, as a build in slices writes them,
+            // then the small files of daily runs over later days, in between.
+            append_days(&path, 0..10, 20_000).await;
+            append_days(&path, 100..101, 10).await;
+            append_days(&path, 10..20, 20_000).await;
+            append_days(&path, 101..102, 10).await;
+            append_days(&path, 102..103, 10).await;
+            append_days(&path, 20..30, 20_000).await;
+            append_days(&path, 103..104, 10).await;
+            append_days(&path, 104..105, 10).await;
+            let before = files(&path).await;
+            let large: BTreeMap<_, _> = before
+                .iter()
+                .filter(|(_, (rows, _, _))| *rows == 20_000)
+                .collect();
+            assert_eq!(large.len(), 3);
+            let terms = Terms {
+                zorder: &[],
+                retention_days: 7,
+                history_days: 7,
+                compacted_bytes,
+            };
+            let done = upkeep(&table, path.clone(), &terms, &options)
+                .await
+                .unwrap();
+            let files = files(&path).await;
+            let rows: usize = files.values().map(|(rows, _, _)| rows).sum();
+            assert_eq!(rows, 60_050, "compaction keeps every row");
+            let kept = large
+                .keys()
+                .filter(|file| files.contains_key(file.as_str()))
+                .count();
+            after.push((done.files_compacted, done.files_written, files.len(), kept));
+        }
+        // Under 100 KB: the runs' files next to each other in the log are joined (the two pairs;
+        // the first run's file has a range's file on each side), the ranges' files kept.
+        assert_eq!(after[0], (4, 2, 6, 3));
+        // Under 10 MB: everything in one file, which each rebuild of the runs' days would rewrite.
+        assert_eq!(after[1], (8, 1, 1, 0));
+    }
 
     #[test]
     fn a_commit_adding_a_file_with_a_vector_or_an_old_file_is_told_from_others() {

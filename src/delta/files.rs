@@ -164,8 +164,9 @@ impl Layout {
 }
 
 /// Bytes a writer writes before it may finish its files early: when a partitioned table's rows move
-/// on to other partitions, or at a cut between slices ([`Cuts`]).
-const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
+/// on to other partitions, or at a cut between slices ([`Cuts`]). Compaction leaves files of this size
+/// apart in a table rebuilt by ranges (`maintain`).
+pub const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The ranges of a column's values that a result gives its rows in, range after range in each of
 /// its partitions (a result computed in slices, [`super::slices`]): below the first bound, from

@@ -36,6 +36,7 @@ pub use cdc::{
     is_delete_sql, prepare_changes, touched_since,
 };
 pub use deletion_vectors::deletion_vectors_enabled;
+pub use files::MIN_EARLY_FINISH_BYTES;
 pub use first_load::{FirstLoad, LoadCopy, LoadSummary, StagedLoad};
 pub use merge::upsert;
 pub use overwrite::{Replacement, Scope, Staged, overwrite};
