@@ -3,12 +3,16 @@
 //! live transaction), recomputes after a change batch only the rows of the keys the batch changed. The
 //! rows it replaces, and those whose key is gone from the source, are marked deleted with deletion
 //! vectors ([`super::deletion_vectors`]); the new rows go to new files. A batch then costs its own rows
-//! and a read of the target's key column, not a rebuild of the table.
+//! and a read of the target's key column in the files whose key range holds a key it replaces or
+//! deletes, not a rebuild of the table.
 //!
 //! What changed is read from the source's log, not from a record the batch kept: every row version
 //! written after the stage's last success is in a file added since, so the live rows of those files
 //! are the ones to recompute, and a row of the target whose key is no longer live in the source is
-//! one to delete. A compaction of the source since then only recomputes rows that did not change; a
+//! one to delete. The keys gone are those live before in the files the batch removed or marked and
+//! not live now ([`Gone::Deleted`]), read from those files alone when they hold less than half the
+//! source's rows; otherwise every live key is read instead ([`Gone::NotLive`]), which costs the
+//! table once rather than most of it twice. A compaction of the source since then only recomputes rows that did not change; a
 //! file whose deletion vector no longer deletes every row it did (after a restore, or a clone of an
 //! older version) has its live rows recomputed as if it were added. That is read from the vectors
 //! themselves, not from the name of the operation that wrote them.
@@ -34,6 +38,8 @@ use crate::{
 
 /// Registered for a candidate's checks: whether a key is live in the source.
 pub const LIVE_KEY: &str = "__medallion_live_key";
+/// Registered for a candidate's checks: whether a key was deleted from the source.
+pub const DELETED_KEY: &str = "__medallion_deleted_key";
 /// Registered for a candidate's checks: whether a key's row is recomputed.
 pub const REPLACED_KEY: &str = "__medallion_replaced_key";
 
@@ -47,8 +53,8 @@ pub struct KeyedScope {
     pub added: Vec<String>,
     /// The source's keys of those rows: their rows in the target are replaced.
     pub replaced: Arc<KeySet>,
-    /// Every live key of the source: a row of the target with another key is deleted.
-    pub live: Arc<KeySet>,
+    /// The keys whose rows in the target are deleted, besides those replaced.
+    pub gone: Gone,
     /// How many keys `replaced` holds.
     pub replaced_count: usize,
     /// The live rows of the `added` files, `None` when there are none: what the stage's SQL reads.
@@ -57,22 +63,44 @@ pub struct KeyedScope {
     pub source: Arc<dyn TableProvider>,
 }
 
+/// The source's keys gone since the stage's last success, as a refresh reads them.
+#[derive(Debug)]
+pub enum Gone {
+    /// Every key live in the source: a row of the target with another key is deleted.
+    NotLive(Arc<KeySet>),
+    /// The keys live before in the files the batch removed or marked, and live nowhere now.
+    Deleted(Arc<KeySet>),
+}
+
 impl KeyedScope {
     /// Whether the target's row of `key` goes: replaced, or its key gone from the source.
     pub fn gone(&self, key: i64) -> bool {
-        self.replaced.contains(key) || !self.live.contains(key)
+        self.replaced.contains(key)
+            || match &self.gone {
+                Gone::NotLive(live) => !live.contains(key),
+                Gone::Deleted(deleted) => deleted.contains(key),
+            }
     }
 
-    /// Registers [`LIVE_KEY`] and [`REPLACED_KEY`] in `ctx`, and gives the SQL of the target's rows
-    /// that stay: `target`'s rows whose key is live and not replaced.
+    /// Registers [`REPLACED_KEY`] and [`LIVE_KEY`] or [`DELETED_KEY`] in `ctx`, and gives the SQL of
+    /// the target's rows that stay: `target`'s rows whose key is neither gone nor replaced.
     pub fn kept_sql(&self, ctx: &SessionContext, target: &str, columns: &str) -> String {
-        ctx.register_udf(key_in_set(LIVE_KEY, self.live.clone()));
         ctx.register_udf(key_in_set(REPLACED_KEY, self.replaced.clone()));
         let key = quote(&self.key);
+        let not_gone = match &self.gone {
+            Gone::NotLive(live) => {
+                ctx.register_udf(key_in_set(LIVE_KEY, live.clone()));
+                format!("{LIVE_KEY}({key})")
+            }
+            Gone::Deleted(deleted) => {
+                ctx.register_udf(key_in_set(DELETED_KEY, deleted.clone()));
+                format!("NOT {DELETED_KEY}({key})")
+            }
+        };
         // A row without a key is never marked (no source row has none): it stays, as here.
         format!(
             "SELECT {columns} FROM {target} \
-             WHERE {key} IS NULL OR ({LIVE_KEY}({key}) AND NOT {REPLACED_KEY}({key}))"
+             WHERE {key} IS NULL OR ({not_gone} AND NOT {REPLACED_KEY}({key}))"
         )
     }
 }
@@ -103,37 +131,69 @@ pub async fn scope(
     }
     // What changed is told by the two versions' files, whatever the commits between them were.
     #[allow(deprecated)] // delta-rs 1.1's way to a file's whole `add`, its vector included
-    let vectors_then: HashMap<String, Option<DeletionVectorDescriptor>> = then
+    let mut files_then: HashMap<String, (Option<DeletionVectorDescriptor>, Option<u64>)> = then
         .log_data()
         .into_iter()
-        .map(|view| (view.path().to_string(), view.add_action().deletion_vector))
+        .map(|view| {
+            let vector = view.add_action().deletion_vector;
+            let live = live_rows(view.num_records(), vector.as_ref());
+            (view.path().to_string(), (vector, live))
+        })
         .collect();
     let root = files::root_url(source);
     let mut added = Vec::new();
     // Files whose vector changed and did not shrink: read to tell whether it still deletes every
     // row it did (it grew) or not (a restore or a clone brought some back).
     let mut to_read = Vec::new();
+    // The files whose live rows then may hold keys gone now (scan ids): those removed, and those
+    // whose vector changed.
+    let mut changed = Vec::new();
+    // Live rows: now in every file, then in the `changed` files (`None`: a file without a count).
+    let mut rows_now = Some(0u64);
+    let mut rows_changed = Some(0u64);
+    let sum = |total: &mut Option<u64>, rows: Option<u64>| {
+        *total = total.zip(rows).map(|(total, rows)| total + rows);
+    };
+    // Files whose vector grew: some of their rows were deleted, the rest are live as they were.
+    let mut grown = Vec::new();
     for view in now.log_data() {
         let file = view.path().to_string();
         #[allow(deprecated)]
         let vector = view.add_action().deletion_vector;
+        sum(
+            &mut rows_now,
+            live_rows(view.num_records(), vector.as_ref()),
+        );
         let id = files::scan_id(path, &root, &file)?.to_string();
-        match (vectors_then.get(&file), vector) {
-            (None, _) => added.push(id),
-            (Some(old), new) => match vector_change(old.as_ref(), new.as_ref()) {
-                VectorChange::Same => {}
-                VectorChange::Restored => added.push(id),
-                VectorChange::Changed => match (old.clone(), new) {
-                    (Some(old), Some(new)) => to_read.push((id, old, new)),
-                    _ => added.push(id),
-                },
+        let Some((old, live_then)) = files_then.remove(&file) else {
+            added.push(id);
+            continue;
+        };
+        let marked = old != vector;
+        if marked {
+            sum(&mut rows_changed, live_then);
+            changed.push(id.clone());
+        }
+        match vector_change(old.as_ref(), vector.as_ref()) {
+            // A first vector: it only deletes.
+            VectorChange::Same if marked => grown.push(id),
+            VectorChange::Same => {}
+            VectorChange::Restored => added.push(id),
+            VectorChange::Changed => match (old, vector) {
+                (Some(old), Some(new)) => to_read.push((id, old, new)),
+                _ => added.push(id),
             },
         }
+    }
+    // What is left of the files then was removed since.
+    for (file, (_, live_then)) in files_then {
+        sum(&mut rows_changed, live_then);
+        changed.push(files::scan_id(path, &root, &file)?.to_string());
     }
     let storage = source.log_store().engine(None).storage_handler();
     for (id, kept) in still_deleted(storage, root, to_read).await {
         match kept {
-            Ok(true) => {}
+            Ok(true) => grown.push(id),
             Ok(false) => added.push(id),
             Err(message) => {
                 // The old vector vacuumed, most likely: its file's rows are recomputed, which is
@@ -159,10 +219,6 @@ pub async fn scope(
             message: format!("`incremental.key` needs an integer key; `{source_key}` is {stored}"),
         });
     }
-    let live = keys_of(&ctx, whole.clone(), source_key)
-        .await
-        .map_err(query)?
-        .into_set();
     let (replaced, replaced_count, added_rows) = if added.is_empty() {
         (KeySet::Sorted(Vec::new()), 0, None)
     } else {
@@ -173,15 +229,107 @@ pub async fn scope(
         let count = keys.len();
         (keys.into_set(), count, Some(provider))
     };
+    let replaced = Arc::new(replaced);
+    // Reading the changed files costs their rows then, and again now for those that grew.
+    let few_changed = rows_changed
+        .zip(rows_now)
+        .is_some_and(|(changed, now)| changed.saturating_mul(2) <= now);
+    let deleted = if few_changed {
+        let changes = Changes {
+            then: &before,
+            now: source,
+            changed: &changed,
+            grown: &grown,
+        };
+        match changes.deleted_keys(&ctx, source_key, &replaced).await {
+            Ok(deleted) => Some(deleted),
+            // A file of the old version vacuumed, most likely: every live key tells it too.
+            Err(error) => {
+                tracing::warn!(
+                    table = %path,
+                    "the files changed since version {after} not read ({error}): every live key is"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    tracing::debug!(
+        table = %path,
+        changed_files = changed.len(),
+        ?rows_changed,
+        ?rows_now,
+        from_changed_files = deleted.is_some(),
+        "keys gone since version {after}"
+    );
+    let gone = match deleted {
+        Some(deleted) => Gone::Deleted(Arc::new(deleted)),
+        None => Gone::NotLive(Arc::new(
+            keys_of(&ctx, whole.clone(), source_key)
+                .await
+                .map_err(query)?
+                .into_set(),
+        )),
+    };
     Ok(Some(KeyedScope {
         key: key.to_string(),
         added,
-        replaced: Arc::new(replaced),
-        live: Arc::new(live),
+        replaced,
+        gone,
         replaced_count,
         added_rows,
         source: whole,
     }))
+}
+
+/// The rows a file keeps: `records` less those its vector deletes (`None` without a count).
+fn live_rows(records: Option<usize>, vector: Option<&DeletionVectorDescriptor>) -> Option<u64> {
+    let deleted = vector.map_or(0, |v| v.cardinality.max(0) as u64);
+    records.map(|records| (records as u64).saturating_sub(deleted))
+}
+
+/// The files of a source that changed between two of its versions (scan ids).
+struct Changes<'a> {
+    then: &'a DeltaTable,
+    now: &'a DeltaTable,
+    /// Files of `then` removed since, or whose deletion vector changed.
+    changed: &'a [String],
+    /// Files of both whose vector grew: of their rows live then, those still live now are not gone.
+    grown: &'a [String],
+}
+
+impl Changes<'_> {
+    /// The keys live in `changed` then and live nowhere now: not `replaced` (the keys of every row
+    /// live now that was not then), and not in the rows of `grown` files still live.
+    async fn deleted_keys(
+        &self,
+        ctx: &SessionContext,
+        key: &str,
+        replaced: &Arc<KeySet>,
+    ) -> datafusion::error::Result<KeySet> {
+        if self.changed.is_empty() {
+            return Ok(KeySet::Sorted(Vec::new()));
+        }
+        let files = |table: &DeltaTable, ids: &[String]| {
+            table
+                .table_provider()
+                .with_file_paths(ids.iter().cloned())
+                .build()
+        };
+        let column = datafusion::prelude::ident(key);
+        let replaced_call = key_in_set(REPLACED_KEY, replaced.clone()).call(vec![column.clone()]);
+        let then = Arc::new(files(self.then, self.changed).await?);
+        let mut frame = ctx
+            .read_table(then)?
+            .select(vec![column.clone()])?
+            .filter(datafusion::prelude::not(replaced_call))?;
+        if !self.grown.is_empty() {
+            let still = Arc::new(files(self.now, self.grown).await?);
+            frame = frame.except(ctx.read_table(still)?.select(vec![column])?)?;
+        }
+        Ok(super::cdc::collect_keys(frame).await?.into_set())
+    }
 }
 
 /// The values of the integer column `key` of `provider`'s rows.
@@ -534,9 +682,17 @@ pub async fn write(
         .await
         .map_err(query)?;
     let gone = |key: i64| scope.gone(key);
-    let marked =
-        super::deletion_vectors::mark_where(path, table, None, &kept, &scope.key, &gone, None)
-            .await?;
+    let files = files_to_read(path, table, scope)?;
+    let marked = super::deletion_vectors::mark_where(
+        path,
+        table,
+        files.as_ref(),
+        &kept,
+        &scope.key,
+        &gone,
+        None,
+    )
+    .await?;
     let layout = files::Layout::unclustered(target_file_size);
     let written = match files::write_files(path, table, output, &layout).await {
         Ok(written) => written,
@@ -580,6 +736,38 @@ pub async fn write(
         rows_deleted: marked.rows,
         files_added,
     })
+}
+
+/// The files of the target `table` (scan ids) that may hold a row `scope` says goes, by the least
+/// and greatest key in their statistics; `None`: every file may (any key not live goes).
+fn files_to_read(
+    path: &Location,
+    table: &DeltaTable,
+    scope: &KeyedScope,
+) -> Result<Option<std::collections::HashSet<String>>, DeltaError> {
+    let Gone::Deleted(deleted) = &scope.gone else {
+        return Ok(None);
+    };
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    let root = files::root_url(table);
+    let mut read = std::collections::HashSet::new();
+    for view in snapshot.log_data() {
+        let stats = view
+            .stats()
+            .and_then(|stats| serde_json::from_str::<serde_json::Value>(&stats).ok());
+        let bounds = stats.and_then(|stats| {
+            let low = stats["minValues"][&scope.key].as_i64()?;
+            Some((low, stats["maxValues"][&scope.key].as_i64()?))
+        });
+        // Without bounds (no statistics, or every key NULL), a file is read.
+        let may_hold = bounds.is_none_or(|(low, high)| {
+            scope.replaced.any_within(low, high) || deleted.any_within(low, high)
+        });
+        if may_hold {
+            read.insert(files::scan_id(path, &root, &view.path())?.to_string());
+        }
+    }
+    Ok(Some(read))
 }
 
 #[cfg(test)]
@@ -676,6 +864,188 @@ mod tests {
             let error = check(sql).await.expect_err(sql);
             assert!(error.contains(says), "{sql}: {error}");
         }
+    }
+
+    /// Keys `keys` as a batch of column `k`.
+    fn keys(keys: impl IntoIterator<Item = i64>) -> datafusion::arrow::array::RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let column = datafusion::arrow::array::Int64Array::from_iter_values(keys);
+        datafusion::arrow::array::RecordBatch::try_new(schema, vec![Arc::new(column)]).unwrap()
+    }
+
+    /// A source of key `k` created with deletion vectors, in ten files of a hundred keys each
+    /// (0–99, 100–199, …); its version.
+    async fn source(path: &Location) -> u64 {
+        let options = super::super::TableOptions {
+            deletion_vectors: true,
+            ..Default::default()
+        };
+        for file in 0..10 {
+            let batch = keys(file * 100..file * 100 + 100);
+            super::super::append_batches(path, vec![batch], &options, &CommitMeta::default())
+                .await
+                .unwrap();
+        }
+        super::super::open(path)
+            .await
+            .unwrap()
+            .unwrap()
+            .version()
+            .unwrap()
+    }
+
+    /// Marks the rows of `gone` deleted, with deletion vectors, as a cdc batch does.
+    async fn mark_deleted(path: &Location, gone: &[i64]) {
+        let table = super::super::open(path).await.unwrap().unwrap();
+        let provider = table.table_provider().build().await.unwrap();
+        let ctx = super::super::session(None).unwrap();
+        let kept = super::super::deletion_vectors::kept_rows(&provider, &ctx)
+            .await
+            .unwrap();
+        let contains = |key: i64| gone.contains(&key);
+        let expected = Some(gone.len() as u64);
+        let marked = super::super::deletion_vectors::mark_where(
+            path, &table, None, &kept, "k", &contains, expected,
+        )
+        .await
+        .unwrap();
+        let delete = DeltaOperation::Delete { predicate: None };
+        files::commit(path, &table, marked.actions, delete, Default::default())
+            .await
+            .unwrap();
+    }
+
+    /// Rewrites the file holding key `first` without key `gone`, as a copy-on-write batch does; the
+    /// path of the file removed.
+    async fn rewrite_without(path: &Location, first: i64, gone: i64) -> String {
+        let options = super::super::TableOptions::default();
+        let rest = keys((first..first + 100).filter(|k| *k != gone));
+        super::super::append_batches(path, vec![rest], &options, &CommitMeta::default())
+            .await
+            .unwrap();
+        let table = super::super::open(path).await.unwrap().unwrap();
+        let snapshot = table.snapshot().unwrap();
+        let old = snapshot
+            .log_data()
+            .into_iter()
+            .find(|view| {
+                let stats: serde_json::Value =
+                    serde_json::from_str(&view.stats().unwrap()).unwrap();
+                stats["minValues"]["k"] == first && stats["numRecords"] == 100
+            })
+            .unwrap();
+        let removed = old.path().to_string();
+        let remove = Action::Remove(old.remove_action(true));
+        let delete = DeltaOperation::Delete { predicate: None };
+        files::commit(path, &table, vec![remove], delete, Default::default())
+            .await
+            .unwrap();
+        removed
+    }
+
+    /// Which of `keys` [`KeyedScope::gone`] says go.
+    fn gone_keys(scope: &KeyedScope, keys: impl Iterator<Item = i64>) -> Vec<i64> {
+        keys.filter(|k| scope.gone(*k)).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_keys_gone_are_read_from_the_files_a_batch_changed_unless_they_hold_half_the_rows()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::local(dir.path().join("source"));
+        let after = source(&path).await;
+        // A batch deleting 5 and 6 (marked), updating 250 (marked, and added again) and inserting
+        // 5000; then a copy-on-write batch deleting 150 (its file rewritten without it).
+        mark_deleted(&path, &[5, 6, 250]).await;
+        let options = super::super::TableOptions::default();
+        super::super::append_batches(
+            &path,
+            vec![keys([250, 5000])],
+            &options,
+            &CommitMeta::default(),
+        )
+        .await
+        .unwrap();
+        let removed = rewrite_without(&path, 100, 150).await;
+        let now = super::super::open(&path).await.unwrap().unwrap();
+        let scope = scope(&path, &now, after, "k", "k").await.unwrap().unwrap();
+        // Three files of the ten changed: their keys then, less those live now, are read.
+        let Gone::Deleted(deleted) = &scope.gone else {
+            panic!("every live key read: {:?}", scope.gone)
+        };
+        let deleted: Vec<i64> = (0..1000).filter(|k| deleted.contains(*k)).collect();
+        assert_eq!(deleted, [5, 6, 150]);
+        // The rewritten file's 99 rows and the batch's two are recomputed.
+        assert_eq!(scope.replaced_count, 101);
+        // Their rows in the target go (the rewritten file's as replaced), with those deleted.
+        let gone = gone_keys(&scope, (0..1000).chain([5000]));
+        let expected: Vec<i64> = [5, 6]
+            .into_iter()
+            .chain(100..200)
+            .chain([250, 5000])
+            .collect();
+        assert_eq!(gone, expected);
+        // A target of the same ten files: only the three holding keys 0–299 are read.
+        let target = Location::local(dir.path().join("target"));
+        source(&target).await;
+        let target_table = super::super::open(&target).await.unwrap().unwrap();
+        let read = files_to_read(&target, &target_table, &scope)
+            .unwrap()
+            .unwrap();
+        let first_keys = |read: &std::collections::HashSet<String>| {
+            let snapshot = target_table.snapshot().unwrap();
+            let root = files::root_url(&target_table);
+            let mut first: Vec<i64> = snapshot
+                .log_data()
+                .into_iter()
+                .filter(|view| {
+                    let id = files::scan_id(&target, &root, &view.path()).unwrap();
+                    read.contains(id.as_str())
+                })
+                .map(|view| {
+                    let stats: serde_json::Value =
+                        serde_json::from_str(&view.stats().unwrap()).unwrap();
+                    stats["minValues"]["k"].as_i64().unwrap()
+                })
+                .collect();
+            first.sort();
+            first
+        };
+        assert_eq!(first_keys(&read), [0, 100, 200]);
+
+        // The removed file vacuumed: every live key tells the same.
+        std::fs::remove_file(dir.path().join("source").join(&removed)).unwrap();
+        let scope = super::scope(&path, &now, after, "k", "k")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(scope.gone, Gone::NotLive(_)), "{:?}", scope.gone);
+        assert_eq!(gone_keys(&scope, (0..1000).chain([5000])), gone);
+        // Any file may then hold a key not live.
+        assert_eq!(files_to_read(&target, &target_table, &scope).unwrap(), None);
+
+        // A batch marking a row in six files of ten: every live key is read rather than 600 rows
+        // twice, and tells the same.
+        let path = Location::local(dir.path().join("wide"));
+        let after = source(&path).await;
+        mark_deleted(&path, &[1, 101, 201, 301, 401, 501]).await;
+        let now = super::super::open(&path).await.unwrap().unwrap();
+        let scope = super::scope(&path, &now, after, "k", "k")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(scope.gone, Gone::NotLive(_)), "{:?}", scope.gone);
+        assert_eq!(gone_keys(&scope, 0..1000), [1, 101, 201, 301, 401, 501]);
+        // One file of ten changed since: the rows it marked are the only ones gone.
+        mark_deleted(&path, &[2, 3]).await;
+        let later = super::super::open(&path).await.unwrap().unwrap();
+        let version = now.version().unwrap();
+        let scope = super::scope(&path, &later, version, "k", "k")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(scope.gone, Gone::Deleted(_)), "{:?}", scope.gone);
+        assert_eq!(gone_keys(&scope, 0..1000), [2, 3]);
     }
 
     fn vector(cardinality: i64, offset: i32) -> DeletionVectorDescriptor {

@@ -57,6 +57,20 @@ impl Scratch {
         seed: u64,
         batch: u64,
     ) {
+        self.generate_with_recent_batch(transactions, days, change_days, seed, batch, 0);
+    }
+
+    /// Like [`Scratch::generate_with_batch`], the batch's updates and deletes hitting keys of its
+    /// last `batch_days` days (0: all days).
+    pub fn generate_with_recent_batch(
+        &self,
+        transactions: u64,
+        days: u32,
+        change_days: u32,
+        seed: u64,
+        batch: u64,
+        batch_days: u32,
+    ) {
         generate(&GenerateOptions {
             out: self.landing(),
             transactions,
@@ -72,7 +86,7 @@ impl Scratch {
             change_seq: false,
             rows_per_load_file: 5_000,
             change_batch: batch,
-            change_batch_days: 0,
+            change_batch_days: batch_days,
         })
         .expect("generate");
     }

@@ -638,6 +638,54 @@ async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_
     }
 }
 
+/// A keyed fact over a Silver of several files, after a batch over its last days: the keys gone
+/// are read from the files the batch marked, not from every live key, and the fact still equals its
+/// SQL over Silver.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keyed_fact_reads_the_keys_gone_from_the_files_a_recent_batch_changed() {
+    let scratch = Scratch::new();
+    scratch.generate_with_recent_batch(60_000, 60, 0, 21, 600, 3);
+    // Files of 1 MiB: Silver's first load is files of key ranges, the batch's days in few of them.
+    let small_files = |yaml: String| {
+        let yaml = keyed_fact(yaml);
+        assert!(
+            yaml.contains("  target_file_mb: 128\n"),
+            "the reference file size changed"
+        );
+        yaml.replacen("  target_file_mb: 128\n", "  target_file_mb: 1\n", 1)
+    };
+    let project = scratch.edit_project(&small_files, None);
+    let run = || {
+        let output = scratch.command_in_logging(
+            &project,
+            &["run", "pipelines/t.yaml"],
+            "warn,medallion::delta::keyed=debug",
+        );
+        assert_success(&output);
+        format!(
+            "{}{}",
+            text(&output),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    };
+    run();
+    assert_eq!(fact_differences(&scratch), "0,0,0");
+    scratch.deliver_batch();
+    let log = run();
+    let gone = log
+        .lines()
+        .find(|l| l.contains("keys gone since version"))
+        .unwrap_or_else(|| panic!("no keyed refresh: {log}"));
+    assert!(gone.contains("from_changed_files=true"), "{gone}");
+    let fact = log
+        .lines()
+        .find(|l| l.contains("gold_fact_transactions") && l.contains("recomputed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // The batch's updates and deletes, 1% of 600 deleted, are all found.
+    assert!(fact.contains("row(s) replaced or deleted"), "{fact}");
+    assert_eq!(fact_differences(&scratch), "0,0,0");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keyed_fact_follows_a_restore_of_its_source_and_is_rebuilt_for_a_new_column_or_a_backfill()
  {

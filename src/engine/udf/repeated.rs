@@ -267,6 +267,28 @@ impl KeyBits {
             .unwrap_or(false)
     }
 
+    /// Whether a key from `low` to `high` (both included) was gathered.
+    pub fn any_within(&self, low: i64, high: i64) -> bool {
+        let bits = self.seen.len() as i128 * 64;
+        let from = (i128::from(low) - i128::from(self.low)).max(0);
+        let to = (i128::from(high) - i128::from(self.low)).min(bits - 1);
+        if from > to {
+            return false;
+        }
+        // Both within the words, so addressable.
+        let (from, to) = (from as usize, to as usize);
+        (from / 64..=to / 64).any(|word| {
+            let mut mask = u64::MAX;
+            if word == from / 64 {
+                mask &= u64::MAX << (from % 64);
+            }
+            if word == to / 64 {
+                mask &= u64::MAX >> (63 - to % 64);
+            }
+            self.seen[word] & mask != 0
+        })
+    }
+
     /// The least and greatest non-NULL key gathered, unless one fell outside the bounds.
     pub fn bounds(&self) -> Option<(i64, i64)> {
         let first = self.seen.iter().position(|&w| w != 0)?;
@@ -466,6 +488,17 @@ impl KeySet {
         match self {
             KeySet::Bits(bits) => bits.contains(key),
             KeySet::Sorted(keys) => keys.binary_search(&key).is_ok(),
+        }
+    }
+
+    /// Whether a key from `low` to `high` (both included) is in the set.
+    pub fn any_within(&self, low: i64, high: i64) -> bool {
+        match self {
+            KeySet::Bits(bits) => bits.any_within(low, high),
+            KeySet::Sorted(keys) => {
+                let first = keys.partition_point(|key| *key < low);
+                keys.get(first).is_some_and(|key| *key <= high)
+            }
         }
     }
 }
@@ -853,6 +886,32 @@ mod tests {
             for key in [2, 4, 7, 99, 101, i64::MIN, i64::MAX] {
                 assert!(!set.contains(key), "{key} not in {values:?}");
             }
+            // Ranges: every one holding a key, and none without, whatever words they cross.
+            let high = values[3];
+            for (low, up) in [(3, 3), (0, 3), (4, 5), (6, 99), (7, high), (high, i64::MAX)] {
+                assert!(set.any_within(low, up), "{low}..={up} in {values:?}");
+            }
+            for (low, up) in [
+                (i64::MIN, 2),
+                (4, 4),
+                (7, high - 1),
+                (high + 1, i64::MAX),
+                (9, 8),
+            ] {
+                assert!(!set.any_within(low, up), "{low}..={up} not in {values:?}");
+            }
+        }
+        // Keys in the middle of words of a wide set, and ranges ending either side of them.
+        let mut keys = Keys::default();
+        let wide: Vec<i64> = (0..40).map(|i| i * 50 + 37).collect();
+        keys.append(&(Arc::new(Int64Array::from(wide.clone())) as ArrayRef))
+            .unwrap();
+        let set = keys.into_set();
+        assert!(matches!(set, KeySet::Bits(_)));
+        for key in wide {
+            assert!(set.any_within(key, key) && set.any_within(key - 63, key));
+            assert!(set.any_within(key, key + 63));
+            assert!(!set.any_within(key + 1, key + 49) && !set.any_within(key - 49, key - 1));
         }
     }
 
