@@ -166,7 +166,8 @@ async fn upkeep_all(
     Ok(done)
 }
 
-/// Compacts `table` when it has more than `threshold` files; used after runs.
+/// Compacts `table` when more than `threshold` of its files are ones compaction could join (no larger
+/// than the size it joins them into); used after runs.
 pub async fn optimize_if_needed(
     pipeline: &Pipeline,
     table: &TableName,
@@ -179,18 +180,18 @@ pub async fn optimize_if_needed(
     let Some(delta) = delta::open(&path).await? else {
         return Ok(None);
     };
-    let (files, _) = file_sizes(&table.to_string(), &delta, 0).await?;
-    if files <= threshold {
+    let stage = pipeline.stages.iter().find(|s| &s.target == table);
+    let terms = Terms::of(pipeline, stage, 0);
+    // Counted: the files compaction could join (those over its size are left as they are).
+    let (_, joinable) = file_sizes(&table.to_string(), &delta, terms.compacted_bytes + 1).await?;
+    if joinable <= threshold {
         return Ok(None);
     }
-    let stage = pipeline.stages.iter().find(|s| &s.target == table);
     let options = MaintainOptions {
         optimize: true,
         ..MaintainOptions::default()
     };
-    upkeep(table, path, &Terms::of(pipeline, stage, 0), &options)
-        .await
-        .map(Some)
+    upkeep(table, path, &terms, &options).await.map(Some)
 }
 
 /// (files, files smaller than `small`)
@@ -232,11 +233,12 @@ impl<'a> Terms<'a> {
     /// The terms of a table `stage` writes (`None`: a quarantine or state table).
     ///
     /// A stage incremental by a column rebuilds ranges of its values, and writes a range computed
-    /// on its own into files of its own once they hold [`delta::MIN_EARLY_FINISH_BYTES`]
-    /// (BENCHMARKS.md, item 69). Its table is compacted into files of no more than that: joined into
-    /// files of the target size, ranges would share files again, and each rebuild of recent dates would
-    /// rewrite a file holding years. A partitioned table keeps its partitions apart already, and a
-    /// Z-order rewrites every file anyway.
+    /// on its own into files of its own once they hold about [`delta::MIN_EARLY_FINISH_BYTES`]
+    /// (BENCHMARKS.md, item 69). Its table is compacted into files of no more than half that, so
+    /// that those files are never joined: joined into files of the target size, ranges would share
+    /// files again, and each rebuild of recent dates would rewrite a file holding years. A
+    /// partitioned table's writers do not cut at ranges (each file holds its partition's values as
+    /// they come), and a Z-order rewrites every file anyway: both keep the target size.
     fn of(pipeline: &Pipeline, stage: Option<&'a Stage>, retention_days: u32) -> Self {
         let target = pipeline.maintenance.target_file_bytes;
         let zorder = stage.map_or(&[][..], |s| s.zorder_by.as_slice());
@@ -250,7 +252,7 @@ impl<'a> Terms<'a> {
             retention_days,
             history_days: pipeline.maintenance.vacuum_retention_days,
             compacted_bytes: if rebuilt_by_ranges {
-                target.min(delta::MIN_EARLY_FINISH_BYTES as u64)
+                target.min(delta::MIN_EARLY_FINISH_BYTES as u64 / 2)
             } else {
                 target
             },
@@ -505,7 +507,7 @@ mod tests {
         for table in ["gold.merchant_daily", "gold.daily_kpis"] {
             assert_eq!(
                 terms(table),
-                (delta::MIN_EARLY_FINISH_BYTES as u64, Vec::new()),
+                (delta::MIN_EARLY_FINISH_BYTES as u64 / 2, Vec::new()),
                 "{table}"
             );
         }

@@ -164,8 +164,9 @@ impl Layout {
 }
 
 /// Bytes a writer writes before it may finish its files early: when a partitioned table's rows move
-/// on to other partitions, or at a cut between slices ([`Cuts`]). Compaction leaves files of this size
-/// apart in a table rebuilt by ranges (`maintain`).
+/// on to other partitions, or at a cut between slices ([`Cuts`]): by the writer's estimate, so a
+/// file ends a little under or over it. `maintain` compacts a table rebuilt by ranges into files of
+/// at most half of it, leaving those apart.
 pub const MIN_EARLY_FINISH_BYTES: usize = 8 * 1024 * 1024;
 
 /// The ranges of a column's values that a result gives its rows in, range after range in each of

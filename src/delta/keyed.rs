@@ -3,19 +3,19 @@
 //! live transaction), recomputes after a change batch only the rows of the keys the batch changed. The
 //! rows it replaces, and those whose key is gone from the source, are marked deleted with deletion
 //! vectors ([`super::deletion_vectors`]); the new rows go to new files. A batch then costs its own rows
-//! and a read of the target's key column in the files whose key range holds a key it replaces or
-//! deletes, not a rebuild of the table.
+//! and a read of the target's key column, not a rebuild of the table; for a batch over few of the
+//! source's files, only in the target's files whose key range holds a key it replaces or deletes.
 //!
 //! What changed is read from the source's log, not from a record the batch kept: every row version
 //! written after the stage's last success is in a file added since, so the live rows of those files
 //! are the ones to recompute, and a row of the target whose key is no longer live in the source is
-//! one to delete. The keys gone are those live before in the files the batch removed or marked and
-//! not live now ([`Gone::Deleted`]), read from those files alone when they hold less than half the
+//! one to delete. Those keys are the ones live before in the files the batch removed or marked and
+//! live nowhere now ([`Gone::Deleted`]), read from those files alone when they hold at most half the
 //! source's rows; otherwise every live key is read instead ([`Gone::NotLive`]), which costs the
-//! table once rather than most of it twice. A compaction of the source since then only recomputes rows that did not change; a
-//! file whose deletion vector no longer deletes every row it did (after a restore, or a clone of an
-//! older version) has its live rows recomputed as if it were added. That is read from the vectors
-//! themselves, not from the name of the operation that wrote them.
+//! table once rather than most of it twice. A compaction of the source since then only recomputes
+//! rows that did not change; a file whose deletion vector no longer deletes every row it did (after a
+//! restore, or a clone of an older version) has its live rows recomputed as if it were added. That is
+//! read from the vectors themselves, not from the name of the operation that wrote them.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -301,7 +301,10 @@ struct Changes<'a> {
 
 impl Changes<'_> {
     /// The keys live in `changed` then and live nowhere now: not `replaced` (the keys of every row
-    /// live now that was not then), and not in the rows of `grown` files still live.
+    /// live now that was not then), and not in the rows of `grown` files still live. A key is live in
+    /// one row at most (the source is written by a `cdc` stage), so a file unchanged since cannot hold
+    /// one of them. Unlike [`Gone::NotLive`], a target row whose key was not live then either stays:
+    /// the target holds none after a refresh from that version.
     async fn deleted_keys(
         &self,
         ctx: &SessionContext,
@@ -676,13 +679,25 @@ pub async fn write(
     meta: &CommitMeta,
 ) -> Result<WriteMetrics, DeltaError> {
     let query = |e| DeltaError::query(path, e);
-    let provider = table.table_provider().build().await.map_err(query)?;
-    let ctx = super::session(None)?;
-    let kept = super::deletion_vectors::kept_rows(&provider, &ctx)
-        .await
-        .map_err(query)?;
-    let gone = |key: i64| scope.gone(key);
     let files = files_to_read(path, table, scope)?;
+    // The deletion vectors of the files read.
+    let kept = match &files {
+        Some(files) if files.is_empty() => HashMap::new(),
+        _ => {
+            let provider = match &files {
+                Some(files) => table
+                    .table_provider()
+                    .with_file_paths(files.iter().cloned()),
+                None => table.table_provider(),
+            };
+            let provider = provider.build().await.map_err(query)?;
+            let ctx = super::session(None)?;
+            super::deletion_vectors::kept_rows(&provider, &ctx)
+                .await
+                .map_err(query)?
+        }
+    };
+    let gone = |key: i64| scope.gone(key);
     let marked = super::deletion_vectors::mark_where(
         path,
         table,
@@ -1046,6 +1061,41 @@ mod tests {
             .unwrap();
         assert!(matches!(scope.gone, Gone::Deleted(_)), "{:?}", scope.gone);
         assert_eq!(gone_keys(&scope, 0..1000), [2, 3]);
+
+        // That file restored to no vector (as a RESTORE does): its rows are recomputed, none gone.
+        let snapshot = later.snapshot().unwrap();
+        let view = snapshot
+            .log_data()
+            .into_iter()
+            .find(|view| {
+                view.path().ends_with(".parquet") && {
+                    let stats: serde_json::Value =
+                        serde_json::from_str(&view.stats().unwrap()).unwrap();
+                    stats["minValues"]["k"] == 0
+                }
+            })
+            .unwrap();
+        #[allow(deprecated)]
+        let mut add = view.add_action();
+        assert!(add.deletion_vector.is_some());
+        add.deletion_vector = None;
+        let actions = vec![Action::Remove(view.remove_action(true)), Action::Add(add)];
+        let restore = DeltaOperation::Delete { predicate: None };
+        files::commit(&path, &later, actions, restore, Default::default())
+            .await
+            .unwrap();
+        let restored = super::super::open(&path).await.unwrap().unwrap();
+        let version = later.version().unwrap();
+        let scope = super::scope(&path, &restored, version, "k", "k")
+            .await
+            .unwrap()
+            .unwrap();
+        let Gone::Deleted(deleted) = &scope.gone else {
+            panic!("every live key read: {:?}", scope.gone)
+        };
+        assert!(!(0..1000).any(|k| deleted.contains(k)));
+        assert_eq!(scope.replaced_count, 100);
+        assert_eq!(gone_keys(&scope, 0..1000), (0..100).collect::<Vec<_>>());
     }
 
     fn vector(cardinality: i64, offset: i32) -> DeletionVectorDescriptor {

@@ -638,6 +638,16 @@ async fn incremental_key_is_refused_without_vectors_beside_a_column_or_over_sql_
     }
 }
 
+/// The rows of `gold.fact_transactions`.
+fn fact_rows(scratch: &Scratch) -> i64 {
+    let lake = scratch.lake().display().to_string();
+    let query = "SELECT COUNT(*) FROM gold.fact_transactions";
+    let output = scratch.command(&["sql", query, "--lake", &lake, "--format", "csv"]);
+    assert_success(&output);
+    let count = text(&output).lines().nth(1).unwrap_or_default().to_string();
+    count.parse().unwrap_or_else(|_| panic!("{count}"))
+}
+
 /// A keyed fact over a Silver of several files, after a batch over its last days: the keys gone
 /// are read from the files the batch marked, not from every live key, and the fact still equals its
 /// SQL over Silver.
@@ -670,6 +680,7 @@ async fn a_keyed_fact_reads_the_keys_gone_from_the_files_a_recent_batch_changed(
     };
     run();
     assert_eq!(fact_differences(&scratch), "0,0,0");
+    let rows_before = fact_rows(&scratch);
     scratch.deliver_batch();
     let log = run();
     let gone = log
@@ -677,12 +688,24 @@ async fn a_keyed_fact_reads_the_keys_gone_from_the_files_a_recent_batch_changed(
         .find(|l| l.contains("keys gone since version"))
         .unwrap_or_else(|| panic!("no keyed refresh: {log}"));
     assert!(gone.contains("from_changed_files=true"), "{gone}");
+    // The fact lost the rows it marked and gained those it recomputed, and equals its SQL.
     let fact = log
         .lines()
         .find(|l| l.contains("gold_fact_transactions") && l.contains("recomputed"))
         .unwrap_or_else(|| panic!("{log}"));
-    // The batch's updates and deletes, 1% of 600 deleted, are all found.
-    assert!(fact.contains("row(s) replaced or deleted"), "{fact}");
+    let number_before = |words: &str| -> i64 {
+        let at = fact.find(words).unwrap_or_else(|| panic!("{fact}"));
+        let number = fact[..at].trim_end().rsplit(' ').next().unwrap_or_default();
+        number.parse().unwrap_or_else(|_| panic!("{fact}"))
+    };
+    let recomputed = number_before("changed `transaction_id` value(s)");
+    let marked = number_before("row(s) replaced or deleted");
+    assert!(marked > 0, "the batch's updates and deletes: {fact}");
+    assert_eq!(
+        fact_rows(&scratch),
+        rows_before - marked + recomputed,
+        "{fact}"
+    );
     assert_eq!(fact_differences(&scratch), "0,0,0");
 }
 
