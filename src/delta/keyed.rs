@@ -236,6 +236,7 @@ pub async fn scope(
         .is_some_and(|(changed, now)| changed.saturating_mul(2) <= now);
     let deleted = if few_changed {
         let changes = Changes {
+            path,
             then: &before,
             now: source,
             changed: &changed,
@@ -291,6 +292,7 @@ fn live_rows(records: Option<usize>, vector: Option<&DeletionVectorDescriptor>) 
 
 /// The files of a source that changed between two of its versions (scan ids).
 struct Changes<'a> {
+    path: &'a Location,
     then: &'a DeltaTable,
     now: &'a DeltaTable,
     /// Files of `then` removed since, or whose deletion vector changed.
@@ -310,28 +312,41 @@ impl Changes<'_> {
         ctx: &SessionContext,
         key: &str,
         replaced: &Arc<KeySet>,
-    ) -> datafusion::error::Result<KeySet> {
+    ) -> Result<KeySet, DeltaError> {
+        let query = |e| DeltaError::query(self.path, e);
         if self.changed.is_empty() {
             return Ok(KeySet::Sorted(Vec::new()));
         }
-        let files = |table: &DeltaTable, ids: &[String]| {
-            table
-                .table_provider()
-                .with_file_paths(ids.iter().cloned())
-                .build()
-        };
         let column = datafusion::prelude::ident(key);
-        let replaced_call = key_in_set(REPLACED_KEY, replaced.clone()).call(vec![column.clone()]);
-        let then = Arc::new(files(self.then, self.changed).await?);
+        let not_in = |name: &str, keys: Arc<KeySet>| {
+            datafusion::prelude::not(key_in_set(name, keys).call(vec![column.clone()]))
+        };
         let mut frame = ctx
-            .read_table(then)?
-            .select(vec![column.clone()])?
-            .filter(datafusion::prelude::not(replaced_call))?;
+            .read_table(self.files(self.then, self.changed).await?)
+            .and_then(|frame| frame.select(vec![column.clone()]))
+            .and_then(|frame| frame.filter(not_in(REPLACED_KEY, replaced.clone())))
+            .map_err(query)?;
         if !self.grown.is_empty() {
-            let still = Arc::new(files(self.now, self.grown).await?);
-            frame = frame.except(ctx.read_table(still)?.select(vec![column])?)?;
+            let still = self.files(self.now, self.grown).await?;
+            let still = keys_of(ctx, still, key).await.map_err(query)?.into_set();
+            frame = frame
+                .filter(not_in("__medallion_still_live", Arc::new(still)))
+                .map_err(query)?;
         }
-        Ok(super::cdc::collect_keys(frame).await?.into_set())
+        let keys = super::cdc::collect_keys(frame).await.map_err(query)?;
+        Ok(keys.into_set())
+    }
+
+    /// The live rows of the files `ids` of `table`, as [`super::provider`] reads a table.
+    async fn files(
+        &self,
+        table: &DeltaTable,
+        ids: &[String],
+    ) -> Result<Arc<dyn TableProvider>, DeltaError> {
+        if let Some(scan) = super::vector_scan::scan_files(self.path, table, Some(ids)).await? {
+            return Ok(scan);
+        }
+        added_provider(self.path, table, ids).await
     }
 }
 

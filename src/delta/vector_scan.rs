@@ -65,6 +65,15 @@ pub(super) async fn scan(
     path: &Location,
     table: &DeltaTable,
 ) -> Result<Option<Arc<dyn TableProvider>>, DeltaError> {
+    scan_files(path, table, None).await
+}
+
+/// As [`scan`], of the files `only` (scan ids, [`super::files::scan_id`]) when given.
+pub(super) async fn scan_files(
+    path: &Location,
+    table: &DeltaTable,
+    only: Option<&[String]>,
+) -> Result<Option<Arc<dyn TableProvider>>, DeltaError> {
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
     if !has_deletion_vectors(snapshot) {
         return Ok(None);
@@ -88,8 +97,16 @@ pub(super) async fn scan(
     // Rows the scan returns, when every file counts its rows.
     let mut live: Option<u64> = Some(0);
     let mut bytes = 0u64;
+    let only: Option<std::collections::HashSet<&str>> =
+        only.map(|ids| ids.iter().map(String::as_str).collect());
     for view in snapshot.log_data() {
         let file = view.path();
+        if let Some(only) = &only {
+            let id = super::files::scan_id(path, &root, &file)?;
+            if !only.contains(id.as_str()) {
+                continue;
+            }
+        }
         let vector = view.deletion_vector_descriptor();
         // A file logged by its full URL (a shallow clone's) may be in another store than the table.
         let elsewhere = url::Url::parse(&file).is_ok();
@@ -111,8 +128,14 @@ pub(super) async fn scan(
             vector: vector.is_some(),
         });
     }
-    let delta = table
-        .table_provider()
+    // It reads the vectors of the files read.
+    let delta = match &only {
+        Some(only) => table
+            .table_provider()
+            .with_file_paths(only.iter().map(|id| id.to_string())),
+        None => table.table_provider(),
+    };
+    let delta = delta
         .build()
         .await
         .map_err(|e| DeltaError::query(path, e))?;
