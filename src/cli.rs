@@ -101,7 +101,8 @@ pub enum Command {
     Maintain {
         /// Pipeline YAML file.
         file: PathBuf,
-        /// Compact small files (Z-order by a stage's `zorder_by`).
+        /// Compact small files (Z-order by a stage's `zorder_by`; an unpartitioned table incremental
+        /// by a column only in files under 4 MiB, which keeps its ranges' files apart).
         #[arg(long)]
         optimize: bool,
         /// Delete the files no version within the retention reads (replaced data files, superseded
