@@ -621,14 +621,7 @@ pub(super) fn file_stats(
             continue;
         }
         rows += records;
-        let stats: Option<serde_json::Value> =
-            file.stats().and_then(|s| serde_json::from_str(&s).ok());
-        let value = |which: &str| {
-            stats
-                .as_ref()
-                .and_then(|s| s.get(which)?.get(key)?.as_i64())
-        };
-        let file_bounds = value("minValues").zip(value("maxValues"));
+        let file_bounds = key_bounds(&file, key);
         bounds = Some(match (bounds, file_bounds) {
             (None, file_bounds) => file_bounds,
             (Some(Some((low, high))), Some((l, h))) => Some((low.min(l), high.max(h))),
@@ -640,6 +633,17 @@ pub(super) fn file_stats(
         rows,
         key_bounds: bounds.flatten(),
     })
+}
+
+/// The least and greatest value of the integer column `key` in `file`, by its statistics (`None`
+/// without them, or when every value is NULL).
+pub(super) fn key_bounds(
+    file: &deltalake::kernel::LogicalFileView,
+    key: &str,
+) -> Option<(i64, i64)> {
+    let stats: serde_json::Value = serde_json::from_str(&file.stats()?).ok()?;
+    let value = |which: &str| stats.get(which)?.get(key)?.as_i64();
+    value("minValues").zip(value("maxValues"))
 }
 
 /// The remove actions for every file of `table`'s loaded version.

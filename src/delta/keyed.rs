@@ -782,13 +782,7 @@ fn files_to_read(
     let root = files::root_url(table);
     let mut read = std::collections::HashSet::new();
     for view in snapshot.log_data() {
-        let stats = view
-            .stats()
-            .and_then(|stats| serde_json::from_str::<serde_json::Value>(&stats).ok());
-        let bounds = stats.and_then(|stats| {
-            let low = stats["minValues"][&scope.key].as_i64()?;
-            Some((low, stats["maxValues"][&scope.key].as_i64()?))
-        });
+        let bounds = files::key_bounds(&view, &scope.key);
         // Without bounds (no statistics, or every key NULL), a file is read.
         let may_hold = bounds.is_none_or(|(low, high)| {
             scope.replaced.any_within(low, high) || deleted.any_within(low, high)
