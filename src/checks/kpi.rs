@@ -22,6 +22,7 @@ use datafusion::{
 };
 use rust_decimal::Decimal;
 
+use super::partials::Partials;
 use crate::{
     config::{Check, CheckRule, Severity},
     engine::EngineError,
@@ -71,15 +72,17 @@ impl CheckResult {
 }
 
 /// Evaluates `checks`; `previous` holds each check's observed value in the stage's last successful run.
+/// An aggregate over a whole lake table in `partials` is answered from its files' partials.
 pub async fn evaluate(
     ctx: &SessionContext,
     checks: &[Check],
     previous: &BTreeMap<String, String>,
+    partials: &Partials,
 ) -> Result<Vec<CheckResult>, EngineError> {
     let mut results = Vec::new();
     for check in checks {
         let what = format!("check `{}`", check.name);
-        let observed = scalar(ctx, &check.query, &what).await?;
+        let observed = scalar(ctx, &check.query, &what, partials).await?;
         let (threshold, passed) = match &check.rule {
             CheckRule::Compare { op, value } => (
                 format!("{} {value}", op.symbol()),
@@ -90,7 +93,7 @@ pub async fn evaluate(
                 observed.is_some_and(|o| *low <= o && o <= *high),
             ),
             CheckRule::Equals { query, tolerance } => {
-                let other = scalar(ctx, query, &what).await?;
+                let other = scalar(ctx, query, &what, partials).await?;
                 let text = other.map_or("NULL".to_string(), |v| v.to_string());
                 let passed = match (observed, other) {
                     (Some(a), Some(b)) => (a - b).abs() <= *tolerance,
@@ -199,9 +202,18 @@ async fn scalar(
     ctx: &SessionContext,
     sql: &str,
     what: &str,
+    partials: &Partials,
 ) -> Result<Option<Decimal>, EngineError> {
     let failed = |e| EngineError::query(what.to_string(), e);
     let frame = ctx.sql(sql).await.map_err(failed)?;
+    let plan = frame.clone().into_optimized_plan().map_err(failed)?;
+    let frame = match super::partials::rewrite(ctx, &plan, partials)
+        .await
+        .map_err(failed)?
+    {
+        Some(plan) => ctx.execute_logical_plan(plan).await.map_err(failed)?,
+        None => frame,
+    };
     let task = Arc::new(frame.task_ctx());
     let plan = frame.create_physical_plan().await.map_err(failed)?;
     // `-vv` shows how each check runs, which is where a slow check shows why.
@@ -333,7 +345,9 @@ mod tests {
             },
             severity: Severity::Error,
         }];
-        let results = evaluate(&ctx, &checks, &BTreeMap::new()).await.unwrap();
+        let results = evaluate(&ctx, &checks, &BTreeMap::new(), &Partials::default())
+            .await
+            .unwrap();
         assert!(!results[0].passed && results[0].blocks(), "{results:?}");
         assert_eq!(results[0].observed, "100.1");
     }
@@ -348,9 +362,16 @@ mod tests {
             severity: Severity::Warn,
         }];
         let previous = BTreeMap::from([("volume".to_string(), "100".to_string())]);
-        let results = evaluate(&ctx, &checks, &previous).await.unwrap();
+        let results = evaluate(&ctx, &checks, &previous, &Partials::default())
+            .await
+            .unwrap();
         assert!(!results[0].passed && !results[0].blocks());
         let previous = BTreeMap::from([("volume".to_string(), "120".to_string())]);
-        assert!(evaluate(&ctx, &checks, &previous).await.unwrap()[0].passed);
+        assert!(
+            evaluate(&ctx, &checks, &previous, &Partials::default())
+                .await
+                .unwrap()[0]
+                .passed
+        );
     }
 }

@@ -4,6 +4,7 @@
 
 mod expectations;
 mod kpi;
+mod partials;
 mod quarantine;
 
 pub use expectations::{Evaluation, ExpectationResult, Split, evaluate, split};
@@ -11,4 +12,5 @@ pub use kpi::{
     BATCH, CANDIDATE, CHANGED, CheckResult, RELATIONS, Reads, columns_read,
     evaluate as evaluate_checks,
 };
+pub use partials::Partials;
 pub use quarantine::{quarantine_table, write_quarantine};

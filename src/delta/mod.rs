@@ -625,6 +625,60 @@ pub async fn provider(
         .map_err(|e| DeltaError::query(path, e))
 }
 
+/// One data file of a table's snapshot as a read sees it: the file, and its deletion vector if it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LiveFile {
+    /// The file's scan id (its URL), as [`files_provider`] takes it.
+    pub id: String,
+    /// What tells the file's deletion vector apart from any other (`None` without one).
+    pub vector: Option<String>,
+}
+
+/// The files of `table` at its loaded version. A file never changes once written, and a deletion
+/// vector is a new file too: a `LiveFile` names the rows a read of it returns for as long as it is live.
+pub fn live_files(path: &Location, table: &DeltaTable) -> Result<Vec<LiveFile>, DeltaError> {
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    let root = files::root_url(table);
+    snapshot
+        .log_data()
+        .into_iter()
+        .map(|view| {
+            let id = files::scan_id(path, &root, &view.path())?.to_string();
+            let vector = view.deletion_vector_descriptor().map(|v| {
+                format!(
+                    "{:?}:{}:{:?}",
+                    v.storage_type, v.path_or_inline_dv, v.offset
+                )
+            });
+            Ok(LiveFile { id, vector })
+        })
+        .collect()
+}
+
+/// A provider reading only the files `only` (scan ids, as [`live_files`] gives them) of `table`, as
+/// [`provider`] reads them all; `None` for a table with deletion vectors that the vector scan cannot
+/// read (delta-rs's own reader of such a table is what [`split_scan`] works around).
+pub async fn files_provider(
+    path: &Location,
+    table: &DeltaTable,
+    only: &[String],
+) -> Result<Option<Arc<dyn TableProvider>>, DeltaError> {
+    if let Some(scan) = vector_scan::scan_files(path, table, Some(only)).await? {
+        return Ok(Some(scan));
+    }
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    if vector_scan::has_deletion_vectors(snapshot) {
+        return Ok(None);
+    }
+    let provider = table
+        .table_provider()
+        .with_file_paths(only.iter().cloned())
+        .build()
+        .await
+        .map_err(|e| DeltaError::query(path, e))?;
+    Ok(Some(Arc::new(provider)))
+}
+
 /// The session used for Delta writes: DataFusion with delta-rs's planner, SQL identifiers folded to lower
 /// case as in standard SQL. With `memory_limit` (bytes), execution memory is bounded: operators that can
 /// spill (sorts, joins, aggregations) spill to disk past it, the others fail with "Resources exhausted".

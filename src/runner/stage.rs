@@ -871,6 +871,7 @@ async fn sql_stage(
 
     let ctx = delta::session(context.options.memory_limit).map_err(delta_err)?;
     engine::prepare(&ctx);
+    let mut partials = checks::Partials::new(context.pipeline.lake.join("_medallion/partials"));
     for (table, path, delta_table) in &inputs {
         let added = keyed.as_ref().and_then(|k| k.added_rows.clone());
         let provider = match (added, &stage.incremental) {
@@ -885,6 +886,9 @@ async fn sql_stage(
             (Some(last), true) => last.get(&table.to_string()).map(|v| *v as i64),
             _ => None,
         };
+        if after.is_none() {
+            partials.add(&table.to_string(), path, delta_table, provider.clone());
+        }
         engine::register_table(&ctx, table, provider, after.map(|v| (BATCH_ID, v)))
             .map_err(engine_err)?;
     }
@@ -1177,7 +1181,7 @@ async fn sql_stage(
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
         let registered = async {
-            register_check_tables(context, &ctx, stage)
+            register_check_tables(context, &ctx, stage, &mut partials)
                 .await
                 .map_err(delta_err)?;
             let staged = match keyed {
@@ -1235,7 +1239,7 @@ async fn sql_stage(
                 .state
                 .last_check_values(&context.pipeline.name, &stage.name)
                 .await?;
-            checks::evaluate_checks(&ctx, &stage.checks, &previous)
+            checks::evaluate_checks(&ctx, &stage.checks, &previous, &partials)
                 .await
                 .map_err(engine_err)
         };
@@ -1819,6 +1823,7 @@ async fn register_check_tables(
     context: &RunContext,
     ctx: &datafusion::prelude::SessionContext,
     stage: &Stage,
+    partials: &mut checks::Partials,
 ) -> Result<(), delta::DeltaError> {
     let mut tables = std::collections::BTreeSet::new();
     for check in &stage.checks {
@@ -1840,7 +1845,9 @@ async fn register_check_tables(
         let path = context.pipeline.table_path(&table);
         if let Some(delta_table) = delta::open(&path).await? {
             let provider = delta::provider(&path, &delta_table).await?;
-            let _ = engine::register_table(ctx, &table, provider, None);
+            if engine::register_table(ctx, &table, provider.clone(), None).is_ok() {
+                partials.add(&table.to_string(), &path, &delta_table, provider);
+            }
         }
     }
     Ok(())
