@@ -37,8 +37,6 @@ const INGEST_BATCH_ROWS: usize = 16 * 1024;
 
 /// The name a SQL stage's materialized output is registered under.
 const STAGE_OUTPUT: &str = "__medallion_stage_output";
-/// The rows a partial rebuild or keyed refresh writes, computed once for its checks and its write.
-const STAGE_BATCH: &str = "__medallion_stage_batch";
 /// The copy a first load written as it is computed keeps in scratch ([`write_first_load`]).
 const FIRST_LOAD_COPY: &str = "__medallion_first_load_copy";
 
@@ -1105,7 +1103,7 @@ async fn sql_stage(
             return Err(engine_err(error));
         }
     };
-    let mut output = split.kept;
+    let output = split.kept;
 
     // Write-audit-publish: the candidate result is checked before anything is committed.
     let mut report = StageReport::new(stage, StageOutcome::Succeeded);
@@ -1178,9 +1176,7 @@ async fn sql_stage(
     };
     // A whole-table overwrite is written before its checks run: they read a copy of the columns they
     // name, taken as the rows go to the new files, which are published only if the checks pass. Other
-    // writes are checked on the candidate as a query, and written after; the rows of a partial
-    // rebuild or a keyed refresh, which each check over `candidate` and the write read, are computed
-    // once, into scratch (they are what the batch touched).
+    // writes are checked on the candidate as a query, and written after.
     let mut staged = None;
     if !stage.checks.is_empty() {
         progress.message("checking the candidate");
@@ -1206,27 +1202,15 @@ async fn sql_stage(
                     .await?
                 }
             };
-            let mut computed = None;
             if staged.is_none() {
                 let candidate_err =
                     |e| engine_err(engine::EngineError::query("candidate result", e));
-                let partial = scope.is_some() || keyed.is_some();
-                if partial
-                    && matches!(stage.write, WriteMode::Overwrite)
-                    && stage.expectations.is_empty()
-                {
-                    scratch
-                        .materialize(&ctx, STAGE_BATCH, output.clone())
-                        .await
-                        .map_err(engine_err)?;
-                    computed = Some(ctx.table(STAGE_BATCH).await.map_err(candidate_err)?);
-                }
                 let candidate = candidate_sql(
                     &ctx,
                     stage,
                     &target_path,
                     target_exists,
-                    computed.as_ref().unwrap_or(&output),
+                    &output,
                     scope.as_ref(),
                     keyed.as_ref(),
                     prepared.as_ref(),
@@ -1237,16 +1221,11 @@ async fn sql_stage(
                 ctx.register_table(checks::CANDIDATE, candidate.into_view())
                     .map_err(candidate_err)?;
             }
-            Ok((staged, computed))
+            Ok(staged)
         }
         .await;
         staged = match registered {
-            Ok((staged, computed)) => {
-                if let Some(computed) = computed {
-                    output = computed;
-                }
-                staged
-            }
+            Ok(staged) => staged,
             Err(error) => {
                 // A staged first load whose checks cannot be set up is not published either.
                 if let Some(prepared) = prepared {
