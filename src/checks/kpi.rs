@@ -207,7 +207,7 @@ async fn scalar(
     let failed = |e| EngineError::query(what.to_string(), e);
     let frame = ctx.sql(sql).await.map_err(failed)?;
     let plan = frame.clone().into_optimized_plan().map_err(failed)?;
-    let frame = match super::partials::rewrite(ctx, &plan, partials)
+    let frame = match super::partials::rewrite(ctx, sql, &plan, partials)
         .await
         .map_err(failed)?
     {

@@ -32,6 +32,7 @@ use datafusion::{
     functions_aggregate::expr_fn::{max, min, sum},
     logical_expr::{
         Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, Union, cast as cast_expr, lit,
+        utils::split_conjunction,
     },
     prelude::SessionContext,
 };
@@ -99,10 +100,11 @@ impl Partials {
     }
 }
 
-/// `plan` (optimized) with each aggregate that [`Partials`] can answer replaced by the combination of
+/// `plan` (of `sql`, optimized) with each aggregate that [`Partials`] can answer replaced by the combination of
 /// its files' partials; `None` when it has none.
 pub async fn rewrite(
     ctx: &SessionContext,
+    sql: &str,
     plan: &LogicalPlan,
     partials: &Partials,
 ) -> Result<Option<LogicalPlan>> {
@@ -118,7 +120,9 @@ pub async fn rewrite(
     })?;
     let mut answers = Vec::new();
     for (aggregate, table) in found {
-        if let Some(answer) = combined(ctx, &aggregate, table, partials.folder.as_ref()).await? {
+        if let Some(answer) =
+            combined(ctx, sql, &aggregate, table, partials.folder.as_ref()).await?
+        {
             answers.push((LogicalPlan::Aggregate(aggregate), answer));
         }
     }
@@ -204,6 +208,7 @@ fn strip_alias(expr: &Expr) -> &Expr {
 /// `None` when a file cannot be read alone.
 async fn combined(
     ctx: &SessionContext,
+    sql: &str,
     aggregate: &Aggregate,
     table: &LakeTable,
     folder: Option<&Location>,
@@ -211,7 +216,7 @@ async fn combined(
     let delta_err = |e: delta::DeltaError| DataFusionError::External(Box::new(e));
     let files = delta::live_files(&table.path, &table.table).map_err(delta_err)?;
     let layout = Layout::of(aggregate);
-    let key = key(aggregate, table);
+    let key = key(sql, aggregate, table);
     let store = folder.and_then(|folder| match folder.store() {
         Ok(store) => Some((store, Path::from(format!("{key}.arrow")))),
         Err(error) => {
@@ -266,16 +271,55 @@ async fn combined(
     layout.combine(all).map(Some)
 }
 
-/// Where a partial is kept: the aggregate as planned (functions, filters, columns, the table's name)
-/// and the table's path and schema, hashed.
-fn key(aggregate: &Aggregate, table: &LakeTable) -> String {
-    let plan = LogicalPlan::Aggregate(aggregate.clone());
+/// Where a partial is kept: the query's text, the aggregate (its functions, their filters and output),
+/// what lies between it and the scan (each filter's terms, each computed column) and the table's path
+/// and schema, hashed. Not the plan as printed: a filter the scan takes whole is planned without its
+/// `Filter` and with fewer columns (a table with deletion vectors is read by another provider), and
+/// the partial is the same.
+fn key(sql: &str, aggregate: &Aggregate, table: &LakeTable) -> String {
+    let mut terms = std::collections::BTreeSet::new();
+    let mut computed = std::collections::BTreeSet::new();
+    let _ = aggregate.input.apply(|node| {
+        match node {
+            LogicalPlan::Filter(filter) => {
+                terms.extend(
+                    split_conjunction(&filter.predicate)
+                        .iter()
+                        .map(|t| t.to_string()),
+                );
+            }
+            LogicalPlan::TableScan(scan) => {
+                for filter in &scan.filters {
+                    terms.extend(split_conjunction(filter).iter().map(|t| t.to_string()));
+                }
+            }
+            LogicalPlan::Projection(projection) => computed.extend(
+                projection
+                    .expr
+                    .iter()
+                    .filter(|e| !matches!(strip_alias(e), Expr::Column(_)))
+                    .map(|e| e.to_string()),
+            ),
+            _ => {}
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    let output: Vec<String> = aggregate
+        .schema
+        .iter()
+        .map(|(qualifier, field)| format!("{qualifier:?}.{}: {}", field.name(), field.data_type()))
+        .collect();
+    let functions: Vec<String> = aggregate.aggr_expr.iter().map(|e| e.to_string()).collect();
     let mut hasher = blake3::Hasher::new();
     for part in [
         FORMAT.to_string(),
         table.path.to_string(),
         format!("{:?}", table.provider.schema()),
-        plan.display_indent_schema().to_string(),
+        sql.to_string(),
+        format!("{output:?}"),
+        format!("{functions:?}"),
+        format!("{terms:?}"),
+        format!("{computed:?}"),
     ] {
         hasher.update(part.as_bytes());
         hasher.update(&[0]);
@@ -547,7 +591,7 @@ mod tests {
             .unwrap()
             .to_string();
         let plan = frame.into_optimized_plan().unwrap();
-        let Some(rewritten) = rewrite(&ctx, &plan, &partials).await.unwrap() else {
+        let Some(rewritten) = rewrite(&ctx, sql, &plan, &partials).await.unwrap() else {
             return (plain.clone(), plain, false);
         };
         let batches = ctx
