@@ -12,7 +12,11 @@
 //! answered so; any other part of a query runs as it is. A count of all rows alone is left to
 //! DataFusion, which answers it from the log's row counts.
 
-use std::{collections::HashMap, io::Cursor, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    io::Cursor,
+    sync::Arc,
+};
 
 use datafusion::{
     arrow::{
@@ -56,6 +60,8 @@ struct LakeTable {
     /// The provider registered for the table: a scan of anything else (a filtered view, another
     /// version) is not answered from partials.
     provider: Arc<dyn TableProvider>,
+    /// The files (scan ids) the provider reads, when not all of the table's.
+    only: Option<HashSet<String>>,
 }
 
 /// The lake tables a stage's checks can read from partials, and where partials are kept.
@@ -89,8 +95,24 @@ impl Partials {
                 path: path.clone(),
                 table: table.clone(),
                 provider,
+                only: None,
             },
         );
+    }
+
+    /// As [`Self::add`], for a provider reading only the files `ids` (scan ids) of `table`.
+    pub fn add_files(
+        &mut self,
+        name: &str,
+        path: &Location,
+        table: &DeltaTable,
+        provider: Arc<dyn TableProvider>,
+        ids: &[String],
+    ) {
+        self.add(name, path, table, provider);
+        if let Some(added) = self.tables.get_mut(name) {
+            added.only = Some(ids.iter().cloned().collect());
+        }
     }
 
     fn table_of(&self, scan: &datafusion::logical_expr::TableScan) -> Option<&LakeTable> {
@@ -108,20 +130,21 @@ pub async fn rewrite(
     plan: &LogicalPlan,
     partials: &Partials,
 ) -> Result<Option<LogicalPlan>> {
+    tracing::trace!("optimized plan:\n{}", plan.display_indent());
     let mut found = Vec::new();
     plan.apply_with_subqueries(|node| {
         if let LogicalPlan::Aggregate(aggregate) = node
-            && let Some(table) = answerable(aggregate, partials)
+            && let Some(parts) = parts(aggregate, partials)
         {
-            found.push((aggregate.clone(), table));
+            found.push((aggregate.clone(), parts));
             return Ok(TreeNodeRecursion::Jump);
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
     let mut answers = Vec::new();
-    for (aggregate, table) in found {
+    for (aggregate, parts) in found {
         if let Some(answer) =
-            combined(ctx, sql, &aggregate, table, partials.folder.as_ref()).await?
+            combined(ctx, sql, &aggregate, &parts, partials.folder.as_ref()).await?
         {
             answers.push((LogicalPlan::Aggregate(aggregate), answer));
         }
@@ -138,8 +161,75 @@ pub async fn rewrite(
     Ok(Some(rewritten.data))
 }
 
-/// The lake table whose files' partials answer `aggregate`, if it is one [`Partials`] answers.
-fn answerable<'a>(aggregate: &Aggregate, partials: &'a Partials) -> Option<&'a LakeTable> {
+/// One part of an aggregate's input, whose partials combine with the others'.
+enum Part<'a> {
+    /// Filters and projections of a lake table: one partial per file, kept between runs.
+    Files(Aggregate, &'a LakeTable),
+    /// Anything else: one partial, computed each time.
+    Whole(Aggregate),
+}
+
+/// How [`Partials`] answers `aggregate`: over one lake table, or over a `UNION ALL` of which some
+/// branches are lake tables (a stage's `candidate`: the target's files the batch leaves alone, the
+/// rest of the target less what is recomputed, and the batch); `None` if it does not.
+fn parts<'a>(aggregate: &Aggregate, partials: &'a Partials) -> Option<Vec<Part<'a>>> {
+    let (filtered, counts_only) = combines(aggregate)?;
+    let mut below = aggregate.input.as_ref();
+    while let LogicalPlan::SubqueryAlias(alias) = below {
+        below = alias.input.as_ref();
+    }
+    let LogicalPlan::Union(union) = below else {
+        let table = answerable(aggregate, partials, filtered, counts_only)?;
+        return Some(vec![Part::Files(aggregate.clone(), table)]);
+    };
+    let mut parts = Vec::new();
+    for branch in &union.inputs {
+        // The union's columns (under any alias) are its branches' columns, in order.
+        let columns: HashMap<Column, Expr> = aggregate
+            .input
+            .schema()
+            .columns()
+            .into_iter()
+            .zip(branch.schema().columns())
+            .map(|(outer, inner)| (outer, Expr::Column(inner)))
+            .collect();
+        let exprs = aggregate
+            .aggr_expr
+            .iter()
+            .map(|expr| {
+                expr.clone()
+                    .transform(|e| match e {
+                        Expr::Column(column) => match columns.get(&column) {
+                            Some(inner) => Ok(Transformed::yes(inner.clone())),
+                            None => Ok(Transformed::no(Expr::Column(column))),
+                        },
+                        other => Ok(Transformed::no(other)),
+                    })
+                    .map(|t| t.data)
+            })
+            .collect::<Result<Vec<_>>>()
+            .ok()?;
+        let of_branch = Aggregate::try_new(branch.clone(), vec![], exprs).ok()?;
+        let (filtered, counts_only) = combines(&of_branch)?;
+        // Only a branch of a target's files read whole: the others (the rest of the target less
+        // the values recomputed, the batch) are filtered by what this run recomputes, and their
+        // partials would be kept for that run alone.
+        let table = answerable(&of_branch, partials, filtered, counts_only)
+            .filter(|table| table.only.is_some());
+        parts.push(match table {
+            Some(table) => Part::Files(of_branch, table),
+            None => Part::Whole(of_branch),
+        });
+    }
+    parts
+        .iter()
+        .any(|part| matches!(part, Part::Files(..)))
+        .then_some(parts)
+}
+
+/// Whether `aggregate`'s functions combine from partials: then whether one filters its rows, and
+/// whether all count every row.
+fn combines(aggregate: &Aggregate) -> Option<(bool, bool)> {
     if !aggregate.group_expr.is_empty() {
         return None;
     }
@@ -164,6 +254,17 @@ fn answerable<'a>(aggregate: &Aggregate, partials: &'a Partials) -> Option<&'a L
         counts_only &=
             name == "count" && params.args.iter().all(|a| matches!(a, Expr::Literal(..)));
     }
+    Some((filtered, counts_only))
+}
+
+/// The lake table whose files' partials answer `aggregate` (whose functions combine), if its input
+/// is filters and projections of one.
+fn answerable<'a>(
+    aggregate: &Aggregate,
+    partials: &'a Partials,
+    mut filtered: bool,
+    counts_only: bool,
+) -> Option<&'a LakeTable> {
     let mut node = aggregate.input.as_ref();
     loop {
         match node {
@@ -204,18 +305,45 @@ fn strip_alias(expr: &Expr) -> &Expr {
     }
 }
 
-/// The plan that combines `aggregate`'s partials over `table`'s files, with `aggregate`'s schema;
-/// `None` when a file cannot be read alone.
+/// The plan that combines the partials of `aggregate`'s `parts`, with `aggregate`'s schema; `None`
+/// when a file cannot be read alone.
 async fn combined(
+    ctx: &SessionContext,
+    sql: &str,
+    aggregate: &Aggregate,
+    parts: &[Part<'_>],
+    folder: Option<&Location>,
+) -> Result<Option<LogicalPlan>> {
+    let layout = Layout::of(aggregate);
+    let mut rows = Vec::new();
+    for part in parts {
+        match part {
+            Part::Files(of_files, table) => {
+                match file_partials(ctx, sql, of_files, table, folder, &layout).await? {
+                    Some(batch) => rows.push(batch),
+                    None => return Ok(None),
+                }
+            }
+            Part::Whole(whole) => rows.push(whole_partial(ctx, whole, &layout).await?),
+        }
+    }
+    layout
+        .combine(concat_batches(&layout.stored, &rows)?)
+        .map(Some)
+}
+
+/// The partials of `aggregate` over each of `table`'s files, those kept read and the others
+/// computed (and then kept), as rows of [`Layout::stored`]; `None` when a file cannot be read alone.
+async fn file_partials(
     ctx: &SessionContext,
     sql: &str,
     aggregate: &Aggregate,
     table: &LakeTable,
     folder: Option<&Location>,
-) -> Result<Option<LogicalPlan>> {
+    layout: &Layout,
+) -> Result<Option<RecordBatch>> {
     let delta_err = |e: delta::DeltaError| DataFusionError::External(Box::new(e));
-    let files = delta::live_files(&table.path, &table.table).map_err(delta_err)?;
-    let layout = Layout::of(aggregate);
+    let live = delta::live_files(&table.path, &table.table).map_err(delta_err)?;
     let key = key(sql, aggregate, table);
     let store = folder.and_then(|folder| match folder.store() {
         Ok(store) => Some((store, Path::from(format!("{key}.arrow")))),
@@ -237,38 +365,87 @@ async fn combined(
             known.insert((ids.value(row), vector), row as u32);
         }
     }
+    // Partials of live files are kept, those read or not; the files read are the provider's.
+    let mut retained = Vec::new();
     let mut reused = Vec::new();
     let mut missing = Vec::new();
-    for file in &files {
+    for file in &live {
+        let read = table
+            .only
+            .as_ref()
+            .is_none_or(|only| only.contains(&file.id));
         match known.get(&(file.id.as_str(), file.vector.as_deref())) {
-            Some(row) => reused.push(*row),
-            None => missing.push(file),
+            Some(row) => {
+                retained.push(*row);
+                if read {
+                    reused.push(*row);
+                }
+            }
+            None if read => missing.push(file),
+            None => {}
         }
     }
-    let mut parts = Vec::new();
-    if let Some(kept) = &kept {
-        parts.push(take_record_batch(kept, &UInt32Array::from(reused.clone()))?);
-    }
+    let mut computed = Vec::new();
     for chunk in missing.chunks(FILES_PER_QUERY) {
-        match computed(ctx, aggregate, table, chunk, &layout).await? {
-            Some(batch) => parts.push(batch),
+        match computed_partials(ctx, aggregate, table, chunk, layout).await? {
+            Some(batch) => computed.push(batch),
             None => return Ok(None),
         }
     }
-    let all = concat_batches(&layout.stored, &parts)?;
+    let computed = concat_batches(&layout.stored, &computed)?;
     debug!(
         table = %table.path,
-        files = files.len(),
+        files = live.len(),
+        read = reused.len() + missing.len(),
         computed = missing.len(),
         "aggregate answered from its files' partials"
     );
-    let changed = kept.as_ref().is_none_or(|k| k.num_rows() != reused.len()) || !missing.is_empty();
+    let (reused, retained) = match &kept {
+        Some(kept) => (
+            take_record_batch(kept, &UInt32Array::from(reused))?,
+            take_record_batch(kept, &UInt32Array::from(retained.clone()))?,
+        ),
+        None => (
+            RecordBatch::new_empty(layout.stored.clone()),
+            RecordBatch::new_empty(layout.stored.clone()),
+        ),
+    };
+    let changed = kept
+        .as_ref()
+        .is_none_or(|k| k.num_rows() != retained.num_rows())
+        || computed.num_rows() > 0;
     if let Some((store, path)) = &store
         && changed
     {
+        let all = concat_batches(&layout.stored, &[retained, computed.clone()])?;
         write(store.as_ref(), path, &all).await;
     }
-    layout.combine(all).map(Some)
+    Ok(Some(concat_batches(&layout.stored, &[reused, computed])?))
+}
+
+/// `aggregate` computed over its whole input, as one row of [`Layout::stored`] (of no file).
+async fn whole_partial(
+    ctx: &SessionContext,
+    aggregate: &Aggregate,
+    layout: &Layout,
+) -> Result<RecordBatch> {
+    let plan = LogicalPlan::Aggregate(aggregate.clone());
+    let batches = ctx.execute_logical_plan(plan).await?.collect().await?;
+    let schema = batches
+        .first()
+        .map(|b| b.schema())
+        .unwrap_or_else(|| Arc::new(aggregate.schema.as_arrow().clone()));
+    let batch = concat_batches(&schema, &batches)?;
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            (0..batch.num_rows()).map(|_| ""),
+        )),
+        Arc::new(StringArray::new_null(batch.num_rows())),
+    ];
+    for (i, field) in layout.stored.fields().iter().enumerate().skip(2) {
+        columns.push(cast(batch.column(i - 2), field.data_type())?);
+    }
+    Ok(RecordBatch::try_new(layout.stored.clone(), columns)?)
 }
 
 /// Where a partial is kept: the query's text, the aggregate (its functions, their filters and output),
@@ -398,7 +575,7 @@ impl Layout {
 
 /// The partials of `aggregate` over the files `chunk` of `table`, each file read alone, as rows of
 /// [`Layout::stored`]; `None` when a file cannot be read alone.
-async fn computed(
+async fn computed_partials(
     ctx: &SessionContext,
     aggregate: &Aggregate,
     table: &LakeTable,
@@ -586,6 +763,17 @@ mod tests {
         crate::engine::register_table(&ctx, &name, provider.clone(), None).unwrap();
         let mut partials = Partials::new(folder.clone());
         partials.add("silver.t", path, &table, provider);
+        // Not a lake table: `other`; the table's first file alone: `first`.
+        let other = MemTable::try_new(rows(0..1).schema(), vec![vec![rows(-2..3)]]).unwrap();
+        ctx.register_table("other", Arc::new(other)).unwrap();
+        let files = delta::live_files(path, &table).unwrap();
+        let first = [files[0].id.clone()];
+        let first_file = delta::files_provider(path, &table, &first)
+            .await
+            .unwrap()
+            .unwrap();
+        ctx.register_table("first", first_file.clone()).unwrap();
+        partials.add_files("first", path, &table, first_file, &first);
         let frame = ctx.sql(sql).await.unwrap();
         let plain = pretty_format_batches(&frame.clone().collect().await.unwrap())
             .unwrap()
@@ -711,5 +899,43 @@ mod tests {
             assert!(rewritten, "{sql}");
             assert_eq!(answered, plain, "{sql}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_union_is_answered_from_the_partials_of_files_read_whole_and_the_rest_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::local(dir.path().join("t"));
+        let folder = Location::local(dir.path().join("partials"));
+        append(&path, 0..10).await;
+        append(&path, 10..20).await;
+        let union = "SELECT COALESCE(SUM(amount), 0) AS total, COUNT(amount) AS n, MIN(k) FROM \
+                     (SELECT k, amount FROM silver.t UNION ALL SELECT k, amount FROM other \
+                      UNION ALL SELECT k, amount FROM first WHERE k > 2)";
+        for _ in 0..2 {
+            let (answered, plain, rewritten) = answer(&path, &folder, union).await;
+            assert!(rewritten);
+            assert_eq!(answered, plain);
+            // 0..20 less 5 each (90.00), -2..3 less 5 each (-25.00), and of `first`'s keys over 2
+            // (3..10 or 10..20, whichever file the log holds first) less 5 each: 7.00 or 95.00.
+            assert!(
+                answered.contains("| 72.00 | 32 | -2 ") || answered.contains("| 160.00 | 35 | -2 "),
+                "{answered}"
+            );
+        }
+        // Kept: the partial of `first`'s one file (a provider of the target's files read whole); not
+        // the whole table's, which a union reads as any other branch (a run's batch, say).
+        let dir = dir.path().join("partials");
+        let mut kept: Vec<usize> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let file = std::fs::File::open(e.unwrap().path()).unwrap();
+                FileReader::try_new(file, None)
+                    .unwrap()
+                    .map(|b| b.unwrap().num_rows())
+                    .sum()
+            })
+            .collect();
+        kept.sort();
+        assert_eq!(kept, vec![1]);
     }
 }

@@ -655,6 +655,36 @@ pub fn live_files(path: &Location, table: &DeltaTable) -> Result<Vec<LiveFile>, 
         .collect()
 }
 
+/// The files of `table` (scan ids) that no row matching `predicate` (over `schema`, the table's) can
+/// be in, as the log's statistics tell, then the others. A file without statistics for the
+/// predicate's columns is among the others.
+pub fn files_by_predicate(
+    path: &Location,
+    table: &DeltaTable,
+    predicate: &datafusion::logical_expr::Expr,
+    schema: SchemaRef,
+) -> Result<(Vec<String>, Vec<String>), DeltaError> {
+    use datafusion::{common::DFSchema, physical_optimizer::pruning::PruningPredicateBuilder};
+    let query = |e| DeltaError::query(path, e);
+    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+    let frame = DFSchema::try_from(schema.as_ref().clone()).map_err(query)?;
+    let physical = datafusion::prelude::SessionContext::new()
+        .create_physical_expr(predicate.clone(), &frame)
+        .map_err(query)?;
+    let pruning = PruningPredicateBuilder::new()
+        .with_file_schema(schema)
+        .try_build(physical)
+        .map_err(query)?;
+    let may_match = pruning.prune(&snapshot.log_data()).map_err(query)?;
+    let root = files::root_url(table);
+    let (mut outside, mut rest) = (Vec::new(), Vec::new());
+    for (view, may) in snapshot.log_data().into_iter().zip(may_match) {
+        let id = files::scan_id(path, &root, &view.path())?.to_string();
+        if may { rest.push(id) } else { outside.push(id) }
+    }
+    Ok((outside, rest))
+}
+
 /// A provider reading only the files `only` (scan ids, as [`live_files`] gives them) of `table`, as
 /// [`provider`] reads them all; `None` for a table with deletion vectors that the vector scan cannot
 /// read (delta-rs's own reader of such a table is what [`split_scan`] works around).

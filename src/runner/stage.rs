@@ -1214,6 +1214,7 @@ async fn sql_stage(
                     scope.as_ref(),
                     keyed.as_ref(),
                     prepared.as_ref(),
+                    &mut partials,
                 )
                 .await
                 .map_err(delta_err)?;
@@ -1746,6 +1747,7 @@ async fn candidate_sql(
     scope: Option<&delta::Scope>,
     keyed: Option<&delta::keyed::KeyedScope>,
     prepared: Option<&delta::PreparedChanges>,
+    partials: &mut checks::Partials,
 ) -> Result<String, delta::DeltaError> {
     const CURRENT: &str = "__medallion_current";
     let query = |e| delta::DeltaError::Query {
@@ -1768,7 +1770,10 @@ async fn candidate_sql(
     ctx.register_table(checks::CHANGED, changed.into_view())
         .map_err(query)?;
     let current = match delta::open(target_path).await? {
-        Some(table) if target_exists => Some(delta::provider(target_path, &table).await?),
+        Some(table) if target_exists => {
+            let provider = delta::provider(target_path, &table).await?;
+            Some((table, provider))
+        }
         _ => None,
     };
     let columns: Vec<String> = output
@@ -1778,10 +1783,11 @@ async fn candidate_sql(
         .map(|f| format!("\"{}\"", f.name().replace('"', "\"\"")))
         .collect();
     let cols = columns.join(", ");
-    let Some(current) = current else {
+    let Some((table, current)) = current else {
         return Ok("SELECT * FROM batch".into());
     };
-    ctx.register_table(CURRENT, current).map_err(query)?;
+    ctx.register_table(CURRENT, current.clone())
+        .map_err(query)?;
     Ok(match (&stage.write, scope) {
         (WriteMode::Overwrite, _) if let Some(keyed) = keyed => format!(
             "{} UNION ALL SELECT {cols} FROM batch",
@@ -1794,10 +1800,21 @@ async fn candidate_sql(
                 .field_with_name(&scope.column)
                 .map(|f| f.data_type().clone())
                 .unwrap_or(datafusion::arrow::datatypes::DataType::Utf8);
-            format!(
-                "SELECT {cols} FROM {CURRENT} WHERE NOT COALESCE({}, FALSE) UNION ALL SELECT {cols} FROM batch",
-                scope.sql(&data_type)
+            let outside = format!("NOT COALESCE({}, FALSE)", scope.sql(&data_type));
+            let kept = kept_whole(
+                ctx,
+                target_path,
+                &table,
+                &current,
+                scope,
+                &outside,
+                &cols,
+                partials,
             )
+            .await?;
+            let kept =
+                kept.unwrap_or_else(|| format!("SELECT {cols} FROM {CURRENT} WHERE {outside}"));
+            format!("{kept} UNION ALL SELECT {cols} FROM batch")
         }
         (WriteMode::Append, _) => {
             format!("SELECT {cols} FROM {CURRENT} UNION ALL SELECT {cols} FROM batch")
@@ -1816,6 +1833,59 @@ async fn candidate_sql(
         // An empty change batch (every row quarantined or dropped) leaves the table as it is.
         (WriteMode::Cdc { .. }, _) => format!("SELECT * FROM {CURRENT}"),
     })
+}
+
+/// The rows of a partial rebuild's target that stay, as SQL: its files that no recomputed value's row
+/// can be in (by the log's statistics) read whole, their checks' partials kept between runs
+/// ([`checks::Partials`]), and the other files less the rows of recomputed values. `None` when no
+/// file is left whole, or a file cannot be read alone.
+#[allow(clippy::too_many_arguments)]
+async fn kept_whole(
+    ctx: &datafusion::prelude::SessionContext,
+    path: &Location,
+    table: &deltalake::DeltaTable,
+    current: &Arc<dyn datafusion::catalog::TableProvider>,
+    scope: &delta::Scope,
+    outside: &str,
+    cols: &str,
+    partials: &mut checks::Partials,
+) -> Result<Option<String>, delta::DeltaError> {
+    const WHOLE: &str = "__medallion_current_whole";
+    const CUT: &str = "__medallion_current_cut";
+    let query = |e| delta::DeltaError::Query {
+        table: path.to_string(),
+        source: e,
+    };
+    let frame = ctx.read_table(current.clone()).map_err(query)?;
+    let Ok(predicate) = scope.predicate(&frame) else {
+        return Ok(None);
+    };
+    let (whole, cut) = delta::files_by_predicate(path, table, &predicate, current.schema())?;
+    if whole.is_empty() {
+        return Ok(None);
+    }
+    let Some(whole_files) = delta::files_provider(path, table, &whole).await? else {
+        return Ok(None);
+    };
+    let mut sql = format!("SELECT {cols} FROM {WHOLE}");
+    if !cut.is_empty() {
+        let Some(cut_files) = delta::files_provider(path, table, &cut).await? else {
+            return Ok(None);
+        };
+        ctx.register_table(CUT, cut_files).map_err(query)?;
+        sql.push_str(&format!(
+            " UNION ALL SELECT {cols} FROM {CUT} WHERE {outside}"
+        ));
+    }
+    ctx.register_table(WHOLE, whole_files.clone())
+        .map_err(query)?;
+    partials.add_files(WHOLE, path, table, whole_files, &whole);
+    debug!(
+        files_whole = whole.len(),
+        files_cut = cut.len(),
+        "the target's rows that stay, for the checks"
+    );
+    Ok(Some(sql))
 }
 
 /// Registers the pipeline tables that the stage's checks read but its SQL does not.
