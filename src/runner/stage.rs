@@ -874,11 +874,14 @@ async fn sql_stage(
     let mut partials = checks::Partials::new(context.pipeline.lake.join("_medallion/partials"));
     for (table, path, delta_table) in &inputs {
         let added = keyed.as_ref().and_then(|k| k.added_rows.clone());
-        let provider = match (added, &stage.incremental) {
-            (Some(added), Some(incremental)) if incremental.source == **table => added,
-            _ => delta::provider(path, delta_table)
-                .await
-                .map_err(delta_err)?,
+        let (provider, whole) = match (added, &stage.incremental) {
+            (Some(added), Some(incremental)) if incremental.source == **table => (added, false),
+            _ => (
+                delta::provider(path, delta_table)
+                    .await
+                    .map_err(delta_err)?,
+                true,
+            ),
         };
         let has_batches = provider.schema().field_with_name(BATCH_ID).is_ok();
         // An incremental stage reads only the Bronze rows committed after its last successful run.
@@ -886,7 +889,8 @@ async fn sql_stage(
             (Some(last), true) => last.get(&table.to_string()).map(|v| *v as i64),
             _ => None,
         };
-        if after.is_none() {
+        // A table read whole: its files' partials answer the checks' aggregates over it.
+        if whole && after.is_none() {
             partials.add(&table.to_string(), path, delta_table, provider.clone());
         }
         engine::register_table(&ctx, table, provider, after.map(|v| (BATCH_ID, v)))
@@ -1795,9 +1799,11 @@ async fn candidate_sql(
         ),
         (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
         (WriteMode::Overwrite, Some(scope)) => {
-            let schema = output.schema().as_arrow();
-            let data_type = schema
+            // Typed as the target holds the column, as the split of its files by statistics is.
+            let stored = current.schema();
+            let data_type = stored
                 .field_with_name(&scope.column)
+                .or_else(|_| output.schema().as_arrow().field_with_name(&scope.column))
                 .map(|f| f.data_type().clone())
                 .unwrap_or(datafusion::arrow::datatypes::DataType::Utf8);
             let outside = format!("NOT COALESCE({}, FALSE)", scope.sql(&data_type));
@@ -1811,7 +1817,12 @@ async fn candidate_sql(
                 &cols,
                 partials,
             )
-            .await?;
+            .await
+            // The split is an optimization: a failure leaves the query as it was.
+            .unwrap_or_else(|error| {
+                warn!("the target's files are all read with the scope's filter: {error}");
+                None
+            });
             let kept =
                 kept.unwrap_or_else(|| format!("SELECT {cols} FROM {CURRENT} WHERE {outside}"));
             format!("{kept} UNION ALL SELECT {cols} FROM batch")
