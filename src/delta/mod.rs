@@ -676,11 +676,13 @@ pub fn files_by_predicate(
         .try_build(physical)
         .map_err(query)?;
     let may_match = pruning.prune(&snapshot.log_data()).map_err(query)?;
-    let root = files::root_url(table);
     let (mut outside, mut rest) = (Vec::new(), Vec::new());
-    for (view, may) in snapshot.log_data().into_iter().zip(may_match) {
-        let id = files::scan_id(path, &root, &view.path())?.to_string();
-        if may { rest.push(id) } else { outside.push(id) }
+    for (file, may) in live_files(path, table)?.into_iter().zip(may_match) {
+        if may {
+            rest.push(file.id)
+        } else {
+            outside.push(file.id)
+        }
     }
     Ok((outside, rest))
 }
