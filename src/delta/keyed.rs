@@ -103,6 +103,24 @@ impl KeyedScope {
              WHERE {key} IS NULL OR ({not_gone} AND NOT {REPLACED_KEY}({key}))"
         )
     }
+
+    /// The files of the target `table` (at `path`; scan ids, in the log's order) that [`write`]
+    /// leaves whole, holding no row that goes by their key statistics, then the others; `None`
+    /// when every file may hold one (any key not live goes).
+    pub fn split_files(
+        &self,
+        path: &Location,
+        table: &DeltaTable,
+    ) -> Result<Option<super::FileSplit>, DeltaError> {
+        let Some(read) = files_to_read(path, table, self)? else {
+            return Ok(None);
+        };
+        let (cut, whole) = super::live_files(path, table)?
+            .into_iter()
+            .map(|file| file.id)
+            .partition(|id| read.contains(id));
+        Ok(Some(super::FileSplit { whole, cut }))
+    }
 }
 
 /// The scope of a keyed refresh of a stage last run when `source` (at `path`) was at version `after`,
@@ -1036,6 +1054,13 @@ mod tests {
             first
         };
         assert_eq!(first_keys(&read), [0, 100, 200]);
+        // The candidate of its checks reads the other seven whole.
+        let split = scope.split_files(&target, &target_table).unwrap().unwrap();
+        assert_eq!(first_keys(&split.cut.into_iter().collect()), [0, 100, 200]);
+        assert_eq!(
+            first_keys(&split.whole.into_iter().collect()),
+            [300, 400, 500, 600, 700, 800, 900]
+        );
 
         // The removed file vacuumed: every live key tells the same.
         std::fs::remove_file(dir.path().join("source").join(&removed)).unwrap();
@@ -1047,6 +1072,7 @@ mod tests {
         assert_eq!(gone_keys(&scope, (0..1000).chain([5000])), gone);
         // Any file may then hold a key not live.
         assert_eq!(files_to_read(&target, &target_table, &scope).unwrap(), None);
+        assert_eq!(scope.split_files(&target, &target_table).unwrap(), None);
 
         // A batch marking a row in six files of ten: every live key is read rather than 600 rows
         // twice, and tells the same.

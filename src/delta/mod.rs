@@ -655,15 +655,23 @@ pub fn live_files(path: &Location, table: &DeltaTable) -> Result<Vec<LiveFile>, 
         .collect()
 }
 
-/// The files of `table` (scan ids) that no row matching `predicate` (over `schema`, the table's) can
-/// be in, as the log's statistics tell, then the others. A file without statistics for the
-/// predicate's columns is among the others.
+/// A table's live files (scan ids, in the log's order) split in two by what a write changes.
+#[derive(Debug, PartialEq)]
+pub struct FileSplit {
+    /// The files no row the write changes can be in, as the log's statistics tell.
+    pub whole: Vec<String>,
+    /// The others.
+    pub cut: Vec<String>,
+}
+
+/// The files of `table` that no row matching `predicate` (over `schema`, the table's) can be in,
+/// then the others. A file without statistics for the predicate's columns is among the others.
 pub fn files_by_predicate(
     path: &Location,
     table: &DeltaTable,
     predicate: &datafusion::logical_expr::Expr,
     schema: SchemaRef,
-) -> Result<(Vec<String>, Vec<String>), DeltaError> {
+) -> Result<FileSplit, DeltaError> {
     use datafusion::{common::DFSchema, physical_optimizer::pruning::PruningPredicateBuilder};
     let query = |e| DeltaError::query(path, e);
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
@@ -676,15 +684,18 @@ pub fn files_by_predicate(
         .try_build(physical)
         .map_err(query)?;
     let may_match = pruning.prune(&snapshot.log_data()).map_err(query)?;
-    let (mut outside, mut rest) = (Vec::new(), Vec::new());
+    let mut split = FileSplit {
+        whole: Vec::new(),
+        cut: Vec::new(),
+    };
     for (file, may) in live_files(path, table)?.into_iter().zip(may_match) {
         if may {
-            rest.push(file.id)
+            split.cut.push(file.id)
         } else {
-            outside.push(file.id)
+            split.whole.push(file.id)
         }
     }
-    Ok((outside, rest))
+    Ok(split)
 }
 
 /// A provider reading only the files `only` (scan ids, as [`live_files`] gives them) of `table`, as

@@ -1793,10 +1793,16 @@ async fn candidate_sql(
     ctx.register_table(CURRENT, current.clone())
         .map_err(query)?;
     Ok(match (&stage.write, scope) {
-        (WriteMode::Overwrite, _) if let Some(keyed) = keyed => format!(
-            "{} UNION ALL SELECT {cols} FROM batch",
-            keyed.kept_sql(ctx, CURRENT, &cols)
-        ),
+        (WriteMode::Overwrite, _) if let Some(keyed) = keyed => {
+            let split = keyed.split_files(target_path, &table);
+            let kept = |cut: &str| keyed.kept_sql(ctx, cut, &cols);
+            let kept =
+                match kept_whole(ctx, target_path, &table, split, kept, &cols, partials).await {
+                    Some(kept) => kept,
+                    None => keyed.kept_sql(ctx, CURRENT, &cols),
+                };
+            format!("{kept} UNION ALL SELECT {cols} FROM batch")
+        }
         (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
         (WriteMode::Overwrite, Some(scope)) => {
             // Typed as the target holds the column, as the split of its files by statistics is.
@@ -1807,24 +1813,13 @@ async fn candidate_sql(
                 .map(|f| f.data_type().clone())
                 .unwrap_or(datafusion::arrow::datatypes::DataType::Utf8);
             let outside = format!("NOT COALESCE({}, FALSE)", scope.sql(&data_type));
-            let kept = kept_whole(
-                ctx,
-                target_path,
-                &table,
-                &current,
-                scope,
-                &outside,
-                &cols,
-                partials,
-            )
-            .await
-            // The split is an optimization: a failure leaves the query as it was.
-            .unwrap_or_else(|error| {
-                warn!("the target's files are all read with the scope's filter: {error}");
-                None
-            });
+            let split = scope_split(ctx, target_path, &table, &current, scope);
+            let kept = |cut: &str| format!("SELECT {cols} FROM {cut} WHERE {outside}");
             let kept =
-                kept.unwrap_or_else(|| format!("SELECT {cols} FROM {CURRENT} WHERE {outside}"));
+                match kept_whole(ctx, target_path, &table, split, kept, &cols, partials).await {
+                    Some(kept) => kept,
+                    None => format!("SELECT {cols} FROM {CURRENT} WHERE {outside}"),
+                };
             format!("{kept} UNION ALL SELECT {cols} FROM batch")
         }
         (WriteMode::Append, _) => {
@@ -1846,57 +1841,79 @@ async fn candidate_sql(
     })
 }
 
-/// The rows of a partial rebuild's target that stay, as SQL: its files that no recomputed value's row
-/// can be in (by the log's statistics) read whole, their checks' partials kept between runs
-/// ([`checks::Partials`]), and the other files less the rows of recomputed values. `None` when no
-/// file is left whole, or a file cannot be read alone.
-#[allow(clippy::too_many_arguments)]
+/// The rows of the target that stay after a partial rebuild or a keyed refresh, as SQL, from `split`:
+/// the target's files that the write leaves alone (by the log's statistics), read whole, their
+/// checks' partials kept between runs ([`checks::Partials`]); then the other files, filtered by
+/// `kept` (the SQL of a table's rows that stay, given its name). `None` when no file is left whole
+/// or a file cannot be read alone; the split is an optimization, so a failure is only warned of.
 async fn kept_whole(
     ctx: &datafusion::prelude::SessionContext,
     path: &Location,
     table: &deltalake::DeltaTable,
-    current: &Arc<dyn datafusion::catalog::TableProvider>,
-    scope: &delta::Scope,
-    outside: &str,
+    split: Result<Option<delta::FileSplit>, delta::DeltaError>,
+    kept: impl FnOnce(&str) -> String,
     cols: &str,
     partials: &mut checks::Partials,
-) -> Result<Option<String>, delta::DeltaError> {
+) -> Option<String> {
     const WHOLE: &str = "__medallion_current_whole";
     const CUT: &str = "__medallion_current_cut";
     let query = |e| delta::DeltaError::Query {
         table: path.to_string(),
         source: e,
     };
-    let frame = ctx.read_table(current.clone()).map_err(query)?;
+    let result = async {
+        let Some(delta::FileSplit { whole, cut }) = split? else {
+            return Ok(None);
+        };
+        if whole.is_empty() {
+            return Ok(None);
+        }
+        let Some(whole_files) = delta::files_provider(path, table, &whole).await? else {
+            return Ok(None);
+        };
+        let mut sql = format!("SELECT {cols} FROM {WHOLE}");
+        if !cut.is_empty() {
+            let Some(cut_files) = delta::files_provider(path, table, &cut).await? else {
+                return Ok(None);
+            };
+            ctx.register_table(CUT, cut_files).map_err(query)?;
+            sql.push_str(&format!(" UNION ALL {}", kept(CUT)));
+        }
+        ctx.register_table(WHOLE, whole_files.clone())
+            .map_err(query)?;
+        partials.add_files(WHOLE, path, table, whole_files, &whole);
+        debug!(
+            files_whole = whole.len(),
+            files_cut = cut.len(),
+            "the target's rows that stay, for the checks"
+        );
+        Ok(Some(sql))
+    };
+    result.await.unwrap_or_else(|error: delta::DeltaError| {
+        warn!("the target's files are all read with the write's filter: {error}");
+        None
+    })
+}
+
+/// The target's files (scan ids) that no row of a recomputed value of `scope` can be in, then the
+/// others; `None` when the scope has no predicate over the target.
+fn scope_split(
+    ctx: &datafusion::prelude::SessionContext,
+    path: &Location,
+    table: &deltalake::DeltaTable,
+    current: &Arc<dyn datafusion::catalog::TableProvider>,
+    scope: &delta::Scope,
+) -> Result<Option<delta::FileSplit>, delta::DeltaError> {
+    let frame = ctx
+        .read_table(current.clone())
+        .map_err(|e| delta::DeltaError::Query {
+            table: path.to_string(),
+            source: e,
+        })?;
     let Ok(predicate) = scope.predicate(&frame) else {
         return Ok(None);
     };
-    let (whole, cut) = delta::files_by_predicate(path, table, &predicate, current.schema())?;
-    if whole.is_empty() {
-        return Ok(None);
-    }
-    let Some(whole_files) = delta::files_provider(path, table, &whole).await? else {
-        return Ok(None);
-    };
-    let mut sql = format!("SELECT {cols} FROM {WHOLE}");
-    if !cut.is_empty() {
-        let Some(cut_files) = delta::files_provider(path, table, &cut).await? else {
-            return Ok(None);
-        };
-        ctx.register_table(CUT, cut_files).map_err(query)?;
-        sql.push_str(&format!(
-            " UNION ALL SELECT {cols} FROM {CUT} WHERE {outside}"
-        ));
-    }
-    ctx.register_table(WHOLE, whole_files.clone())
-        .map_err(query)?;
-    partials.add_files(WHOLE, path, table, whole_files, &whole);
-    debug!(
-        files_whole = whole.len(),
-        files_cut = cut.len(),
-        "the target's rows that stay, for the checks"
-    );
-    Ok(Some(sql))
+    delta::files_by_predicate(path, table, &predicate, current.schema()).map(Some)
 }
 
 /// Registers the pipeline tables that the stage's checks read but its SQL does not.

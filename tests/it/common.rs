@@ -568,3 +568,61 @@ pub fn keyed_fact(yaml: String) -> String {
         1,
     )
 }
+
+/// The reference pipeline with files of 1 MiB (Silver's first load then writes files of key ranges,
+/// and the fact's files hold ranges of dates and keys) and a reconciliation of money on the fact
+/// besides its count.
+pub fn small_files_with_fact_sum(yaml: String) -> String {
+    assert!(
+        yaml.contains("  target_file_mb: 128\n"),
+        "the reference file size changed"
+    );
+    let yaml = yaml.replacen("  target_file_mb: 128\n", "  target_file_mb: 1\n", 1);
+    let fact_check = "      - name: one_fact_per_silver_row\n";
+    assert!(
+        yaml.contains(fact_check),
+        "the reference fact check changed"
+    );
+    yaml.replacen(
+        fact_check,
+        &format!(
+            "      - name: fact_amount_matches_silver\n        \
+             query: SELECT COALESCE(SUM(amount), 0) FROM candidate\n        \
+             equals: SELECT COALESCE(SUM(amount), 0) FROM silver.transactions\n{fact_check}"
+        ),
+        1,
+    )
+}
+
+/// That the fact's checks in a run's `log` (with `medallion::runner` and `medallion::checks` at debug)
+/// read some of its files whole and cut the others, and took the sum over those read whole file by
+/// file, from as many files.
+pub fn assert_fact_checked_on_whole_files(log: &str) {
+    let number = |line: &str, field: &str| -> u64 {
+        line.split(&format!("{field}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {line}"))
+    };
+    let kept = log
+        .lines()
+        .find(|l| {
+            l.contains("stage=gold_fact_transactions") && l.contains("the target's rows that stay")
+        })
+        .unwrap_or_else(|| panic!("the fact's files were not split: {log}"));
+    assert!(number(kept, "files_whole") > 0, "{kept}");
+    assert!(number(kept, "files_cut") > 0, "{kept}");
+    let summed = log
+        .lines()
+        .find(|l| {
+            l.contains("aggregate answered from its files' partials")
+                && l.contains("fact_transactions files=")
+        })
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(
+        number(summed, "read"),
+        number(kept, "files_whole"),
+        "{summed}"
+    );
+}

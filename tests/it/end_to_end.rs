@@ -647,30 +647,11 @@ async fn statistics_columns_limit_min_and_max_to_the_named_columns() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partial_rebuild_is_checked_on_its_untouched_files_read_whole() {
     let scratch = Scratch::new();
-    scratch.generate_with_recent_batch(150_000, 60, 0, 23, 1_000, 3);
+    // Over three years: the fact's files of the years before the batch's are left whole, whatever the
+    // order its first build wrote its rows in within a year.
+    scratch.generate_with_recent_batch(150_000, 1_000, 0, 23, 1_000, 3);
     // A reconciliation of money on the fact, whose files of 1 MiB hold ranges of dates.
-    let with_sum = |yaml: String| {
-        assert!(
-            yaml.contains("  target_file_mb: 128\n"),
-            "the reference file size changed"
-        );
-        let yaml = yaml.replacen("  target_file_mb: 128\n", "  target_file_mb: 1\n", 1);
-        let fact_check = "      - name: one_fact_per_silver_row\n";
-        assert!(
-            yaml.contains(fact_check),
-            "the reference fact check changed"
-        );
-        yaml.replacen(
-            fact_check,
-            "      - name: fact_amount_matches_silver\n        \
-             query: SELECT COALESCE(SUM(amount), 0) FROM candidate\n        \
-             equals: SELECT COALESCE(SUM(amount), 0) FROM silver.transactions\n\
-             {fact_check}",
-            1,
-        )
-        .replace("{fact_check}", fact_check)
-    };
-    let project = scratch.edit_project(&with_sum, None);
+    let project = scratch.edit_project(&crate::common::small_files_with_fact_sum, None);
     let run = || {
         let output = scratch.command_in_logging(
             &project,
@@ -688,35 +669,7 @@ async fn a_partial_rebuild_is_checked_on_its_untouched_files_read_whole() {
     );
     scratch.deliver_batch();
     let log = run();
-    let fact = |words: &str| {
-        log.lines()
-            .find(|l| l.contains("stage=gold_fact_transactions") && l.contains(words))
-            .unwrap_or_else(|| panic!("no `{words}` for the fact: {log}"))
-            .to_string()
-    };
-    let number = |line: &str, field: &str| -> u64 {
-        line.split(&format!("{field}="))
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in {line}"))
-    };
-    let kept = fact("the target's rows that stay");
-    assert!(number(&kept, "files_whole") > 0, "{kept}");
-    assert!(number(&kept, "files_cut") > 0, "{kept}");
-    // The sum over the fact's whole files, file by file: as many as it reads whole.
-    let summed = log
-        .lines()
-        .find(|l| {
-            l.contains("aggregate answered from its files' partials")
-                && l.contains("fact_transactions files=")
-        })
-        .unwrap_or_else(|| panic!("{log}"));
-    assert_eq!(
-        number(summed, "read"),
-        number(&kept, "files_whole"),
-        "{summed}"
-    );
+    crate::common::assert_fact_checked_on_whole_files(&log);
     // The reconciliations passed (else nothing was published), and the fact equals its SQL.
     let differences = query(
         &scratch.lake(),

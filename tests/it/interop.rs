@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
-use crate::common::{Scratch, assert_success, keyed_fact, python, text};
+use crate::common::{
+    Scratch, assert_fact_checked_on_whole_files, assert_success, keyed_fact, python,
+    small_files_with_fact_sum, text,
+};
 
 const TABLES: [&str; 11] = [
     "silver.transactions",
@@ -654,22 +657,16 @@ fn fact_rows(scratch: &Scratch) -> i64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keyed_fact_reads_the_keys_gone_from_the_files_a_recent_batch_changed() {
     let scratch = Scratch::new();
-    scratch.generate_with_recent_batch(60_000, 60, 0, 21, 600, 3);
+    // Over three years: the fact's files of the years before the batch's hold no key it changes.
+    scratch.generate_with_recent_batch(60_000, 1_000, 0, 21, 600, 3);
     // Files of 1 MiB: Silver's first load is files of key ranges, the batch's days in few of them.
-    let small_files = |yaml: String| {
-        let yaml = keyed_fact(yaml);
-        assert!(
-            yaml.contains("  target_file_mb: 128\n"),
-            "the reference file size changed"
-        );
-        yaml.replacen("  target_file_mb: 128\n", "  target_file_mb: 1\n", 1)
-    };
+    let small_files = |yaml: String| small_files_with_fact_sum(keyed_fact(yaml));
     let project = scratch.edit_project(&small_files, None);
     let run = || {
         let output = scratch.command_in_logging(
             &project,
             &["run", "pipelines/t.yaml"],
-            "warn,medallion::delta::keyed=debug",
+            "warn,medallion::delta::keyed=debug,medallion::runner=debug,medallion::checks=debug",
         );
         assert_success(&output);
         format!(
@@ -688,6 +685,8 @@ async fn a_keyed_fact_reads_the_keys_gone_from_the_files_a_recent_batch_changed(
         .find(|l| l.contains("keys gone since version"))
         .unwrap_or_else(|| panic!("no keyed refresh: {log}"));
     assert!(gone.contains("from_changed_files=true"), "{gone}");
+    // The checks read the fact's files that hold no key replaced or deleted whole.
+    assert_fact_checked_on_whole_files(&log);
     // The fact lost the rows it marked and gained those it recomputed, and equals its SQL.
     let fact = log
         .lines()
