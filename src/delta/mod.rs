@@ -672,12 +672,23 @@ pub fn files_by_predicate(
     predicate: &datafusion::logical_expr::Expr,
     schema: SchemaRef,
 ) -> Result<FileSplit, DeltaError> {
-    use datafusion::{common::DFSchema, physical_optimizer::pruning::PruningPredicateBuilder};
+    use datafusion::{
+        common::DFSchema, logical_expr::simplify::SimplifyContext,
+        optimizer::simplify_expressions::ExprSimplifier,
+        physical_optimizer::pruning::PruningPredicateBuilder,
+    };
     let query = |e| DeltaError::query(path, e);
     let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
-    let frame = DFSchema::try_from(schema.as_ref().clone()).map_err(query)?;
+    let frame = Arc::new(DFSchema::try_from(schema.as_ref().clone()).map_err(query)?);
+    // Simplified first: the pruning predicate takes `x < a OR x > b`, not `NOT x BETWEEN a AND b`.
+    let context = SimplifyContext::builder()
+        .with_schema(frame.clone())
+        .build();
+    let predicate = ExprSimplifier::new(context)
+        .simplify(predicate.clone())
+        .map_err(query)?;
     let physical = datafusion::prelude::SessionContext::new()
-        .create_physical_expr(predicate.clone(), &frame)
+        .create_physical_expr(predicate, &frame)
         .map_err(query)?;
     let pruning = PruningPredicateBuilder::new()
         .with_file_schema(schema)

@@ -509,7 +509,9 @@ impl Staged {
     }
 }
 
-/// Whether `table` holds a row for which `predicate` is not true (reads until it finds one).
+/// Whether `table` holds a row for which `predicate` is not true. Files whose statistics show every
+/// row inside are not read (a scope of every date the table holds costs no scan); the others are
+/// read until one such row is found.
 async fn holds_rows_outside(
     path: &Location,
     table: &deltalake::DeltaTable,
@@ -523,7 +525,23 @@ async fn holds_rows_outside(
         return Ok(false);
     }
     let ctx = super::session(None)?;
-    let provider = super::provider(path, table).await?;
+    let mut provider = super::provider(path, table).await?;
+    // A row is outside when the predicate is false, or NULL, which a column NULL may make it.
+    let maybe_outside = predicate
+        .column_refs()
+        .into_iter()
+        .map(|column| Expr::Column(column.clone()).is_null())
+        .fold(!predicate.clone(), Expr::or);
+    match super::files_by_predicate(path, table, &maybe_outside, provider.schema()) {
+        Ok(split) if split.cut.is_empty() => return Ok(false),
+        Ok(split) if !split.whole.is_empty() => {
+            if let Some(files) = super::files_provider(path, table, &split.cut).await? {
+                provider = files;
+            }
+        }
+        // Statistics are a shortcut: without them every file is read.
+        _ => {}
+    }
     let outside = ctx
         .read_table(provider)
         .map_err(query)?
@@ -751,6 +769,75 @@ mod tests {
         let (_, count) = at_once.execute().await.unwrap();
         assert_eq!(count, 1);
         assert!(at_once.cuts.is_none());
+    }
+
+    #[tokio::test]
+    async fn rows_outside_a_scope_are_looked_for_only_in_files_whose_statistics_allow_them() {
+        use datafusion::arrow::{
+            array::{Int64Array, RecordBatch},
+            datatypes::{DataType, Field, Schema},
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::local(dir.path().join("t"));
+        // Three files: `d` 1–10, 11–30, and one NULL.
+        let schema = Arc::new(Schema::new(vec![Field::new("d", DataType::Int64, true)]));
+        for values in [
+            (1..=10).map(Some).collect::<Vec<_>>(),
+            (11..=30).map(Some).collect(),
+            vec![None],
+        ] {
+            let batch =
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(values))])
+                    .unwrap();
+            super::super::append_batches(
+                &path,
+                vec![batch],
+                &TableOptions::default(),
+                &CommitMeta::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let table = super::super::open(&path).await.unwrap().unwrap();
+        let holds_outside = |values: std::ops::RangeInclusive<i64>, null: bool| {
+            let (path, table) = (path.clone(), table.clone());
+            async move {
+                let mut values: BTreeSet<Option<String>> =
+                    values.map(|v| Some(v.to_string())).collect();
+                if null {
+                    values.insert(None);
+                }
+                let scope = Scope {
+                    column: "d".into(),
+                    values,
+                };
+                let ctx = super::super::session(None).unwrap();
+                let frame = ctx
+                    .read_table(super::super::provider(&path, &table).await.unwrap())
+                    .unwrap();
+                holds_rows_outside(&path, &table, &scope.predicate(&frame).unwrap()).await
+            }
+        };
+        assert!(holds_outside(1..=30, false).await.unwrap(), "the NULL row");
+        assert!(!holds_outside(1..=30, true).await.unwrap());
+        assert!(holds_outside(1..=15, true).await.unwrap());
+        // The file of 1–10 broken: a scope its statistics show it inside never reads it.
+        let first = std::fs::read_dir(dir.path().join("t"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .find(|p| {
+                let file = std::fs::File::open(p).unwrap();
+                let reader =
+                    datafusion::parquet::file::reader::SerializedFileReader::new(file).unwrap();
+                use datafusion::parquet::file::reader::FileReader;
+                reader.metadata().file_metadata().num_rows() == 10
+            })
+            .unwrap();
+        std::fs::write(&first, b"not parquet").unwrap();
+        assert!(!holds_outside(0..=40, true).await.unwrap());
+        assert!(holds_outside(5..=15, true).await.is_err(), "it is read");
+        assert!(holds_outside(1..=15, true).await.unwrap());
     }
 
     #[test]
