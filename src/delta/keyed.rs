@@ -104,22 +104,35 @@ impl KeyedScope {
         )
     }
 
-    /// The files of the target `table` (at `path`; scan ids, in the log's order) that [`write`]
-    /// leaves whole, holding no row that goes by their key statistics, then the others; `None`
-    /// when every file may hold one (any key not live goes).
+    /// The target `table`'s files (at `path`) split by their least and greatest key: `whole`, those
+    /// holding no key this refresh replaces or deletes, which [`write`] leaves as they are; `cut`,
+    /// the others. `None` when every file may hold one (any key not live goes).
     pub fn split_files(
         &self,
         path: &Location,
         table: &DeltaTable,
     ) -> Result<Option<super::FileSplit>, DeltaError> {
-        let Some(read) = files_to_read(path, table, self)? else {
+        let Gone::Deleted(deleted) = &self.gone else {
             return Ok(None);
         };
-        let (cut, whole) = super::live_files(path, table)?
-            .into_iter()
-            .map(|file| file.id)
-            .partition(|id| read.contains(id));
-        Ok(Some(super::FileSplit { whole, cut }))
+        let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
+        let root = files::root_url(table);
+        let mut split = super::FileSplit {
+            whole: Vec::new(),
+            cut: Vec::new(),
+        };
+        for view in snapshot.log_data() {
+            let id = files::scan_id(path, &root, &view.path())?.to_string();
+            // Without bounds (no statistics, or every key NULL), a file is cut.
+            let may_hold = files::key_bounds(&view, &self.key).is_none_or(|(low, high)| {
+                self.replaced.any_within(low, high) || deleted.any_within(low, high)
+            });
+            match may_hold {
+                true => split.cut.push(id),
+                false => split.whole.push(id),
+            }
+        }
+        Ok(Some(split))
     }
 }
 
@@ -793,23 +806,9 @@ fn files_to_read(
     table: &DeltaTable,
     scope: &KeyedScope,
 ) -> Result<Option<std::collections::HashSet<String>>, DeltaError> {
-    let Gone::Deleted(deleted) = &scope.gone else {
-        return Ok(None);
-    };
-    let snapshot = table.snapshot().map_err(|e| DeltaError::table(path, e))?;
-    let root = files::root_url(table);
-    let mut read = std::collections::HashSet::new();
-    for view in snapshot.log_data() {
-        let bounds = files::key_bounds(&view, &scope.key);
-        // Without bounds (no statistics, or every key NULL), a file is read.
-        let may_hold = bounds.is_none_or(|(low, high)| {
-            scope.replaced.any_within(low, high) || deleted.any_within(low, high)
-        });
-        if may_hold {
-            read.insert(files::scan_id(path, &root, &view.path())?.to_string());
-        }
-    }
-    Ok(Some(read))
+    Ok(scope
+        .split_files(path, table)?
+        .map(|split| split.cut.into_iter().collect()))
 }
 
 #[cfg(test)]

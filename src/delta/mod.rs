@@ -664,8 +664,8 @@ pub struct FileSplit {
     pub cut: Vec<String>,
 }
 
-/// The files of `table` that no row matching `predicate` (over `schema`, the table's) can be in,
-/// then the others. A file without statistics for the predicate's columns is among the others.
+/// The files of `table` split by `predicate` (over `schema`, the table's): `whole`, those no row
+/// matching it can be in; `cut`, the others, among them any without statistics for its columns.
 pub fn files_by_predicate(
     path: &Location,
     table: &DeltaTable,

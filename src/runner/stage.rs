@@ -1740,6 +1740,9 @@ async fn write_first_load(
     }))
 }
 
+/// The target as the stage read it, registered for its candidate's SQL.
+const CURRENT: &str = "__medallion_current";
+
 /// SQL for the stage's candidate result: the target as it would be after the write.
 #[allow(clippy::too_many_arguments)]
 async fn candidate_sql(
@@ -1753,7 +1756,6 @@ async fn candidate_sql(
     prepared: Option<&delta::PreparedChanges>,
     partials: &mut checks::Partials,
 ) -> Result<String, delta::DeltaError> {
-    const CURRENT: &str = "__medallion_current";
     let query = |e| delta::DeltaError::Query {
         table: target_path.to_string(),
         source: e,
@@ -1795,13 +1797,9 @@ async fn candidate_sql(
     Ok(match (&stage.write, scope) {
         (WriteMode::Overwrite, _) if let Some(keyed) = keyed => {
             let split = keyed.split_files(target_path, &table);
-            let kept = |cut: &str| keyed.kept_sql(ctx, cut, &cols);
-            let kept =
-                match kept_whole(ctx, target_path, &table, split, kept, &cols, partials).await {
-                    Some(kept) => kept,
-                    None => keyed.kept_sql(ctx, CURRENT, &cols),
-                };
-            format!("{kept} UNION ALL SELECT {cols} FROM batch")
+            let rows_kept = |name: &str| keyed.kept_sql(ctx, name, &cols);
+            let kept = kept_whole(ctx, target_path, &table, split, rows_kept, &cols, partials);
+            format!("{} UNION ALL SELECT {cols} FROM batch", kept.await)
         }
         (WriteMode::Overwrite, None) => "SELECT * FROM batch".into(),
         (WriteMode::Overwrite, Some(scope)) => {
@@ -1814,13 +1812,9 @@ async fn candidate_sql(
                 .unwrap_or(datafusion::arrow::datatypes::DataType::Utf8);
             let outside = format!("NOT COALESCE({}, FALSE)", scope.sql(&data_type));
             let split = scope_split(ctx, target_path, &table, &current, scope);
-            let kept = |cut: &str| format!("SELECT {cols} FROM {cut} WHERE {outside}");
-            let kept =
-                match kept_whole(ctx, target_path, &table, split, kept, &cols, partials).await {
-                    Some(kept) => kept,
-                    None => format!("SELECT {cols} FROM {CURRENT} WHERE {outside}"),
-                };
-            format!("{kept} UNION ALL SELECT {cols} FROM batch")
+            let rows_kept = |name: &str| format!("SELECT {cols} FROM {name} WHERE {outside}");
+            let kept = kept_whole(ctx, target_path, &table, split, rows_kept, &cols, partials);
+            format!("{} UNION ALL SELECT {cols} FROM batch", kept.await)
         }
         (WriteMode::Append, _) => {
             format!("SELECT {cols} FROM {CURRENT} UNION ALL SELECT {cols} FROM batch")
@@ -1842,19 +1836,20 @@ async fn candidate_sql(
 }
 
 /// The rows of the target that stay after a partial rebuild or a keyed refresh, as SQL, from `split`:
-/// the target's files that the write leaves alone (by the log's statistics), read whole, their
+/// the target's files that the write leaves as they are (by the log's statistics), read whole, their
 /// checks' partials kept between runs ([`checks::Partials`]); then the other files, filtered by
-/// `kept` (the SQL of a table's rows that stay, given its name). `None` when no file is left whole
-/// or a file cannot be read alone; the split is an optimization, so a failure is only warned of.
+/// `rows_kept` (the SQL of a table's rows that stay, given its name). Without a split (`None`, or no
+/// file left whole, or a file that cannot be read alone), `rows_kept` of the whole target
+/// (`__medallion_current`); the split is an optimization, so a failure is only warned of.
 async fn kept_whole(
     ctx: &datafusion::prelude::SessionContext,
     path: &Location,
     table: &deltalake::DeltaTable,
     split: Result<Option<delta::FileSplit>, delta::DeltaError>,
-    kept: impl FnOnce(&str) -> String,
+    rows_kept: impl Fn(&str) -> String,
     cols: &str,
     partials: &mut checks::Partials,
-) -> Option<String> {
+) -> String {
     const WHOLE: &str = "__medallion_current_whole";
     const CUT: &str = "__medallion_current_cut";
     let query = |e| delta::DeltaError::Query {
@@ -1877,7 +1872,7 @@ async fn kept_whole(
                 return Ok(None);
             };
             ctx.register_table(CUT, cut_files).map_err(query)?;
-            sql.push_str(&format!(" UNION ALL {}", kept(CUT)));
+            sql.push_str(&format!(" UNION ALL {}", rows_kept(CUT)));
         }
         ctx.register_table(WHOLE, whole_files.clone())
             .map_err(query)?;
@@ -1889,10 +1884,11 @@ async fn kept_whole(
         );
         Ok(Some(sql))
     };
-    result.await.unwrap_or_else(|error: delta::DeltaError| {
+    let split = result.await.unwrap_or_else(|error: delta::DeltaError| {
         warn!("the target's files are all read with the write's filter: {error}");
         None
-    })
+    });
+    split.unwrap_or_else(|| rows_kept(CURRENT))
 }
 
 /// The target's files (scan ids) that no row of a recomputed value of `scope` can be in, then the
