@@ -840,16 +840,25 @@ mod tests {
         (files[0].clone(), batch)
     }
 
+    /// A table `t` of two files, `first` and `second` (see [`append`]), and a folder for partials.
+    async fn two_files(
+        first: std::ops::Range<i64>,
+        second: std::ops::Range<i64>,
+    ) -> (tempfile::TempDir, Location, Location) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Location::local(dir.path().join("t"));
+        let folder = Location::local(dir.path().join("partials"));
+        append(&path, first).await;
+        append(&path, second).await;
+        (dir, path, folder)
+    }
+
     const REFUNDS: &str = "SELECT COALESCE(-SUM(amount), 0) AS refunds, COUNT(*) AS n, MIN(k), \
                            MAX(amount) FROM silver.t WHERE amount < 0";
 
     #[tokio::test]
     async fn an_aggregate_over_a_whole_table_reads_only_the_files_it_has_no_partial_of() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = Location::local(dir.path().join("t"));
-        let folder = Location::local(dir.path().join("partials"));
-        append(&path, 0..10).await;
-        append(&path, 10..20).await;
+        let (dir, path, folder) = two_files(0..10, 10..20).await;
 
         let (answered, plain, rewritten) = answer(&path, &folder, REFUNDS).await;
         assert!(rewritten);
@@ -901,11 +910,7 @@ mod tests {
 
     #[tokio::test]
     async fn aggregates_that_do_not_combine_from_files_run_as_they_are() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = Location::local(dir.path().join("t"));
-        let folder = Location::local(dir.path().join("partials"));
-        append(&path, 0..10).await;
-        append(&path, 5..15).await;
+        let (dir, path, folder) = two_files(0..10, 5..15).await;
         for sql in [
             "SELECT k, SUM(amount) FROM silver.t GROUP BY k",
             "SELECT COUNT(DISTINCT k) FROM silver.t",
@@ -936,11 +941,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_union_is_answered_from_the_partials_of_files_read_whole_and_the_rest_as_it_is() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = Location::local(dir.path().join("t"));
-        let folder = Location::local(dir.path().join("partials"));
-        append(&path, 0..10).await;
-        append(&path, 10..20).await;
+        let (dir, path, folder) = two_files(0..10, 10..20).await;
         let union = "SELECT COALESCE(SUM(amount), 0) AS total, COUNT(amount) AS n, MIN(k) FROM \
                      (SELECT k, amount FROM silver.t UNION ALL SELECT k, amount FROM other \
                       UNION ALL SELECT k, amount FROM first WHERE k > 2)";

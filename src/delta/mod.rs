@@ -78,7 +78,8 @@ impl DeltaError {
         }
     }
 
-    fn query(path: &Location, source: datafusion::error::DataFusionError) -> DeltaError {
+    /// A query over the table at `path` that failed.
+    pub(crate) fn query(path: &Location, source: datafusion::error::DataFusionError) -> DeltaError {
         DeltaError::Query {
             table: path.to_string(),
             source,

@@ -1756,10 +1756,7 @@ async fn candidate_sql(
     prepared: Option<&delta::PreparedChanges>,
     partials: &mut checks::Partials,
 ) -> Result<String, delta::DeltaError> {
-    let query = |e| delta::DeltaError::Query {
-        table: target_path.to_string(),
-        source: e,
-    };
+    let query = |e| delta::DeltaError::query(target_path, e);
     ctx.register_table(checks::BATCH, output.clone().into_view())
         .map_err(query)?;
     if let Some(prepared) = prepared {
@@ -1852,10 +1849,7 @@ async fn kept_whole(
 ) -> String {
     const WHOLE: &str = "__medallion_current_whole";
     const CUT: &str = "__medallion_current_cut";
-    let query = |e| delta::DeltaError::Query {
-        table: path.to_string(),
-        source: e,
-    };
+    let query = |e| delta::DeltaError::query(path, e);
     let result = async {
         let Some(delta::FileSplit { whole, cut }) = split? else {
             return Ok(None);
@@ -1884,15 +1878,15 @@ async fn kept_whole(
         );
         Ok(Some(sql))
     };
-    let split = result.await.unwrap_or_else(|error: delta::DeltaError| {
+    let kept = result.await.unwrap_or_else(|error: delta::DeltaError| {
         warn!("the target's files are all read with the write's filter: {error}");
         None
     });
-    split.unwrap_or_else(|| rows_kept(CURRENT))
+    kept.unwrap_or_else(|| rows_kept(CURRENT))
 }
 
-/// The target's files (scan ids) that no row of a recomputed value of `scope` can be in, then the
-/// others; `None` when the scope has no predicate over the target.
+/// The target's files split by `scope`: `whole`, those no row of a recomputed value can be in;
+/// `cut`, the others. `None` when the scope has no predicate over the target.
 fn scope_split(
     ctx: &datafusion::prelude::SessionContext,
     path: &Location,
@@ -1902,10 +1896,7 @@ fn scope_split(
 ) -> Result<Option<delta::FileSplit>, delta::DeltaError> {
     let frame = ctx
         .read_table(current.clone())
-        .map_err(|e| delta::DeltaError::Query {
-            table: path.to_string(),
-            source: e,
-        })?;
+        .map_err(|e| delta::DeltaError::query(path, e))?;
     let Ok(predicate) = scope.predicate(&frame) else {
         return Ok(None);
     };
