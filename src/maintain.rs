@@ -8,7 +8,8 @@
 //! one committed within the retention and the one current when it began. `maintain` holds the
 //! pipeline's run lock while it changes anything, so it never deletes the files of this pipeline's run
 //! before their commit; with a retention under a day, files no commit names are left alone. The log
-//! goes by the same rule, and only here ([`delta::history`]).
+//! goes by the same rule, and only here ([`delta::history`]). Vacuum also deletes the checks' partial
+//! aggregates that no check used for a week ([`checks::sweep_folder`]).
 
 use std::{num::NonZeroU64, time::Duration};
 
@@ -55,6 +56,8 @@ pub enum MaintainError {
     Lake(Box<lake::LakeError>),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
+    #[error("partial aggregates of checks: {0}")]
+    Partials(String),
 }
 
 impl From<lake::LakeError> for MaintainError {
@@ -163,8 +166,26 @@ async fn upkeep_all(
         let terms = Terms::of(pipeline, stage, retention);
         done.push(upkeep(&table, path, &terms, options).await?);
     }
+    if options.vacuum {
+        let swept = checks::sweep_folder(&checks::partials_folder(&pipeline.lake), options.dry_run)
+            .await
+            .map_err(MaintainError::Partials)?;
+        if swept.files > 0 {
+            done.push(TableUpkeep {
+                table: PARTIALS_ROW.to_string(),
+                files_before: swept.files,
+                files_vacuumed: swept.unused,
+                ..TableUpkeep::default()
+            });
+        }
+    }
     Ok(done)
 }
+
+/// The row of [`render`] for the checks' partial aggregates (not a table): their files, and those
+/// vacuumed, no check having used them for a week. They are shared by the pipelines of the lake, and
+/// swept by the same rule by the runs of each.
+pub const PARTIALS_ROW: &str = "_medallion/partials";
 
 /// Compacts `table` when more than `threshold` of its files are ones compaction could join (no larger
 /// than the size it joins them into); used after runs.

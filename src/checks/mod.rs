@@ -12,5 +12,5 @@ pub use kpi::{
     BATCH, CANDIDATE, CHANGED, CheckResult, RELATIONS, Reads, columns_read,
     evaluate as evaluate_checks,
 };
-pub use partials::Partials;
+pub use partials::{Partials, Swept, folder as partials_folder, sweep_folder};
 pub use quarantine::{quarantine_table, write_quarantine};

@@ -74,8 +74,13 @@ pub struct Partials {
     tables: HashMap<String, LakeTable>,
 }
 
+/// Where the checks of the pipelines of `lake` keep their partials.
+pub fn folder(lake: &Location) -> Location {
+    lake.join("_medallion/partials")
+}
+
 impl Partials {
-    /// Partials kept in `folder` (`<lake>/_medallion/partials`).
+    /// Partials kept in `folder` ([`folder`] of the lake).
     pub fn new(folder: Location) -> Partials {
         Partials {
             folder: Some(folder),
@@ -698,23 +703,57 @@ async fn read(store: &dyn ObjectStore, path: &Path, schema: &SchemaRef) -> Optio
 /// table gone, or of a filter that named one run's values. Run when a query's partials are first
 /// kept, so it costs a listing of the folder then only. A failure leaves them for the next time.
 async fn sweep(store: &dyn ObjectStore) {
+    if let Err(error) = delete_unused(store, false).await {
+        debug!("partial aggregates not swept: {error}");
+    }
+}
+
+/// What [`sweep_folder`] found in the partials folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Files of partials in the folder before the sweep.
+    pub files: u64,
+    /// Those no query used for [`UNUSED_DAYS`]: deleted, unless in a dry run.
+    pub unused: u64,
+}
+
+/// The sweep of `folder` (`<lake>/_medallion/partials`) that runs do when a query's partials are
+/// first kept, for `medallion maintain --vacuum`, which a lake whose checks never change would
+/// otherwise never have; with `dry_run`, unused partials are counted and left. A folder not there yet
+/// holds none (and is not made).
+pub async fn sweep_folder(folder: &Location, dry_run: bool) -> Result<Swept, String> {
+    if folder.local_path().is_some_and(|dir| !dir.exists()) {
+        return Ok(Swept::default());
+    }
+    let store = folder.store().map_err(|e| e.to_string())?;
+    delete_unused(store.as_ref(), dry_run)
+        .await
+        .map_err(|e| format!("`{folder}`: {e}"))
+}
+
+/// Lists `store` and deletes (unless `dry_run`) what was last written more than [`UNUSED_DAYS`] ago.
+/// A partial is written again whenever a query uses it, so its time is when it was last used.
+async fn delete_unused(store: &dyn ObjectStore, dry_run: bool) -> object_store::Result<Swept> {
     use futures::StreamExt;
     let cutoff = chrono::Utc::now() - chrono::Duration::days(UNUSED_DAYS);
+    let mut swept = Swept::default();
     let mut listed = store.list(None);
     while let Some(entry) = listed.next().await {
-        match entry {
-            Ok(meta) if meta.last_modified < cutoff => {
-                if let Err(error) = store.delete(&meta.location).await {
-                    debug!(path = %meta.location, "partial aggregates not deleted: {error}");
-                }
-            }
-            Ok(_) => {}
-            Err(error) => {
-                debug!("partial aggregates not swept: {error}");
-                return;
+        let meta = entry?;
+        swept.files += 1;
+        if meta.last_modified >= cutoff {
+            continue;
+        }
+        swept.unused += 1;
+        if !dry_run {
+            match store.delete(&meta.location).await {
+                // Another sweep got there first.
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => return Err(error),
             }
         }
     }
+    Ok(swept)
 }
 
 /// Keeps `all` at `path`, in one put (a reader sees the old file or the new one). A failure costs

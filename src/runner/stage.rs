@@ -871,7 +871,7 @@ async fn sql_stage(
 
     let ctx = delta::session(context.options.memory_limit).map_err(delta_err)?;
     engine::prepare(&ctx);
-    let mut partials = checks::Partials::new(context.pipeline.lake.join("_medallion/partials"));
+    let mut partials = checks::Partials::new(checks::partials_folder(&context.pipeline.lake));
     for (table, path, delta_table) in &inputs {
         let added = keyed.as_ref().and_then(|k| k.added_rows.clone());
         let (provider, whole) = match (added, &stage.incremental) {

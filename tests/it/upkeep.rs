@@ -326,6 +326,98 @@ async fn vacuum_keeps_the_old_files_a_restore_within_the_retention_added_again()
     assert_eq!(read(second), expected.1);
 }
 
+/// The files of partial aggregates in `folder`, sorted.
+fn partials(folder: &Path) -> Vec<PathBuf> {
+    if !folder.exists() {
+        return Vec::new();
+    }
+    let mut found = walk(folder);
+    found.sort();
+    found
+}
+
+/// Sets `file`'s modification time `days` back: as if a run last used it then.
+fn last_used(file: &Path, days: u64) {
+    let then = SystemTime::now() - Duration::from_secs(days * 24 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_modified(then))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+}
+
+/// The files and vacuumed columns of `maintain`'s row for the partials.
+fn partials_row(output: &str) -> (u64, u64) {
+    let row = output
+        .lines()
+        .find(|l| l.starts_with("_medallion/partials "))
+        .unwrap_or_else(|| panic!("no row for the partials:\n{output}"));
+    let column = |n: usize| -> u64 {
+        row.split_whitespace()
+            .nth(n)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no count {n} in {row:?}"))
+    };
+    (column(1), column(5))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vacuum_deletes_the_partial_aggregates_no_check_used_for_a_week() {
+    let scratch = Scratch::new();
+    scratch.generate(2_000, 30, 4, 31);
+    let held = scratch.hold_back_changes(1);
+    assert_success(&scratch.run());
+    let folder = scratch.lake().join("_medallion/partials");
+    let used = partials(&folder);
+    assert!(!used.is_empty(), "the reference checks kept no partial");
+    let maintain = |extra: &[&str]| {
+        let mut args = vec!["maintain", "pipelines/transactions.yaml", "--vacuum"];
+        args.extend(extra);
+        let output = scratch.command(&args);
+        assert_success(&output);
+        text(&output)
+    };
+
+    // The partials of a check since removed, last used eight days ago.
+    let stale =
+        folder.join("0000000000000000000000000000000000000000000000000000000000000000.arrow");
+    std::fs::copy(&used[0], &stale).expect("a stale partial");
+    last_used(&stale, 8);
+    let before = walk(&folder);
+    let dry = maintain(&["--dry-run"]);
+    assert_eq!(partials_row(&dry), (used.len() as u64 + 1, 1), "{dry}");
+    assert_eq!(walk(&folder), before, "a dry run deleted partials");
+
+    let vacuum = maintain(&[]);
+    assert_eq!(
+        partials_row(&vacuum),
+        (used.len() as u64 + 1, 1),
+        "{vacuum}"
+    );
+    assert_eq!(
+        partials(&folder),
+        used,
+        "the partials the checks use went too"
+    );
+
+    // None used for a week: all go, and the next day's run computes them again and its checks pass.
+    for file in &used {
+        last_used(file, 8);
+    }
+    let vacuum = maintain(&[]);
+    assert_eq!(
+        partials_row(&vacuum),
+        (used.len() as u64, used.len() as u64),
+        "{vacuum}"
+    );
+    assert_eq!(partials(&folder), Vec::<PathBuf>::new());
+    for (aside, original) in &held {
+        std::fs::rename(aside, original).expect("deliver the day's file");
+    }
+    assert_success(&scratch.run());
+    assert_eq!(partials(&folder), used, "the checks kept other partials");
+}
+
 /// A table's properties, as Python `deltalake` reads them.
 fn properties(table: &Path) -> std::collections::BTreeMap<String, String> {
     let script = format!(
