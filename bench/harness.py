@@ -566,7 +566,7 @@ class Bench:
         """The `bench/run.sh` command line that reproduces this run, from the parsed options."""
         a = self.args
         parts = ["bench/run.sh", "--scale", a.scale]
-        defaults = {"engines": ",".join(ENGINES), "workloads": ",".join(WORKLOADS), "cap": "2G",
+        defaults = {"engines": ",".join(DEFAULT_ENGINES), "workloads": ",".join(WORKLOADS), "cap": "2G",
                     "days": 3650, "rows_per_file": 1_000_000, "batch": 0, "batch_days": 0}
         for name, default in defaults.items():
             value = getattr(a, name)
