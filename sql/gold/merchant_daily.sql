@@ -6,4 +6,4 @@ SELECT
     CAST(COALESCE(SUM(amount), 0) AS DECIMAL(18, 2)) AS total_amount
 FROM silver.transactions
 GROUP BY merchant_id, txn_date
-ORDER BY txn_date, merchant_id
+

@@ -446,6 +446,24 @@ fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError
 /// [`write_streams`] clustered: writer tasks per key range, fed by the tasks that read the partitions
 /// of the result and split each batch by range. The writers encode side by side; a few parts wait per
 /// range, which bounds memory.
+/// A range's files are at least this large when it is written by more than one writer, unless it is
+/// half a file of the target size or more.
+const LEAST_SHARED_FILE: u64 = 8 * 1024 * 1024;
+
+/// How many writers write each of `ranges`' files, on `cores` cores. Rows usually come range after
+/// range (a first load follows the landing files' order), so a range of half a file or more gets a
+/// writer per core: its files may overlap each other, never another range's. So does each range of a
+/// write of fewer ranges than cores (a merge rewriting the file or two its batch changed), unless its
+/// files would be smaller than [`LEAST_SHARED_FILE`]: with one writer, encoding its rows would take one
+/// core while the others wait.
+fn writers_per_range(ranges: &KeyRanges, target_size: u64, cores: usize) -> usize {
+    let range_bytes = ranges.range_bytes();
+    let half_a_file = range_bytes.saturating_mul(2) >= target_size;
+    let idle_cores =
+        ranges.count() < cores && range_bytes >= LEAST_SHARED_FILE.saturating_mul(cores as u64);
+    if half_a_file || idle_cores { cores } else { 1 }
+}
+
 async fn write_clustered(
     path: &Location,
     new_writer: impl Fn() -> Result<FileWriter, DeltaError>,
@@ -456,17 +474,11 @@ async fn write_clustered(
     let mut writers = JoinSet::new();
     let mut senders = Vec::with_capacity(ranges.count());
     let mut schema = None;
-    // Rows usually come range after range (a first load follows the landing files' order), so a range
-    // big enough gets a writer per core: its files may overlap each other, never another range's.
     let cores = tokio::runtime::Handle::current()
         .metrics()
         .num_workers()
         .max(1);
-    let per_range = if ranges.range_bytes().saturating_mul(2) >= target_size {
-        cores
-    } else {
-        1
-    };
+    let per_range = writers_per_range(ranges, target_size, cores);
     for _ in 0..ranges.count() {
         let (sender, receiver) = tokio::sync::mpsc::channel::<RecordBatch>(2 * per_range);
         senders.push(sender);
@@ -785,6 +797,30 @@ mod tests {
         (0..keys.len())
             .map(|i| keys.is_valid(i).then(|| keys.value(i)))
             .collect()
+    }
+
+    #[test]
+    fn a_range_gets_a_writer_per_core_when_it_is_half_a_file_or_the_cores_would_wait() {
+        const MIB: u64 = 1024 * 1024;
+        // 16 bytes a row, ranges of files of `range_target`, the table's files of 128 MiB.
+        let ranged = |rows: u64, range_target: u64, cores: usize| {
+            let ranges = KeyRanges::for_write("k", (0, 1 << 40), rows, Some(16), range_target);
+            (ranges.count(), writers_per_range(&ranges, 128 * MIB, cores))
+        };
+        let writers = |rows: u64, cores: usize| ranged(rows, 128 * MIB, cores);
+        // A first load of 10M rows: two ranges of 76 MiB, each over half a file.
+        assert_eq!(writers(10_000_000, 2), (2, 2));
+        // A merge rewriting 3.4M rows (52 MiB): one range, under half a file, on two cores.
+        assert_eq!(writers(3_400_000, 2), (1, 2));
+        // On one core, one writer.
+        assert_eq!(writers(3_400_000, 1), (1, 1));
+        // A small merge (1.6 MiB): two files would be under 8 MiB each.
+        assert_eq!(writers(100_000, 2), (1, 1));
+        // 1M rows (15 MiB) on two cores: each file would be under 8 MiB.
+        assert_eq!(writers(1_000_000, 2), (1, 1));
+        // Four ranges of 13 MiB (new rows beside the files a merge changed) on two cores: no core
+        // waits, and no range is half a file.
+        assert_eq!(ranged(3_400_000, 16 * MIB, 2), (4, 1));
     }
 
     #[test]
