@@ -22,6 +22,7 @@ use deltalake::{
 };
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
+use tracing::warn;
 
 use crate::{
     checks,
@@ -56,8 +57,6 @@ pub enum MaintainError {
     Lake(Box<lake::LakeError>),
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
-    #[error("partial aggregates of checks: {0}")]
-    Partials(String),
 }
 
 impl From<lake::LakeError> for MaintainError {
@@ -167,16 +166,17 @@ async fn upkeep_all(
         done.push(upkeep(&table, path, &terms, options).await?);
     }
     if options.vacuum {
-        let swept = checks::sweep_folder(&checks::partials_folder(&pipeline.lake), options.dry_run)
-            .await
-            .map_err(MaintainError::Partials)?;
-        if swept.files > 0 {
-            done.push(TableUpkeep {
+        // A cache: what cannot be swept now is left for the next time, and the tables' upkeep stands.
+        match checks::sweep_folder(&checks::partials_folder(&pipeline.lake), options.dry_run).await
+        {
+            Ok(swept) if swept.files > 0 => done.push(TableUpkeep {
                 table: PARTIALS_ROW.to_string(),
                 files_before: swept.files,
-                files_vacuumed: swept.unused,
+                files_vacuumed: swept.unused - swept.failed,
                 ..TableUpkeep::default()
-            });
+            }),
+            Ok(_) => {}
+            Err(error) => warn!("the checks' partial aggregates were not swept: {error}"),
         }
     }
     Ok(done)
@@ -185,7 +185,7 @@ async fn upkeep_all(
 /// The row of [`render`] for the checks' partial aggregates (not a table): their files, and those
 /// vacuumed, no check having used them for a week. They are shared by the pipelines of the lake, and
 /// swept by the same rule by the runs of each.
-pub const PARTIALS_ROW: &str = "_medallion/partials";
+const PARTIALS_ROW: &str = "_medallion/partials";
 
 /// Compacts `table` when more than `threshold` of its files are ones compaction could join (no larger
 /// than the size it joins them into); used after runs.

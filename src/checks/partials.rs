@@ -715,12 +715,14 @@ pub struct Swept {
     pub files: u64,
     /// Those no query used for [`UNUSED_DAYS`]: deleted, unless in a dry run.
     pub unused: u64,
+    /// Those of `unused` that could not be deleted (each logged): left for the next sweep.
+    pub failed: u64,
 }
 
 /// The sweep of `folder` (`<lake>/_medallion/partials`) that runs do when a query's partials are
 /// first kept, for `medallion maintain --vacuum`, which a lake whose checks never change would
 /// otherwise never have; with `dry_run`, unused partials are counted and left. A folder not there yet
-/// holds none (and is not made).
+/// holds none (and is not made). An error is the folder's listing's.
 pub async fn sweep_folder(folder: &Location, dry_run: bool) -> Result<Swept, String> {
     if folder.local_path().is_some_and(|dir| !dir.exists()) {
         return Ok(Swept::default());
@@ -728,11 +730,12 @@ pub async fn sweep_folder(folder: &Location, dry_run: bool) -> Result<Swept, Str
     let store = folder.store().map_err(|e| e.to_string())?;
     delete_unused(store.as_ref(), dry_run)
         .await
-        .map_err(|e| format!("`{folder}`: {e}"))
+        .map_err(|e| format!("cannot list `{folder}`: {e}"))
 }
 
 /// Lists `store` and deletes (unless `dry_run`) what was last written more than [`UNUSED_DAYS`] ago.
-/// A partial is written again whenever a query uses it, so its time is when it was last used.
+/// A partial is written again whenever a query uses it, so its time is when it was last used. A
+/// partial that cannot be deleted is logged and left; a failed listing is the error.
 async fn delete_unused(store: &dyn ObjectStore, dry_run: bool) -> object_store::Result<Swept> {
     use futures::StreamExt;
     let cutoff = chrono::Utc::now() - chrono::Duration::days(UNUSED_DAYS);
@@ -745,11 +748,15 @@ async fn delete_unused(store: &dyn ObjectStore, dry_run: bool) -> object_store::
             continue;
         }
         swept.unused += 1;
-        if !dry_run {
-            match store.delete(&meta.location).await {
-                // Another sweep got there first.
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(error) => return Err(error),
+        if dry_run {
+            continue;
+        }
+        match store.delete(&meta.location).await {
+            // Another sweep got there first.
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(error) => {
+                swept.failed += 1;
+                warn!(path = %meta.location, "unused partial aggregates not deleted: {error}");
             }
         }
     }

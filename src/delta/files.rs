@@ -443,27 +443,31 @@ fn writer_stopped(path: &Location, error: &tokio::task::JoinError) -> DeltaError
     }
 }
 
-/// [`write_streams`] clustered: writer tasks per key range, fed by the tasks that read the partitions
-/// of the result and split each batch by range. The writers encode side by side; a few parts wait per
-/// range, which bounds memory.
-/// A range's files are at least this large when it is written by more than one writer, unless it is
-/// half a file of the target size or more.
+/// A range's files are at least this large, by the write's estimate of its bytes, when it is written
+/// by more than one writer, unless it is half a file of the target size or more.
 const LEAST_SHARED_FILE: u64 = 8 * 1024 * 1024;
 
 /// How many writers write each of `ranges`' files, on `cores` cores. Rows usually come range after
 /// range (a first load follows the landing files' order), so a range of half a file or more gets a
-/// writer per core: its files may overlap each other, never another range's. So does each range of a
-/// write of fewer ranges than cores (a merge rewriting the file or two its batch changed), unless its
-/// files would be smaller than [`LEAST_SHARED_FILE`]: with one writer, encoding its rows would take one
-/// core while the others wait.
+/// writer per core: its files may overlap each other, never another range's. A write of fewer ranges
+/// than cores (a merge rewriting the file or two its batch changed) gives each range enough writers
+/// to keep every core busy, as long as each file stays [`LEAST_SHARED_FILE`] or more: with one
+/// writer, encoding its rows would take one core while the others wait.
 fn writers_per_range(ranges: &KeyRanges, target_size: u64, cores: usize) -> usize {
     let range_bytes = ranges.range_bytes();
-    let half_a_file = range_bytes.saturating_mul(2) >= target_size;
-    let idle_cores =
-        ranges.count() < cores && range_bytes >= LEAST_SHARED_FILE.saturating_mul(cores as u64);
-    if half_a_file || idle_cores { cores } else { 1 }
+    if range_bytes.saturating_mul(2) >= target_size {
+        return cores;
+    }
+    if ranges.count() >= cores {
+        return 1;
+    }
+    let files = usize::try_from(range_bytes / LEAST_SHARED_FILE).unwrap_or(usize::MAX);
+    cores.div_ceil(ranges.count()).min(files).max(1)
 }
 
+/// [`write_streams`] clustered: writer tasks per key range, fed by the tasks that read the partitions
+/// of the result and split each batch by range. The writers encode side by side; a few parts wait per
+/// range, which bounds memory.
 async fn write_clustered(
     path: &Location,
     new_writer: impl Fn() -> Result<FileWriter, DeltaError>,
@@ -818,9 +822,12 @@ mod tests {
         assert_eq!(writers(100_000, 2), (1, 1));
         // 1M rows (15 MiB) on two cores: each file would be under 8 MiB.
         assert_eq!(writers(1_000_000, 2), (1, 1));
-        // Four ranges of 13 MiB (new rows beside the files a merge changed) on two cores: no core
-        // waits, and no range is half a file.
+        // Four ranges of 13 MiB on two cores: no core waits, and no range is half a file.
         assert_eq!(ranged(3_400_000, 16 * MIB, 2), (4, 1));
+        // Two ranges of 40 MiB on four cores: two writers each keep the four busy.
+        assert_eq!(ranged(5_200_000, 48 * MIB, 4), (2, 2));
+        // One range of 20 MiB on four cores: two files of 10 MiB, not four of 5 MiB.
+        assert_eq!(ranged(1_300_000, 128 * MIB, 4), (1, 2));
     }
 
     #[test]
